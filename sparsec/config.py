@@ -1,0 +1,38 @@
+"""Every environment switch sparsec reads, in one place, typed.
+
+- ``SPARSEC_DUMP=dir``      write pass dumps to ``dir`` (same as ``compile(dump_dir=...)``).
+- ``SPARSEC_DEBUG=0..3``    0 silent, 1 pass names and times, 2 + per-pass stats,
+                            3 + the graph after every pass that changed it.
+- ``SPARSEC_CACHE_DIR=dir`` generated-kernel cache (default ``~/.cache/sparsec``).
+- ``TRITON_INTERPRET=1``    (Triton's own) run Triton kernels on the CPU interpreter.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer; set it to 0, 1, 2 or 3") from None
+
+
+def dump_dir() -> Path | None:
+    raw = os.environ.get("SPARSEC_DUMP", "")
+    return Path(raw) if raw else None
+
+
+def debug_level() -> int:
+    return _int("SPARSEC_DEBUG", 0)
+
+
+def cache_dir() -> Path:
+    raw = os.environ.get("SPARSEC_CACHE_DIR", "")
+    return Path(raw) if raw else Path.home() / ".cache" / "sparsec"
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

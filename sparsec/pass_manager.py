@@ -1,0 +1,88 @@
+"""Passes, their context and the manager that runs them.
+
+A pass is an object with a ``name`` and ``run(gm, ctx) -> PassResult``. Instruments stay
+out of pass logic: timing, logging and dumping happen here, around every pass.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch.fx
+
+from . import config
+from .dump import DumpWriter
+from .plan import Plan
+from .targets import Target
+
+log = logging.getLogger("sparsec")
+
+
+@dataclass
+class PassResult:
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    stats: dict = field(default_factory=dict)
+    # What the pass decided, for the NNN_<pass>.json dump (defaults to stats).
+    decisions: Any = None
+
+
+@dataclass
+class CompileContext:
+    """What passes share: the plan they write, the target, inputs and options."""
+
+    plan: Plan
+    target: Target
+    example_args: tuple
+    example_kwargs: dict
+    calibration: list[tuple[tuple, dict]]        # (args, kwargs) per calibration batch
+    options: dict = field(default_factory=dict)  # e.g. {"recall": 0.95}
+    # Per attention site (plan name): calibration statistics, written by `calibrate`.
+    attention_stats: dict = field(default_factory=dict)
+    pass_stats: dict = field(default_factory=dict)   # pass name -> its PassResult.stats
+
+
+class Pass(Protocol):
+    name: str
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult: ...
+
+
+def _configure_logging(level: int) -> None:
+    if level > 0 and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[sparsec] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass], dump: DumpWriter | None = None):
+        self.passes = passes
+        self.dump = dump
+        self.debug = config.debug_level()
+        _configure_logging(self.debug)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.GraphModule:
+        if self.dump:
+            self.dump.write_graph("input", gm, seconds=0.0, modified=False, decisions=None)
+        for p in self.passes:
+            start = time.perf_counter()
+            result = p.run(gm, ctx)
+            seconds = time.perf_counter() - start
+            gm = result.graph_module
+            ctx.pass_stats[p.name] = result.stats
+            if self.debug >= 1:
+                log.info("%-16s %7.3fs %s", p.name, seconds, "changed" if result.modified else "unchanged")
+            if self.debug >= 2:
+                log.info("  stats: %s", result.stats)
+            if self.debug >= 3 and result.modified:
+                log.info("%s", gm.code)
+            if self.dump:
+                decisions = result.decisions if result.decisions is not None else result.stats
+                self.dump.write_graph(p.name, gm, seconds, result.modified, decisions)
+        if self.dump:
+            self.dump.write_plan(ctx.plan)
+        return gm

@@ -1,0 +1,155 @@
+"""The plan: every decision sparsec made, versioned and JSON-serialisable.
+
+Passes write it, codegen reads it, the runtime loads it, dumps show it. ``to_dict()``
+has the shape other tools read::
+
+    {"version", "target", "attention": [{"name", "layer", "num_heads", "num_kv_heads",
+      "head_dim", "causal", "heads": [{"head", "pattern", "params", "recall", "density"}],
+      "groups": [{"pattern", "params", "heads"}]}], "linears", "unmatched"}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ArtifactVersionError
+from .patterns import get_pattern
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class HeadPlan:
+    head: int
+    pattern: str = "dense"
+    params: dict = field(default_factory=dict)
+    recall: float | None = None
+    density: float | None = None
+    # Every candidate tried: {"pattern", "params", "recall", "density"}.
+    candidates: list[dict] = field(default_factory=list)
+    # Why the head took this pattern (e.g. why it stayed dense).
+    reason: str = ""
+
+
+@dataclass
+class HeadGroup:
+    """Heads of one attention site that run one pattern instance in one launch."""
+
+    pattern: str
+    params: dict
+    heads: list[int]
+
+
+@dataclass
+class AttentionSite:
+    name: str
+    layer: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    heads: list[HeadPlan] = field(default_factory=list)
+    groups: list[HeadGroup] = field(default_factory=list)
+    node: str = ""                 # fx node name of the canonical attention
+    source: str = ""               # which form was recognised (sdpa, eager, ...)
+    has_mask: bool = False
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # later passes' per-site records
+
+    def group_heads_by_pattern(self) -> list[HeadGroup]:
+        """One group per distinct (pattern, params), heads in ascending order."""
+        groups: dict[str, HeadGroup] = {}
+        for head in self.heads:
+            key = head.pattern + json.dumps(head.params, sort_keys=True)
+            groups.setdefault(key, HeadGroup(head.pattern, head.params, []))
+            groups[key].heads.append(head.head)
+        return list(groups.values())
+
+
+@dataclass
+class Plan:
+    target: str
+    version: int = PLAN_VERSION
+    recall_threshold: float = 0.95
+    attention: list[AttentionSite] = field(default_factory=list)
+    linears: list[dict] = field(default_factory=list)
+    unmatched: list[dict] = field(default_factory=list)
+    capture: dict = field(default_factory=dict)
+    error: dict = field(default_factory=dict)     # measured error of the final plan
+    extra: dict = field(default_factory=dict)     # later passes' model-wide records
+
+    def site(self, name: str) -> AttentionSite:
+        for site in self.attention:
+            if site.name == name or site.node == name:
+                return site
+        raise KeyError(f"no attention site named {name!r} in the plan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def from_dict(data: dict) -> "Plan":
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ArtifactVersionError(
+                f"plan version {version} is not the version this sparsec reads ({PLAN_VERSION}); "
+                "recompile the model with this sparsec, or install the sparsec that wrote it")
+        sites = []
+        for site in data.get("attention", []):
+            site = dict(site)
+            site["heads"] = [HeadPlan(**h) for h in site.get("heads", [])]
+            site["groups"] = [HeadGroup(**g) for g in site.get("groups", [])]
+            sites.append(AttentionSite(**site))
+        rest = {k: v for k, v in data.items() if k != "attention"}
+        return Plan(attention=sites, **rest)
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        return Plan.from_dict(json.loads(text))
+
+    def summary(self, file: Any = None) -> str:
+        """A table of every head: layer, head, pattern, params, recall, density.
+
+        Printed to ``file`` when given; always returned.
+        """
+        lines = [f"sparsec plan v{self.version}, target {self.target}, "
+                 f"recall threshold {self.recall_threshold}"]
+        header = f"{'layer':>5} {'site':<28} {'head':>4}  {'pattern':<16} {'params':<34} {'recall':>7} {'density':>8}"
+        lines.append(header)
+        lines.append("-" * len(header))
+        for site in self.attention:
+            for head in site.heads:
+                params = get_pattern(head.pattern).describe(head.params)
+                recall = "-" if head.recall is None else f"{head.recall:.3f}"
+                density = "-" if head.density is None else f"{head.density:.3f}"
+                lines.append(f"{site.layer:>5} {site.name[-28:]:<28} {head.head:>4}  "
+                             f"{head.pattern:<16} {params[:34]:<34} {recall:>7} {density:>8}")
+            if site.groups:
+                shown = "; ".join(f"{g.pattern}:{g.heads}" for g in site.groups)
+                lines.append(f"{'':>5} groups: {shown}")
+        for miss in self.unmatched:
+            lines.append(f"unmatched {miss.get('node', '?')}: {miss.get('reason', '')}")
+        if self.error:
+            lines.append("measured error: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in self.error.items()))
+        text = "\n".join(lines)
+        if file is not None:
+            print(text, file=file)
+        return text
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def encode_groups(groups: list[HeadGroup]) -> str:
+    """The group table a ``sparse_attention`` node carries (a JSON string)."""
+    return json.dumps([{"pattern": g.pattern, "params": g.params, "heads": list(g.heads)}
+                       for g in groups], sort_keys=True)
+
+
+def decode_groups(text: str) -> list[HeadGroup]:
+    return [HeadGroup(**g) for g in json.loads(text)]

@@ -1,0 +1,56 @@
+"""Hardware profiles: cost-model constants, default block sizes and kernel configs.
+
+Compiling needs no GPU: a plan and kernel sources for ``a100`` can be produced anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    arch: str                      # "sm80", "sm90" or "cpu": keys the kernel cache
+    device_type: str               # "cuda" or "cpu": where the compiled model expects to run
+    peak_tflops: float             # dense bf16 matrix rate, TFLOP/s
+    bandwidth_gbs: float           # device memory bandwidth, GB/s
+    launch_overhead_us: float      # fixed cost of one kernel launch
+    block_m: int = 64              # query block of sparse layouts and kernels
+    block_n: int = 64              # key block
+    kernel_configs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "arch": self.arch, "device_type": self.device_type,
+                "block_m": self.block_m, "block_n": self.block_n}
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    _TARGETS[target.name] = target
+    return target
+
+
+def get_target(target: "str | Target") -> Target:
+    """Look a target up by name (``cpu``, ``a100``, ``h100``, ``h200``) or pass one through."""
+    if isinstance(target, Target):
+        return target
+    try:
+        return _TARGETS[target]
+    except KeyError:
+        raise ValueError(
+            f"unknown target {target!r}; choose one of {sorted(_TARGETS)} "
+            "or register a profile with sparsec.register_target(Target(...))"
+        ) from None
+
+
+# Datasheet-level constants; later cost-model work replaces h100's with measured ones.
+register_target(Target("cpu", "cpu", "cpu", peak_tflops=0.2, bandwidth_gbs=20.0,
+                       launch_overhead_us=5.0, block_m=64, block_n=64))
+register_target(Target("a100", "sm80", "cuda", peak_tflops=312.0, bandwidth_gbs=2039.0,
+                       launch_overhead_us=4.0, block_m=128, block_n=64))
+register_target(Target("h100", "sm90", "cuda", peak_tflops=989.0, bandwidth_gbs=3350.0,
+                       launch_overhead_us=3.0, block_m=128, block_n=64))
+register_target(Target("h200", "sm90", "cuda", peak_tflops=989.0, bandwidth_gbs=4800.0,
+                       launch_overhead_us=3.0, block_m=128, block_n=64))
