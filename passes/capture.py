@@ -35,16 +35,22 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     return shapes
 
 
+def export_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool = True
+                   ) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) with every input dimension ``Dim.AUTO`` when ``dynamic``."""
+    shapes = _dynamic_shapes(module, args, kwargs) if dynamic else None
+    return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, dict]:
     """Export ``model`` and return its unlifted GraphModule and a record for the plan."""
     model = model.eval()
     try:
-        program = torch.export.export(model, args, kwargs, strict=False,
-                                      dynamic_shapes=_dynamic_shapes(model, args, kwargs))
-        record = {"dynamic": True, "symbols": sorted(str(s) for s in program.range_constraints)}
+        program = export_program(model, args, kwargs)
+        record = {"dynamic": True, "ranges": {str(s): str(r) for s, r in program.range_constraints.items()}}
     except Exception as dynamic_error:  # noqa: BLE001 — any failure: fall back to static
         try:
-            program = torch.export.export(model, args, kwargs, strict=False)
+            program = export_program(model, args, kwargs, dynamic=False)
         except Exception as error:  # noqa: BLE001 — re-raised typed, with the reason
             raise CaptureError(f"{type(error).__name__}: {error}".strip()[:2000]) from error
         record = {"dynamic": False,

@@ -1,4 +1,15 @@
-"""sparsec: a sparsity compiler for PyTorch transformers."""
+"""sparsec: a sparsity compiler for PyTorch transformers.
+
+    cm = sparsec.compile(model, example_inputs=(ids,), calibration=batches, target="a100")
+    y = cm(ids); print(cm.plan.summary()); cm.save("artifact/"); cm2 = sparsec.load("artifact/")
+"""
 __version__ = "0.1.0"
 
 from . import ops  # noqa: F401,E402  (registers torch.ops.sparsec.*)
+from .compiler import CompiledModel, compile, load  # noqa: E402
+from .errors import SparsecError  # noqa: E402
+from .plan import Plan  # noqa: E402
+from .targets import Target, get_target, register_target  # noqa: E402
+
+__all__ = ["CompiledModel", "Plan", "SparsecError", "Target", "compile", "get_target", "load",
+           "register_target"]

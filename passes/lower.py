@@ -1,0 +1,48 @@
+"""lower: bind every attention site to the kernels its plan asks for.
+
+A site whose heads are all dense keeps its ``sparsec.attention`` node (dense SDPA: on a
+GPU that is already FlashAttention). Any other site becomes one
+``sparsec.sparse_attention`` node carrying the site's group table, so every group runs as
+one launch; the op's device kernels (Triton on CUDA, the pure-torch reference elsewhere)
+are chosen at run time by tensor device.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.plan import encode_groups
+
+from .attention_sites import ATTENTION, SPARSE_ATTENTION
+
+
+class Lower:
+    name = "lower"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        lowered, decisions = 0, {}
+        for site in ctx.plan.attention:
+            node = nodes.get(site.node)
+            if node is None or node.target != ATTENTION:
+                continue
+            if not site.groups:
+                site.groups = site.group_heads_by_pattern()
+            if all(group.pattern == "dense" for group in site.groups):
+                site.extra["lowered"] = "dense attention (scaled_dot_product_attention)"
+                decisions[site.name] = "dense"
+                continue
+            with gm.graph.inserting_after(node):
+                sparse = gm.graph.call_function(SPARSE_ATTENTION, (*node.args, encode_groups(site.groups)))
+            sparse.meta.update(node.meta)
+            node.replace_all_uses_with(sparse)
+            gm.graph.erase_node(node)
+            site.node = sparse.name
+            site.extra["lowered"] = f"sparse_attention, {len(site.groups)} launch(es)"
+            decisions[site.name] = [f"{g.pattern}:{g.heads}" for g in site.groups]
+            lowered += 1
+        if lowered:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, lowered > 0, {"sites_lowered_sparse": lowered,
+                                            "sites_dense": len(ctx.plan.attention) - lowered}, decisions)

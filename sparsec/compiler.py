@@ -1,0 +1,146 @@
+"""``sparsec.compile``: capture a model, run the passes, return a ``CompiledModel``."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import config
+from .dump import DumpWriter
+from .errors import UnservableInputError
+from .inputs import as_call, calibration_calls, leaf_signature, relative_l2
+from .pass_manager import CompileContext, PassManager
+from .plan import Plan
+from .targets import Target, get_target
+
+
+def default_passes() -> list:
+    """The pass pipeline, in order (capture runs before it, outside the pass manager)."""
+    from sparsec.passes.calibrate import Calibrate
+    from sparsec.passes.canonicalize import Canonicalize
+    from sparsec.passes.classify_heads import ClassifyHeads
+    from sparsec.passes.lower import Lower
+
+    return [Canonicalize(), Calibrate(), ClassifyHeads(), Lower()]
+
+
+class CompiledModel:
+    """A compiled model: call it like the original; ``.plan`` says what was made sparse."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, plan: Plan, example_args: tuple,
+                 example_kwargs: dict):
+        self.graph_module = graph_module
+        self.plan = plan
+        self.example_args = example_args
+        self.example_kwargs = example_kwargs
+        self._target = get_target(plan.target)
+        self._signature = leaf_signature(example_args, example_kwargs)
+        self._warned_reference = False
+
+    def _check(self, args: tuple, kwargs: dict) -> None:
+        spec, signature = leaf_signature(args, kwargs)
+        if spec != self._signature[0]:
+            raise UnservableInputError(
+                f"inputs have structure {spec}, but the model was compiled for {self._signature[0]}; "
+                "call it with the same positional / keyword arguments as example_inputs")
+        if signature != self._signature[1]:
+            raise UnservableInputError(
+                f"input tensor ranks/dtypes {signature} differ from the compiled {self._signature[1]}; "
+                "cast the inputs, or recompile with example inputs of this dtype")
+        if not self.plan.capture.get("dynamic", True):
+            expected = [t.shape for t in pytree.tree_leaves((self.example_args, self.example_kwargs))
+                        if isinstance(t, torch.Tensor)]
+            got = [t.shape for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if expected != got:
+                raise UnservableInputError(
+                    f"this model was captured with static shapes {expected} (dynamic export failed: "
+                    f"{self.plan.capture.get('reason', '')}); got {got}. Pad or crop inputs to the "
+                    "compiled shape, or make the model exportable with dynamic shapes")
+
+    def _warn_if_reference(self, args: tuple, kwargs: dict) -> None:
+        if self._warned_reference or self._target.device_type != "cuda":
+            return
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if tensors and not any(t.is_cuda for t in tensors):
+            warnings.warn(f"sparsec: compiled for {self._target.name} but running on CPU through the "
+                          "pure-torch reference kernels (correct, not fast)", stacklevel=3)
+            self._warned_reference = True
+
+    def __call__(self, *args, **kwargs) -> Any:
+        self._check(args, kwargs)
+        self._warn_if_reference(args, kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except (RuntimeError, AssertionError, ValueError) as error:
+            if "Guard failed" in str(error) or "Expected input" in str(error) or "shape" in str(error):
+                raise UnservableInputError(
+                    f"the compiled graph cannot serve this input: {error}. The export constrained "
+                    "these dimensions; call with shapes inside the ranges in plan.capture") from error
+            raise
+
+    def save(self, directory: "str | Path") -> Path:
+        """Save the program, plan and kernel sources; ``sparsec.load(directory)`` restores it."""
+        from sparsec.passes.capture import export_program
+        from sparsec.runtime.artifact import write_artifact
+
+        program = export_program(self.graph_module, self.example_args, self.example_kwargs,
+                                 dynamic=self.plan.capture.get("dynamic", True))
+        return write_artifact(directory, program, self.plan.to_json())
+
+    def __repr__(self) -> str:
+        sparse = sum(h.pattern != "dense" for s in self.plan.attention for h in s.heads)
+        total = sum(len(s.heads) for s in self.plan.attention)
+        return (f"CompiledModel(target={self.plan.target}, attention sites={len(self.plan.attention)}, "
+                f"sparse heads={sparse}/{total})")
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterable | None = None,
+            target: "str | Target" = "cpu", budget: Any = None, recall: float = 0.95,
+            dump_dir: "str | Path | None" = None, passes: list | None = None) -> CompiledModel:
+    """Compile ``model`` into a sparse model.
+
+    Args:
+        model: the ``nn.Module`` to compile (put in eval mode).
+        example_inputs: a tuple of positional args, or a dict of keyword args
+            (HF models: ``{"input_ids": ..., "attention_mask": ...}``).
+        calibration: an iterable of inputs built like ``example_inputs``; defaults to it.
+        target: ``"cpu"``, ``"a100"``, ``"h100"``, ``"h200"`` or a :class:`Target`.
+        budget: reserved for the layerwise sparsity search; ``None`` uses ``recall`` alone.
+        recall: the fraction of attention mass a head's pattern must keep on calibration data.
+        dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
+        passes: override the pass pipeline (advanced; defaults to :func:`default_passes`).
+    """
+    from sparsec.passes.capture import capture
+
+    if budget is not None:
+        raise NotImplementedError("budget-driven search is not available yet; pass budget=None")
+    target = get_target(target)
+    example = as_call(example_inputs)
+    calls = calibration_calls(calibration, example)
+    gm, capture_record = capture(model, *example)
+    dense_reference = model.eval()(*example[0], **example[1])
+    plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
+    ctx = CompileContext(plan=plan, target=target, example_args=example[0], example_kwargs=example[1],
+                         calibration=calls, options={"recall": recall})
+    dump_path = dump_dir or config.dump_dir()
+    manager = PassManager(passes if passes is not None else default_passes(),
+                          DumpWriter(dump_path) if dump_path else None)
+    gm = manager.run(gm, ctx)
+    with torch.no_grad():
+        plan.error = {"rel_l2_vs_dense_on_example": relative_l2(dense_reference, gm(*example[0], **example[1]))}
+    if manager.dump:
+        manager.dump.write_plan(plan)
+    return CompiledModel(gm, plan, example[0], example[1])
+
+
+def load(directory: "str | Path") -> CompiledModel:
+    """Load a model saved with :meth:`CompiledModel.save`, without its original class."""
+    from sparsec.runtime.artifact import read_artifact
+
+    program, plan_json, _manifest = read_artifact(directory)
+    plan = Plan.from_json(plan_json)
+    args, kwargs = program.example_inputs or ((), {})
+    return CompiledModel(program.module(), plan, tuple(args), dict(kwargs))
