@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsec.errors import UnsupportedDtypeError
+from sparsec.ops import SUPPORTED_DTYPES
 from sparsec.plan import AttentionSite, HeadPlan
 
 ATTENTION = torch.ops.sparsec.attention.default
@@ -28,6 +30,11 @@ def _shape(node: torch.fx.Node) -> tuple:
 
 def describe_site(node: torch.fx.Node, layer: int, name: str, source: str) -> AttentionSite:
     q, k, _v, mask, _scale, causal = node.args
+    dtype = q.meta["val"].dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedDtypeError(
+            f"attention {name} computes in {dtype}; sparsec attention supports float16, bfloat16 "
+            "and float32 — cast the model (model.to(torch.float32) or torch.bfloat16) before compiling")
     num_heads, head_dim = _shape(q)[1], _shape(q)[3]
     return AttentionSite(
         name=name, layer=layer, num_heads=int(num_heads), num_kv_heads=int(_shape(k)[1]),

@@ -1,0 +1,198 @@
+"""sparsec.compile end to end with an explicit pass list: API, save/load, errors."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import sparsec
+from sparsec.errors import (ArtifactCorruptError, ArtifactMissingError, ArtifactVersionError,
+                            CalibrationMismatchError, CaptureError, NoAttentionError,
+                            UnservableInputError, UnsupportedDtypeError)
+from sparsec.pass_manager import PassResult
+from sparsec.passes.canonicalize import Canonicalize
+from sparsec.passes.lower import Lower
+from sparsec.plan import HeadGroup
+from sparsec.runtime import reference
+
+
+class TinyAttention(torch.nn.Module):
+    """Four heads, two KV heads, canonical attention called directly."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def project(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def forward(self, x):
+        q, k, v = self.project(x)
+        y = torch.ops.sparsec.attention(q, k, v, None, self.head_dim ** -0.5, True)
+        return self.o(y.transpose(1, 2).reshape(x.shape))
+
+
+class PlantPatterns:
+    """A stand-in for classification: give heads fixed patterns."""
+
+    name = "plant_patterns"
+
+    def __init__(self, patterns):
+        self.patterns = patterns
+
+    def run(self, gm, ctx):
+        for site in ctx.plan.attention:
+            for head, (kind, params) in self.patterns.items():
+                site.heads[head].pattern, site.heads[head].params = kind, params
+            site.groups = site.group_heads_by_pattern()
+        return PassResult(gm, False, {"planted": len(self.patterns)})
+
+
+PATTERNS = {1: ("window", {"window": [5, 0]}), 2: ("sink_window", {"sink": [2, 0], "window": [4, 0]})}
+
+
+def compile_tiny(model, x, patterns=PATTERNS, **kwargs):
+    return sparsec.compile(model, (x,), passes=[Canonicalize(), PlantPatterns(patterns), Lower()], **kwargs)
+
+
+def expected_sparse(model, x, patterns):
+    q, k, v = model.project(x)
+    heads = {h: patterns.get(h, ("dense", {})) for h in range(model.heads)}
+    table = {}
+    for h, (kind, params) in heads.items():
+        table.setdefault((kind, json.dumps(params)), []).append(h)
+    group_list = [HeadGroup(kind, json.loads(params), hs) for (kind, params), hs in table.items()]
+    y = reference.sparse_attention(q, k, v, None, model.head_dim ** -0.5, True, group_list)
+    return model.o(y.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("batch,length", [(1, 24), (3, 37)])
+def test_compiled_equals_reference_sparse_computation(batch, length):
+    torch.manual_seed(batch * 100 + length)
+    model = TinyAttention().eval()
+    cm = compile_tiny(model, torch.randn(2, 20, 32))
+    x = torch.randn(batch, length, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), expected_sparse(model, x, PATTERNS), rtol=1e-5, atol=1e-5)
+    assert cm.plan.attention[0].extra["lowered"].startswith("sparse_attention")
+
+
+def test_all_dense_equals_original_model():
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    cm = compile_tiny(model, torch.randn(2, 20, 32), patterns={})
+    x = torch.randn(2, 33, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert cm.plan.error["rel_l2_vs_dense_on_example"] < 1e-6
+
+
+def test_save_load_round_trip_and_other_length(tmp_path):
+    torch.manual_seed(1)
+    model = TinyAttention().eval()
+    cm = compile_tiny(model, torch.randn(2, 20, 32))
+    cm.save(tmp_path / "artifact")
+    loaded = sparsec.load(tmp_path / "artifact")
+    x = torch.randn(2, 45, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), cm(x))
+    assert loaded.plan.to_dict() == cm.plan.to_dict()
+
+
+def test_dumps_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEC_DUMP", str(tmp_path / "dump"))
+    compile_tiny(TinyAttention().eval(), torch.randn(1, 16, 32))
+    names = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert "001_canonicalize.py" in names and "003_lower.json" in names and "plan.json" in names
+    header = (tmp_path / "dump" / "003_lower.py").read_text().splitlines()[0]
+    assert "lower" in header
+    record = json.loads((tmp_path / "dump" / "003_lower.json").read_text())
+    assert record["modified"] is True
+
+
+def test_gpu_target_runs_reference_on_cpu_with_one_warning():
+    model = TinyAttention().eval()
+    cm = compile_tiny(model, torch.randn(1, 16, 32), target="h100")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cm(torch.randn(1, 16, 32))
+        cm(torch.randn(1, 16, 32))
+    messages = [str(w.message) for w in caught if "reference kernels" in str(w.message)]
+    assert len(messages) == 1 and "h100" in messages[0]
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum().item() > 0:      # data-dependent Python control flow: not capturable
+            return x * 2
+        return x
+
+
+def test_capture_error_quotes_reason():
+    with pytest.raises(CaptureError) as info:
+        sparsec.compile(DataDependent(), (torch.randn(2, 3),))
+    assert "Underlying reason" in str(info.value) and info.value.reason
+
+
+def test_no_attention_error():
+    with pytest.raises(NoAttentionError, match="no attention"):
+        sparsec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), passes=[Canonicalize()])
+
+
+def test_calibration_mismatch_errors():
+    model = TinyAttention().eval()
+    x = torch.randn(1, 16, 32)
+    with pytest.raises(CalibrationMismatchError, match="structure"):
+        compile_tiny(model, x, calibration=[{"x": x}])
+    with pytest.raises(CalibrationMismatchError, match="dtype"):
+        compile_tiny(model, x, calibration=[(x.double(),)])
+    with pytest.raises(CalibrationMismatchError, match="empty"):
+        compile_tiny(model, x, calibration=[])
+
+
+def test_unsupported_dtype_error():
+    model = TinyAttention().double().eval()
+    with pytest.raises(UnsupportedDtypeError, match="float64"):
+        compile_tiny(model, torch.randn(1, 16, 32, dtype=torch.float64))
+
+
+def test_unservable_input_errors():
+    cm = compile_tiny(TinyAttention().eval(), torch.randn(1, 16, 32))
+    with pytest.raises(UnservableInputError, match="structure"):
+        cm(torch.randn(1, 16, 32), torch.randn(1))
+    with pytest.raises(UnservableInputError, match="dtype"):
+        cm(torch.randn(1, 16, 32, dtype=torch.float64))
+
+
+def test_artifact_errors(tmp_path):
+    with pytest.raises(ArtifactMissingError):
+        sparsec.load(tmp_path / "nothing")
+    cm = compile_tiny(TinyAttention().eval(), torch.randn(1, 16, 32))
+    path = cm.save(tmp_path / "a")
+    plan_file = path / "plan.json"
+    plan_file.write_text(plan_file.read_text().replace('"window"', '"dense"'))
+    with pytest.raises(ArtifactCorruptError, match="sha256"):
+        sparsec.load(path)
+    path = cm.save(tmp_path / "b")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactVersionError, match="format 999"):
+        sparsec.load(path)
+    path = cm.save(tmp_path / "c")
+    (path / "program.pt2").unlink()
+    with pytest.raises(ArtifactMissingError, match="program.pt2"):
+        sparsec.load(path)
+
+
+def test_plan_version_mismatch_rejected():
+    data = compile_tiny(TinyAttention().eval(), torch.randn(1, 16, 32)).plan.to_dict()
+    data["version"] = 0
+    with pytest.raises(ArtifactVersionError, match="plan version 0"):
+        sparsec.Plan.from_dict(data)
