@@ -27,6 +27,15 @@ def default_passes() -> list:
     return [Canonicalize(), Calibrate(), ClassifyHeads(), Lower()]
 
 
+def plan_passes(plan: Plan) -> list:
+    """The pipeline that applies a given plan instead of calibrating and classifying."""
+    from sparsec.passes.apply_plan import ApplyPlan
+    from sparsec.passes.canonicalize import Canonicalize
+    from sparsec.passes.lower import Lower
+
+    return [Canonicalize(), ApplyPlan(plan), Lower()]
+
+
 class CompiledModel:
     """A compiled model: call it like the original; ``.plan`` says what was made sparse."""
 
@@ -99,7 +108,8 @@ class CompiledModel:
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterable | None = None,
             target: "str | Target" = "cpu", budget: Any = None, recall: float = 0.95,
-            dump_dir: "str | Path | None" = None, passes: list | None = None) -> CompiledModel:
+            dump_dir: "str | Path | None" = None, plan: Plan | None = None,
+            passes: list | None = None) -> CompiledModel:
     """Compile ``model`` into a sparse model.
 
     Args:
@@ -111,6 +121,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         budget: reserved for the layerwise sparsity search; ``None`` uses ``recall`` alone.
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
         dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
+        plan: reuse this plan's head patterns (e.g. an edited one) instead of calibrating.
         passes: override the pass pipeline (advanced; defaults to :func:`default_passes`).
     """
     from sparsec.passes.capture import capture
@@ -122,18 +133,20 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     calls = calibration_calls(calibration, example)
     gm, capture_record = capture(model, *example)
     dense_reference = model.eval()(*example[0], **example[1])
-    plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
-    ctx = CompileContext(plan=plan, target=target, example_args=example[0], example_kwargs=example[1],
+    new_plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
+    ctx = CompileContext(plan=new_plan, target=target, example_args=example[0], example_kwargs=example[1],
                          calibration=calls, options={"recall": recall})
     dump_path = dump_dir or config.dump_dir()
-    manager = PassManager(passes if passes is not None else default_passes(),
+    if passes is None:
+        passes = default_passes() if plan is None else plan_passes(plan)
+    manager = PassManager(passes,
                           DumpWriter(dump_path) if dump_path else None)
     gm = manager.run(gm, ctx)
     with torch.no_grad():
-        plan.error = {"rel_l2_vs_dense_on_example": relative_l2(dense_reference, gm(*example[0], **example[1]))}
+        new_plan.error = {"rel_l2_vs_dense_on_example": relative_l2(dense_reference, gm(*example[0], **example[1]))}
     if manager.dump:
-        manager.dump.write_plan(plan)
-    return CompiledModel(gm, plan, example[0], example[1])
+        manager.dump.write_plan(new_plan)
+    return CompiledModel(gm, new_plan, example[0], example[1])
 
 
 def load(directory: "str | Path") -> CompiledModel:

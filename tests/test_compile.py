@@ -196,3 +196,14 @@ def test_plan_version_mismatch_rejected():
     data["version"] = 0
     with pytest.raises(ArtifactVersionError, match="plan version 0"):
         sparsec.Plan.from_dict(data)
+
+
+def test_recompile_with_edited_plan():
+    torch.manual_seed(3)
+    model = TinyAttention().eval()
+    plan = compile_tiny(model, torch.randn(1, 16, 32)).plan
+    plan.attention[0].heads[2].pattern, plan.attention[0].heads[2].params = "dense", {}
+    cm = sparsec.compile(model, (torch.randn(1, 16, 32),), plan=plan)
+    x = torch.randn(2, 30, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), expected_sparse(model, x, {1: PATTERNS[1]}), rtol=1e-5, atol=1e-5)

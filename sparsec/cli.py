@@ -1,0 +1,36 @@
+"""The ``sparsec`` command line. Each sub-command lives with the code it drives and
+contributes ``add_parser(subparsers)``; this module only gathers them."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_plan(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="print the plan summary of a saved artifact")
+    parser.add_argument("artifact", help="directory written by CompiledModel.save()")
+
+    def run(args) -> int:
+        from sparsec.plan import Plan
+        from pathlib import Path
+
+        print(Plan.from_json((Path(args.artifact) / "plan.json").read_text()).summary())
+        return 0
+
+    parser.set_defaults(handler=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsec", description="sparsity compiler for PyTorch transformers")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_plan(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
