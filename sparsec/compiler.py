@@ -86,8 +86,9 @@ class CompiledModel:
         except (RuntimeError, AssertionError, ValueError) as error:
             if "Guard failed" in str(error) or "Expected input" in str(error) or "shape" in str(error):
                 raise UnservableInputError(
-                    f"the compiled graph cannot serve this input: {error}. The export constrained "
-                    "these dimensions; call with shapes inside the ranges in plan.capture") from error
+                    f"the compiled graph cannot serve this input: {error}. torch.export fixes every "
+                    "dimension whose example size was 1 and constrains the others (plan.capture['ranges']); "
+                    "recompile with example inputs whose batch and sequence sizes are at least 2") from error
             raise
 
     def save(self, directory: "str | Path") -> Path:

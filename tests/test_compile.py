@@ -168,6 +168,8 @@ def test_unservable_input_errors():
         cm(torch.randn(1, 16, 32), torch.randn(1))
     with pytest.raises(UnservableInputError, match="dtype"):
         cm(torch.randn(1, 16, 32, dtype=torch.float64))
+    with pytest.raises(UnservableInputError, match="at least 2"):
+        cm(torch.randn(3, 16, 32))          # the example's batch of 1 was specialised by export
 
 
 def test_artifact_errors(tmp_path):
@@ -203,7 +205,7 @@ def test_recompile_with_edited_plan():
     model = TinyAttention().eval()
     plan = compile_tiny(model, torch.randn(1, 16, 32)).plan
     plan.attention[0].heads[2].pattern, plan.attention[0].heads[2].params = "dense", {}
-    cm = sparsec.compile(model, (torch.randn(1, 16, 32),), plan=plan)
+    cm = sparsec.compile(model, (torch.randn(2, 16, 32),), plan=plan)
     x = torch.randn(2, 30, 32)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), expected_sparse(model, x, {1: PATTERNS[1]}), rtol=1e-5, atol=1e-5)
