@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="sparsity compiler for PyTorch transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_plan(subparsers)
+    from sparsec.bisect import add_parser as add_bisect
+    from sparsec.inspect import add_parser as add_inspect
+    add_inspect(subparsers)
+    add_bisect(subparsers)
     return parser
 
 
