@@ -6,6 +6,7 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: F401,E402  (registers torch.ops.sparsec.*)
+from . import linear_ops  # noqa: F401,E402  (registers torch.ops.sparsec.sparse_linear)
 from .compiler import CompiledModel, compile, load  # noqa: E402
 from .errors import SparsecError  # noqa: E402
 from .plan import Plan  # noqa: E402

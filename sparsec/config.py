@@ -4,6 +4,9 @@
 - ``SPARSEC_DEBUG=0..3``    0 silent, 1 pass names and times, 2 + per-pass stats,
                             3 + the graph after every pass that changed it.
 - ``SPARSEC_CACHE_DIR=dir`` generated-kernel cache (default ``~/.cache/sparsec``).
+- ``SPARSEC_SPARSE_LINEAR=auto|sparse|dense``  kernel of ``sparse_linear`` on CUDA: the
+                            measured cost table decides (auto), or force the sparse kernel
+                            wherever the structure has one, or cuBLAS on the dense weight.
 - ``TRITON_INTERPRET=1``    (Triton's own) run Triton kernels on the CPU interpreter.
 """
 from __future__ import annotations
@@ -36,3 +39,10 @@ def cache_dir() -> Path:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sparse_linear_kernel() -> str:
+    raw = os.environ.get("SPARSEC_SPARSE_LINEAR", "auto") or "auto"
+    if raw not in ("auto", "sparse", "dense"):
+        raise ValueError(f"SPARSEC_SPARSE_LINEAR={raw!r}; set it to auto, sparse or dense")
+    return raw
