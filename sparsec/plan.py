@@ -133,6 +133,7 @@ class Plan:
                 lines.append(f"{'':>5} groups: {shown}")
         for miss in self.unmatched:
             lines.append(f"unmatched {miss.get('node', '?')}: {miss.get('reason', '')}")
+        lines.extend(_search_summary(self))
         if self.error:
             lines.append("measured error: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in self.error.items()))
@@ -143,6 +144,29 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+# -- search (issue #3): each layer's chosen level and sensitivity --------------------------------
+
+def _search_summary(plan: Plan) -> list[str]:
+    record = plan.extra.get("search")
+    if not record:
+        return []
+    lines = [f"search: {record['mode']} budget, metric {record['budget']['metric']}, "
+             f"costs at N={record['seq_len']} on {record['target']}",
+             f"{'layer':>5} {'site':<28} {'level':>5} {'recall':>6} {'sensitivity':>11} {'time us':>9} {'dense us':>9}"]
+    for site in plan.attention:
+        chosen = site.extra.get("search")
+        if chosen:
+            lines.append(f"{site.layer:>5} {site.name[-28:]:<28} {chosen['chosen_level']:>5} "
+                         f"{chosen['chosen_recall']:>6.3g} "
+                         f"{chosen['sensitivity']:>11.3g} {chosen['seconds'] * 1e6:>9.1f} "
+                         f"{chosen['dense_seconds'] * 1e6:>9.1f}"
+                         + ("  (made dense by back-off)" if chosen["densified_by_backoff"] else ""))
+    lines.append(f"predicted error {record['predicted_error']:.3g}, measured {record['measured_error']:.3g} "
+                 f"on {record['held_out_batches']} held-out batches, predicted speedup "
+                 f"{record['predicted_speedup']:.2f}x, back-off steps {len(record['backoff'])}")
+    return lines
 
 
 def encode_groups(groups: list[HeadGroup]) -> str:

@@ -1,0 +1,473 @@
+"""search: how sparse each attention layer (or head) goes, under one global budget (issue #3).
+
+Classification says which patterns each head could take; the search decides how far to go,
+layer by layer, so that the whole model stays within the user's :class:`~sparsec.Budget`.
+
+1. **Ladder.** Per head, for each recall target of the budget (0.99, 0.98, ... by default),
+   the cheapest pattern whose fit (``Pattern.fit`` on the calibration statistics) reaches
+   it, timed by the target's cost model at ``seq_len``. A candidate predicted slower than
+   dense there (below its crossover length) is dropped: that head stays dense at that rung.
+   Level ``l`` of a layer puts every head at its rung ``l``; level 0 is dense.
+2. **Sensitivity.** The end-to-end metric when only that layer (``per_head``: only that
+   head) takes a level, on the calibration batches that are not held out. The dense run's
+   activations are cached and only the graph suffix from the layer on is re-run.
+3. **Allocation.** A multiple-choice knapsack (:mod:`sparsec.knapsack`, exact): one level
+   per layer (per head) minimising predicted time with summed sensitivity within
+   ``max_error``; or the dual, least summed sensitivity under a time (``target_speedup``)
+   or density (``max_density``) cap. ``max_patterns_per_layer`` bounds the distinct
+   patterns, hence launches, of a layer.
+4. **Verification and back-off.** Sensitivities do not add exactly: the chosen plan runs on
+   the held-out batches; while the measured error exceeds ``max_error``, the sparse layer
+   whose measured contribution (error with it minus error without it) is largest relative
+   to its predicted sensitivity is made dense again.
+
+The plan gets each head's pattern and ``site.extra["search"]`` (levels with sensitivity and
+time, the chosen level); ``plan.extra["search"]`` holds the budget, predicted and measured
+error, predicted speedup, the solver's choices and the back-off steps. The sensitivity table
+and the allocation are the pass's dump decisions.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import ChainMap
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from sparsec.budget import Budget
+from sparsec.cost_model import CostModel
+from sparsec.knapsack import Option, limited_options, solve
+from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.patterns import get_pattern, pattern_kinds
+from sparsec.plan import AttentionSite, HeadGroup
+from sparsec.runtime import reference
+
+from .attention_sites import ATTENTION
+from .calibrate import _flat_inputs
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One candidate of one head: a pattern instance and what it is predicted to cost."""
+
+    pattern: str
+    params: dict
+    target: float                 # recall target it was fitted for (1.0: dense)
+    recall: float | None          # recall on the calibration statistics, when known
+    density: float                # fraction of the (causal) score matrix at seq_len
+    seconds: float                # one head of one sequence at seq_len, launch excluded
+    crossover: int | None = None  # shortest length from which it beats dense
+
+    @property
+    def key(self) -> str:
+        """Equal keys mean one head group (as ``AttentionSite.group_heads_by_pattern``)."""
+        return self.pattern + json.dumps(self.params, sort_keys=True)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# A ladder: per head, one rung per recall level (None: dense at that level).
+Ladder = list[list["Rung | None"]]
+LadderBuilder = Callable[[AttentionSite, CompileContext, tuple, CostModel, int], Ladder]
+
+
+def effective_causal(site: AttentionSite) -> bool:
+    """The causal flag, or a user mask that calibration found to be exactly causal."""
+    return site.causal or bool(site.extra.get("mask_is_causal"))
+
+
+def dense_rung(site: AttentionSite, cost: CostModel, n: int) -> Rung:
+    return Rung("dense", {}, 1.0, 1.0, 1.0, cost.head_seconds("dense", {}, n, effective_causal(site), site.head_dim))
+
+
+def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: CostModel, n: int) -> Ladder:
+    """Per head and recall target, the cheapest fitted pattern faster than dense at ``n``."""
+    stats = ctx.attention_stats.get(site.name)
+    if stats is None:
+        return [[None] * len(levels) for _ in site.heads]
+    dense_seconds = dense_rung(site, cost, n).seconds
+    causal = effective_causal(site)
+    kinds = [kind for kind in pattern_kinds() if kind not in ("dense", "skip")]
+    ladder = []
+    for head in range(site.num_heads):
+        profiles = stats.head(head)
+        rungs = []
+        for target in levels:
+            best = None                      # (seconds, kind, params, recall)
+            for kind in kinds:
+                try:
+                    params, recall = get_pattern(kind).fit(profiles, target)
+                except NotImplementedError:
+                    continue
+                seconds = cost.head_seconds(kind, params, n, causal, site.head_dim)
+                if recall >= target - 1e-9 and seconds < dense_seconds and (best is None or seconds < best[0]):
+                    best = (seconds, kind, params, recall)
+            if best is None:
+                rungs.append(None)
+                continue
+            seconds, kind, params, recall = best
+            rungs.append(Rung(kind, params, target, recall, get_pattern(kind).density(params, n, causal),
+                              seconds, cost.crossover_length(kind, params, causal, site.head_dim)))
+        ladder.append(rungs)
+    return ladder
+
+
+# -- running the graph with some sites sparse ----------------------------------------------------
+
+class SuffixRunner:
+    """Runs a captured graph node by node with chosen attention sites computed by the
+    reference sparse attention. A dense run caches the values that cross any site, so a
+    later run with sites changed re-runs only the nodes from the first changed site on."""
+
+    def __init__(self, gm: torch.fx.GraphModule, site_nodes: list[torch.fx.Node]):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.position = {node: index for index, node in enumerate(self.nodes)}
+        starts = sorted(self.position[node] for node in site_nodes)
+        self.kept = set()
+        for node in self.nodes:
+            last_use = max((self.position[user] for user in node.users), default=-1)
+            if any(self.position[node] < start <= last_use for start in starts):
+                self.kept.add(node)
+        self.interpreter = torch.fx.Interpreter(gm)
+
+    @torch.no_grad()
+    def dense(self, call: tuple[tuple, dict]) -> tuple[dict, Any]:
+        """Cached values and the output of a dense run of one ``(args, kwargs)`` call."""
+        env: dict = {}
+        output = self._execute(0, env, {}, iter(_flat_inputs(self.gm, *call)))
+        return {node: env[node] for node in self.kept}, output
+
+    @torch.no_grad()
+    def run(self, cache: dict, overrides: dict[torch.fx.Node, list[HeadGroup]]) -> Any:
+        """The output with each ``overrides`` site computed with its head groups."""
+        start = min(self.position[node] for node in overrides)
+        return self._execute(start, ChainMap({}, cache), overrides, iter(()))
+
+    def _execute(self, start: int, env, overrides: dict, inputs) -> Any:
+        interpreter = self.interpreter
+        interpreter.env, interpreter.args_iter = env, inputs
+        for node in self.nodes[start:]:
+            if node.op == "output":
+                return self.gm.graph._codegen.process_outputs(interpreter.run_node(node))
+            groups = overrides.get(node)
+            if groups is None:
+                env[node] = interpreter.run_node(node)
+            else:
+                args, _ = interpreter.fetch_args_kwargs_from_env(node)
+                env[node] = reference.sparse_attention(*args[:6], groups)
+        raise RuntimeError("the graph has no output node")
+
+
+# -- levels and options --------------------------------------------------------------------------
+
+@dataclass
+class _Choice:
+    """One option of one knapsack group: a layer level, or one head's rung."""
+
+    rungs: tuple            # the site's rung per head (dense where unchanged)
+    level: int
+    sensitivity: float = 0.0
+    seconds: float = 0.0    # layer: site time with launches; head: the head's time
+    density: float = 0.0    # share of the model's attention pairs
+
+    def record(self) -> dict:
+        return {"level": self.level, "sensitivity": self.sensitivity, "seconds": self.seconds,
+                "density": self.density, "patterns": _pattern_counts(self.rungs)}
+
+
+def _pattern_counts(rungs) -> dict:
+    counts: dict[str, int] = {}
+    for rung in rungs:
+        counts[rung.pattern] = counts.get(rung.pattern, 0) + 1
+    return counts
+
+
+def _groups(rungs) -> list[HeadGroup]:
+    groups: dict[str, HeadGroup] = {}
+    for head, rung in enumerate(rungs):
+        groups.setdefault(rung.key, HeadGroup(rung.pattern, rung.params, [])).heads.append(head)
+    return list(groups.values())
+
+
+def _limit_patterns(rungs: list[Rung], dense: Rung, limit: int | None) -> list[Rung]:
+    """At most ``limit`` distinct instances: keep the ones most heads share, the rest dense."""
+    keys = {rung.key for rung in rungs}
+    if limit is None or len(keys) <= limit:
+        return rungs
+    shares = sorted(keys - {dense.key}, key=lambda k: (-sum(r.key == k for r in rungs), k))
+    kept = set(shares[:limit - 1])
+    return [rung if rung.key in kept else dense for rung in rungs]
+
+
+@dataclass
+class _Site:
+    """What the search knows of one attention site."""
+
+    site: AttentionSite
+    node: torch.fx.Node
+    dense: Rung
+    ladder: Ladder
+    options: list          # layer mode: [_Choice]; head mode: per head [_Choice]
+    dense_seconds: float   # the all-dense site, one launch
+
+    def seconds(self, cost: CostModel, rungs, n: int) -> float:
+        groups = [(g.pattern, g.params, len(g.heads)) for g in _groups(rungs)]
+        return cost.site_seconds(groups, n, effective_causal(self.site), self.site.head_dim)
+
+    def levels_record(self, per_head: bool) -> list:
+        """The sensitivity table rows of this site: per level, or per head and rung."""
+        if per_head:
+            return [[choice.record() | {"head": head} for choice in options] for head, options in enumerate(self.options)]
+        return [choice.record() for choice in self.options]
+
+
+class Search:
+    """The search pass. ``budget`` defaults to ``ctx.options["budget"]``; ``ladder`` builds
+    each site's candidates (default :func:`fit_ladder`)."""
+
+    name = "search"
+
+    def __init__(self, budget: Budget | None = None, ladder: LadderBuilder | None = None):
+        self.budget = budget
+        self.ladder = ladder or fit_ladder
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+        budget = self.budget or ctx.options.get("budget")
+        if budget is None:
+            raise ValueError("the search pass needs a budget: Search(Budget(...)) or ctx.options['budget']")
+        cost = CostModel(ctx.target)
+        nodes = {node.name: node for node in gm.graph.nodes}
+        sites = [s for s in ctx.plan.attention if s.node in nodes and nodes[s.node].target == ATTENTION]
+        if not sites:
+            return PassResult(gm, False, {"sites": 0})
+        runner = SuffixRunner(gm, [nodes[s.node] for s in sites])
+        fitting_calls, held_out_calls = _split(ctx.calibration or [(ctx.example_args, ctx.example_kwargs)],
+                                               budget.held_out)
+        fitting = [runner.dense(call) for call in fitting_calls]
+        held_out = [runner.dense(call) for call in held_out_calls] if held_out_calls else fitting
+        n = budget.seq_len or max(int(cache[nodes[s.node].args[1]].shape[-2]) for s in sites for cache, _ in fitting)
+        total_heads = sum(site.num_heads for site in sites)
+        searched = [self._site(site, nodes[site.node], ctx, budget, cost, n, total_heads) for site in sites]
+
+        runs = _measure_sensitivity(searched, runner, fitting, budget)
+        allocation = _allocate(searched, budget, cost)
+        backoff, measured = _verify(searched, allocation, runner, held_out, budget)
+        record = _write_plan(ctx, searched, allocation, backoff, measured, budget, cost, n,
+                             held_out_batches=len(held_out_calls))
+        table = [{"site": s.site.name, "layer": s.site.layer, "levels": s.levels_record(budget.per_head)}
+                 for s in searched]
+        stats = {"sites": len(searched), "sites_sparse": len(allocation.sparse()),
+                 "heads_sparse": sum(r.pattern != "dense" for rungs in allocation.rungs.values() for r in rungs),
+                 "suffix_runs": runs, "backoff_steps": len(backoff),
+                 "predicted_speedup": record["predicted_speedup"], "measured_error": measured}
+        return PassResult(gm, False, stats, {"sensitivity": table, "allocation": record})
+
+    def _site(self, site, node, ctx, budget, cost, n, total_heads) -> _Site:
+        dense = dense_rung(site, cost, n)
+        ladder = self.ladder(site, ctx, tuple(budget.recall_levels), cost, n)
+        searched = _Site(site, node, dense, ladder, [], 0.0)
+        searched.dense_seconds = searched.seconds(cost, [dense] * site.num_heads, n)
+        share = site.num_heads / total_heads          # of the model's attention pairs
+        if budget.per_head:
+            for head, rungs in enumerate(ladder):
+                options, seen = [_Choice((dense,), 0, 0.0, dense.seconds, share / site.num_heads)], {dense.key}
+                for level, rung in enumerate(rungs, start=1):
+                    if rung is not None and rung.key not in seen:
+                        seen.add(rung.key)
+                        options.append(_Choice((rung,), level, 0.0, rung.seconds,
+                                               rung.density * share / site.num_heads))
+                searched.options.append(options)
+            return searched
+        seen = set()
+        for level in range(len(budget.recall_levels) + 1):
+            rungs = [dense] * site.num_heads if level == 0 else \
+                [ladder[h][level - 1] or dense for h in range(site.num_heads)]
+            rungs = tuple(_limit_patterns(rungs, dense, budget.max_patterns_per_layer))
+            seconds = searched.seconds(cost, rungs, n)
+            keys = tuple(r.key for r in rungs)
+            if keys in seen or (level > 0 and seconds >= searched.dense_seconds):
+                continue
+            seen.add(keys)
+            density = sum(r.density for r in rungs) / site.num_heads * share
+            searched.options.append(_Choice(rungs, level, 0.0, seconds, density))
+        return searched
+
+
+def _split(calls: list, held_out: int | None) -> tuple[list, list]:
+    """Fitting and held-out calibration batches (no held-out ones when there is one batch)."""
+    if held_out is None:
+        held_out = max(1, round(len(calls) / 3)) if len(calls) >= 2 else 0
+    held_out = min(held_out, len(calls) - 1)
+    return calls[:len(calls) - held_out], calls[len(calls) - held_out:]
+
+
+def _mean_error(runner: SuffixRunner, batches: list, overrides: dict, budget: Budget) -> float:
+    if not overrides:
+        return 0.0
+    return sum(budget.measure(dense, runner.run(cache, overrides)) for cache, dense in batches) / len(batches)
+
+
+def _site_override(searched: _Site, rungs) -> dict:
+    return {} if all(r.pattern == "dense" for r in rungs) else {searched.node: _groups(rungs)}
+
+
+def _measure_sensitivity(searched: list[_Site], runner: SuffixRunner, fitting: list, budget: Budget) -> int:
+    """Fill every option's sensitivity; returns the number of suffix runs."""
+    jobs = []
+    for s in searched:
+        dense = [s.dense] * s.site.num_heads
+        if budget.per_head:
+            for head, options in enumerate(s.options):
+                for choice in options[1:]:
+                    rungs = list(dense)
+                    rungs[head] = choice.rungs[0]
+                    jobs.append((s, choice, rungs))
+        else:
+            jobs.extend((s, choice, choice.rungs) for choice in s.options[1:])
+    with tqdm(total=len(jobs) * len(fitting), desc="sparsec search: sensitivity", unit="run",
+              disable=None) as progress:
+        for s, choice, rungs in jobs:
+            choice.sensitivity = _mean_error(runner, fitting, _site_override(s, rungs), budget)
+            progress.update(len(fitting))
+    return len(jobs) * len(fitting)
+
+
+@dataclass
+class _Allocation:
+    """The rungs each site runs and the knapsack options that chose them."""
+
+    rungs: dict[str, list[Rung]]
+    picked: dict[str, list[_Choice]]
+    solver: dict
+
+    def predicted(self, name: str) -> float:
+        """The site's summed sensitivity (what the knapsack counted against the budget)."""
+        return sum(max(choice.sensitivity, 0.0) for choice in self.picked[name])
+
+    def sparse(self) -> set[str]:
+        return {name for name, rungs in self.rungs.items() if any(r.pattern != "dense" for r in rungs)}
+
+    def densify(self, s: _Site) -> None:
+        self.rungs[s.site.name] = [s.dense] * s.site.num_heads
+        self.picked[s.site.name] = []
+
+
+def _allocate(searched: list[_Site], budget: Budget, cost: CostModel) -> _Allocation:
+    """One knapsack group per layer (per head; per layer again under a pattern limit)."""
+    def option(choice: _Choice, label=None) -> Option:
+        error = max(choice.sensitivity, 0.0)        # a level that seems to help counts as harmless
+        if budget.mode == "error":
+            return Option(error, choice.seconds, label, [choice])
+        return Option(choice.seconds if budget.mode == "speedup" else choice.density, error, label, [choice])
+
+    groups, owners, layers_exact = [], [], True
+    for s in searched:
+        if not budget.per_head:
+            groups.append([option(c) for c in s.options])
+            owners.append(s)
+        elif budget.max_patterns_per_layer is not None:
+            heads = [[option(c, c.rungs[0].key) for c in head] for head in s.options]
+            # Each distinct pattern is a launch: charge it where time is the minimised value.
+            per_pattern = cost.profile.sparse.launch_us * 1e-6 if budget.mode == "error" else 0.0
+            layer, exact = limited_options(heads, budget.max_patterns_per_layer, per_label_value=per_pattern)
+            layers_exact = layers_exact and exact
+            groups.append([Option(o.weight, o.value, None, [heads[h][c].payload[0] for h, c in enumerate(o.payload)])
+                           for o in layer])
+            owners.append(s)
+        else:
+            groups.extend([option(c) for c in head] for head in s.options)
+            owners.extend([s] * len(s.options))
+    dense_total = sum(s.dense_seconds for s in searched)
+    capacity = {"error": budget.max_error, "speedup": dense_total / (budget.target_speedup or 1.0),
+                "density": budget.max_density}[budget.mode]
+    solution = solve(groups, capacity)
+    if solution is None:
+        # The cap cannot be met: the lightest option everywhere, and the record says so.
+        choices = [min(range(len(g)), key=lambda i, g=g: (g[i].weight, g[i].value)) for g in groups]
+        solver = {"feasible": False, "choices": choices}
+    else:
+        choices, solver = solution.choices, {"feasible": True} | solution.to_dict()
+        solver["exact"] = solution.exact and layers_exact
+    solver["capacity"] = capacity
+    allocation = _Allocation({s.site.name: [s.dense] * s.site.num_heads for s in searched},
+                             {s.site.name: [] for s in searched}, solver)
+    for s, group, choice in zip(owners, groups, choices):
+        allocation.picked[s.site.name].extend(group[choice].payload)
+    for s in searched:
+        picked = allocation.picked[s.site.name]
+        if budget.per_head:
+            allocation.rungs[s.site.name] = [choice.rungs[0] for choice in picked]
+        else:
+            allocation.rungs[s.site.name] = list(picked[0].rungs)
+    return allocation
+
+
+def _verify(searched: list[_Site], allocation: _Allocation, runner: SuffixRunner, held_out: list,
+            budget: Budget) -> tuple[list[dict], float]:
+    """Measure the plan on held-out batches; under ``max_error``, re-densify the layer with
+    the worst measured-over-predicted ratio until the measured error is within budget."""
+    by_name = {s.site.name: s for s in searched}
+
+    def error_with(names: set[str]) -> float:
+        overrides = {by_name[name].node: _groups(allocation.rungs[name]) for name in names}
+        return _mean_error(runner, held_out, overrides, budget)
+
+    sparse = allocation.sparse()
+    steps = []
+    measured = error_with(sparse)
+    # A layer predicted harmless still gets a finite ratio.
+    floor = 1e-3 * (budget.max_error or 0.0) + 1e-12
+    while budget.mode == "error" and measured > budget.max_error and sparse:
+        without = {name: error_with(sparse - {name}) for name in sorted(sparse)}
+        ratios = {name: (measured - without[name]) / max(allocation.predicted(name), floor) for name in without}
+        worst = max(sorted(ratios), key=lambda name: ratios[name])
+        steps.append({"densified": worst, "measured_before": measured, "measured_after": without[worst],
+                      "predicted": allocation.predicted(worst), "ratio": ratios[worst]})
+        allocation.densify(by_name[worst])
+        sparse.discard(worst)
+        measured = without[worst]
+    return steps, measured
+
+
+def _write_plan(ctx: CompileContext, searched: list[_Site], allocation: _Allocation, backoff: list,
+                measured: float, budget: Budget, cost: CostModel, n: int, held_out_batches: int) -> dict:
+    dense_total = sum(s.dense_seconds for s in searched)
+    total = 0.0
+    densified = {step["densified"] for step in backoff}
+    for s in searched:
+        name, rungs = s.site.name, allocation.rungs[s.site.name]
+        seconds = s.seconds(cost, rungs, n)
+        total += seconds
+        for head, rung in zip(s.site.heads, rungs):
+            head.pattern, head.params, head.density = rung.pattern, rung.params, rung.density
+            head.recall = rung.recall if rung.pattern != "dense" else 1.0
+            if rung.pattern != "dense":
+                head.reason = f"search: recall level {rung.target}"
+            elif any(r is not None for r in s.ladder[head.head]):
+                head.reason = ("search: made dense again, measured error over budget" if name in densified
+                               else "search: kept dense within the budget")
+            else:
+                head.reason = f"search: no candidate faster than dense at length {n}"
+        s.site.groups = s.site.group_heads_by_pattern()
+        s.site.extra["search"] = {
+            "levels": s.levels_record(budget.per_head),
+            "ladder": [[r.to_dict() if r else None for r in head] for head in s.ladder],
+            "chosen_level": max((c.level for c in allocation.picked[name]), default=0),
+            "chosen_recall": min((r.target for r in rungs if r.pattern != "dense"), default=1.0),
+            "sensitivity": allocation.predicted(name),
+            "seconds": seconds, "dense_seconds": s.dense_seconds, "densified_by_backoff": name in densified}
+    record = {"budget": budget.to_dict(), "mode": budget.mode, "seq_len": n, "target": cost.target.name,
+              "cost_profile": cost.profile.to_dict(),
+              "predicted_error": sum(allocation.predicted(s.site.name) for s in searched),
+              "measured_error": measured, "held_out_batches": held_out_batches,
+              "predicted_seconds": total, "dense_seconds": dense_total,
+              "predicted_speedup": dense_total / total if total > 0 else math.inf,
+              "solver": allocation.solver, "backoff": backoff,
+              "within_budget": budget.mode != "error" or measured <= budget.max_error}
+    ctx.plan.extra["search"] = record
+    return record

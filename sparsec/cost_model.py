@@ -1,0 +1,158 @@
+"""Per-target cost model: predicted attention time of a head's pattern at length N.
+
+A pattern's work is its symbolic FLOP count (``Pattern.cost_expr``: ``4 * head_dim`` per
+computed (query, key) pair, as a sympy expression in ``N``) evaluated at ``N``. A kernel
+launch over ``heads`` heads of ``batch`` sequences is predicted as::
+
+    t = launch + batch * heads * (flops(N) / rate + ceil(N / 128) * row_cost * head_dim / 128)
+
+with ``rate`` the kernel's effective TFLOP/s over computed pairs and ``row_cost`` what each
+128-row query block costs besides its pairs (loading Q, the softmax epilogue, storing O).
+Dense heads use the dense kernel's constants, every other pattern the block-sparse
+kernel's. A site whose heads are all dense is one dense launch; any other site is one launch
+per head group (``sparse_attention``). A pattern slower than dense at ``N`` (below its
+*crossover length*) is never chosen: the plan keeps such heads dense.
+
+Calibration (h100). ``scripts/calibrate_cost_model.py`` was run once on the device tool's
+H100 80GB HBM3 (132 SMs, torch 2.11.0+cu130, triton 3.6.0), bf16, head_dim 128, batch 1,
+32 heads, median of ``triton.testing.do_bench``; raw numbers in
+``scripts/calibration_h100.json`` (``--refit`` redoes the fit). It times
+
+- dense causal ``F.scaled_dot_product_attention`` (the backend torch picks, which is what
+  sparsec's dense path runs) at N = 256 ... 32768;
+- block-sparse attention: FlexAttention with a causal sliding-window BlockMask (128 x 128
+  blocks) at N = 4096 and 16384, windows 128 ... N, FLOPs counted over computed blocks;
+
+and fits ``t = launch + flops / rate + row_blocks * row_cost`` to each series by least
+squares on relative residuals. Result: dense rate 611.6 TFLOP/s, row cost 0.0395 us, launch
+9.6 us; sparse rate 429.2 TFLOP/s, row cost 0.0417 us, launch 20.2 us. Every measured time
+is within 5 % of the fit (dense 0.95-1.03, sparse 0.97-1.05; e.g. dense N=16384: 3.770 ms
+measured, 3.767 fitted; FlexAttention N=16384, window 1024: 0.861 / 0.889 ms). The flash
+backend forced instead runs at 342.6 TFLOP/s (FA2), so the picked backend is the one to beat.
+Host time per eager call at a tiny size: SDPA 17 us, FlexAttention 132 us, an empty Triton
+kernel 30 us (the GPU-side launch constants above are what the model uses).
+
+Other targets are scaled from the h100 calibration until measured: rates by the datasheet
+peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
+overhead.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy
+
+from .patterns import get_pattern
+from .patterns.base import N
+from .targets import Target, get_target
+
+ROW_BLOCK = 128          # query rows per block in the calibrated row cost
+REFERENCE_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class KernelRates:
+    tflops: float            # effective rate over computed pairs
+    row_block_us: float      # per (sequence, head, 128-row query block), at head_dim 128
+    launch_us: float         # fixed cost of one launch
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    target: str
+    dense: KernelRates
+    sparse: KernelRates
+    calibrated: bool         # measured on the target, or scaled from the h100 calibration
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "calibrated": self.calibrated,
+                "dense": vars(self.dense), "sparse": vars(self.sparse)}
+
+
+# Measured with scripts/calibrate_cost_model.py; see the module docstring.
+CALIBRATED = {
+    "h100": CostProfile("h100", dense=KernelRates(611.6, 0.0395, 9.6),
+                        sparse=KernelRates(429.2, 0.0417, 20.2), calibrated=True),
+}
+_REFERENCE = get_target("h100")
+
+
+def cost_profile(target: "str | Target") -> CostProfile:
+    """The calibrated profile of ``target``, or one scaled from h100's by its datasheet."""
+    target = get_target(target)
+    if target.name in CALIBRATED:
+        return CALIBRATED[target.name]
+    base = CALIBRATED["h100"]
+
+    def scaled(rates: KernelRates) -> KernelRates:
+        return KernelRates(rates.tflops * target.peak_tflops / _REFERENCE.peak_tflops,
+                           rates.row_block_us * _REFERENCE.bandwidth_gbs / target.bandwidth_gbs,
+                           rates.launch_us * target.launch_overhead_us / _REFERENCE.launch_overhead_us)
+
+    return CostProfile(target.name, scaled(base.dense), scaled(base.sparse), calibrated=False)
+
+
+@lru_cache(maxsize=4096)
+def _flops_function(kind: str, params_json: str, causal: bool, head_dim: int):
+    expr = get_pattern(kind).cost_expr(json.loads(params_json), causal, head_dim)
+    return sympy.lambdify(N, expr, "math")
+
+
+def head_flops(kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
+    """FLOPs of one head of ``kind`` at ``n_q = n_k = n``, from the pattern's ``cost_expr``."""
+    function = _flops_function(kind, json.dumps(params, sort_keys=True), causal, head_dim)
+    return float(function(n))
+
+
+class CostModel:
+    """Predicted attention times on one target (seconds)."""
+
+    def __init__(self, target: "str | Target"):
+        self.target = get_target(target)
+        self.profile = cost_profile(self.target)
+
+    def _rates(self, kind: str) -> KernelRates:
+        return self.profile.dense if kind == "dense" else self.profile.sparse
+
+    def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
+        """One head of one sequence, without the launch."""
+        if kind == "skip":
+            return 0.0
+        rates = self._rates(kind)
+        rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
+        return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows
+
+    def launch_seconds(self, kind: str) -> float:
+        return 0.0 if kind == "skip" else self._rates(kind).launch_us * 1e-6
+
+    def site_seconds(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
+                     batch: int = 1) -> float:
+        """A site whose head groups are ``(kind, params, number of heads)``: one dense launch
+        when every head is dense, else one launch per group."""
+        if all(kind == "dense" for kind, _, _ in groups):
+            heads = sum(count for _, _, count in groups)
+            return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
+        return sum(self.launch_seconds(kind) + batch * count * self.head_seconds(kind, params, n, causal, head_dim)
+                   for kind, params, count in groups)
+
+    def crossover_length(self, kind: str, params: dict, causal: bool, head_dim: int,
+                         longest: int = 1 << 20) -> int | None:
+        """The shortest length (to 1 %) from which the pattern is predicted faster per head
+        than dense, searched up to ``longest``; None when it never is."""
+        def faster(n: int) -> bool:
+            return self.head_seconds(kind, params, n, causal, head_dim) < \
+                self.head_seconds("dense", {}, n, causal, head_dim)
+
+        n = 16
+        while n <= longest and not faster(n):
+            n *= 2
+        if n > longest:
+            return None
+        low, high = n // 2, n                    # slower at low (or below the search), faster at high
+        while high - low > max(1, low // 100):
+            middle = (low + high) // 2
+            low, high = (low, middle) if faster(middle) else (middle, high)
+        return high
