@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from sparsec.errors import UnsupportedDtypeError
+from sparsec.errors import UnservableInputError, UnsupportedDtypeError
 from sparsec.plan import decode_groups
 from sparsec.runtime import reference
 
@@ -51,13 +51,27 @@ def _attention_fake(q, k, v, mask, scale, causal):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
+def check_causal_alignment(q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    """``causal`` follows SDPA's ``is_causal`` (top-left aligned) while patterns are aligned
+    bottom-right; the two agree only for square attention, so refuse the rest."""
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise UnservableInputError(
+            f"sparse causal attention with {q.shape[-2]} queries and {k.shape[-2]} keys: is_causal "
+            "(top-left) and the patterns (bottom-right) disagree unless the lengths are equal; "
+            "serve prefill with equal lengths, or pass an explicit mask instead of is_causal")
+
+
 @torch.library.custom_op("sparsec::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                      scale: float, causal: bool, groups: str) -> torch.Tensor:
     check_attention_inputs(q, k, v)
+    check_causal_alignment(q, k, causal)
     return reference.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, mask, scale, causal, groups):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+from sparsec.runtime import kernels  # noqa: E402,F401  (registers the Triton kernels for CUDA tensors)
