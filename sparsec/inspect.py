@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadPlan, Plan
+from sparsec.report import original_head
 
 _STEM = re.compile(r"^(\d{3})_(.+)\.json$")
 
@@ -127,49 +128,83 @@ def _num(value) -> str:
 
 
 def explain_head(plan: Plan, site: AttentionSite, head: HeadPlan) -> str:
-    """Why this head has its pattern: every candidate with its recall and cost against the
-    plan's recall threshold, and the verdict."""
+    """Why this head has its pattern: the candidates classification tried and the search's
+    ladder, each with recall and cost, against the plan's recall threshold; then the verdict."""
     threshold = plan.recall_threshold
     describe = get_pattern(head.pattern).describe(head.params)
-    group = head.head // max(1, site.num_heads // max(1, site.num_kv_heads))
+    model_head = original_head(site, head.head)
+    group = model_head // max(1, site.num_heads // max(1, site.num_kv_heads))
+    moved = f", model head {model_head} before fuse_heads reordered the heads" if model_head != head.head else ""
     lines = [f"layer {site.layer} head {head.head}  (site {site.name}, "
-             f"{'causal' if site.causal else 'bidirectional'}, KV head {group})",
+             f"{'causal' if site.causal else 'bidirectional'}, KV head {group}{moved})",
              f"chosen: {head.pattern} {describe}  recall {_num(head.recall)}  density {_num(head.density)}",
              f"recall threshold: {threshold}  (a pattern must keep at least this fraction of the head's "
              "calibration attention mass)"]
     candidates = sorted(head.candidates, key=_cost)
-    passing = [c for c in candidates if c.get("recall") is not None and c["recall"] >= threshold]
-    chosen = next((c for c in candidates if _same(c, head)), None)
-    if candidates:
-        has_cost = any("cost" in c for c in candidates)
-        lines.append("candidates, cheapest first:")
-        lines.append(f"    {'pattern':<16} {'params':<30} {'recall':>7} {'density':>8}"
-                     f"{' ' + format('cost', '>9') if has_cost else ''}  verdict")
-        for candidate in candidates:
-            recall = candidate.get("recall")
-            if _same(candidate, head):
-                verdict = "chosen"
-            elif recall is None:
-                verdict = "recall not measured"
-            elif recall < threshold:
-                verdict = f"recall {recall:.3f} < threshold {threshold}"
-            elif chosen is not None and _cost(candidate) >= _cost(chosen):
-                verdict = "meets the threshold, costlier than the chosen"
-            else:
-                verdict = "meets the threshold, cheaper, not chosen (see why)"
-            params = get_pattern(candidate["pattern"]).describe(candidate.get("params", {}))
-            cost = f" {_num(candidate.get('cost')):>9}" if has_cost else ""
-            lines.append(f"  {'*' if _same(candidate, head) else ' '} {candidate['pattern']:<16} {params[:30]:<30} "
-                         f"{_num(recall):>7} {_num(candidate.get('density')):>8}{cost}  {verdict}")
-    lines.append("why: " + _verdict(head, candidates, passing, threshold))
+    lines += _candidate_lines(head, candidates, threshold)
+    lines += _search_lines(plan, site, head, model_head)
+    lines.append("why: " + _verdict(head, candidates, threshold, searched="search" in site.extra))
     return "\n".join(lines)
 
 
-def _verdict(head: HeadPlan, candidates: list[dict], passing: list[dict], threshold: float) -> str:
-    reason = f" Classifier: {head.reason}" if head.reason else ""
+def _candidate_lines(head: HeadPlan, candidates: list[dict], threshold: float) -> list[str]:
     if not candidates:
+        return []
+    chosen = next((c for c in candidates if _same(c, head)), None)
+    has_cost = any("cost" in c for c in candidates)
+    lines = ["candidates, cheapest first:",
+             f"    {'pattern':<16} {'params':<30} {'recall':>7} {'density':>8}"
+             f"{' ' + format('cost', '>9') if has_cost else ''}  verdict"]
+    for candidate in candidates:
+        recall = candidate.get("recall")
+        if _same(candidate, head):
+            verdict = "chosen"
+        elif recall is None:
+            verdict = "recall not measured"
+        elif recall < threshold:
+            verdict = f"recall {recall:.3f} < threshold {threshold}"
+        elif chosen is not None and _cost(candidate) >= _cost(chosen):
+            verdict = "meets the threshold, costlier than the chosen"
+        else:
+            verdict = "meets the threshold, cheaper, not chosen (see why)"
+        params = get_pattern(candidate["pattern"]).describe(candidate.get("params", {}))
+        cost = f" {_num(candidate.get('cost')):>9}" if has_cost else ""
+        lines.append(f"  {'*' if _same(candidate, head) else ' '} {candidate['pattern']:<16} {params[:30]:<30} "
+                     f"{_num(recall):>7} {_num(candidate.get('density')):>8}{cost}  {verdict}")
+    return lines
+
+
+def _search_lines(plan: Plan, site: AttentionSite, head: HeadPlan, model_head: int) -> list[str]:
+    """The search's ladder for this head: per recall level, the cheapest fitted pattern that
+    is faster than dense (``site.extra["search"]``, indexed by the model's head order)."""
+    record, search = site.extra.get("search"), plan.extra.get("search")
+    if not record or not search:
+        return []
+    levels = search["budget"]["recall_levels"]
+    backoff = ", then back-off made it dense" if record.get("densified_by_backoff") else ""
+    lines = [f"search ladder (costs at N={search['seq_len']}; the layer took level {record['chosen_level']}, "
+             f"sensitivity {record['sensitivity']:.3g}{backoff}):",
+             f"    {'level':>5} {'recall>=':>8}  {'pattern':<16} {'params':<30} {'recall':>7} {'density':>8} "
+             f"{'time us':>9}"]
+    for level, (target, rung) in enumerate(zip(levels, record["ladder"][model_head]), start=1):
+        if rung is None:
+            lines.append(f"    {level:>5} {target:>8}  (no pattern reaches it faster than dense: dense)")
+            continue
+        mark = "*" if _same(rung, head) else " "
+        params = get_pattern(rung["pattern"]).describe(rung["params"])
+        lines.append(f"  {mark} {level:>5} {target:>8}  {rung['pattern']:<16} {params[:30]:<30} "
+                     f"{_num(rung['recall']):>7} {_num(rung['density']):>8} {rung['seconds'] * 1e6:>9.1f}")
+    return lines
+
+
+def _verdict(head: HeadPlan, candidates: list[dict], threshold: float, searched: bool) -> str:
+    reason = f" ({head.reason})" if head.reason else ""
+    if not candidates:
+        if searched:
+            return f"the layerwise search picked it{reason}; recall threshold {threshold} applies to classification."
         return ("no candidates recorded (the plan was given, not classified, or classification "
                 f"did not run); recall threshold {threshold}.{reason}")
+    passing = [c for c in candidates if c.get("recall") is not None and c["recall"] >= threshold]
     sparse_passing = [c for c in passing if c["pattern"] != "dense"]
     if head.pattern == "dense":
         if not sparse_passing:

@@ -167,7 +167,7 @@ def test_inspect_head_explains_the_choice(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("stayed dense: no sparse candidate reached the recall threshold 0.95 "
             "(best: vertical_stripe at recall 0.902)") in out
-    assert "Classifier: no candidate reached recall 0.95" in out
+    assert "(no candidate reached recall 0.95)" in out
 
     assert main(["inspect", str(tmp_path), "--head", "3.2"]) == 0
     assert "no candidates recorded" in capsys.readouterr().out

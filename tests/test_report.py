@@ -12,10 +12,14 @@ import pytest
 import torch
 
 import sparsec
+from sparsec.budget import Budget
+from sparsec.cli import main
 from sparsec.pass_manager import PassResult
 from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
+from sparsec.passes.fuse_heads import FuseHeads
 from sparsec.passes.lower import Lower
+from sparsec.passes.search import Search
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadPlan, Plan
 from sparsec.report import block_maps, render_report, write_report
@@ -27,8 +31,6 @@ from models import build_llama_gqa, llama_inputs
 # Small blocks so a short calibration length still gives a grid worth drawing.
 TINY_BLOCKS = register_target(Target("report-test", "cpu", "cpu", peak_tflops=0.2, bandwidth_gbs=20.0,
                                       launch_overhead_us=5.0, block_m=8, block_n=8))
-HEAD_PATTERNS = [("window", {"window": [6, 0]}), ("sink_window", {"sink": [2, 0], "window": [8, 0]}),
-                 ("dense", {}), ("vertical_slash", {"vertical": [4, 0], "slash": [4, 0], "last_q": 8})]
 
 
 class _Tags(html.parser.HTMLParser):
@@ -108,36 +110,29 @@ def test_block_maps_reads_stats_profiles_and_tensors():
 
 # -- the page --
 
-class _PlantAndKeepStats:
-    """A stand-in for classification: fixed head patterns; keeps calibrate's statistics."""
+class _KeepStats:
+    """Keeps calibrate's statistics (``compile`` does not return them yet)."""
 
-    name = "plant_patterns"
-
-    def __init__(self):
-        self.stats = None
+    name = "keep_stats"
 
     def run(self, gm, ctx):
-        for site in ctx.plan.attention:
-            for head, (kind, params) in zip(site.heads, HEAD_PATTERNS):
-                head.pattern, head.params = kind, params
-                head.density = get_pattern(kind).density(params, 64, site.causal) if kind != "vertical_slash" else 0.3
-                head.recall = 0.97
-            site.groups = site.group_heads_by_pattern()
         self.stats = ctx.attention_stats
         return PassResult(gm, False, {})
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """The tiny GQA Llama compiled at N=64 on 8x8 blocks, its statistics and its report."""
+    """The tiny GQA Llama calibrated at N=64 on 8x8 blocks, searched with costs at N=8192
+    (two recall levels, to stay quick), heads fused; its statistics and its report."""
     model, example = build_llama_gqa(batch=2, seq=64)
-    plant = _PlantAndKeepStats()
+    keep = _KeepStats()
+    budget = Budget(max_error=0.5, seq_len=8192, recall_levels=(0.95, 0.8))
+    directory = tmp_path_factory.mktemp("report")
     cm = sparsec.compile(model, example, calibration=[llama_inputs(2, 64), llama_inputs(1, 48)],
-                         target=TINY_BLOCKS, passes=[Canonicalize(), Calibrate(), plant, Lower()])
-    cm.plan.attention[1].extra["sensitivity"] = {"levels": [0.0, 0.5, 0.9], "errors": [0.0, 0.004, 0.05],
-                                                 "chosen": 0.5, "metric": "rel_l2"}
-    path = write_report(cm.plan, plant.stats, tmp_path_factory.mktemp("report") / "sub" / "report.html")
-    return cm, plant.stats, path
+                         target=TINY_BLOCKS, passes=[Canonicalize(), Calibrate(), Search(budget), FuseHeads(),
+                                                     keep, Lower()], dump_dir=directory / "dump")
+    path = write_report(cm.plan, keep.stats, directory / "sub" / "report.html")
+    return cm, keep.stats, path
 
 
 def test_report_shows_every_head_of_the_plan(compiled):
@@ -150,25 +145,49 @@ def test_report_shows_every_head_of_the_plan(compiled):
     for attrs, (layer, head) in zip(cells, heads):
         assert (int(attrs["data-layer"]), int(attrs["data-head"]), attrs["data-pattern"]) == \
             (layer, head.head, head.pattern)
-    assert len(tags.with_class("layer")) == len(cm.plan.attention)
-    assert "N=64, 8x8 blocks" in text                # the longest calibration length
+    assert len(tags.with_class("layer")) == len(cm.plan.attention) == 2
+    assert text.count("N=64, 8x8 blocks") == 2       # the longest calibration length
     assert "causal mask" in text                     # HF's causal mask, recognised by calibrate
     images = [attrs["src"] for tag, attrs in tags.tags if tag == "img"]
-    assert len(images) == 8 + 1                      # heads + one sensitivity curve
+    assert len(images) == 8 + 2                      # heads + one sensitivity curve per layer
     for src in images:
         _decode(src)
     # Self-contained: nothing fetched from anywhere.
     assert not [a for _t, a in tags.tags for key in ("src", "href") if key in a and not a[key].startswith("data:")]
     assert "http" not in text.replace("http-equiv", "")
-    error = cm.plan.error["rel_l2_vs_dense_on_example"]
-    assert f"{error:.4g}" in text and "sparse heads</td><td>6 / 8" in text
-    assert text.count("No sensitivity curve") == 1 and "chosen level 0.5" in text
-    assert "dynamic: mask estimated per input" in text
-    assert text.count("fused groups (4 launches)") == 2
+    search = cm.plan.extra["search"]
+    assert f"{search['predicted_speedup']:.2f}x (cost model, attention at N=8192)" in text
+    assert f"measured {search['measured_error']:.4g} on 1 held-out batches" in text
+    assert f"{cm.plan.error['rel_l2_vs_dense_on_example']:.4g}" in text
+    sparse = sum(head.pattern != "dense" for _layer, head in heads)
+    assert f"sparse heads</td><td>{sparse} / 8" in text
+    for site in cm.plan.attention:
+        assert f"chosen level {site.extra['search']['chosen_level']}" in text
+        launches = len(site.groups)
+        assert f"fused groups ({launches} launch{'es' if launches != 1 else ''})" in text
+    assert "No sensitivity curve" not in text
+
+
+def test_inspect_explains_a_searched_head(compiled, capsys):
+    cm, _stats, path = compiled
+    site = cm.plan.attention[1]
+    head = site.heads[0]
+    assert main(["inspect", str(path.parent.parent / "dump"), "--head", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"chosen: {head.pattern}" in out and "recall threshold: 0.95" in out
+    assert f"the layer took level {site.extra['search']['chosen_level']}" in out
+    ladder = [line for line in out.splitlines() if line[4:9].strip() in ("1", "2")]
+    assert [line.split()[1 if line.startswith("  *") else 0] for line in ladder] == ["1", "2"]
+    assert sum(line.startswith("  *") for line in ladder) == (head.pattern != "dense")
+    assert f"why: the layerwise search picked it ({head.reason})" in out
 
 
 def _first_image(page):
     return _decode(next(attrs["src"] for tag, attrs in _Tags(page).tags if tag == "img"))
+
+
+def _colours(image):
+    return len(np.unique(image.reshape(-1, 3).round(3), axis=0))
 
 
 def test_heatmaps_show_the_calibration_maps(compiled):
@@ -178,17 +197,33 @@ def test_heatmaps_show_the_calibration_maps(compiled):
     with_stats, without = render_report(cm.plan, stats), render_report(cm.plan, None)
     assert "no calibration maps: pattern masks at N=1024" in without
     assert _first_image(with_stats).shape[:2] == (8 * (HEATMAP_PIXELS // 8),) * 2
-    colours = lambda image: len(np.unique(image.reshape(-1, 3).round(3), axis=0))  # noqa: E731
-    assert colours(_first_image(with_stats)) > 8 and colours(_first_image(without)) <= 3   # kept, skipped, outline
+    assert _colours(_first_image(with_stats)) > 8 and _colours(_first_image(without)) <= 3  # kept, skipped, outline
 
 
-def test_report_without_stats_or_search(tmp_path):
-    sites = [AttentionSite(f"layers.{i}", i, 2, 2, 8, False,
-                           [HeadPlan(0, "window", {"window": [0, 0.1]}, 0.99, 0.2), HeadPlan(1)])
-             for i in range(3)]
-    plan = Plan(target="custom-target-not-registered-here", attention=sites)
-    tags = _Tags(write_report(plan, {}, tmp_path / "r.html").read_text())
-    assert len(tags.with_class("head-cell")) == 6 and len(tags.with_class("dense")) == 3
+def test_report_of_a_hand_made_plan(tmp_path):
+    """No search, a target this process does not know, a dynamic pattern, bare tensor maps and
+    heads reordered by fuse_heads (the maps keep the model's head order)."""
+    heads = [HeadPlan(0, "vertical_slash", {"vertical": [4, 0], "slash": [4, 0], "last_q": 8}, 0.97, 0.3),
+             HeadPlan(1)]
+    reordered = AttentionSite("layers.0", 0, 2, 2, 8, True, heads, extra={"head_permutation": [1, 0]})
+    plain = AttentionSite("layers.1", 1, 2, 2, 8, False, [HeadPlan(0, "window", {"window": [0, 0.1]}, 0.99, 0.2),
+                                                          HeadPlan(1)])
+    plan = Plan(target="custom-target-not-registered-here", attention=[reordered, plain])
+    one_block = torch.zeros(4, 4)
+    one_block[0, 0] = 1.0
+    maps = torch.stack([one_block, torch.ones(4, 4).tril()])     # model heads 0 and 1
+    text = write_report(plan, {"layers.0": maps}, tmp_path / "r.html").read_text()
+    tags = _Tags(text)
+    assert len(tags.with_class("head-cell")) == 4 and len(tags.with_class("dense")) == 2
+    assert "L0.H0 (model head 1)" in text and "L0.H1 (model head 0)" in text
+    assert "dynamic: mask estimated per input" in text and text.count("No sensitivity curve") == 2
+    assert "N=256, 64x64 blocks" in text and "no calibration maps: pattern masks at N=1024" in text
+    # Site head 0 shows model head 1's map: every block below the diagonal has mass.
+    image = _first_image(text)
+    scale = HEATMAP_PIXELS // 4
+    np.testing.assert_allclose(image[3 * scale + scale // 2, scale // 2],
+                               matplotlib.colormaps["viridis"](1.0)[:3], atol=0.02)
+    assert "attention FLOPs from head densities" in text
 
 
 # -- in a real browser --
@@ -233,7 +268,7 @@ def test_report_loads_in_a_browser_without_errors(compiled, tmp_path):
     body = next(attrs for tag, attrs in dom.tags if tag == "body")
     assert body["data-probe-errors"] == "0", body["data-probe-messages"]
     assert "Uncaught" not in stderr
-    assert int(body["data-probe-images"]) == 9 and body["data-probe-broken"] == "0"
+    assert int(body["data-probe-images"]) == 10 and body["data-probe-broken"] == "0"
     assert len(dom.with_class("head-cell")) == sum(len(site.heads) for site in cm.plan.attention)
 
 

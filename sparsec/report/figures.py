@@ -76,16 +76,20 @@ def head_heatmap(mass: "torch.Tensor | None", layout: torch.Tensor) -> str:
     return png_data_uri(rgb)
 
 
-def sensitivity_plot(levels: list, errors: list, chosen=None, metric: str = "error") -> str:
-    """The layer's sensitivity curve (error against sparsity level), the chosen level marked."""
+def sensitivity_plot(curves: list[tuple[list, list]], chosen: tuple[float, float] | None,
+                     xlabel: str, ylabel: str) -> str:
+    """A layer's sensitivity curves (one per head, or one for the layer), the chosen point marked."""
     figure = Figure(figsize=(3.4, 2.2), dpi=100, layout="tight")
     axes = figure.subplots()
-    axes.plot(levels, errors, marker="o", markersize=3, color="#1f77b4")
+    for xs, ys in curves:
+        axes.plot(xs, ys, marker="o", markersize=3, color="#1f77b4", alpha=1.0 if len(curves) == 1 else 0.5)
     if chosen is not None:
-        axes.axvline(chosen, color="#d62728", linestyle="--", linewidth=1, label=f"chosen {chosen:g}")
+        axes.axvline(chosen[0], color="#d62728", linestyle="--", linewidth=1)
+        axes.plot(*chosen, marker="o", markersize=6, color="#d62728", label="chosen")
         axes.legend(fontsize=7, loc="upper left")
-    axes.set_xlabel("sparsity level", fontsize=8)
-    axes.set_ylabel(metric, fontsize=8)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel(xlabel, fontsize=8)
+    axes.set_ylabel(ylabel, fontsize=8)
     axes.tick_params(labelsize=7)
     axes.grid(alpha=0.3)
     return _figure_data_uri(figure)

@@ -3,7 +3,9 @@ the sensitivity curve and the fused groups. One self-contained file: inline CSS,
 as data URIs, no scripts and no external URLs, so it opens offline."""
 from __future__ import annotations
 
+import functools
 import html
+import json
 import math
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ from .figures import head_heatmap, sensitivity_plot
 
 DEFAULT_LENGTH = 1024  # length at which masks are drawn when no calibration maps are given
 DEFAULT_BLOCK = 64     # blocks of a plan whose target is not registered in this process
+_BUDGET_SHOWN = ("max_error", "target_speedup", "max_density", "metric", "per_head")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -71,16 +74,21 @@ def _esc(value) -> str:
 
 
 def predicted_speedup(plan: Plan) -> tuple[float | None, str]:
-    """The cost model's speedup when a pass recorded one (``plan.extra["predicted_speedup"]``),
+    """The search's cost-model speedup of attention (``plan.extra["search"]``) when it ran,
     else the attention FLOP ratio from head densities (an upper bound: no launch overhead)."""
-    if "predicted_speedup" in plan.extra:
-        return float(plan.extra["predicted_speedup"]), "cost model"
+    search = plan.extra.get("search")
+    if search:
+        return float(search["predicted_speedup"]), f"cost model, attention at N={search['seq_len']}"
     densities = [1.0 if h.density is None or h.pattern == "dense" else h.density
                  for site in plan.attention for h in site.heads]
     if not densities:
         return None, ""
     mean = sum(densities) / len(densities)
     return (1.0 / mean if mean > 0 else math.inf), "attention FLOPs from head densities"
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _summary(plan: Plan) -> str:
@@ -91,8 +99,16 @@ def _summary(plan: Plan) -> str:
             ("recall threshold", plan.recall_threshold), ("attention sites", len(plan.attention)),
             ("sparse heads", f"{sparse} / {len(heads)}"),
             ("predicted speedup", "-" if speedup is None else f"{speedup:.2f}x ({source})")]
-    rows += [(f"verified error: {key}", f"{value:.4g}" if isinstance(value, float) else value)
-             for key, value in plan.error.items()] or [("verified error", "not measured")]
+    search = plan.extra.get("search")
+    if search:
+        budget = ", ".join(f"{k}={_number(search['budget'][k])}" for k in _BUDGET_SHOWN
+                           if search["budget"].get(k) is not None)
+        rows += [("search budget", f"{search['mode']}: {budget}"),
+                 ("search error", f"predicted {_number(search['predicted_error'])}, measured "
+                                  f"{_number(search['measured_error'])} on {search['held_out_batches']} "
+                                  f"held-out batches ({'within' if search['within_budget'] else 'over'} budget)")]
+    rows += [(f"verified error: {key}", _number(value)) for key, value in plan.error.items()] \
+        or [("verified error", "not measured")]
     body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
     unmatched = "".join(f"<li>{_esc(m.get('node', '?'))}: {_esc(m.get('reason', ''))}</li>"
                         for m in plan.unmatched)
@@ -105,16 +121,31 @@ def _causal(site: AttentionSite) -> bool:
     return site.causal or bool(site.extra.get("mask_is_causal"))
 
 
+@functools.lru_cache(maxsize=4096)
+def _block_layout(kind: str, params_json: str, n_q: int, n_k: int, causal: bool, block_m: int,
+                  block_n: int) -> torch.Tensor:
+    # Heads share pattern instances (that is what fuse_heads groups), so most layouts repeat.
+    return get_pattern(kind).block_layout(json.loads(params_json), n_q, n_k, causal, block_m, block_n)
+
+
 def _layout(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> torch.Tensor | None:
-    pattern = get_pattern(head.pattern)
-    if pattern.dynamic:
+    if get_pattern(head.pattern).dynamic:
         return None   # the mask is estimated per input: nothing static to outline
-    return pattern.block_layout(head.params, maps.n_q, maps.n_k, _causal(site), maps.block_m, maps.block_n)
+    return _block_layout(head.pattern, json.dumps(head.params, sort_keys=True), maps.n_q, maps.n_k,
+                         _causal(site), maps.block_m, maps.block_n)
+
+
+def original_head(site: AttentionSite, head: int) -> int:
+    """The model's head that is head ``head`` of the site after ``fuse_heads`` reordered them
+    (calibration statistics keep the model's order)."""
+    permutation = site.extra.get("head_permutation")
+    return permutation[head] if permutation else head
 
 
 def _head_cell(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> str:
     layout = _layout(site, head, maps)
-    mass = None if maps.mass is None else maps.mass[head.head]
+    original = original_head(site, head.head)
+    mass = None if maps.mass is None else maps.mass[original]
     if layout is None:
         layout = torch.zeros(maps.grid, dtype=torch.bool)
         note = "dynamic: mask estimated per input"
@@ -127,19 +158,32 @@ def _head_cell(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> str:
     return (f'<figure class="head-cell {kind}" data-layer="{site.layer}" data-head="{head.head}" '
             f'data-pattern="{_esc(head.pattern)}" title="{_esc(title)}">'
             f'<img alt="layer {site.layer} head {head.head}: {_esc(head.pattern)}" src="{image}">'
-            f"<figcaption>L{site.layer}.H{head.head} <span class=\"pattern\">{_esc(head.pattern)}</span><br>"
+            f"<figcaption>L{site.layer}.H{head.head}{f' (model head {original})' if original != head.head else ''} "
+            f"<span class=\"pattern\">{_esc(head.pattern)}</span><br>"
             f'<span class="params">{_esc(params)}</span><br>'
             f"recall {_fmt(head.recall)} · density {_fmt(head.density)}"
             f'{"<br>" + _esc(note) if note else ""}</figcaption></figure>')
 
 
-def _sensitivity(site: AttentionSite) -> str:
-    curve = site.extra.get("sensitivity")
-    if not curve:
+def _sensitivity(site: AttentionSite, metric: str) -> str:
+    """The search's per-level record (``site.extra["search"]``): sensitivity against sparsity."""
+    record = site.extra.get("search")
+    if not record:
         return '<p class="note">No sensitivity curve: the layerwise search has not run.</p>'
-    image = sensitivity_plot(curve["levels"], curve["errors"], curve.get("chosen"), curve.get("metric", "error"))
-    chosen = curve.get("chosen")
-    caption = f"chosen level {chosen:g}" if chosen is not None else "no level chosen"
+    per_head = bool(record["levels"]) and isinstance(record["levels"][0], list)
+    curves = [tuple(zip(*sorted((level["level"], level["sensitivity"]) for level in levels)))
+              for levels in (record["levels"] if per_head else [record["levels"]])]
+    chosen = None if per_head else next(((level["level"], level["sensitivity"]) for level in record["levels"]
+                                         if level["level"] == record["chosen_level"]), None)
+    image = sensitivity_plot(curves, chosen, "search level (0 = dense, higher = sparser)", f"sensitivity ({metric})")
+    caption = f"chosen level {record['chosen_level']}"
+    if chosen is not None:
+        density = next(level["density"] for level in record["levels"] if level["level"] == record["chosen_level"])
+        caption += f": sensitivity {chosen[1]:.3g}, attention density {density:.3g}"
+    if per_head:
+        caption += " (per-head search: one curve per head)"
+    if record.get("densified_by_backoff"):
+        caption += "; made dense again by the back-off"
     return (f'<figure class="sensitivity"><img alt="sensitivity of layer {site.layer}" src="{image}">'
             f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
@@ -155,7 +199,7 @@ def _groups(site: AttentionSite) -> str:
             f'{f"<p class=note>lowered: {_esc(lowered)}</p>" if lowered else ""}')
 
 
-def _site(site: AttentionSite, stats, block_m: int, block_n: int) -> str:
+def _site(site: AttentionSite, stats, block_m: int, block_n: int, metric: str) -> str:
     if stats is None:
         maps = BlockMaps(None, DEFAULT_LENGTH, DEFAULT_LENGTH, block_m, block_n)
         what = f"no calibration maps: pattern masks at N={maps.n_k}"
@@ -171,7 +215,7 @@ def _site(site: AttentionSite, stats, block_m: int, block_n: int) -> str:
             f"{site.num_heads} heads / {site.num_kv_heads} KV heads, head_dim {site.head_dim}; {_esc(what)}</p>"
             f'{f"<ul class=note>{notes}</ul>" if notes else ""}'
             f'<div class="head-grid">{cells}</div>'
-            f'<div class="layer-row">{_sensitivity(site)}{_groups(site)}</div></section>')
+            f'<div class="layer-row">{_sensitivity(site, metric)}{_groups(site)}</div></section>')
 
 
 def _target_blocks(plan: Plan) -> tuple[int, int]:
@@ -186,7 +230,8 @@ def render_report(plan: Plan, attention_stats: dict | None = None) -> str:
     """The report as one HTML string (see :func:`sparsec.report.write_report`)."""
     block_m, block_n = _target_blocks(plan)
     attention_stats = attention_stats or {}
-    sites = "".join(_site(site, attention_stats.get(site.name), block_m, block_n) for site in plan.attention)
+    metric = plan.extra.get("search", {}).get("budget", {}).get("metric", "error")
+    sites = "".join(_site(site, attention_stats.get(site.name), block_m, block_n, metric) for site in plan.attention)
     legend = ("Each head: block-pooled calibration attention mass (brighter = more), the blocks its "
               "chosen pattern computes outlined in red.")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
