@@ -22,9 +22,15 @@ layer by layer, so that the whole model stays within the user's :class:`~sparsec
    to its predicted sensitivity is made dense again.
 
 The plan gets each head's pattern and ``site.extra["search"]`` (levels with sensitivity and
-time, the chosen level); ``plan.extra["search"]`` holds the budget, predicted and measured
-error, predicted speedup, the solver's choices and the back-off steps. The sensitivity table
-and the allocation are the pass's dump decisions.
+time, the ladder, the chosen level); ``plan.extra["search"]`` holds the budget, predicted and
+measured error, predicted speedup, the solver's choices and the back-off steps. The
+sensitivity table and the allocation are the pass's dump decisions.
+
+Cost of the search: one dense run per calibration batch, then ``levels`` suffix runs per
+layer and fitting batch (``heads x levels`` with ``per_head``), then ``sparse layers + 1``
+held-out runs per back-off step; a progress bar shows on a terminal. The cache holds, per
+batch, every value that crosses an attention site (the residual stream before each layer,
+rotary tables, masks), not every activation.
 """
 from __future__ import annotations
 
@@ -222,7 +228,8 @@ class _Site:
     def levels_record(self, per_head: bool) -> list:
         """The sensitivity table rows of this site: per level, or per head and rung."""
         if per_head:
-            return [[choice.record() | {"head": head} for choice in options] for head, options in enumerate(self.options)]
+            return [[choice.record() | {"head": head} for choice in options]
+                    for head, options in enumerate(self.options)]
         return [choice.record() for choice in self.options]
 
 
