@@ -27,6 +27,14 @@ def default_passes() -> list:
     return [Canonicalize(), Calibrate(), ClassifyHeads(), Lower()]
 
 
+def budget_passes(budget) -> list:
+    """The pipeline with the layerwise sparsity search under ``budget`` after classification."""
+    from sparsec.passes.search import Search
+
+    *front, lower = default_passes()
+    return [*front, Search(budget), lower]
+
+
 def plan_passes(plan: Plan) -> list:
     """The pipeline that applies a given plan instead of calibrating and classifying."""
     from sparsec.passes.apply_plan import ApplyPlan
@@ -119,7 +127,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             (HF models: ``{"input_ids": ..., "attention_mask": ...}``).
         calibration: an iterable of inputs built like ``example_inputs``; defaults to it.
         target: ``"cpu"``, ``"a100"``, ``"h100"``, ``"h200"`` or a :class:`Target`.
-        budget: reserved for the layerwise sparsity search; ``None`` uses ``recall`` alone.
+        budget: a :class:`sparsec.Budget` (error, speedup or density) for the layerwise
+            sparsity search; ``None`` classifies each head by ``recall`` alone.
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
         dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
         plan: reuse this plan's head patterns (e.g. an edited one) instead of calibrating.
@@ -127,8 +136,6 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     """
     from sparsec.passes.capture import capture
 
-    if budget is not None:
-        raise NotImplementedError("budget-driven search is not available yet; pass budget=None")
     target = get_target(target)
     example = as_call(example_inputs)
     calls = calibration_calls(calibration, example)
@@ -136,15 +143,16 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     dense_reference = model.eval()(*example[0], **example[1])
     new_plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
     ctx = CompileContext(plan=new_plan, target=target, example_args=example[0], example_kwargs=example[1],
-                         calibration=calls, options={"recall": recall})
+                         calibration=calls, options={"recall": recall, "budget": budget})
     dump_path = dump_dir or config.dump_dir()
     if passes is None:
-        passes = default_passes() if plan is None else plan_passes(plan)
+        passes = (plan_passes(plan) if plan is not None
+                  else budget_passes(budget) if budget is not None else default_passes())
     manager = PassManager(passes,
                           DumpWriter(dump_path) if dump_path else None)
     gm = manager.run(gm, ctx)
     with torch.no_grad():
-        new_plan.error = {"rel_l2_vs_dense_on_example": relative_l2(dense_reference, gm(*example[0], **example[1]))}
+        new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
     if manager.dump:
         manager.dump.write_plan(new_plan)
     return CompiledModel(gm, new_plan, example[0], example[1])
