@@ -1,0 +1,174 @@
+"""Group an attention site's heads by pattern instance; optionally merge groups into a
+covering pattern when the target cost model says the saved launch is worth the added pairs.
+
+Two heads share an *instance* when their masks are equal at every length: same kind, and
+parameters equal after canonicalisation (numbers normalised, a length-independent
+``Elastic`` size rounded to whole tokens as :meth:`Elastic.at` does, index lists sorted).
+Merging (Sparse-vDiT's per-layer fusion of heads with one strategy) runs each head with a
+pattern whose mask contains its own — recall can only rise. Groups are nodes of a
+compatibility graph whose edges carry the relative time a merge adds (from the target cost
+model: a launch saved against the pairs added); the cheapest edges are contracted first.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import networkx as nx
+
+from sparsec.patterns import Elastic
+from sparsec.plan import HeadGroup
+
+# The time of one group: (pattern kind, params, number of heads) -> seconds.
+GroupCost = Callable[[str, dict, int], float]
+
+_ELASTIC = {"window", "sink", "vertical", "slash", "period", "width"}
+_INDEX_LISTS = {"columns", "blocks"}
+
+
+def _number(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return x
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _canonical_value(key: str, value):
+    if key in _ELASTIC and isinstance(value, (int, float, list)):
+        size = Elastic.from_json(value)
+        a = round(size.a) if size.b == 0 else size.a       # as Elastic.at rounds: same mask
+        return [_number(a), _number(size.b)]
+    if key in _INDEX_LISTS and isinstance(value, list):
+        items = {json.dumps(_canonical_value("", v)) for v in value}
+        return sorted((json.loads(v) for v in items), key=lambda v: (v if isinstance(v, list) else [v]))
+    if isinstance(value, list):
+        return [_canonical_value("", v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical_value(k, v) for k, v in value.items()}
+    return _number(value)
+
+
+def canonical_params(params: dict) -> dict:
+    """Parameters in a normal form: equal normal forms mean equal masks."""
+    return {k: _canonical_value(k, v) for k, v in sorted(params.items())}
+
+
+def instance_key(kind: str, params: dict) -> str:
+    return kind + json.dumps(canonical_params(params), sort_keys=True)
+
+
+def group_by_instance(heads) -> list[HeadGroup]:
+    """One group per pattern instance, in order of each instance's first head."""
+    groups: dict[str, HeadGroup] = {}
+    for head in heads:
+        key = instance_key(head.pattern, head.params)
+        groups.setdefault(key, HeadGroup(head.pattern, canonical_params(head.params), []))
+        groups[key].heads.append(head.head)
+    return list(groups.values())
+
+
+# -- covering patterns ------------------------------------------------------------------------
+
+def _max_elastic(x, y) -> list:
+    a, b = Elastic.from_json(x), Elastic.from_json(y)
+    return [_number(max(a.a, b.a)), _number(max(a.b, b.b))]
+
+
+def _fixed_tokens(size) -> int | None:
+    """A length-independent size in tokens, or None."""
+    size = Elastic.from_json(size)
+    return size.at(0) if size.b == 0 else None
+
+
+def covering(kind_a: str, params_a: dict, kind_b: str, params_b: dict) -> tuple[str, dict]:
+    """The cheapest pattern sparsec knows whose mask contains both masks (``dense`` at worst)."""
+    if instance_key(kind_a, params_a) == instance_key(kind_b, params_b):
+        return kind_a, canonical_params(params_a)
+    for (ka, pa), (kb, pb) in (((kind_a, params_a), (kind_b, params_b)), ((kind_b, params_b), (kind_a, params_a))):
+        cover = _cover_ordered(ka, pa, kb, pb)
+        if cover is not None:
+            return cover[0], canonical_params(cover[1])
+    return "dense", {}
+
+
+def _cover_ordered(ka: str, pa: dict, kb: str, pb: dict) -> tuple[str, dict] | None:
+    if ka == "dense" or kb == "skip":
+        return ka, pa
+    if ka == kb == "window":
+        return "window", {"window": _max_elastic(pa["window"], pb["window"])}
+    if ka == "sink_window" and kb in ("window", "sink_window"):
+        sink = _max_elastic(pa["sink"], pb["sink"]) if kb == "sink_window" else pa["sink"]
+        return "sink_window", {"sink": sink, "window": _max_elastic(pa["window"], pb["window"])}
+    if ka == "vertical_stripe" and kb in ("window", "sink_window", "vertical_stripe"):
+        columns = set(pa["columns"]) | set(pb.get("columns", []))
+        if kb == "sink_window":
+            sink = _fixed_tokens(pb["sink"])
+            if sink is None:
+                return None
+            columns |= set(range(sink))
+        return "vertical_stripe", {"columns": sorted(columns), "window": _max_elastic(pa["window"], pb["window"])}
+    if ka == kb == "multi_diagonal" and pa["period"] == pb["period"]:
+        counts = int(pa.get("count", 0)), int(pb.get("count", 0))
+        return "multi_diagonal", {"period": pa["period"], "width": _max_elastic(pa["width"], pb["width"]),
+                                  "count": 0 if 0 in counts else max(counts)}
+    if ka == kb == "block_topk" and (pa["block"], pa["grid"]) == (pb["block"], pb["grid"]):
+        blocks = {tuple(b) for b in pa["blocks"]} | {tuple(b) for b in pb["blocks"]}
+        return "block_topk", {"block": pa["block"], "grid": pa["grid"], "blocks": [list(b) for b in sorted(blocks)]}
+    if ka == kb == "vertical_slash" and pa.get("last_q", 64) == pb.get("last_q", 64):
+        # A larger top-k keeps a superset (up to ties) of the columns and diagonals of a smaller one.
+        return "vertical_slash", {"vertical": _max_elastic(pa["vertical"], pb["vertical"]),
+                                  "slash": _max_elastic(pa["slash"], pb["slash"]),
+                                  "last_q": pa.get("last_q", 64)}
+    return None
+
+
+# -- merging -------------------------------------------------------------------------------------
+
+@dataclass
+class Merge:
+    """A record of one contraction, for the plan and the dump."""
+
+    pattern: str
+    params: dict
+    heads: list[int]
+    added_cost: float       # relative to the two groups' time before
+
+
+def merge_groups(groups: list[HeadGroup], cost: GroupCost, threshold: float | None,
+                 max_groups: int | None) -> tuple[list[HeadGroup], list[Merge]]:
+    """Contract the compatibility graph of ``groups`` (an edge's weight: the relative time a
+    merge adds, negative when the saved launch outweighs the added tiles) while the
+    cheapest edge is at most ``threshold``, or while there are more than ``max_groups``."""
+    if threshold is None and max_groups is None:
+        return groups, []
+    graph = nx.Graph()
+    for index, group in enumerate(groups):
+        graph.add_node(index, group=group)
+    for u in graph.nodes:
+        for v in graph.nodes:
+            if u < v:
+                _add_edge(graph, u, v, cost)
+    merges = []
+    while graph.number_of_edges():
+        u, v, edge = min(graph.edges(data=True), key=lambda e: (e[2]["added"], e[0], e[1]))
+        over = max_groups is not None and graph.number_of_nodes() > max_groups
+        if not over and (threshold is None or edge["added"] > threshold):
+            break
+        kind, params = edge["cover"]
+        heads = sorted(graph.nodes[u]["group"].heads + graph.nodes[v]["group"].heads)
+        nx.contracted_nodes(graph, u, v, self_loops=False, copy=False)
+        graph.nodes[u]["group"] = HeadGroup(kind, params, heads)
+        graph.nodes[u].pop("contraction", None)
+        merges.append(Merge(kind, params, heads, edge["added"]))
+        for w in list(graph.neighbors(u)):
+            _add_edge(graph, u, w, cost)
+    merged = sorted((graph.nodes[n]["group"] for n in graph.nodes), key=lambda g: g.heads[0])
+    return merged, merges
+
+
+def _add_edge(graph: nx.Graph, u: int, v: int, cost: GroupCost) -> None:
+    a, b = graph.nodes[u]["group"], graph.nodes[v]["group"]
+    kind, params = covering(a.pattern, a.params, b.pattern, b.params)
+    before = cost(a.pattern, a.params, len(a.heads)) + cost(b.pattern, b.params, len(b.heads))
+    after = cost(kind, params, len(a.heads) + len(b.heads))
+    graph.add_edge(u, v, cover=(kind, params), added=(after - before) / before)
