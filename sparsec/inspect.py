@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsec.errors import SparsecError
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadPlan, Plan
 from sparsec.report import original_head
@@ -68,7 +69,7 @@ def find_pass(records: list[PassRecord], key: str) -> PassRecord:
         if key in (record.stem, record.name, f"{record.stem}.py") or (key.isdigit() and int(key) == record.index):
             return record
     known = ", ".join(r.stem for r in records)
-    raise KeyError(f"no pass {key!r} in the dump; passes: {known}")
+    raise ValueError(f"no pass {key!r} in the dump; passes: {known}")
 
 
 def pass_table(records: list[PassRecord]) -> str:
@@ -104,13 +105,16 @@ def find_head(plan: Plan, spec: str) -> tuple[AttentionSite, HeadPlan]:
     if where.isdigit():
         sites = [s for s in plan.attention if s.layer == int(where)]
         if not sites:
-            raise KeyError(f"no attention site at layer {where}; layers: {[s.layer for s in plan.attention]}")
+            raise ValueError(f"no attention site at layer {where}; layers: {[s.layer for s in plan.attention]}")
         site = sites[0]
     else:
-        site = plan.site(where)
+        try:
+            site = plan.site(where)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
     head = int(head_text)
     if head >= len(site.heads):
-        raise KeyError(f"layer {site.layer} ({site.name}) has {len(site.heads)} heads; no head {head}")
+        raise ValueError(f"layer {site.layer} ({site.name}) has {len(site.heads)} heads; no head {head}")
     return site, site.heads[head]
 
 
@@ -237,9 +241,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     try:
         print(_render(args), end="")
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        message = error.args[0] if isinstance(error, KeyError) else error
-        print(f"sparsec inspect: {message}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, SparsecError) as error:
+        print(f"sparsec inspect: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,11 +22,11 @@ from sparsec.passes.lower import Lower
 from sparsec.passes.search import Search
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadPlan, Plan
-from sparsec.report import block_maps, render_report, write_report
+from sparsec.report import block_maps, original_head, render_report, write_report
 from sparsec.report.figures import HEATMAP_PIXELS, MAX_CELLS, OUTLINE_RGB, head_heatmap
 from sparsec.targets import Target, register_target
+from sparsec.testing import planted_llama, planted_llama_inputs
 
-from models import build_llama_gqa, llama_inputs
 
 # Small blocks so a short calibration length still gives a grid worth drawing.
 TINY_BLOCKS = register_target(Target("report-test", "cpu", "cpu", peak_tflops=0.2, bandwidth_gbs=20.0,
@@ -120,17 +120,23 @@ class _KeepStats:
         return PassResult(gm, False, {})
 
 
+# The example model, small: layer 0 head 0 is a planted 8-token window, head 1 a sink + window.
+PLANT = {0: {0: ("window", 8), 1: ("sink_window", 8)}, 1: {2: ("window", 16)}}
+LENGTH = 96                                          # 12 x 12 blocks of 8
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """The tiny GQA Llama calibrated at N=64 on 8x8 blocks, searched with costs at N=8192
-    (two recall levels, to stay quick), heads fused; its statistics and its report."""
-    model, example = build_llama_gqa(batch=2, seq=64)
+    """A small planted Llama calibrated at N=96 on 8x8 blocks, searched with costs at N=8192
+    (two recall levels, to stay quick), heads fused; its statistics, dump and report."""
+    model = planted_llama(layers=2, heads=4, kv_heads=2, hidden=128, intermediate=128, vocab=64, plant=PLANT)
+    batches = [(planted_llama_inputs(2, LENGTH, vocab=64, seed=seed),) for seed in range(2)]
     keep = _KeepStats()
-    budget = Budget(max_error=0.5, seq_len=8192, recall_levels=(0.95, 0.8))
+    budget = Budget(max_error=0.3, seq_len=8192, recall_levels=(0.95, 0.8))
     directory = tmp_path_factory.mktemp("report")
-    cm = sparsec.compile(model, example, calibration=[llama_inputs(2, 64), llama_inputs(1, 48)],
-                         target=TINY_BLOCKS, passes=[Canonicalize(), Calibrate(), Search(budget), FuseHeads(),
-                                                     keep, Lower()], dump_dir=directory / "dump")
+    cm = sparsec.compile(model, batches[0], calibration=batches, target=TINY_BLOCKS,
+                         passes=[Canonicalize(), Calibrate(), Search(budget), FuseHeads(), keep, Lower()],
+                         dump_dir=directory / "dump")
     path = write_report(cm.plan, keep.stats, directory / "sub" / "report.html")
     return cm, keep.stats, path
 
@@ -146,8 +152,7 @@ def test_report_shows_every_head_of_the_plan(compiled):
         assert (int(attrs["data-layer"]), int(attrs["data-head"]), attrs["data-pattern"]) == \
             (layer, head.head, head.pattern)
     assert len(tags.with_class("layer")) == len(cm.plan.attention) == 2
-    assert text.count("N=64, 8x8 blocks") == 2       # the longest calibration length
-    assert "causal mask" in text                     # HF's causal mask, recognised by calibrate
+    assert text.count(f"N={LENGTH}, 8x8 blocks") == 2    # the calibration length and tiles
     images = [attrs["src"] for tag, attrs in tags.tags if tag == "img"]
     assert len(images) == 8 + 2                      # heads + one sensitivity curve per layer
     for src in images:
@@ -190,14 +195,28 @@ def _colours(image):
     return len(np.unique(image.reshape(-1, 3).round(3), axis=0))
 
 
+def _viridis_position(rgb):
+    """Where on viridis (0 darkest .. 1 brightest) a colour lies."""
+    scale = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
+    return float(np.abs(scale - rgb).sum(axis=1).argmin()) / 255
+
+
 def test_heatmaps_show_the_calibration_maps(compiled):
     cm, stats, _path = compiled
-    profile = stats[cm.plan.attention[0].name].profiles[(64, 64)]
-    assert profile.block_mass.shape[-2:] == (8, 8)
+    site = cm.plan.attention[0]
+    assert stats[site.name].profiles[(LENGTH, LENGTH)].block_mass.shape[-2:] == (12, 12)
     with_stats, without = render_report(cm.plan, stats), render_report(cm.plan, None)
     assert "no calibration maps: pattern masks at N=1024" in without
-    assert _first_image(with_stats).shape[:2] == (8 * (HEATMAP_PIXELS // 8),) * 2
-    assert _colours(_first_image(with_stats)) > 8 and _colours(_first_image(without)) <= 3  # kept, skipped, outline
+    # The model's head 0 of layer 0 (the planted 8-token window), wherever fuse_heads put it.
+    cell = next(h for h in range(4) if original_head(site, h) == 0)
+    image = _decode([attrs["src"] for tag, attrs in _Tags(with_stats).tags if tag == "img"][cell])
+    scale = HEATMAP_PIXELS // 12
+    assert image.shape[:2] == (12 * scale,) * 2
+    centre = lambda qb, kb: image[qb * scale + scale // 2, kb * scale + scale // 2]  # noqa: E731
+    assert min(_viridis_position(centre(b, b)) for b in range(12)) > 0.8        # the band is bright
+    assert max(_viridis_position(centre(b, 0)) for b in range(3, 12)) < 0.5     # far keys are dark
+    np.testing.assert_allclose(centre(0, 11), [0.93] * 3, atol=0.01)             # above the diagonal: none
+    assert _colours(_first_image(without)) <= 3      # without maps: kept, skipped, outline
 
 
 def test_report_of_a_hand_made_plan(tmp_path):
