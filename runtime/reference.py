@@ -25,9 +25,9 @@ def dense_attention(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
 
 def _heads_of(tensor: torch.Tensor | None, heads: torch.Tensor) -> torch.Tensor | None:
     """Select query heads from a mask broadcastable to ``[B, H, n_q, n_k]``."""
-    if tensor is None or tensor.dim() < 4 or tensor.shape[1] == 1:
+    if tensor is None or tensor.dim() < 3 or tensor.shape[-3] == 1:
         return tensor
-    return tensor.index_select(1, heads.to(tensor.device))
+    return tensor.index_select(tensor.dim() - 3, heads.to(tensor.device))
 
 
 def _as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

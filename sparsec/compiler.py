@@ -22,26 +22,28 @@ def default_passes() -> list:
     from sparsec.passes.calibrate import Calibrate
     from sparsec.passes.canonicalize import Canonicalize
     from sparsec.passes.classify_heads import ClassifyHeads
+    from sparsec.passes.fuse_heads import FuseHeads
     from sparsec.passes.lower import Lower
 
-    return [Canonicalize(), Calibrate(), ClassifyHeads(), Lower()]
+    return [Canonicalize(), Calibrate(), ClassifyHeads(), FuseHeads(), Lower()]
 
 
 def budget_passes(budget) -> list:
     """The pipeline with the layerwise sparsity search under ``budget`` after classification."""
     from sparsec.passes.search import Search
 
-    *front, lower = default_passes()
-    return [*front, Search(budget), lower]
+    *front, fuse, lower = default_passes()
+    return [*front, Search(budget), fuse, lower]
 
 
 def plan_passes(plan: Plan) -> list:
     """The pipeline that applies a given plan instead of calibrating and classifying."""
     from sparsec.passes.apply_plan import ApplyPlan
     from sparsec.passes.canonicalize import Canonicalize
+    from sparsec.passes.fuse_heads import FuseHeads
     from sparsec.passes.lower import Lower
 
-    return [Canonicalize(), ApplyPlan(plan), Lower()]
+    return [Canonicalize(), ApplyPlan(plan), FuseHeads(), Lower()]
 
 
 class CompiledModel:

@@ -209,3 +209,14 @@ def test_recompile_with_edited_plan():
     x = torch.randn(2, 30, 32)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), expected_sparse(model, x, {1: PATTERNS[1]}), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_accepts_three_dimensional_per_head_mask():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.rand(4, 9, 9) > 0.3
+    mask[..., 0] = True
+    groups = [HeadGroup("dense", {}, [0, 2]), HeadGroup("window", {"window": [3, 0]}, [1, 3])]
+    out = reference.sparse_attention(q, k, v, mask, 0.3, False, groups)
+    dense = reference.dense_attention(q, k, v, mask, 0.3, False)
+    torch.testing.assert_close(out[:, [0, 2]], dense[:, [0, 2]])
