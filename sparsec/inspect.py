@@ -156,9 +156,10 @@ def _candidate_lines(head: HeadPlan, candidates: list[dict], threshold: float) -
         return []
     chosen = next((c for c in candidates if _same(c, head)), None)
     has_cost = any("cost" in c for c in candidates)
+    dense_cost = next((c.get("cost") for c in candidates if c["pattern"] == "dense"), None)
     lines = ["candidates, cheapest first:",
              f"    {'pattern':<16} {'params':<30} {'recall':>7} {'density':>8}"
-             f"{' ' + format('cost', '>9') if has_cost else ''}  verdict"]
+             f"{' ' + format('cost' if not dense_cost else 'cost/dense', '>10') if has_cost else ''}  verdict"]
     for candidate in candidates:
         recall = candidate.get("recall")
         if _same(candidate, head):
@@ -167,12 +168,17 @@ def _candidate_lines(head: HeadPlan, candidates: list[dict], threshold: float) -
             verdict = "recall not measured"
         elif recall < threshold:
             verdict = f"recall {recall:.3f} < threshold {threshold}"
-        elif chosen is not None and _cost(candidate) >= _cost(chosen):
+        elif chosen is not None and _cost(candidate) == _cost(chosen):
+            verdict = "meets the threshold, as cheap: lost the tie"
+        elif chosen is not None and _cost(candidate) > _cost(chosen):
             verdict = "meets the threshold, costlier than the chosen"
         else:
             verdict = "meets the threshold, cheaper, not chosen (see why)"
         params = get_pattern(candidate["pattern"]).describe(candidate.get("params", {}))
-        cost = f" {_num(candidate.get('cost')):>9}" if has_cost else ""
+        cost = candidate.get("cost")
+        if cost is not None and dense_cost:
+            cost /= dense_cost      # FLOPs relative to dense read at a glance; raw values are large
+        cost = f" {_num(cost):>10}" if has_cost else ""
         lines.append(f"  {'*' if _same(candidate, head) else ' '} {candidate['pattern']:<16} {params[:30]:<30} "
                      f"{_num(recall):>7} {_num(candidate.get('density')):>8}{cost}  {verdict}")
     return lines

@@ -13,6 +13,9 @@ from sparsec.pass_manager import PassResult
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.lower import Lower
 from sparsec.plan import AttentionSite, HeadPlan, Plan
+from sparsec.report import original_head
+from sparsec.targets import Target, register_target
+from sparsec.testing import planted_llama, planted_llama_inputs
 
 WINDOW = ("window", {"window": [3, 0]})
 
@@ -171,6 +174,30 @@ def test_inspect_head_explains_the_choice(tmp_path, capsys):
 
     assert main(["inspect", str(tmp_path), "--head", "3.2"]) == 0
     assert "no candidates recorded" in capsys.readouterr().out
+
+
+def test_inspect_head_on_a_classified_planted_llama(tmp_path, capsys):
+    """The default pipeline on the example model: a planted window head wins with a sparse
+    pattern, a random head stays dense, and both explanations say against what threshold."""
+    tiny_blocks = register_target(Target("inspect-test", "cpu", "cpu", peak_tflops=0.2, bandwidth_gbs=20.0,
+                                         launch_overhead_us=5.0, block_m=8, block_n=8))
+    model = planted_llama(layers=1, heads=4, kv_heads=2, hidden=128, intermediate=128, vocab=64,
+                          plant={0: {0: ("window", 8)}})
+    cm = sparsec.compile(model, (planted_llama_inputs(2, 96, vocab=64),), target=tiny_blocks,
+                         dump_dir=tmp_path / "dump")
+    site = cm.plan.attention[0]
+    planted = next(h for h in range(4) if original_head(site, h) == 0)
+    assert main(["inspect", str(tmp_path / "dump"), "--head", f"0.{planted}"]) == 0
+    out = capsys.readouterr().out
+    chosen = site.heads[planted]
+    assert chosen.pattern != "dense" and "recall threshold: 0.95" in out
+    marked = [line for line in out.splitlines() if line.startswith("  * ")]
+    assert len(marked) == 1 and marked[0].split()[1] == chosen.pattern and marked[0].endswith("chosen")
+    assert f"why: {chosen.pattern} won: the cheapest candidate whose recall" in out
+    dense = next(h.head for h in site.heads if h.pattern == "dense")
+    assert main(["inspect", str(tmp_path / "dump"), "--head", f"0.{dense}"]) == 0
+    out = capsys.readouterr().out
+    assert "why: stayed dense" in out and "recall threshold 0.95" in out
 
 
 # -- bisect --
