@@ -44,6 +44,9 @@ class BisectResult:
         lines.append(f"culprit heads (sparse alone: error {self.error:.4g}): "
                      + ", ".join(f"{site} head {head}" for site, head in self.heads))
         lines.append(f"whole plan with these heads dense: error {self.repaired_error:.4g}")
+        if self.repaired_error > self.threshold:
+            lines.append("still over the threshold: other heads add up too; bisect again on "
+                         "make_dense(plan, result.heads) (from sparsec.bisect import make_dense)")
         lines.append(f"{self.compiles} compiles")
         return "\n".join(lines)
 

@@ -9,6 +9,7 @@ import torch
 import sparsec
 from sparsec.bisect import bisect, ddmin, make_dense
 from sparsec.cli import main
+from sparsec.inputs import relative_l2
 from sparsec.pass_manager import PassResult
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.lower import Lower
@@ -49,11 +50,12 @@ class Stack(torch.nn.Module):
         return x
 
 
-def planted_stack(layers=4, heads=4, critical=(2, 1), seed=0):
-    """Every head nearly silent (output scale 0.02) except one critical head (scale 3)."""
+def planted_stack(layers=4, heads=4, critical=((2, 1),), seed=0):
+    """Every head nearly silent (output scale 0.02) except the critical (layer, head)s (scale 3)."""
     torch.manual_seed(seed)
     scales = [[0.02] * heads for _ in range(layers)]
-    scales[critical[0]][critical[1]] = 3.0
+    for layer, head in critical:
+        scales[layer][head] = 3.0
     return Stack(scales).eval(), (torch.randn(2, 48, 32),)
 
 
@@ -80,7 +82,7 @@ def compile_planted(model, inputs, **kwargs):
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dump")
-    model, inputs = planted_stack(layers=2, heads=2, critical=(1, 0))
+    model, inputs = planted_stack(layers=2, heads=2, critical=[(1, 0)])
     compile_planted(model, inputs, dump_dir=directory)
     return directory
 
@@ -226,7 +228,7 @@ def test_make_dense_copies_and_regroups():
 
 
 def test_bisect_finds_the_planted_critical_head():
-    model, inputs = planted_stack(layers=4, heads=4, critical=(2, 1))
+    model, inputs = planted_stack(layers=4, heads=4, critical=[(2, 1)])
     plan = compile_planted(model, inputs).plan
     result = bisect(model, plan, inputs, threshold=0.05)
     assert result.full_error > 0.05
@@ -234,11 +236,25 @@ def test_bisect_finds_the_planted_critical_head():
     assert result.heads == [("layers.2", 1)]
     assert result.error > 0.05 and result.repaired_error < 0.05
     assert result.compiles <= 12
-    assert "layers.2 head 1" in result.summary()
+    assert "layers.2 head 1" in result.summary() and "still over" not in result.summary()
+
+
+def test_bisect_with_two_critical_heads_says_to_go_on():
+    model, inputs = planted_stack(layers=2, heads=2, critical=[(0, 0), (1, 1)], seed=3)
+    plan = compile_planted(model, inputs).plan
+    with torch.no_grad():
+        dense = model(*inputs)
+        # The error with each critical head's layer sparse but the other critical head dense.
+        alone = [relative_l2(dense, sparsec.compile(model, inputs, plan=make_dense(plan, [other]))(*inputs))
+                 for other in [("layers.1", 1), ("layers.0", 0)]]
+    threshold = 0.5 * min(alone)
+    result = bisect(model, plan, inputs, threshold=threshold)
+    assert len(result.heads) == 1 and result.heads[0] in [("layers.0", 0), ("layers.1", 1)]
+    assert result.repaired_error > threshold and "still over the threshold" in result.summary()
 
 
 def test_bisect_with_a_custom_metric_and_a_plan_within_threshold():
-    model, inputs = planted_stack(layers=2, heads=2, critical=(0, 1), seed=1)
+    model, inputs = planted_stack(layers=2, heads=2, critical=[(0, 1)], seed=1)
     plan = compile_planted(model, inputs).plan
     seen = []
 
@@ -255,14 +271,14 @@ FACTORY = '''
 from test_inspect_bisect import planted_stack
 
 def build():
-    return planted_stack(layers=2, heads=2, critical=(1, 1), seed=2)
+    return planted_stack(layers=2, heads=2, critical=[(1, 1)], seed=2)
 '''
 
 
 def test_bisect_cli(tmp_path, monkeypatch, capsys):
     (tmp_path / "bisect_factory.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    model, inputs = planted_stack(layers=2, heads=2, critical=(1, 1), seed=2)
+    model, inputs = planted_stack(layers=2, heads=2, critical=[(1, 1)], seed=2)
     dump = tmp_path / "dump"
     compile_planted(model, inputs, dump_dir=dump)
     assert main(["bisect", "bisect_factory:build", str(dump), "--threshold", "0.05"]) == 0
@@ -276,7 +292,7 @@ def test_bisect_cli(tmp_path, monkeypatch, capsys):
 def test_debug_levels(level, monkeypatch, caplog):
     monkeypatch.setenv("SPARSEC_DEBUG", str(level))
     caplog.set_level(logging.INFO, logger="sparsec")
-    model, inputs = planted_stack(layers=1, heads=2, critical=(0, 0))
+    model, inputs = planted_stack(layers=1, heads=2, critical=[(0, 0)])
     compile_planted(model, inputs)
     messages = [r.getMessage() for r in caplog.records if r.name == "sparsec"]
     timing = [m for m in messages if m.split()[:1] in (["canonicalize"], ["plant_patterns"], ["lower"])]
@@ -297,4 +313,4 @@ def test_debug_levels(level, monkeypatch, caplog):
 def test_debug_level_must_be_an_integer(monkeypatch):
     monkeypatch.setenv("SPARSEC_DEBUG", "verbose")
     with pytest.raises(ValueError, match="SPARSEC_DEBUG='verbose'"):
-        compile_planted(*planted_stack(layers=1, heads=2, critical=(0, 0)))
+        compile_planted(*planted_stack(layers=1, heads=2, critical=[(0, 0)]))
