@@ -166,7 +166,7 @@ def _head_cell(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> str:
 
 
 def _sensitivity(site: AttentionSite, metric: str) -> str:
-    """The search's per-level record (``site.extra["search"]``): sensitivity against sparsity."""
+    """The search's per-level record (``site.extra["search"]``): sensitivity against level."""
     record = site.extra.get("search")
     if not record:
         return '<p class="note">No sensitivity curve: the layerwise search has not run.</p>'
