@@ -7,11 +7,12 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401,E402  (registers torch.ops.sparsec.*)
 from . import linear_ops  # noqa: F401,E402  (registers torch.ops.sparsec.sparse_linear)
+from .bisect import bisect  # noqa: E402
 from .budget import Budget  # noqa: E402
 from .compiler import CompiledModel, compile, load  # noqa: E402
 from .errors import SparsecError  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .targets import Target, get_target, register_target  # noqa: E402
 
-__all__ = ["Budget", "CompiledModel", "Plan", "SparsecError", "Target", "compile", "get_target", "load",
+__all__ = ["Budget", "bisect", "CompiledModel", "Plan", "SparsecError", "Target", "compile", "get_target", "load",
            "register_target"]

@@ -50,9 +50,11 @@ class CompiledModel:
     """A compiled model: call it like the original; ``.plan`` says what was made sparse."""
 
     def __init__(self, graph_module: torch.fx.GraphModule, plan: Plan, example_args: tuple,
-                 example_kwargs: dict):
+                 example_kwargs: dict, attention_stats: dict | None = None):
         self.graph_module = graph_module
         self.plan = plan
+        # Calibration statistics per site (not saved in artifacts): what reports draw.
+        self.attention_stats = attention_stats or {}
         self.example_args = example_args
         self.example_kwargs = example_kwargs
         self._target = get_target(plan.target)
@@ -100,6 +102,12 @@ class CompiledModel:
                     "dimension whose example size was 1 and constrains the others (plan.capture['ranges']); "
                     "recompile with example inputs whose batch and sequence sizes are at least 2") from error
             raise
+
+    def report(self, path: "str | Path") -> Path:
+        """Write a self-contained HTML report of the plan, with per-head heatmaps."""
+        from sparsec.report import write_report
+
+        return write_report(self.plan, self.attention_stats, path)
 
     def save(self, directory: "str | Path") -> Path:
         """Save the program, plan and kernel sources; ``sparsec.load(directory)`` restores it."""
@@ -155,9 +163,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     gm = manager.run(gm, ctx)
     with torch.no_grad():
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
+    compiled = CompiledModel(gm, new_plan, example[0], example[1], ctx.attention_stats)
     if manager.dump:
         manager.dump.write_plan(new_plan)
-    return CompiledModel(gm, new_plan, example[0], example[1])
+        compiled.report(manager.dump.directory / "report.html")
+    return compiled
 
 
 def load(directory: "str | Path") -> CompiledModel:

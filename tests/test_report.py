@@ -187,8 +187,6 @@ def test_inspect_explains_a_searched_head(compiled, capsys):
     assert f"why: the layerwise search picked it ({head.reason})" in out
 
 
-@pytest.mark.xfail(strict=True, reason="compile does not write report.html nor keep attention_stats yet; "
-                   "remove this marker when it does")
 def test_dumped_compile_and_compiled_model_write_the_report(tmp_path):
     model = planted_llama(layers=1, heads=4, kv_heads=2, hidden=128, intermediate=128, vocab=64,
                           plant={0: {0: ("window", 8)}})
