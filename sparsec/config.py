@@ -7,6 +7,10 @@
 - ``SPARSEC_SPARSE_LINEAR=auto|sparse|dense``  kernel of ``sparse_linear`` on CUDA: the
                             measured cost table decides (auto), or force the sparse kernel
                             wherever the structure has one, or cuBLAS on the dense weight.
+- ``SPARSEC_ORT_BLOCK=64``  block size of the onnxruntime ``SparseAttention`` kernel.
+- ``SPARSEC_ORT_OP_THREADS=1``  torch threads of that kernel (0: torch's setting). One by
+                            default: torch's OpenMP pool and onnxruntime's own thread pool
+                            otherwise fight over the cores between ops.
 - ``TRITON_INTERPRET=1``    (Triton's own) run Triton kernels on the CPU interpreter.
 """
 from __future__ import annotations
@@ -39,6 +43,20 @@ def cache_dir() -> Path:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ort_block() -> int:
+    block = _int("SPARSEC_ORT_BLOCK", 64)
+    if block < 1:
+        raise ValueError(f"SPARSEC_ORT_BLOCK={block} must be a positive block size, e.g. 64")
+    return block
+
+
+def ort_op_threads() -> int:
+    threads = _int("SPARSEC_ORT_OP_THREADS", 1)
+    if threads < 0:
+        raise ValueError(f"SPARSEC_ORT_OP_THREADS={threads}; set it to 0 (torch's setting) or a thread count")
+    return threads
 
 
 def sparse_linear_kernel() -> str:

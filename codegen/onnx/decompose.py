@@ -1,0 +1,228 @@
+"""Decomposed mode: sparsec's attention ops in standard ONNX ops only, so any ONNX
+runtime runs the model unchanged (no sparsec library, no custom op).
+
+Each head group computes masked dense attention with its pattern's mask, built inside the
+graph by index arithmetic on the run-time lengths — offsets ``d = i + (Nk - Nq) - j``
+(Range), elastic sizes ``round(a + b*Nk)`` (Round on doubles, half to even as Python's
+``round``), comparisons — so one file serves any length. With ``materialize`` (export at
+a fixed length) static masks are instead computed once by ``sparsec.patterns`` and stored
+as boolean initializers. ``vertical_slash`` estimates its columns and diagonals per input
+with MatMul / Softmax / ScatterElements(add) / TopK, as ``VerticalSlash.estimate_indices``.
+The numbers match ``sparsec.runtime.reference`` (only the speed of sparsity is lost).
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+from onnxscript import ir
+from onnxscript import opset18 as op
+
+from sparsec.patterns import Elastic, get_pattern
+from sparsec.plan import HeadGroup, decode_groups
+
+from .custom import block_topk_layout
+from .heads import additive_bias, const_i64, group_inputs, merge_heads
+
+_INF = float("inf")
+
+
+def _const(value, dtype) -> "op.Value":
+    return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
+
+
+class _Positions:
+    """Query rows, key columns and their offsets at the run-time lengths of ``q`` and ``k``."""
+
+    def __init__(self, q, k):
+        self.n_q = op.Shape(q, start=2, end=3)                  # int64 [1]
+        self.n_k = op.Shape(k, start=2, end=3)
+        zero, one = const_i64(0), const_i64(1)
+        self.rows = op.Range(zero, op.Squeeze(self.n_q), one)
+        self.cols = op.Range(zero, op.Squeeze(self.n_k), one)
+        self.d = self.offsets(self.rows)
+
+    def offsets(self, rows):
+        """``d[i, j] = i + (Nk - Nq) - j`` for the given rows."""
+        aligned = op.Add(rows, op.Sub(self.n_k, self.n_q))
+        return op.Sub(op.Unsqueeze(aligned, const_i64([1])), op.Unsqueeze(self.cols, const_i64([0])))
+
+    def elastic(self, value, minimum: int = 1):
+        """``Elastic(a, b).at(Nk)``: ``max(minimum, round(a + b*Nk))`` as int64 [1]."""
+        size = Elastic.from_json(value, minimum)
+        if size.b == 0:
+            return const_i64([size.at(0)])
+        length = op.Cast(self.n_k, to=TensorProto.DOUBLE)
+        tokens = op.Add(_const([size.a], np.float64), op.Mul(_const([size.b], np.float64), length))
+        return op.Max(const_i64([minimum]), op.Cast(op.Round(tokens), to=TensorProto.INT64))
+
+
+def _floor_div(x, divisor: int):
+    # ONNX Div truncates integers toward zero; Mod(fmod=0) takes the divisor's sign, so
+    # subtracting it first gives Python's floor division for negative x too.
+    divisor = const_i64(divisor)
+    return op.Div(op.Sub(x, op.Mod(x, divisor)), divisor)
+
+
+def _band(d, width):
+    return op.Less(op.Abs(d), width)
+
+
+def _static_keep(group: HeadGroup, pos: _Positions):
+    """The boolean ``[Nq, Nk]`` mask of a static family, before the causal cut."""
+    params, kind = group.params, group.pattern
+    if kind == "window":
+        return _band(pos.d, pos.elastic(params["window"]))
+    if kind == "sink_window":
+        sink = op.Less(op.Unsqueeze(pos.cols, const_i64([0])), pos.elastic(params["sink"]))
+        return op.Or(sink, _band(pos.d, pos.elastic(params["window"])))
+    if kind == "vertical_stripe":
+        band = _band(pos.d, pos.elastic(params["window"]))
+        if not params["columns"]:
+            return band
+        hits = op.Equal(op.Unsqueeze(pos.cols, const_i64([1])), const_i64(list(params["columns"])))
+        stripe = op.Cast(op.ReduceMax(op.Cast(hits, to=TensorProto.INT32), const_i64([1]), keepdims=0),
+                         to=TensorProto.BOOL)
+        return op.Or(op.Unsqueeze(stripe, const_i64([0])), band)
+    if kind == "multi_diagonal":
+        period, width = pos.elastic(params["period"]), pos.elastic(params["width"])
+        ratio = op.Div(op.Cast(pos.d, to=TensorProto.DOUBLE), op.Cast(period, to=TensorProto.DOUBLE))
+        nearest = op.Cast(op.Round(ratio), to=TensorProto.INT64)
+        near = op.Less(op.Abs(op.Sub(pos.d, op.Mul(nearest, period))), width)
+        count = int(params.get("count", 0))
+        return op.And(near, op.Less(op.Abs(nearest), const_i64(count))) if count > 0 else near
+    if kind == "block_topk":
+        return _block_topk_keep(params, pos)
+    raise ValueError(f"pattern {kind!r} has no decomposition; known: dense, skip, window, sink_window, "
+                     "vertical_stripe, multi_diagonal, block_topk, vertical_slash")
+
+
+def _block_topk_keep(params: dict, pos: _Positions):
+    # As BlockTopk.keep: each block of this length maps to its position on the
+    # calibration grid (nearest-grid stretch); blocks holding the diagonal are kept.
+    block = int(params["block"])
+    grid_q, grid_k = params["grid"]
+    layout = op.Constant(value=ir.tensor(block_topk_layout(params)))
+    blocks_q = op.Div(op.Add(pos.n_q, const_i64(block - 1)), const_i64(block))
+    blocks_k = op.Div(op.Add(pos.n_k, const_i64(block - 1)), const_i64(block))
+    row_block = op.Div(pos.rows, const_i64(block))
+    col_block = op.Div(pos.cols, const_i64(block))
+    grid_row = op.Min(op.Div(op.Mul(row_block, const_i64(grid_q)), blocks_q), const_i64(grid_q - 1))
+    grid_col = op.Min(op.Div(op.Mul(col_block, const_i64(grid_k)), blocks_k), const_i64(grid_k - 1))
+    kept = op.Gather(op.Gather(layout, grid_row, axis=0), grid_col, axis=1)
+    diagonal_block = _floor_div(op.Add(pos.rows, op.Sub(pos.n_k, pos.n_q)), block)
+    on_diagonal = op.Equal(op.Unsqueeze(col_block, const_i64([0])), op.Unsqueeze(diagonal_block, const_i64([1])))
+    return op.Or(kept, on_diagonal)
+
+
+def _scatter_flags(length_shape, indices):
+    """A boolean tensor of ``length_shape`` that is True at ``indices`` along the last axis."""
+    zeros = op.ConstantOfShape(length_shape, value=ir.tensor(np.zeros(1, dtype=np.float32)))
+    ones = op.Expand(_const(1.0, np.float32), op.Shape(indices))
+    return op.Cast(op.ScatterElements(zeros, indices, ones, axis=-1), to=TensorProto.BOOL)
+
+
+def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions):
+    """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX."""
+    last_q = op.Min(const_i64([int(params.get("last_q", 64))]), pos.n_q)
+    first = op.Sub(pos.n_q, last_q)
+    last_rows = op.Range(op.Squeeze(first), op.Squeeze(pos.n_q), const_i64(1))
+    d_last = pos.offsets(last_rows)                                    # [L, Nk]
+    q_last = op.Slice(q, first, pos.n_q, const_i64([2]))
+    scores = op.Mul(op.MatMul(q_last, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
+    if causal:
+        scores = op.Where(op.Less(d_last, const_i64(0)), _const(-_INF, np.float32), scores)
+    probs = op.Softmax(scores, axis=-1)                                # [B, H, L, Nk]
+    column_score = op.ReduceSum(probs, const_i64([2]), keepdims=0)     # [B, H, Nk]
+    # Slash scores: attention summed along each offset, offset d stored at d + Nk - 1.
+    shift = op.Sub(pos.n_k, const_i64([1]))
+    span = op.Sub(op.Mul(pos.n_k, const_i64([2])), const_i64([1]))
+    batch_heads = op.Shape(probs, start=0, end=2)
+    flat_probs = op.Reshape(probs, op.Concat(batch_heads, const_i64([-1]), axis=0))
+    index = op.Expand(op.Reshape(op.Add(d_last, shift), const_i64([1, 1, -1])), op.Shape(flat_probs))
+    zeros = op.ConstantOfShape(op.Concat(batch_heads, span, axis=0),
+                               value=ir.tensor(np.zeros(1, dtype=np.float32)))
+    slash_score = op.ScatterElements(zeros, index, flat_probs, axis=2, reduction="add")
+    offsets = op.Range(const_i64(0), op.Squeeze(span), const_i64(1))
+    if causal:
+        slash_score = op.Where(op.Less(offsets, shift), _const(-_INF, np.float32), slash_score)
+    column_score = op.Where(op.Equal(pos.cols, const_i64(0)), _const(_INF, np.float32), column_score)
+    slash_score = op.Where(op.Equal(offsets, shift), _const(_INF, np.float32), slash_score)
+    n_vertical = op.Min(pos.elastic(params["vertical"]), pos.n_k)
+    n_slash = op.Min(pos.elastic(params["slash"]), span)
+    _, columns = op.TopK(column_score, n_vertical, axis=-1)
+    _, diagonals = op.TopK(slash_score, n_slash, axis=-1)
+    column_mask = _scatter_flags(op.Concat(batch_heads, pos.n_k, axis=0), columns)
+    offset_mask = _scatter_flags(op.Concat(batch_heads, span, axis=0), diagonals)
+    slash = op.Gather(offset_mask, op.Add(pos.d, shift), axis=2)       # [B, H, Nq, Nk]
+    keep = op.Or(op.Unsqueeze(column_mask, const_i64([2])), slash)
+    return op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
+
+
+def attend(q, k, v, bias, keep, scale: float, dtype: ir.DataType):
+    """Masked softmax attention, fp32 inside; rows with no kept key give zeros.
+
+    ``q`` is ``[B, H, Nq, D]``, ``k``/``v`` ``[B, H, Nk, D]`` (one K/V head per query head),
+    ``keep`` a boolean mask broadcastable to the scores, or None; ``dtype`` is the inputs'.
+    """
+    if dtype != ir.DataType.FLOAT:
+        q, k, v = (op.Cast(x, to=TensorProto.FLOAT) for x in (q, k, v))
+        bias = None if bias is None else op.Cast(bias, to=TensorProto.FLOAT)
+    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
+    if bias is not None:
+        scores = op.Add(scores, bias)
+    if keep is not None:
+        scores = op.Where(keep, scores, _const(-_INF, np.float32))
+    probs = op.Softmax(scores, axis=-1)
+    probs = op.Where(op.IsNaN(probs), _const(0.0, np.float32), probs)
+    out = op.MatMul(probs, v)
+    return out if dtype == ir.DataType.FLOAT else op.Cast(out, to=int(dtype))
+
+
+def _fixed_lengths(q, k) -> tuple[int, int] | None:
+    """(Nq, Nk) when the export has them static, else None."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    return (n_q, n_k) if isinstance(n_q, int) and isinstance(n_k, int) else None
+
+
+def _group_attention(group: HeadGroup, inputs, scale: float, causal: bool, dtype: ir.DataType,
+                     fixed_lengths: tuple[int, int] | None = None):
+    """One group's attention; static masks are initializers when ``fixed_lengths`` is given."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    if group.pattern == "skip":
+        shape = op.Concat(op.Shape(q, start=0, end=3), op.Shape(v, start=3, end=4), axis=0)
+        return op.Expand(op.CastLike(_const(0.0, np.float32), q), shape)
+    pos = _Positions(q, k)
+    if group.pattern == "dense":
+        # scaled_dot_product_attention's is_causal: the top-left aligned triangle.
+        keep = op.GreaterOrEqual(op.Unsqueeze(pos.rows, const_i64([1])),
+                                 op.Unsqueeze(pos.cols, const_i64([0]))) if causal else None
+    elif group.pattern == "vertical_slash":
+        keep = _vertical_slash_keep(group.params, q, k, scale, causal, pos)
+    elif fixed_lengths is not None:
+        mask = get_pattern(group.pattern).mask(group.params, *fixed_lengths, causal)
+        keep = op.Constant(value=ir.tensor(mask.numpy()))
+    else:
+        keep = _static_keep(group, pos)
+        keep = op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
+    return attend(q, k, v, inputs.bias, keep, scale, dtype)
+
+
+def sparse_attention_decomposed(q, k, v, mask, scale: float, causal: bool, groups: str,
+                                materialize: bool = False):
+    """Translation of ``sparsec::sparse_attention`` into standard ops, group by group."""
+    head_groups = decode_groups(groups)
+    bias, per_head = additive_bias(mask, q.dtype)
+    fixed_lengths = _fixed_lengths(q, k) if materialize else None
+    outputs = []
+    for group in head_groups:
+        inputs = group_inputs(q, k, v, bias, per_head, group.heads, q.shape[1], k.shape[1], expand_kv=True)
+        outputs.append(_group_attention(group, inputs, scale, causal, q.dtype, fixed_lengths))
+    return merge_heads(outputs, [g.heads for g in head_groups])
+
+
+def attention_decomposed(q, k, v, mask, scale: float, causal: bool):
+    """Translation of ``sparsec::attention`` (a site left dense) into standard ops."""
+    heads = list(range(q.shape[1]))
+    bias, per_head = additive_bias(mask, q.dtype)
+    inputs = group_inputs(q, k, v, bias, per_head, heads, q.shape[1], k.shape[1], expand_kv=True)
+    return _group_attention(HeadGroup("dense", {}, heads), inputs, scale, causal, q.dtype)
