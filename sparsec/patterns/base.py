@@ -15,9 +15,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import sympy
 import torch
+
+if TYPE_CHECKING:
+    from .fitting import AttentionProfile
+
+# The sequence length of symbolic costs (``n_q = n_k = N``).
+N = sympy.Symbol("N", positive=True, integer=True)
+
+
+def full_pairs(n, causal: bool):
+    """Pairs of the full score matrix at ``n_q = n_k = n`` (numbers or sympy)."""
+    return n * (n + 1) / 2 if causal else n * n
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,10 @@ class Elastic:
     def to_json(self) -> list:
         return [self.a, self.b]
 
+    def expr(self) -> sympy.Expr:
+        """The size as a sympy expression in :data:`N`, unrounded."""
+        return sympy.Max(self.minimum, _rational(self.a) + _rational(self.b) * N)
+
     @staticmethod
     def from_json(value: Any, minimum: int = 1) -> "Elastic":
         if isinstance(value, Elastic):
@@ -46,6 +62,10 @@ class Elastic:
     def __str__(self) -> str:
         a = int(self.a) if float(self.a).is_integer() else round(self.a, 2)
         return f"{a}" if self.b == 0 else f"{a}+{self.b:.3g}N"
+
+
+def _rational(x: float) -> sympy.Rational:
+    return sympy.Rational(repr(float(x)))
 
 
 def offsets(rows: torch.Tensor, cols: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
@@ -99,10 +119,50 @@ class Pattern:
             total += int(self.mask(params, n_q, n_k, causal, rows=rows).sum())
         return total
 
+    def pairs(self, params: dict, n: int, causal: bool) -> float:
+        """Pairs the pattern computes at ``n_q = n_k = n``. Families override this with a
+        closed form (the generic count builds the mask, which is slow at large ``n``)."""
+        return self.kept_pairs(params, n, n, causal)
+
     def density(self, params: dict, n: int, causal: bool) -> float:
         """Fraction of the (causal) score matrix at length ``n`` that the pattern computes."""
-        full = n * (n + 1) // 2 if causal else n * n
-        return self.kept_pairs(params, n, n, causal) / full
+        return self.pairs(params, n, causal) / full_pairs(n, causal)
+
+    # -- cost and fit (see patterns/fitting.py for the statistics they read) --
+
+    def pairs_expr(self, params: dict, causal: bool) -> sympy.Expr:
+        """Pairs computed at ``n_q = n_k = N``, as a sympy expression in :data:`N`.
+
+        Elastic sizes enter unrounded (``a + b*N``)."""
+        raise NotImplementedError(f"{self.kind} has no symbolic pair count")
+
+    def overhead_expr(self, params: dict, head_dim: int) -> sympy.Expr:
+        """FLOPs a pattern spends besides its pairs (e.g. estimating a dynamic pattern)."""
+        return sympy.Integer(0)
+
+    def cost_expr(self, params: dict, causal: bool, head_dim: int) -> sympy.Expr:
+        """FLOPs of one head at length ``N``: ``4*head_dim`` per computed (query, key) pair
+        (``2*head_dim`` for q.k, ``2*head_dim`` for p.v) plus :meth:`overhead_expr`;
+        softmax and memory traffic are left to the target cost model."""
+        return 4 * head_dim * self.pairs_expr(params, causal) + self.overhead_expr(params, head_dim)
+
+    def cost(self, params: dict, n: int, causal: bool, head_dim: int) -> float:
+        """:meth:`cost_expr` at ``N = n``, with the exact pair count (sizes rounded)."""
+        return 4 * head_dim * float(self.pairs(params, n, causal)) + float(
+            self.overhead_expr(params, head_dim).subs(N, n))
+
+    def recall(self, profile: "AttentionProfile", params: dict) -> float:
+        """Fraction of one head's calibration attention mass inside the pattern, from its
+        :class:`~sparsec.patterns.fitting.AttentionProfile` at one length."""
+        raise NotImplementedError(f"{self.kind} cannot measure recall")
+
+    def fit(self, profiles: "list[AttentionProfile]", recall: float) -> tuple[dict, float]:
+        """The cheapest parameters whose recall reaches ``recall`` on one head's profiles
+        (one per calibration length, shortest first), or the best this family can do.
+
+        Returns ``(params, measured recall)``; the measured recall is the lowest over the
+        calibration lengths."""
+        raise NotImplementedError(f"{self.kind} has no fit")
 
     def describe(self, params: dict) -> str:
         """Short human-readable parameters, for plan summaries."""

@@ -8,12 +8,18 @@ At another length the layout is stretched: a block of the new grid is kept when 
 relative position falls into a kept block of the calibration grid (nearest-grid mapping,
 as resizing a layout image), and blocks that hold the diagonal are always kept, so no
 query row is empty.
+
+The fit keeps the diagonal blocks and adds blocks by calibration mass, heaviest first,
+until the recall is reached, on the profile's square ``block`` grid (the greatest common
+divisor of the target's ``block_m`` and ``block_n``, so it tiles the kernels' blocks).
 """
 from __future__ import annotations
 
+import sympy
 import torch
 
-from .base import Pattern, register
+from . import fitting
+from .base import N, Pattern, full_pairs, register
 
 
 @register
@@ -38,3 +44,71 @@ class BlockTopk(Pattern):
         # A block that holds the diagonal: its key block is the aligned query's key block.
         diagonal_block = (rows + (n_k - n_q)) // block
         return kept | (col_block[None, :] == diagonal_block[:, None])
+
+    def describe(self, params):
+        grid_q, grid_k = params["grid"]
+        return f"block={params['block']}, {len(params['blocks'])} of {grid_q}x{grid_k} blocks"
+
+    def _stretched(self, params, n_q, n_k) -> torch.Tensor:
+        """The calibration layout on the block grid of ``(n_q, n_k)``, diagonal rule aside."""
+        block = int(params["block"])
+        grid_q, grid_k = params["grid"]
+        layout = torch.zeros(grid_q, grid_k, dtype=torch.bool)
+        if params["blocks"]:
+            qb, kb = torch.tensor(params["blocks"], dtype=torch.long).T
+            layout[qb, kb] = True
+        blocks_q, blocks_k = -(-n_q // block), -(-n_k // block)
+        grid_row = torch.clamp(torch.arange(blocks_q) * grid_q // blocks_q, max=grid_q - 1)
+        grid_col = torch.clamp(torch.arange(blocks_k) * grid_k // blocks_k, max=grid_k - 1)
+        return layout[grid_row[:, None], grid_col[None, :]]
+
+    def grid_layout(self, params, n_q, n_k) -> torch.Tensor:
+        """Boolean ``[ceil(n_q/block), ceil(n_k/block)]``: the ``block`` x ``block`` tiles
+        holding kept pairs at ``(n_q, n_k)`` (before the causal cut)."""
+        block = int(params["block"])
+        stretched = self._stretched(params, n_q, n_k)
+        first = torch.arange(stretched.shape[0]) * block
+        last = torch.clamp(first + block, max=n_q) - 1
+        # Rows of a query block reach the diagonal in key blocks lo..hi (consecutive rows).
+        lo, hi = (first + n_k - n_q) // block, (last + n_k - n_q) // block
+        key_block = torch.arange(stretched.shape[1])
+        return stretched | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] <= hi[:, None]))
+
+    def pairs(self, params, n, causal):
+        """Exact, per query row: the key blocks it keeps times their (causal) width."""
+        block = int(params["block"])
+        rows = torch.arange(n)
+        row_blocks = self._stretched(params, n, n)[rows // block]            # [n, key blocks]
+        key_start = torch.arange(row_blocks.shape[1]) * block
+        kept = row_blocks | (key_start[None, :] == (rows // block * block)[:, None])
+        width = torch.clamp(n - key_start, max=block)[None, :]
+        if causal:
+            width = torch.clamp(rows[:, None] - key_start[None, :] + 1, min=0).minimum(width)
+        return int((kept * width).sum())
+
+    def pairs_expr(self, params, causal):
+        """Approximate: the diagonal blocks grow linearly with ``N``, the stretched layout
+        covers the fraction of the score matrix it covers at the calibration grid's length."""
+        n = int(params["grid"][1]) * int(params["block"])
+        diagonal = self.pairs({**params, "blocks": []}, n, causal)
+        stretched = sympy.Integer(self.pairs(params, n, causal) - diagonal) / full_pairs(sympy.Integer(n), causal)
+        return sympy.Rational(diagonal, n) * N + stretched * full_pairs(N, causal)
+
+    def recall(self, profile, params):
+        """Exact when ``n_k - n_q`` is a multiple of ``block`` (as in self-attention);
+        otherwise the blocks the diagonal crosses are counted whole."""
+        block = int(params["block"])
+        return float(profile.pooled(block, block)[self.grid_layout(params, profile.n_q, profile.n_k)].sum())
+
+    def fit(self, profiles, recall):
+        """Fitted on the longest length; other lengths see the stretched layout."""
+        longest = profiles[-1]
+        mass = longest.block_mass
+        params = {"block": longest.block, "grid": list(mass.shape), "blocks": []}
+        forced = self.grid_layout(params, longest.n_q, longest.n_k)
+        rest = torch.where(forced, 0.0, mass).flatten()
+        order = rest.argsort(descending=True)[: int((rest > 0).sum())]
+        reached = torch.cat([mass[forced].sum()[None], mass[forced].sum() + rest[order].cumsum(0)])
+        count = fitting.smallest_meeting(reached, recall, start=0)
+        params["blocks"] = sorted(list(divmod(int(i), mass.shape[1])) for i in order[:count])
+        return params, fitting.worst_recall(self, profiles, params)

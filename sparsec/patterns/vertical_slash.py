@@ -6,12 +6,23 @@ diagonals) and ``last_q`` (how many of the last queries estimate them).
 Per input, batch and head, the last ``last_q`` queries attend to all keys; the columns
 and diagonals with the largest summed attention are kept. Column 0 (the sink) and the
 main diagonal are always kept, as MInference forces its first columns and last slashes.
+
+Costs and recalls are estimates, as the pattern is chosen per input: the pair count is an
+upper bound (each column and diagonal holds at most ``N`` pairs), the cost adds the
+estimation's ``last_q x N`` scores, and the fit's recall takes the calibration-average
+top columns and diagonals in place of each input's own.
 """
 from __future__ import annotations
 
+import sympy
 import torch
 
-from .base import Elastic, Pattern, offsets, register
+from . import fitting
+from .base import N, Elastic, Pattern, full_pairs, offsets, register
+
+# Most columns / diagonals a fit considers: at most a quarter of n_k each (more lines
+# cost about as much as dense causal attention), and at most MAX_LINES.
+MAX_LINES = 1024
 
 
 @register
@@ -71,3 +82,70 @@ class VerticalSlash(Pattern):
         slash = offset_mask[..., (d + shift).clamp(0, 2 * n_k - 2)] & (d.abs() <= shift)
         mask = column_mask[..., None, :] | slash
         return mask & (d >= 0) if causal else mask
+
+    def pairs(self, params, n, causal):
+        lines = Elastic.from_json(params["vertical"]).at(n) + Elastic.from_json(params["slash"]).at(n)
+        return min(lines * n, full_pairs(n, causal))
+
+    def pairs_expr(self, params, causal):
+        lines = Elastic.from_json(params["vertical"]).expr() + Elastic.from_json(params["slash"]).expr()
+        return sympy.Min(lines * N, full_pairs(N, causal))
+
+    def overhead_expr(self, params, head_dim):
+        """The estimate's scores: the last ``last_q`` queries against every key."""
+        return 2 * head_dim * int(params.get("last_q", 64)) * N
+
+    def _recall_table(self, profile, vertical: int, slash: int) -> torch.Tensor:
+        """``[vertical, slash]``: estimated recall of the top ``v + 1`` columns and ``s + 1``
+        diagonals (column 0 and offset 0 first, then by calibration mass) at ``[v, s]``.
+
+        A column and a diagonal share one pair, whose mass is estimated as the column's
+        mass in that offset's ``|d|`` bucket spread evenly over the bucket's offsets."""
+        columns = _ranked(profile.column_mass, first=0)[:vertical]
+        diagonal_mass = profile.diagonal_mass
+        if profile.causal:
+            diagonal_mass = torch.where(profile.offsets >= 0, diagonal_mass, -1.0)
+        diagonals = _ranked(diagonal_mass, first=profile.n_q - 1)[:slash] - (profile.n_q - 1)
+        bucket = fitting.offset_bucket(diagonals.abs())
+        lo, hi = fitting.bucket_bounds(profile.column_offset_mass.shape[-1])
+        c = columns[:, None]
+        inside = fitting.feasible_offsets(profile, c, hi[bucket][None, :]) - fitting.feasible_offsets(
+            profile, c, lo[bucket][None, :])
+        low, high = fitting.column_offset_range(profile, c)
+        has_pair = (diagonals[None, :] >= low) & (diagonals[None, :] <= high)
+        shared = profile.column_offset_mass[c, bucket[None, :]] / inside.clamp(min=1) * has_pair
+        table = fitting.union_recall(profile.column_mass[columns].cumsum(0)[:, None],
+                                     profile.diagonal_mass[diagonals + profile.n_q - 1].cumsum(0)[None, :],
+                                     shared.cumsum(0).cumsum(1), profile.total)
+        return table.cummax(0).values.cummax(1).values
+
+    def recall(self, profile, params):
+        vertical = min(Elastic.from_json(params["vertical"]).at(profile.n_k), profile.n_k)
+        slash = min(Elastic.from_json(params["slash"]).at(profile.n_k), profile.n_q + profile.n_k - 1)
+        return float(self._recall_table(profile, vertical, slash)[-1, -1])
+
+    def fit(self, profiles, recall):
+        """Per length, the fewest columns + diagonals whose estimated recall reaches
+        ``recall``; both counts made elastic."""
+        vertical, slash = [], []
+        for p in profiles:
+            lines = min(MAX_LINES, max(1, -(-p.n_k // 4)))
+            table = self._recall_table(p, lines, lines)
+            meets = table >= recall - 1e-12
+            lines = torch.arange(table.shape[0])[:, None] + torch.arange(table.shape[1])[None, :]
+            if meets.any():
+                flat = int(torch.where(meets, lines, lines.numel()).argmin())
+            else:
+                flat = int(table.argmax())
+            v, s = divmod(flat, table.shape[1])
+            vertical.append((p.n_k, v + 1))
+            slash.append((p.n_k, s + 1))
+        params = {"vertical": fitting.fit_elastic(vertical).to_json(),
+                  "slash": fitting.fit_elastic(slash).to_json(), "last_q": 64}
+        return params, fitting.worst_recall(self, profiles, params)
+
+
+def _ranked(mass: torch.Tensor, first: int) -> torch.Tensor:
+    """Indices by descending mass, with ``first`` (always kept) in front."""
+    order = mass.argsort(descending=True, stable=True)
+    return torch.cat([torch.tensor([first]), order[order != first]])

@@ -1,0 +1,250 @@
+"""calibrate: run the calibration inputs and measure where every head's attention goes.
+
+The canonical graph runs under a :class:`torch.fx.Interpreter` that stops at each
+``sparsec.attention`` site of the plan, measures the attention probabilities of every head
+(:class:`~sparsec.patterns.fitting.AttentionProfile`: block-pooled, per key column, per
+diagonal offset, per column and ``|offset|`` bucket; sink mass is the first columns'),
+then returns the real attention output, so later layers see true activations.
+
+Statistics follow the reference semantics (runtime/reference.py): the user mask (boolean,
+True = attend, or additive) and the causal flag, queries aligned bottom-right. Each valid
+query row carries mass 1; a row with no attendable key (padding: every key masked, or
+additive mask below ``-1e4`` everywhere, the ``finfo.min`` convention) is left out, so
+padding does not poison the statistics. Calibration batches of different lengths get
+separate profiles (``AttentionStats.profiles[(n_q, n_k)]``), from which fits make sizes
+elastic in the length.
+
+A user mask that is exactly the causal mask on every batch makes the head effectively
+causal: the site records ``extra["mask_is_causal"] = True`` and its profiles are marked
+causal, so classification counts (and later passes can compute) only the lower triangle.
+
+Peak memory: no head's full ``n_q x n_k`` matrix is held. Probabilities are computed for a
+chunk of heads and query rows at a time, at most ``chunk_elements`` scores (default 2**22,
+16 MiB in fp32; the chunk's scores, probabilities and index tensors take a few times
+that), K repeated to the query heads (GQA; the size of q), plus the statistics
+themselves (float64): per site and length,
+``H * (n_k * (buckets + 1) + n_q + n_k + ceil(n_q/block) * ceil(n_k/block))`` floats,
+with ``buckets = log2(max(n_q, n_k)) + 2``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx._pytree as fx_pytree
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
+
+from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.patterns.base import offsets
+from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bucket, offset_buckets
+
+from .attention_sites import ATTENTION
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Additive mask values at or below this count as masked when deciding if a row is padding.
+MASKED_ADDITIVE = -1e4
+# Progress bars only for calibrations of at least this many (batch, site) steps.
+PROGRESS_MIN_STEPS = 16
+
+
+class _ProfileSums:
+    """Running sums of one site's statistics at one ``(n_q, n_k)``."""
+
+    def __init__(self, heads: int, n_q: int, n_k: int, block: int):
+        self.n_q, self.n_k, self.block = n_q, n_k, block
+        self.batches = 0
+        self.rows = torch.zeros(heads, dtype=torch.float64)
+        self.buckets = offset_buckets(n_q, n_k)
+        self.blocks = (math.ceil(n_q / block), math.ceil(n_k / block))
+        self.block_mass = torch.zeros(heads, self.blocks[0] * self.blocks[1], dtype=torch.float64)
+        self.column_mass = torch.zeros(heads, n_k, dtype=torch.float64)
+        self.diagonal_mass = torch.zeros(heads, n_q + n_k - 1, dtype=torch.float64)
+        self.column_offset_mass = torch.zeros(heads, n_k * self.buckets, dtype=torch.float64)
+
+    def indices(self, rows, cols, d) -> dict[str, torch.Tensor]:
+        """Flat position of every (row, key) pair in each statistic."""
+        return {
+            "block_mass": ((rows // self.block)[:, None] * self.blocks[1] + (cols // self.block)[None, :]).flatten(),
+            "diagonal_mass": (d + self.n_q - 1).flatten(),
+            "column_offset_mass": (cols[None, :] * self.buckets + offset_bucket(d.abs())).flatten(),
+        }
+
+    def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict) -> None:
+        """Add probabilities ``[B, h, rows, n_k]`` of ``heads`` and query rows ``index`` is for."""
+        probs = probs.sum(0)                                  # over the batch: [h, rows, n_k]
+        self.rows[heads] += valid.sum((0, 2)).double().cpu()
+        self.column_mass[heads] += probs.sum(1).double().cpu()
+        flat = probs.flatten(1)
+        for name, positions in index.items():
+            total = getattr(self, name)
+            part = torch.zeros(flat.shape[0], total.shape[1], dtype=flat.dtype, device=flat.device)
+            total[heads] += part.index_add_(1, positions, flat).double().cpu()
+
+    def profile(self, causal: bool) -> AttentionProfile:
+        rows = self.rows.clamp(min=1)[:, None]
+        return AttentionProfile(
+            n_q=self.n_q, n_k=self.n_k, causal=causal, block=self.block, batches=self.batches,
+            rows=self.rows.clone(),
+            block_mass=(self.block_mass / rows).view(-1, *self.blocks),
+            column_mass=self.column_mass / rows,
+            diagonal_mass=self.diagonal_mass / rows,
+            column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets))
+
+
+def _four_d(mask: torch.Tensor | None) -> torch.Tensor | None:
+    while mask is not None and mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def _select(mask: torch.Tensor | None, heads: slice, rows: slice) -> torch.Tensor | None:
+    """The part of a 4-d broadcastable mask for these heads and query rows."""
+    if mask is None:
+        return None
+    return mask[:, heads if mask.shape[1] > 1 else slice(None), rows if mask.shape[2] > 1 else slice(None)]
+
+
+def _is_causal_mask(mask: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``mask`` (rows of ``d``) keeps exactly ``d >= 0``, with additive value 0 there."""
+    causal = d >= 0
+    if mask.dtype == torch.bool:
+        return bool((mask == causal).all())
+    return bool(((mask > MASKED_ADDITIVE) == causal).all() and (mask.masked_fill(~causal, 0) == 0).all())
+
+
+class _Recorder:
+    """Accumulates statistics for the sites the interpreter reaches."""
+
+    def __init__(self, sites: dict, block: int, chunk_elements: int):
+        self.sites = sites                   # fx node name -> AttentionSite
+        self.block = block
+        self.chunk_elements = chunk_elements
+        self.sums: dict[str, dict[tuple[int, int], _ProfileSums]] = {name: {} for name in sites}
+        self.mask_is_causal: dict[str, bool] = {}
+
+    def record(self, node_name: str, q, k, mask, scale: float, causal: bool) -> None:
+        batch, heads, n_q, _ = q.shape
+        n_k = k.shape[-2]
+        site_sums = self.sums[node_name]
+        sums = site_sums.setdefault((n_q, n_k), _ProfileSums(heads, n_q, n_k, self.block))
+        sums.batches += 1
+        mask = _four_d(mask)
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)     # GQA: key head of each query head
+        # As many heads as fit with at least 64 query rows, then as many rows as fit.
+        head_chunk = max(1, min(heads, self.chunk_elements // (batch * n_k * min(n_q, 64))))
+        row_chunk = max(1, self.chunk_elements // (batch * head_chunk * n_k))
+        cols = torch.arange(n_k, device=q.device)
+        pure_causal = mask is not None
+        for start in range(0, n_q, row_chunk):
+            rows = torch.arange(start, min(start + row_chunk, n_q), device=q.device)
+            d = offsets(rows, cols, n_q, n_k)
+            index = sums.indices(rows, cols, d)
+            if pure_causal:
+                pure_causal = _is_causal_mask(_select(mask, slice(None), slice(start, start + len(rows))), d)
+            for h0 in range(0, heads, head_chunk):
+                h = slice(h0, min(h0 + head_chunk, heads))
+                probs, valid = _probabilities(q[:, h, start:start + len(rows)], k[:, h],
+                                              _select(mask, h, slice(start, start + len(rows))), d, scale, causal)
+                sums.add(h, probs, valid, index)
+        if mask is not None:
+            self.mask_is_causal[node_name] = self.mask_is_causal.get(node_name, True) and pure_causal
+
+    def finish(self, causal_flags: dict[str, bool]) -> dict[str, AttentionStats]:
+        stats = {}
+        for node_name, site in self.sites.items():
+            mask_is_causal = self.mask_is_causal.get(node_name)
+            causal = causal_flags[node_name] or bool(mask_is_causal)
+            stats[site.name] = AttentionStats(
+                num_heads=site.num_heads, causal=causal, mask_is_causal=mask_is_causal,
+                profiles={key: sums.profile(causal) for key, sums in self.sums[node_name].items()})
+        return stats
+
+
+def _probabilities(q, k, mask, d, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities ``[B, h, rows, n_k]`` in fp32 (padding rows zeroed) and the
+    valid-row flags ``[B, h, rows]``."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    allowed = torch.ones_like(d, dtype=torch.bool)
+    if causal:
+        allowed = d >= 0
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.float()
+            allowed = allowed & (mask > MASKED_ADDITIVE)
+    valid = allowed.any(-1).expand(scores.shape[:-1])
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[..., None]
+    return probs, valid
+
+
+def profile_from_probabilities(probs: torch.Tensor, causal: bool, block: int) -> AttentionProfile:
+    """The profile of given attention probabilities ``[H, n_q, n_k]`` (rows summing to 1, or
+    0 for padding): for tests and for checking planted models."""
+    heads, n_q, n_k = probs.shape
+    sums = _ProfileSums(heads, n_q, n_k, block)
+    rows, cols = torch.arange(n_q), torch.arange(n_k)
+    valid = probs.sum(-1) > 0.5
+    sums.add(slice(None), probs[None].float(), valid[None], sums.indices(rows, cols, offsets(rows, cols, n_q, n_k)))
+    sums.batches = 1
+    return sums.profile(causal)
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholders for a call ``(args, kwargs)``, as the module's forward flattens them."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        return fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), info.in_spec)
+    return pytree.arg_tree_leaves(*args, **kwargs)
+
+
+class _CalibrationInterpreter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, recorder: _Recorder, progress):
+        super().__init__(gm)
+        self.recorder, self.progress = recorder, progress
+
+    def run_node(self, n: torch.fx.Node):
+        result = super().run_node(n)
+        if n.op == "call_function" and n.target == ATTENTION and n.name in self.recorder.sites:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.recorder.record(n.name, *args[:2], *args[3:6])
+            self.progress.update(1)
+        return result
+
+
+class Calibrate:
+    """Measure per-head attention statistics into ``ctx.attention_stats[site.name]``.
+
+    ``chunk_elements`` bounds the scores held at once (see the module docstring).
+    """
+
+    name = "calibrate"
+
+    def __init__(self, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        self.chunk_elements = chunk_elements
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+        sites = {site.node: site for site in ctx.plan.attention}
+        batches = ctx.calibration or [(ctx.example_args, ctx.example_kwargs)]
+        # Square tiles that divide both block sizes of the target, so they pool to either.
+        block = math.gcd(ctx.target.block_m, ctx.target.block_n)
+        recorder = _Recorder(sites, block, self.chunk_elements)
+        steps = len(batches) * len(sites)
+        with tqdm(total=steps, desc="sparsec calibrate", unit="site",
+                  disable=True if steps < PROGRESS_MIN_STEPS else None) as progress, torch.no_grad():
+            interpreter = _CalibrationInterpreter(gm, recorder, progress)
+            for args, kwargs in batches:
+                interpreter.run(*_flat_inputs(gm, args, kwargs), enable_io_processing=False)
+        ctx.attention_stats = recorder.finish({node: site.causal for node, site in sites.items()})
+        for site in ctx.plan.attention:
+            mask_is_causal = ctx.attention_stats[site.name].mask_is_causal
+            if mask_is_causal is not None:
+                site.extra["mask_is_causal"] = mask_is_causal
+        lengths = sorted({key for stats in ctx.attention_stats.values() for key in stats.profiles})
+        return PassResult(gm, False, {"batches": len(batches), "sites": len(sites),
+                                      "lengths": [list(key) for key in lengths],
+                                      "masks_causal": sum(bool(s.extra.get("mask_is_causal"))
+                                                          for s in ctx.plan.attention)})

@@ -1,0 +1,262 @@
+"""calibrate and classify_heads: statistics against brute force, and planted-pattern recovery."""
+import functools
+import math
+
+import pytest
+import torch
+
+from sparsec.pass_manager import CompileContext, PassManager
+from sparsec.passes.calibrate import Calibrate
+from sparsec.passes.canonicalize import Canonicalize
+from sparsec.passes.capture import capture
+from sparsec.passes.classify_heads import ClassifyHeads
+from sparsec.patterns import get_pattern
+from sparsec.patterns.fitting import offset_bucket
+from sparsec.plan import Plan
+from sparsec.targets import get_target
+from sparsec.testing import PlantedAttention, planted_attention_probs, planted_llama, planted_llama_inputs
+from sparsec.testing.planted import DEFAULT_PLANT
+
+
+class MaskedAttention(torch.nn.Module):
+    """One attention site with GQA, called directly, with an optional mask input."""
+
+    def __init__(self, dim=24, heads=4, kv_heads=2, head_dim=8, causal=True):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, head_dim, causal
+        self.q = torch.nn.Linear(dim, heads * head_dim)
+        self.k = torch.nn.Linear(dim, kv_heads * head_dim)
+        self.v = torch.nn.Linear(dim, kv_heads * head_dim)
+
+    def project(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2) * 3   # peakier than random init
+        k = self.k(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+        return q, k, self.v(x).view(b, n, self.kv_heads, -1).transpose(1, 2)
+
+    def forward(self, x, mask=None):
+        q, k, v = self.project(x)
+        y = torch.ops.sparsec.attention(q, k, v, mask, self.head_dim ** -0.5, self.causal)
+        return y.transpose(1, 2).flatten(2)
+
+
+# Statistics are summed in fp32 per chunk (then float64), so compare to 1e-6.
+close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6)
+
+
+def run_passes(model, example, calibration, passes, target="cpu", options=None):
+    gm, _record = capture(model, example, {})
+    ctx = CompileContext(plan=Plan(target=target), target=get_target(target), example_args=example,
+                         example_kwargs={}, calibration=[(batch, {}) for batch in calibration],
+                         options={"recall": 0.95, **(options or {})})
+    PassManager([Canonicalize(), *passes]).run(gm, ctx)
+    return ctx
+
+
+def brute_force_probs(model, x, mask):
+    """[B, H, n, n] probabilities by the reference semantics, padding rows zeroed."""
+    q, k, _v = model.project(x)
+    k = k.repeat_interleave(model.heads // model.kv_heads, 1)
+    scores = (q @ k.transpose(-1, -2)).double() * model.head_dim ** -0.5
+    n = x.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    if model.causal:
+        allowed = torch.ones(n, n).tril().bool()
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask
+    elif mask is not None:
+        scores = scores + mask
+        allowed = allowed & (mask > -1e4)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return probs * allowed.expand_as(probs).any(-1, keepdim=True)
+
+
+def padding_mask(batch, n, additive):
+    """Row b pads its last 3b tokens (keys and queries): bool or additive (finfo.min) form."""
+    keep = torch.ones(batch, n, dtype=torch.bool)
+    for b in range(batch):
+        keep[b, n - 3 * b:] = False
+    mask = (keep[:, None, :, None] & keep[:, None, None, :])
+    if additive:
+        return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+@pytest.mark.parametrize("batch,n,causal,mask_kind", [
+    (1, 37, True, None), (3, 29, False, "bool"), (2, 45, True, "additive"), (2, 64, False, None)])
+def test_statistics_match_brute_force(batch, n, causal, mask_kind):
+    torch.manual_seed(n)
+    model = MaskedAttention(causal=causal).eval()
+    x = torch.randn(batch, n, 24)
+    mask = None if mask_kind is None else padding_mask(batch, n, mask_kind == "additive")
+    example = (x,) if mask is None else (x, mask)
+    ctx = run_passes(model, example, [example], [Calibrate(chunk_elements=500)], target="a100")
+    stats = ctx.attention_stats[ctx.plan.attention[0].name]
+    profile = stats.profiles[(n, n)]
+
+    probs = brute_force_probs(model, x, mask)                     # [B, H, n, n]
+    rows = probs.sum(-1).gt(0.5).sum((0, 2)).double()             # valid rows per head
+    assert torch.equal(profile.rows, rows)
+    total = probs.sum(0) / rows[:, None, None]                     # [H, n, n], rows of mass 1
+    close(profile.column_mass, total.sum(1))
+    d = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    diagonal = torch.stack([total[:, d == offset].sum(-1) for offset in range(1 - n, n)], -1)
+    close(profile.diagonal_mass, diagonal)
+    block = 64                                                     # gcd of a100's 128 x 64
+    blocks = math.ceil(n / block)
+    padded = torch.nn.functional.pad(total, (0, blocks * block - n, 0, blocks * block - n))
+    close(profile.block_mass, padded.view(4, blocks, block, blocks, block).sum((2, 4)))
+    bucket = offset_bucket(d.abs())
+    by_bucket = torch.stack([(total * (bucket == b)).sum(1) for b in range(profile.column_offset_mass.shape[-1])], -1)
+    close(profile.column_offset_mass, by_bucket)
+    close(profile.column_mass.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_chunk_size_does_not_change_statistics():
+    torch.manual_seed(0)
+    model = MaskedAttention(causal=True).eval()
+    x = torch.randn(2, 70, 24)
+    results = [run_passes(model, (x,), [(x,)], [Calibrate(chunk_elements=chunk)]).attention_stats
+               for chunk in (1 << 22, 200)]
+    (name, small), = results[1].items()
+    for field in ("column_mass", "diagonal_mass", "block_mass", "column_offset_mass", "rows"):
+        close(getattr(results[0][name].profiles[(70, 70)], field),
+                                   getattr(small.profiles[(70, 70)], field))
+
+
+@pytest.mark.parametrize("mask_kind,expected", [("bool_causal", True), ("additive_causal", True),
+                                                ("padding", False), (None, None)])
+def test_mask_is_causal_detection(mask_kind, expected):
+    torch.manual_seed(1)
+    model = MaskedAttention(causal=False).eval()
+    x = torch.randn(2, 20, 24)
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    mask = {"bool_causal": causal,
+            "additive_causal": torch.zeros(20, 20).masked_fill(~causal, float("-inf")),
+            "padding": padding_mask(2, 20, additive=False), None: None}[mask_kind]
+    example = (x,) if mask is None else (x, mask)
+    ctx = run_passes(model, example, [example], [Calibrate()])
+    site = ctx.plan.attention[0]
+    stats = ctx.attention_stats[site.name]
+    assert stats.mask_is_causal is expected
+    assert site.extra.get("mask_is_causal") is expected
+    assert stats.causal is bool(expected)
+    assert all(profile.causal is bool(expected) for profile in stats.profiles.values())
+
+
+def test_calibration_lengths_get_separate_profiles():
+    torch.manual_seed(2)
+    model = MaskedAttention().eval()
+    example = (torch.randn(2, 16, 24),)
+    ctx = run_passes(model, example, [(torch.randn(1, 24, 24),), (torch.randn(2, 40, 24),),
+                                      (torch.randn(1, 40, 24),)], [Calibrate()])
+    stats = next(iter(ctx.attention_stats.values()))
+    assert sorted(stats.profiles) == [(24, 24), (40, 40)] and stats.lengths == [24, 40]
+    assert stats.profiles[(40, 40)].batches == 2
+    assert ctx.pass_stats["calibrate"]["lengths"] == [[24, 24], [40, 40]]
+    assert len(stats.head(3)) == 2 and stats.head(3)[0].column_mass.shape == (24,)
+
+
+# -- planted heads --
+
+PLANTED_LAYERS = [
+    [("window", {"window": 16}), ("sink_window", {"sink": 2, "window": 16}),
+     ("vertical_stripe", {"columns": [40, 100, 170, 300], "window": 8}),
+     ("multi_diagonal", {"period": 32, "width": 2}), ("block_topk", {"block": 64, "density": 0.3}),
+     ("dense", {})],
+    [("window", {"window": 48}), ("sink_window", {"sink": 1, "window": 8}),
+     ("vertical_stripe", {"columns": [0, 77, 250], "window": 24}),
+     ("multi_diagonal", {"period": 50, "width": 3}), ("block_topk", {"block": 64, "density": 0.5}),
+     ("window", {"window": 4})],
+]
+
+
+def _planted_mask(kind, params, n, causal):
+    """The planted head's intended mask, in the pattern library's terms."""
+    if kind == "block_topk":
+        return None
+    library = {key: ([value, 0] if isinstance(value, int) and key != "count" else value)
+               for key, value in params.items()}
+    if kind == "multi_diagonal":
+        library["count"] = 0
+    return get_pattern(kind).mask(library, n, n, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_planted_heads_have_their_pattern(causal):
+    model = PlantedAttention(PLANTED_LAYERS, causal=causal)
+    for layer, probs in zip(PLANTED_LAYERS, planted_attention_probs(model, 384)):
+        for (kind, params), head_probs in zip(layer, probs):
+            mask = _planted_mask(kind, params, 384, causal)
+            if kind == "dense":                        # uniform over the keys it may see
+                allowed = torch.ones(384, 384).tril() if causal else torch.ones(384, 384)
+                close(head_probs, (allowed / allowed.sum(-1, keepdim=True)).double())
+            elif mask is not None:
+                assert (head_probs * mask).sum() / 384 > 0.99, (kind, params)
+            if kind in ("sink_window", "vertical_stripe"):
+                columns = range(params["sink"]) if kind == "sink_window" else params["columns"]
+                special = head_probs[:, list(columns)].sum(1)[max(columns) + 1:].mean()
+                assert 0.3 < special < 0.7            # the special keys hold about half the mass
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_classification_recovers_planted_heads(causal):
+    torch.manual_seed(3)
+    model = PlantedAttention(PLANTED_LAYERS, causal=causal)
+    ctx = run_passes(model, (torch.randn(2, 64, 32),), [(torch.randn(1, 512, 32),)],
+                     [Calibrate(), ClassifyHeads()])
+    planted = [kind for layer in PLANTED_LAYERS for kind, _ in layer]
+    found = [head.pattern for site in ctx.plan.attention for head in site.heads]
+    assert sum(p == f for p, f in zip(planted, found)) >= 0.95 * len(planted), list(zip(planted, found))
+    stats = ctx.pass_stats["classify_heads"]
+    assert stats["heads_classified"] == 12 and stats["sparse_heads"] == 11 and stats["window"] == 3
+    for site in ctx.plan.attention:
+        assert sorted(h for g in site.groups for h in g.heads) == list(range(6))
+        assert all((site.heads[h].pattern, site.heads[h].params) == (g.pattern, g.params)
+                   for g in site.groups for h in g.heads)
+        for head in site.heads:
+            assert head.reason
+            assert len(head.candidates) == 8
+            assert all(0.0 <= c["recall"] <= 1.0 and 0.0 <= c["density"] <= 1.0 for c in head.candidates)
+            if head.pattern != "dense":
+                assert head.recall >= 0.95
+                assert head.density == min(c["density"] for c in head.candidates
+                                           if c["recall"] >= 0.95 and c["pattern"] == head.pattern)
+
+
+def test_classification_options():
+    torch.manual_seed(4)
+    model = PlantedAttention(PLANTED_LAYERS[:1], causal=True)
+    example, calibration = (torch.randn(2, 64, 32),), [(torch.randn(1, 256, 32),)]
+    strict = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()], options={"recall": 0.999})
+    assert strict.plan.recall_threshold == 0.999
+    assert all(h.recall >= 0.999 for h in strict.plan.attention[0].heads)
+    only_window = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()],
+                             options={"patterns": ["window"]})
+    assert {h.pattern for h in only_window.plan.attention[0].heads} <= {"window", "dense"}
+    no_gain = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()],
+                         options={"min_saving": 0.9999})
+    heads = no_gain.plan.attention[0].heads
+    assert all(h.pattern == "dense" for h in heads) and "saves less" in heads[0].reason
+
+
+def test_planted_llama_end_to_end():
+    """capture -> canonicalize -> calibrate -> classify on the Llama-style example model."""
+    plant = {layer: DEFAULT_PLANT[layer] for layer in (0, 1)}
+    model = planted_llama(layers=2, plant=plant, attention="sparsec")
+    ctx = run_passes(model, (planted_llama_inputs(2, 64),),
+                     [(planted_llama_inputs(1, 1024, seed=seed),) for seed in (1, 2)],
+                     [Calibrate(), ClassifyHeads()])
+    assert len(ctx.plan.attention) == 2
+    for layer, site in enumerate(ctx.plan.attention):
+        assert (site.num_heads, site.num_kv_heads, site.head_dim) == (8, 2, 64)
+        for head in site.heads:
+            kind, window = plant[layer].get(head.head, ("dense", None))
+            assert head.pattern == kind, (layer, head.head, head.pattern, head.reason)
+            if kind == "window":
+                assert 0.5 * window <= head.params["window"][0] <= 1.1 * window
+            if kind == "sink_window":
+                assert head.params["sink"][0] == 1                 # BOS
+            if kind == "vertical_stripe":
+                assert set(head.params["columns"]) <= {300, 700}    # the SEP positions below 1024

@@ -1,0 +1,228 @@
+"""Pattern families: pair counts, symbolic costs, recall from profiles, and fits."""
+import math
+
+import pytest
+import sympy
+import torch
+
+from sparsec.passes.calibrate import profile_from_probabilities
+from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, full_pairs
+
+STATIC_CASES = [
+    ("dense", {}),
+    ("skip", {}),
+    ("window", {"window": [5, 0]}),
+    ("window", {"window": [2, 0.05]}),
+    ("window", {"window": [500, 0]}),                       # wider than the sequence
+    ("sink_window", {"sink": [3, 0], "window": [4, 0]}),
+    ("sink_window", {"sink": [9, 0], "window": [2, 0]}),     # sink wider than the window
+    ("vertical_stripe", {"columns": [0, 5, 5, 17, 400], "window": [3, 0]}),
+    ("multi_diagonal", {"period": [6, 0], "width": [2, 0], "count": 0}),
+    ("multi_diagonal", {"period": [4, 0.05], "width": [1, 0], "count": 3}),
+    ("block_topk", {"block": 8, "grid": [5, 5], "blocks": [[3, 0], [4, 1], [2, 2], [1, 4]]}),
+]
+
+
+@pytest.mark.parametrize("n", [1, 7, 37, 130])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind,params", STATIC_CASES)
+def test_pairs_match_mask_count(kind, params, n, causal):
+    pattern = get_pattern(kind)
+    assert pattern.pairs(params, n, causal) == pattern.kept_pairs(params, n, n, causal)
+    assert 0.0 <= pattern.density(params, n, causal) <= 1.0
+
+
+@pytest.mark.parametrize("n", [9, 40, 130])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind,params", [  # token sizes (b = 0): elastic ones enter unrounded
+    case for case in STATIC_CASES if case[0] in ("dense", "skip", "window", "sink_window")
+    and all(not (isinstance(v, list) and v[1]) for v in case[1].values())]
+    + [("vertical_stripe", {"columns": [0, 3, 8], "window": [3, 0]})])
+def test_symbolic_pairs_are_exact_for_token_sizes(kind, params, n, causal):
+    pattern = get_pattern(kind)
+    expression = pattern.pairs_expr(params, causal)
+    assert expression.free_symbols <= {N}
+    assert float(expression.subs(N, n)) == pytest.approx(pattern.pairs(params, n, causal))
+
+
+@pytest.mark.parametrize("kind,params", [("multi_diagonal", {"period": [16, 0], "width": [2, 0], "count": 0}),
+                                         ("multi_diagonal", {"period": [16, 0], "width": [2, 0], "count": 4}),
+                                         ("block_topk", {"block": 16, "grid": [8, 8],
+                                                         "blocks": [[5, 0], [7, 2], [6, 1]]})])
+def test_approximate_symbolic_pairs_are_close(kind, params):
+    pattern = get_pattern(kind)
+    for n in (128, 512):
+        exact = pattern.pairs(params, n, True)
+        assert float(pattern.pairs_expr(params, True).subs(N, n)) == pytest.approx(exact, rel=0.1)
+
+
+def test_cost_is_flops_per_pair_and_dynamic_adds_estimation():
+    window = get_pattern("window")
+    params = {"window": [8, 0]}
+    assert sympy.simplify(window.cost_expr(params, True, 64) - 256 * window.pairs_expr(params, True)) == 0
+    slash = get_pattern("vertical_slash")
+    vs = {"vertical": [4, 0], "slash": [8, 0], "last_q": 32}
+    cost = slash.cost_expr(vs, True, 64)
+    assert float(cost.subs(N, 1000)) == 256 * 12 * 1000 + 2 * 64 * 32 * 1000
+    assert slash.pairs(vs, 1000, True) == 12 * 1000
+    assert slash.cost(vs, 1000, True, 64) == float(cost.subs(N, 1000))
+    stripes = {"columns": [3, 40], "window": [2, 0.01]}        # window rounds to 3 at n = 100
+    expected = 4 * 64 * get_pattern("vertical_stripe").pairs(stripes, 100, False)
+    assert get_pattern("vertical_stripe").cost(stripes, 100, False, 64) == expected
+
+
+@pytest.mark.parametrize("n_q,n_k", [(64, 64), (37, 37), (50, 70), (24, 64), (70, 50)])
+def test_block_topk_grid_layout_matches_generic_layout(n_q, n_k):
+    pattern = get_pattern("block_topk")
+    params = {"block": 8, "grid": [3, 4], "blocks": [[0, 3], [2, 1], [1, 1]]}
+    expected = pattern.block_layout(params, n_q, n_k, False, 8, 8)
+    assert torch.equal(pattern.grid_layout(params, n_q, n_k), expected)
+
+
+def test_fit_elastic():
+    assert fitting.fit_elastic([(512, 10)]) == Elastic(10.0, 0.0)
+    line = fitting.fit_elastic([(256, 16), (512, 24)])
+    assert (line.a, line.b) == (8.0, 0.03125)
+    covered = fitting.fit_elastic([(100, 5), (200, 9), (300, 12)])
+    assert all(covered.at(n) >= size for n, size in [(100, 5), (200, 9), (300, 12)])
+    assert fitting.fit_elastic([(100, 9), (200, 5)]).b == 0.0       # sizes never shrink with N
+
+
+# -- recall and fits on synthetic profiles --
+
+def _uniform_profile(kind, params, n, causal, block=16):
+    """A head attending uniformly inside the pattern's own mask."""
+    if kind == "vertical_slash":
+        columns, diagonals = (torch.tensor([[params[key]]]) for key in ("columns", "diagonals"))
+        mask = get_pattern(kind).dynamic_mask(columns, diagonals, n, n, causal)[0, 0]
+    else:
+        mask = get_pattern(kind).mask(params, n, n, causal)
+    mask = mask.double()
+    return profile_from_probabilities((mask / mask.sum(-1, keepdim=True))[None], causal, block).head(0)
+
+
+def _random_profile(n_q, n_k, causal, seed, block=16):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_q, n_k, generator=generator, dtype=torch.float64) * 3
+    d = torch.arange(n_q)[:, None] + (n_k - n_q) - torch.arange(n_k)[None, :]
+    scores = scores - 0.2 * d.abs()                      # some locality
+    if causal:
+        scores = scores.masked_fill(d < 0, float("-inf"))
+    return profile_from_probabilities(torch.softmax(scores, -1)[None], causal, block).head(0), torch.softmax(scores, -1)
+
+
+def _exact_recall(probs, mask):
+    return float((probs * mask).sum() / probs.shape[0])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_q,n_k", [(90, 90), (53, 53), (48, 96)])
+@pytest.mark.parametrize("kind,params", [
+    ("window", {"window": [7, 0]}),
+    ("multi_diagonal", {"period": [9, 0], "width": [2, 0], "count": 0}),
+    ("multi_diagonal", {"period": [9, 0], "width": [3, 0], "count": 2}),
+    ("block_topk", {"block": 16, "grid": [6, 6], "blocks": [[5, 0], [3, 1], [4, 4]]}),
+    ("sink_window", {"sink": [3, 0], "window": [8, 0]}),              # power-of-two window: exact
+    ("vertical_stripe", {"columns": [0, 11, 30], "window": [4, 0]}),
+])
+def test_recall_from_profile_is_exact(kind, params, n_q, n_k, causal):
+    profile, probs = _random_profile(n_q, n_k, causal, seed=n_q)
+    pattern = get_pattern(kind)
+    expected = _exact_recall(probs, pattern.mask(params, n_q, n_k, causal).double())
+    assert pattern.recall(profile, params) == pytest.approx(expected, abs=1e-6)   # fp32 sums
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind,params", [("sink_window", {"sink": [3, 0], "window": [11, 0]}),
+                                         ("vertical_stripe", {"columns": [0, 11, 30], "window": [6, 0]})])
+def test_estimated_recall_is_close(kind, params, causal):
+    profile, probs = _random_profile(120, 120, causal, seed=3)
+    pattern = get_pattern(kind)
+    expected = _exact_recall(probs, pattern.mask(params, 120, 120, causal).double())
+    assert pattern.recall(profile, params) == pytest.approx(expected, abs=0.01)
+
+
+PLANTED = [
+    ("window", {"window": [10, 0]}),
+    ("sink_window", {"sink": [4, 0], "window": [16, 0]}),
+    ("vertical_stripe", {"columns": [0, 50, 123, 200], "window": [8, 0]}),
+    ("multi_diagonal", {"period": [20, 0], "width": [3, 0], "count": 0}),
+    ("multi_diagonal", {"period": [25, 0], "width": [2, 0], "count": 3}),
+    ("vertical_slash", {"columns": [0, 37, 80], "diagonals": [0, 1, 2, 17, 40]}),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind,params", PLANTED)
+def test_fit_recovers_planted_parameters(kind, params, causal):
+    profile = _uniform_profile(kind, params, 300, causal)
+    fitted, recall = get_pattern(kind).fit([profile], 0.999)
+    assert recall >= 0.999
+    if kind == "vertical_slash":
+        assert fitted["vertical"] == [3.0, 0.0] and fitted["slash"] == [5.0, 0.0]
+    else:
+        assert fitted == params
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fit_recovers_planted_block_layout(causal):
+    params = {"block": 16, "grid": [19, 19], "blocks": [[5, 0], [7, 2], [10, 3], [18, 9], [12, 12]]}
+    profile = _uniform_profile("block_topk", params, 300, causal)
+    pattern = get_pattern("block_topk")
+    fitted, recall = pattern.fit([profile], 0.999)
+    assert recall >= 0.999
+    assert fitted["grid"] == [19, 19]
+    assert torch.equal(pattern.grid_layout(fitted, 300, 300), pattern.grid_layout(params, 300, 300))
+
+
+@pytest.mark.parametrize("kind,params", PLANTED[:-1])
+def test_fit_at_lower_recall_is_no_dearer(kind, params):
+    profile = _uniform_profile(kind, params, 300, True)
+    pattern = get_pattern(kind)
+    fitted, recall = pattern.fit([profile], 0.9)
+    assert 0.9 <= recall <= 1.0
+    assert pattern.pairs(fitted, 300, True) <= pattern.pairs(params, 300, True)
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("window", {"window": [8, 1 / 32]}),
+    ("sink_window", {"sink": [2, 0], "window": [8, 1 / 32]}),
+    ("multi_diagonal", {"period": [10, 1 / 32], "width": [2, 0], "count": 0}),
+])
+def test_elastic_fit_across_two_lengths(kind, params):
+    profiles = [_uniform_profile(kind, params, n, True) for n in (256, 512)]
+    fitted, recall = get_pattern(kind).fit(profiles, 0.999)
+    assert fitted == {**params, **({"sink": [2, 0.0]} if kind == "sink_window" else {})}
+    assert recall >= 0.999
+
+
+def test_fits_stay_in_bounds_on_random_heads():
+    profile, _probs = _random_profile(77, 77, True, seed=11)
+    for kind in ("window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk", "vertical_slash"):
+        params, recall = get_pattern(kind).fit([profile], 0.95)
+        assert 0.0 <= recall <= 1.0
+        assert recall >= 0.95 or kind in ("multi_diagonal",), (kind, recall)
+        assert 0.0 < get_pattern(kind).density(params, 77, True) <= 1.0
+
+
+def test_column_window_mass_is_exact_at_bucket_edges():
+    profile, probs = _random_profile(60, 60, False, seed=5)
+    columns = torch.tensor([0, 7, 59])
+    widths = torch.tensor([0, 1, 2, 4, 8, 16, 32, 64])
+    d = torch.arange(60)[:, None] - torch.arange(60)[None, :]
+    expected = torch.stack([((probs * (d.abs() < w))[:, columns]).sum(0) / 60 for w in widths.tolist()], -1)
+    torch.testing.assert_close(fitting.column_window_mass(profile, columns, widths), expected)
+
+
+def test_full_pairs():
+    assert full_pairs(10, True) == 55 and full_pairs(10, False) == 100
+    assert math.isclose(get_pattern("dense").density({}, 33, True), 1.0)
+
+
+def test_describe_lists_columns_and_blocks():
+    assert get_pattern("vertical_stripe").describe({"columns": [300, 700], "window": [31, 0]}) == \
+        "columns=[300, 700], window=31"
+    params = {"block": 64, "grid": [32, 32], "blocks": [[3, 1], [9, 2]]}
+    assert get_pattern("block_topk").describe(params) == "block=64, 2 of 32x32 blocks"
