@@ -168,16 +168,18 @@ def _probabilities(q, k, mask, d, scale: float, causal: bool) -> tuple[torch.Ten
     allowed = torch.ones_like(d, dtype=torch.bool)
     if causal:
         allowed = d >= 0
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
             allowed = allowed & mask
         else:
-            scores = scores + mask.float()
+            scores += mask.float()
             allowed = allowed & (mask > MASKED_ADDITIVE)
     valid = allowed.any(-1).expand(scores.shape[:-1])
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[..., None]
+    probs = torch.softmax(scores, dim=-1)
+    if not bool(valid.all()):       # padding rows: NaN (all -inf) or uniform (finfo.min) -> 0
+        probs = probs.nan_to_num(0.0) * valid[..., None]
     return probs, valid
 
 

@@ -75,16 +75,21 @@ class BlockTopk(Pattern):
         return stretched | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] <= hi[:, None]))
 
     def pairs(self, params, n, causal):
-        """Exact, per query row: the key blocks it keeps times their (causal) width."""
+        """Exact: at ``n_q = n_k`` the kept set is whole tiles (diagonal ones included), each
+        counted with the causal cut from prefix counts of the lower triangle."""
         block = int(params["block"])
-        rows = torch.arange(n)
-        row_blocks = self._stretched(params, n, n)[rows // block]            # [n, key blocks]
-        key_start = torch.arange(row_blocks.shape[1]) * block
-        kept = row_blocks | (key_start[None, :] == (rows // block * block)[:, None])
-        width = torch.clamp(n - key_start, max=block)[None, :]
+        kept = self._stretched(params, n, n)
+        kept |= torch.eye(*kept.shape, dtype=torch.bool)
+        edges = torch.clamp(torch.arange(kept.shape[0] + 1) * block, max=n)
         if causal:
-            width = torch.clamp(rows[:, None] - key_start[None, :] + 1, min=0).minimum(width)
-        return int((kept * width).sum())
+            # lower[r, c]: pairs (i, j) with i < r, j < c, j <= i.
+            r, c = edges[:, None], edges[None, :]
+            lower = torch.where(r <= c, r * (r + 1) // 2, c * (c + 1) // 2 + (r - c) * c)
+            tiles = lower[1:, 1:] - lower[:-1, 1:] - lower[1:, :-1] + lower[:-1, :-1]
+        else:
+            sizes = edges[1:] - edges[:-1]
+            tiles = sizes[:, None] * sizes[None, :]
+        return int(tiles[kept].sum())
 
     def pairs_expr(self, params, causal):
         """Approximate: the diagonal blocks grow linearly with ``N``, the stretched layout

@@ -25,7 +25,7 @@ import torch
 from .base import Elastic, Pattern
 
 # How many leading key columns sink fits consider (StreamingLLM keeps 4).
-SINK_COLUMNS = 16
+SINK_COLUMNS = 8
 
 
 @dataclass
@@ -168,13 +168,17 @@ def column_window_mass(profile: AttentionProfile, columns: torch.Tensor, widths:
     column's mass is taken as spread evenly over the offsets it has rows at.
     """
     columns, widths = columns.long(), widths.long()
-    lo, hi = bucket_bounds(profile.column_offset_mass.shape[-1])
-    c = columns[:, None, None]
-    below = feasible_offsets(profile, c, lo[None, :, None])
-    inside = feasible_offsets(profile, c, hi[None, :, None]) - below
-    upto = feasible_offsets(profile, c, torch.clamp(widths[None, None, :], lo[None, :, None], hi[None, :, None]))
-    fraction = (upto - below) / inside.clamp(min=1)
-    return (profile.column_offset_mass[columns][..., None] * fraction).sum(1)
+    mass = profile.column_offset_mass[columns]                             # [C, L]
+    buckets = mass.shape[-1]
+    below = torch.cat([mass.new_zeros(len(columns), 1), mass.cumsum(-1)], -1)   # buckets < b, [C, L + 1]
+    # Buckets below width's own bucket are inside the window; width's bucket is in part.
+    bucket = offset_bucket(widths).clamp(max=buckets)
+    lo, hi = bucket_bounds(buckets + 1)
+    c, lo, hi, w = columns[:, None], lo[bucket][None, :], hi[bucket][None, :], widths[None, :]
+    start = feasible_offsets(profile, c, lo)
+    fraction = (feasible_offsets(profile, c, w) - start) / (feasible_offsets(profile, c, hi) - start).clamp(min=1)
+    partial = torch.nn.functional.pad(mass, (0, 1))[:, bucket]              # 0 past the last bucket
+    return below[:, bucket] + partial * fraction
 
 
 def smallest_meeting(cumulative: torch.Tensor, target: float, start: int = 1) -> int:

@@ -20,8 +20,8 @@ import torch
 from . import fitting
 from .base import N, Elastic, Pattern, full_pairs, offsets, register
 
-# Most columns / diagonals a fit considers: at most a quarter of n_k each (more lines
-# cost about as much as dense causal attention), and at most MAX_LINES.
+# Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
+# bound the pattern holds half of the causal score matrix), and at most MAX_LINES.
 MAX_LINES = 1024
 
 
@@ -129,7 +129,7 @@ class VerticalSlash(Pattern):
         ``recall``; both counts made elastic."""
         vertical, slash = [], []
         for p in profiles:
-            lines = min(MAX_LINES, max(1, -(-p.n_k // 4)))
+            lines = min(MAX_LINES, max(1, -(-p.n_k // 8)))
             table = self._recall_table(p, lines, lines)
             meets = table >= recall - 1e-12
             lines = torch.arange(table.shape[0])[:, None] + torch.arange(table.shape[1])[None, :]
