@@ -220,7 +220,9 @@ class _CalibrationInterpreter(torch.fx.Interpreter):
 class Calibrate:
     """Measure per-head attention statistics into ``ctx.attention_stats[site.name]``.
 
-    ``chunk_elements`` bounds the scores held at once (see the module docstring).
+    ``chunk_elements`` bounds the scores held at once (see the module docstring). Runs on
+    ``ctx.calibration`` (the example inputs when empty), with a tqdm progress bar over
+    (batch, site) steps when there are at least ``PROGRESS_MIN_STEPS`` of them.
     """
 
     name = "calibrate"
