@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class GatherPlan:
     block: int
     index: torch.Tensor        # [query blocks, kept] key block ids, padding slots included
     mask_bias: torch.Tensor    # [Bm, Hm, query blocks, block, kept * block]: 0 kept, -inf not
+    counts: torch.Tensor       # [query blocks]: kept key blocks of each (its first index slots)
     key_blocks: int            # key blocks at this length
 
     @property
@@ -80,7 +82,8 @@ def gather_plan(mask: torch.Tensor, block: int) -> GatherPlan:
     index = torch.argsort((~layout).to(torch.int8), dim=1, stable=True)[:, :kept]
     valid = torch.arange(kept)[None, :] < counts[:, None]            # [nbq, kept]
     keep = gather_blocks(mask, index, block) & valid.repeat_interleave(block, dim=1)[:, None, :]
-    return GatherPlan(block, index, torch.zeros(keep.shape).masked_fill_(~keep, float("-inf")), nbk)
+    mask_bias = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
+    return GatherPlan(block, index, mask_bias, counts.clamp(min=1), nbk)
 
 
 def _static_mask(kind: str, params: dict, n_q: int, n_k: int, causal: bool) -> torch.Tensor:
@@ -104,12 +107,19 @@ def _per_kv(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.reshape(a, num_kv_heads, heads // num_kv_heads, *rest).transpose(2, 3)
 
 
-def block_sparse_attention(q, k, v, bias, scale: float, plan: GatherPlan) -> torch.Tensor:
+@functools.lru_cache(maxsize=4)
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="sparsec-attention")
+
+
+def block_sparse_attention(q, k, v, bias, scale: float, plan: GatherPlan, workers: int = 1) -> torch.Tensor:
     """Attention over the plan's gathered key blocks, fp32 inside, ``q``'s dtype out.
 
     ``q`` ``[B, Hq, Nq, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (GQA: gathered K/V blocks are
     shared by a key/value head's query heads), ``bias`` additive, broadcastable to
-    ``[B, Hq, Nq, Nk]`` and rank 4, or None.
+    ``[B, Hq, Nq, Nk]`` and rank 4, or None. Chunks of query blocks run on ``workers``
+    threads, each with one torch thread (threads that sleep when idle, where an OpenMP
+    team spins and starves the onnxruntime ops around this one).
     """
     batch, num_heads, n_q, head_dim = q.shape
     num_kv_heads, n_k = k.shape[1], k.shape[2]
@@ -127,30 +137,45 @@ def block_sparse_attention(q, k, v, bias, scale: float, plan: GatherPlan) -> tor
     mask_blocks = _per_kv(plan.mask_bias, num_kv_heads)
     out = torch.empty(batch, num_kv_heads, nbq, per_kv, block, v.shape[-1], dtype=torch.float32)
     step = max(1, _CHUNK_ELEMENTS // (batch * num_heads * block * kept * block))
-    for start in range(0, nbq, step):
+
+    def attend_chunk(start: int) -> None:
         blocks = slice(start, min(start + step, nbq))
+        # Causal rows keep more blocks further down: gather only this chunk's most.
+        chunk_kept = int(plan.counts[blocks].max())
+        index = plan.index[blocks, :chunk_kept]
+        keys = slice(0, chunk_kept * block)
         # -- gather the kept key / value blocks of these query blocks --
-        index = plan.index[blocks]
         k_kept = kb[:, :, index].flatten(3, 4)                       # [B, Hkv, c, kept*block, D]
         v_kept = vb[:, :, index].flatten(3, 4)
         # -- compute qk, masked in place --
         scores = qb[:, :, blocks].flatten(3, 4) @ k_kept.transpose(-1, -2)
         scores = scores.unflatten(3, (per_kv, block))               # [B, Hkv, c, g, block, K]
         if bias_blocks is not None:
-            scores += bias_blocks[:, :, blocks]
-        scores += mask_blocks[:, :, blocks]
+            scores += bias_blocks[:, :, blocks, :, :, keys]
+        scores += mask_blocks[:, :, blocks, :, :, keys]
         probs = torch.softmax(scores, dim=-1)
         if bias_blocks is not None:
             probs.nan_to_num_(0.0)        # rows the user mask empties give 0, not NaN
         # -- multiply with v --
         out[:, :, blocks] = (probs.flatten(3, 4) @ v_kept).unflatten(3, (per_kv, block))
+
+    def attend_chunk_in_worker(start: int) -> None:
+        torch.set_num_threads(1)
+        attend_chunk(start)
+
+    starts = range(0, nbq, step)
+    if workers > 1 and len(starts) > 1:
+        list(_worker_pool(workers).map(attend_chunk_in_worker, starts))
+    else:
+        for start in starts:
+            attend_chunk(start)
     # epilogue: back to [B, Hq, Nq, Dv]; padded query rows (NaN without a kept key) dropped
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, num_heads, nbq * block, v.shape[-1])
     return out[:, :, :n_q].to(q.dtype)
 
 
 def group_attention(q, k, v, bias, scale: float, causal: bool, pattern: str, params: dict,
-                    block: int) -> torch.Tensor:
+                    block: int, workers: int = 1) -> torch.Tensor:
     """One head group's attention: block-sparse for sparse patterns, SDPA for ``dense``."""
     if pattern == "skip":
         return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
@@ -170,4 +195,4 @@ def group_attention(q, k, v, bias, scale: float, causal: bool, pattern: str, par
         plan = gather_plan(family.dynamic_mask(columns, diagonals, n_q, n_k, causal), block)
     else:
         plan = static_plan(pattern, json.dumps(params, sort_keys=True), n_q, n_k, causal, block)
-    return block_sparse_attention(q, k, v, bias, scale, plan)
+    return block_sparse_attention(q, k, v, bias, scale, plan, workers)

@@ -47,15 +47,15 @@ def sparsec_op_version(model: onnx.ModelProto) -> int | None:
 
 
 def _sparse_attention(q, k, v, attn_bias, layout, pattern, params, scale, causal):
-    torch_threads, op_threads = torch.get_num_threads(), config.ort_op_threads()
+    torch_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(op_threads or torch_threads)
+        torch.set_num_threads(1)      # parallel work runs on the kernel's own workers
         params = json.loads(params)
         if layout.size:
             params["blocks"] = np.argwhere(layout).tolist()
         bias = torch.from_numpy(attn_bias) if attn_bias.size else None
-        out = group_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), bias,
-                              scale, bool(causal), pattern, params, config.ort_block())
+        out = group_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), bias, scale,
+                              bool(causal), pattern, params, config.ort_block(), config.ort_op_threads())
         return out.numpy()
     except Exception as error:  # noqa: BLE001 — re-raised by SparsecSession.run
         # An exception escaping a Python op aborts the process (onnxruntime-extensions'

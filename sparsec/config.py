@@ -8,9 +8,9 @@
                             measured cost table decides (auto), or force the sparse kernel
                             wherever the structure has one, or cuBLAS on the dense weight.
 - ``SPARSEC_ORT_BLOCK=64``  block size of the onnxruntime ``SparseAttention`` kernel.
-- ``SPARSEC_ORT_OP_THREADS=1``  torch threads of that kernel (0: torch's setting). One by
-                            default: torch's OpenMP pool and onnxruntime's own thread pool
-                            otherwise fight over the cores between ops.
+- ``SPARSEC_ORT_OP_THREADS=n``  worker threads of that kernel (default: the CPU count).
+                            Each runs torch with one thread: an OpenMP team would spin
+                            between ops and starve onnxruntime's own thread pool.
 - ``TRITON_INTERPRET=1``    (Triton's own) run Triton kernels on the CPU interpreter.
 """
 from __future__ import annotations
@@ -53,9 +53,9 @@ def ort_block() -> int:
 
 
 def ort_op_threads() -> int:
-    threads = _int("SPARSEC_ORT_OP_THREADS", 1)
-    if threads < 0:
-        raise ValueError(f"SPARSEC_ORT_OP_THREADS={threads}; set it to 0 (torch's setting) or a thread count")
+    threads = _int("SPARSEC_ORT_OP_THREADS", os.cpu_count() or 1)
+    if threads < 1:
+        raise ValueError(f"SPARSEC_ORT_OP_THREADS={threads}; set it to a positive thread count")
     return threads
 
 

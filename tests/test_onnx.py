@@ -66,7 +66,10 @@ def _run(session, *args, **kwargs) -> np.ndarray:
 @pytest.mark.parametrize("pattern,params", PATTERNS, ids=[p for p, _ in PATTERNS])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n,bias_kind", [(37, None), (64, "padding"), (45, "per_head")])
-def test_block_sparse_kernel_matches_reference(pattern, params, causal, n, bias_kind):
+def test_block_sparse_kernel_matches_reference(pattern, params, causal, n, bias_kind, monkeypatch):
+    # Small chunks: several chunks of query blocks, each gathering its own most kept
+    # blocks, spread over two worker threads.
+    monkeypatch.setattr(block_sparse, "_CHUNK_ELEMENTS", 2048)
     torch.manual_seed(n)
     batch, heads, kv_heads, dim = 2, 4, 2, 8
     q = torch.randn(batch, heads, n, dim)
@@ -77,14 +80,16 @@ def test_block_sparse_kernel_matches_reference(pattern, params, causal, n, bias_
     elif bias_kind == "per_head" and not (pattern == "dense" and causal):   # SDPA: mask or causal
         bias = torch.randn(batch, heads, n, n)
     expected = reference.sparse_attention(q, k, v, bias, 0.3, causal, [HeadGroup(pattern, params, list(range(heads)))])
-    got = block_sparse.group_attention(q, k, v, bias, 0.3, causal, pattern, params, block=16)
+    got = block_sparse.group_attention(q, k, v, bias, 0.3, causal, pattern, params, block=8, workers=2)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gather_plan_computes_only_kept_blocks():
     plan = block_sparse.static_plan("window", json.dumps({"window": [8, 0]}), 256, 256, True, 16)
-    # A causal 8-wide window touches at most 2 of the 16 key blocks of any query block.
+    # A causal 8-wide window touches at most 2 of the 16 key blocks of any query block
+    # (only the first query block, at the sequence start, touches one).
     assert plan.index.shape == (16, 2)
+    assert plan.counts.tolist() == [1] + [2] * 15
     assert plan.gathered_fraction == pytest.approx(2 / 16)
 
 
