@@ -22,10 +22,11 @@ def default_passes() -> list:
     from sparsec.passes.calibrate import Calibrate
     from sparsec.passes.canonicalize import Canonicalize
     from sparsec.passes.classify_heads import ClassifyHeads
+    from sparsec.passes.fold_causal_mask import FoldCausalMask
     from sparsec.passes.fuse_heads import FuseHeads
     from sparsec.passes.lower import Lower
 
-    return [Canonicalize(), Calibrate(), ClassifyHeads(), FuseHeads(), Lower()]
+    return [Canonicalize(), Calibrate(), FoldCausalMask(), ClassifyHeads(), FuseHeads(), Lower()]
 
 
 def budget_passes(budget) -> list:

@@ -118,16 +118,19 @@ class Plan:
         """
         lines = [f"sparsec plan v{self.version}, target {self.target}, "
                  f"recall threshold {self.recall_threshold}"]
-        header = f"{'layer':>5} {'site':<28} {'head':>4}  {'pattern':<16} {'params':<34} {'recall':>7} {'density':>8}"
+        described = {(site.name, head.head): get_pattern(head.pattern).describe(head.params)
+                     for site in self.attention for head in site.heads}
+        width = max([len("params"), *map(len, described.values())])
+        header = (f"{'layer':>5} {'site':<28} {'head':>4}  {'pattern':<16} {'params':<{width}} "
+                  f"{'recall':>7} {'density':>8}")
         lines.append(header)
         lines.append("-" * len(header))
         for site in self.attention:
             for head in site.heads:
-                params = get_pattern(head.pattern).describe(head.params)
                 recall = "-" if head.recall is None else f"{head.recall:.3f}"
                 density = "-" if head.density is None else f"{head.density:.3f}"
-                lines.append(f"{site.layer:>5} {site.name[-28:]:<28} {head.head:>4}  "
-                             f"{head.pattern:<16} {params[:34]:<34} {recall:>7} {density:>8}")
+                lines.append(f"{site.layer:>5} {site.name[-28:]:<28} {head.head:>4}  {head.pattern:<16} "
+                             f"{described[site.name, head.head]:<{width}} {recall:>7} {density:>8}")
             if site.groups:
                 shown = "; ".join(f"{g.pattern}:{g.heads}" for g in site.groups)
                 lines.append(f"{'':>5} groups: {shown}")
