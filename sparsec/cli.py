@@ -23,11 +23,14 @@ def _add_plan(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="sparsity compiler for PyTorch transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_plan(subparsers)
     from sparsec.bisect import add_parser as add_bisect
+    from sparsec.codegen.onnx.cli import add_parser as add_onnx
     from sparsec.inspect import add_parser as add_inspect
+
+    _add_plan(subparsers)
     add_inspect(subparsers)
     add_bisect(subparsers)
+    add_onnx(subparsers)
     return parser
 
 

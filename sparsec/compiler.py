@@ -110,6 +110,15 @@ class CompiledModel:
 
         return write_report(self.plan, self.attention_stats, path)
 
+    def export_onnx(self, path: "str | Path", mode: str = "custom", opset: int | None = None,
+                    dynamic_length: bool = True) -> Path:
+        """Export to ONNX: ``custom`` keeps sparse attention as ``ai.sparsec`` ops (run with
+        ``sparsec.runtime.ort_session``), ``decomposed`` uses standard ONNX ops only."""
+        from sparsec.codegen.onnx import export_onnx
+
+        return export_onnx(self.graph_module, self.example_args, self.example_kwargs, self.plan, path,
+                           mode=mode, opset=opset, dynamic_length=dynamic_length)
+
     def save(self, directory: "str | Path") -> Path:
         """Save the program, plan and kernel sources; ``sparsec.load(directory)`` restores it."""
         from sparsec.passes.capture import export_program
