@@ -33,6 +33,7 @@ KNOWN_OP_VERSIONS = (OP_VERSION,)
 _PYOP_DOMAIN = "ai.onnx.contrib"
 _PYOP_TYPE = "SparsecSparseAttention"
 _NO_BIAS, _NO_LAYOUT = "sparsec_no_attn_bias", "sparsec_no_layout"
+_ALLOW_SPINNING = "session.intra_op.allow_spinning"
 _registered = False
 # Errors raised inside the Python op during the current run (see SparsecSession.run).
 _op_errors: list[Exception] = []
@@ -152,9 +153,16 @@ def ort_session(path: "str | Path", providers: list | None = None, **session_opt
 
     ``session_options`` set attributes of ``onnxruntime.SessionOptions``
     (e.g. ``intra_op_num_threads=2``); names with a dot are session config entries
-    (e.g. ``**{"session.intra_op.allow_spinning": "1"}``). Raises ``ArtifactVersionError``
-    when the model uses a sparsec op version this sparsec does not run.
+    (e.g. ``**{"session.intra_op.allow_spinning": "1"}``; for models with sparsec ops it
+    defaults to "0"). Raises ``ArtifactVersionError`` when the model uses a sparsec op
+    version this sparsec does not run.
     """
+    model = onnx.load(str(path))
+    uses_sparsec = sparsec_op_version(model) is not None
+    if uses_sparsec:
+        # The op's worker threads share the cores with onnxruntime's pool, whose threads
+        # would otherwise spin between ops and take their time slices.
+        session_options = {_ALLOW_SPINNING: "0", **session_options}
     options = ort.SessionOptions()
     for name, value in session_options.items():
         if "." in name:
@@ -162,8 +170,7 @@ def ort_session(path: "str | Path", providers: list | None = None, **session_opt
         else:
             setattr(options, name, value)
     providers = providers or ["CPUExecutionProvider"]
-    model = onnx.load(str(path))
-    if sparsec_op_version(model) is None:
+    if not uses_sparsec:
         return ort.InferenceSession(str(path), options, providers=providers)
     bound = bind_python_ops(model)
     options.register_custom_ops_library(register_python_ops())
