@@ -5,8 +5,6 @@ decomposed; the checker passes; a custom-op model fails cleanly without sparsec'
 registration, and an unknown sparsec op version is rejected with a typed error."""
 from __future__ import annotations
 
-import argparse
-import itertools
 import json
 
 import numpy as np
@@ -17,9 +15,9 @@ import torch
 from torch import nn
 
 import sparsec
+from sparsec import cli
 from models import build_bert, build_llama_gqa, build_vit, bert_inputs, llama_inputs, vit_inputs
 from sparsec.codegen.onnx import export_onnx
-from sparsec.codegen.onnx import cli as onnx_cli
 from sparsec.codegen.onnx.schema import DOMAIN, SPARSE_ATTENTION
 from sparsec.errors import ArtifactVersionError, UnservableInputError
 from sparsec.pass_manager import PassResult
@@ -289,9 +287,7 @@ def test_hf_model_onnx_matches_compiled(name, tmp_path):
     builder, inputs, calls = HF_MODELS[name]
     model, example = builder()
     compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns(HF_PATTERNS), Lower()])
-    paths = {mode: export_onnx(compiled.graph_module, compiled.example_args, compiled.example_kwargs,
-                               compiled.plan, tmp_path / f"{mode}.onnx", mode=mode)
-             for mode in ("custom", "decomposed")}
+    paths = {mode: compiled.export_onnx(tmp_path / f"{mode}.onnx", mode=mode) for mode in ("custom", "decomposed")}
     sessions = {mode: ort_session(path) for mode, path in paths.items()}
     for batch, seq in calls:
         call = inputs(batch, seq)
@@ -313,21 +309,16 @@ def test_cli_export_and_run_onnx(tmp_path, capsys):
     planted = {head: (g.pattern, g.params) for g in GROUPS for head in g.heads}
     compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns(planted), Lower()])
     compiled.save(tmp_path / "artifact")
-    parser = argparse.ArgumentParser()
-    onnx_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", str(tmp_path / "artifact"), str(tmp_path / "m.onnx")])
-    assert args.handler(args) == 0
+    assert cli.main(["export", str(tmp_path / "artifact"), str(tmp_path / "m.onnx")]) == 0
     x, padding = _padded(1, 40)
     np.savez(tmp_path / "in.npz", x=x.numpy(), padding=padding.numpy())
-    args = parser.parse_args(["run-onnx", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"),
-                              "--output", str(tmp_path / "out.npz"), "--repeat", "2"])
-    assert args.handler(args) == 0
+    assert cli.main(["run-onnx", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"),
+                     "--output", str(tmp_path / "out.npz"), "--repeat", "2"]) == 0
     with np.load(tmp_path / "out.npz") as out, torch.no_grad():
         np.testing.assert_allclose(out[out.files[0]], compiled(x, padding).numpy(), **TOL)
     capsys.readouterr()
     # Synthetic inputs: the example's shapes, the sequence dimensions set to 33.
     inputs = onnx.load(tmp_path / "m.onnx").graph.input
     dims = [f"{i.type.tensor_type.shape.dim[1].dim_param}=33" for i in inputs]
-    args = parser.parse_args(["run-onnx", str(tmp_path / "m.onnx"), "--dim", dims[0], "--dim", dims[1]])
-    assert args.handler(args) == 0
+    assert cli.main(["run-onnx", str(tmp_path / "m.onnx"), "--dim", dims[0], "--dim", dims[1]]) == 0
     assert "float32[2, 10, 33, 8]" in capsys.readouterr().out
