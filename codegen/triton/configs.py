@@ -1,0 +1,63 @@
+"""Kernel configs (block sizes, warps, pipeline stages) per target architecture.
+
+Each architecture lists a few candidates, the default first; the runtime times them on
+first use per shape bucket (a bounded autotune) and caches the choice on disk. A target
+profile can replace the list through ``Target.kernel_configs["attention"]`` (a list of
+``{"block_m", "block_n", "num_warps", "num_stages"}``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from sparsec.targets import Target
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int          # query rows per program
+    block_n: int          # keys per inner step
+    num_warps: int
+    num_stages: int       # software-pipelining depth of the key loop
+    tma: bool = False     # K/V key blocks through tensor descriptors (Hopper's bulk copy engine)
+
+    @property
+    def tag(self) -> str:
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}" + ("tma" if self.tma else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Hopper: 128-row query tiles on 8 warps feed wgmma best; 64-key steps waste less work on
+# the ragged edges of sparse patterns than 128; short bands (few key blocks per query
+# block) prefer 64-row tiles. Ampere: 4 warps, as FlashAttention-2; no TMA there.
+_HALF = {
+    "sm90": (KernelConfig(64, 64, 4, 3, True), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3)),
+    "sm80": (KernelConfig(128, 64, 4, 3), KernelConfig(128, 32, 4, 3), KernelConfig(64, 64, 4, 3)),
+    # The Triton interpreter (CPU): small tiles keep the numpy work per program small;
+    # TMA on, so the tests walk the descriptor path too (where the head dim allows it).
+    "cpu": (KernelConfig(16, 16, 4, 1, True),),
+}
+# fp32 tiles are twice the bytes; wide head dims (padded past 128) likewise need smaller tiles.
+_WIDE = {
+    "sm90": (KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2)),
+    "sm80": (KernelConfig(64, 32, 4, 2),),
+    "cpu": (KernelConfig(16, 16, 4, 1),),
+}
+
+
+def arch_key(arch: str) -> str:
+    """Map a concrete arch (``sm89``, ``sm90``, ``sm100``...) to a config family."""
+    if arch == "cpu":
+        return "cpu"
+    major = int(arch[2:]) // 10
+    return "sm90" if major >= 9 else "sm80"
+
+
+def candidate_configs(arch: str, dtype_name: str, padded_head_dim: int,
+                      target: Target | None = None) -> tuple[KernelConfig, ...]:
+    """Configs worth timing for this arch, dtype and (padded) head dim; the default first."""
+    if target is not None and target.kernel_configs.get("attention"):
+        return tuple(KernelConfig(**c) for c in target.kernel_configs["attention"])
+    wide = dtype_name == "float32" or padded_head_dim > 128
+    return (_WIDE if wide else _HALF)[arch_key(arch)]

@@ -1,0 +1,117 @@
+"""Device code shared by sparsec's attention templates.
+
+The generator copies these functions into every generated kernel file, so each file is
+self-contained. They follow Triton's 06-fused-attention tutorial: scores in the log2
+domain (the softmax scale is folded with log2(e)), an online softmax with fp32 running
+max ``m_i`` and sum ``l_i``, and an fp32 accumulator.
+
+One key tile is either *full* (every pair kept, every key in range: no masking at all) or
+*masked* (the template passes the pattern's ``keep`` matrix, and K/V loads are guarded).
+A query row with no kept key keeps ``m_i = -inf`` and ``l_i = 0`` and is written as 0.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn, cols, col_ok,
+                 rows, row_ok, keep, M, stride_mm, stride_mn, qk_scale,
+                 MASKED: tl.constexpr, MASK_KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_PAD: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr):
+    """Fold the key tile ``cols`` into the running softmax of the query tile ``rows``.
+
+    ``cols`` are key positions (contiguous for a key block, gathered for columns);
+    ``keep`` is the ``[BLOCK_M, BLOCK_N]`` pattern mask, read only when ``MASKED``.
+    ``TMA``: K and V come through the tensor descriptors (Hopper's bulk copy engine) as
+    the ``BLOCK_N`` rows from ``kv_row`` of their ``[B * Hkv * n_k, D]`` view; rows past
+    this head's keys belong to the next head (or are zero-filled) and are cut by ``keep``.
+    ``MASK_KIND``: 0 no user mask, 1 boolean (nonzero = attend), 2 additive.
+    ``FP32_DOT``: both products in fp32 (exact ``ieee``), for fp32 inputs; p is still
+    rounded to the input dtype first, as on the fast path.
+    """
+    offs_d = tl.arange(0, D_PAD)
+    k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
+    # -- load K (V is loaded after the scores, as in the tutorial) --
+    if TMA:
+        k = K_desc.load([kv_row.to(tl.int32), 0])
+    elif MASKED:
+        kv_ok = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+    elif D_PAD != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    # -- compute qk --
+    if FP32_DOT:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale
+    if MASK_KIND != 0:
+        m_ptrs = M + rows[:, None].to(tl.int64) * stride_mm + cols[None, :].to(tl.int64) * stride_mn
+        m_ok = row_ok[:, None] & col_ok[None, :]
+        if MASK_KIND == 1:
+            user = tl.load(m_ptrs, mask=m_ok, other=0)
+            qk = tl.where(user != 0, qk, float("-inf"))
+        else:
+            qk += tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        qk = tl.where(keep, qk, float("-inf"))
+    # -- online softmax update (rows with nothing kept yet stay at m = -inf, p = 0) --
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # -- accumulate p @ v --
+    if TMA:
+        v = V_desc.load([kv_row.to(tl.int32), 0])
+    elif MASKED:
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+    elif D_PAD != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if FP32_DOT:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _head_of_program(Heads, num_group_heads, per_kv):
+    """(batch, query head, kv head, slot in the group) of this program.
+
+    Axis 0 walks (batch, group head), so programs of one query block over heads that
+    share a kv head (GQA) run together and read the same K/V tiles from L2. Axis 1
+    walks query blocks last to first: under a causal cut the late blocks are the
+    longest, and starting them first evens out the tail.
+    """
+    pid = tl.program_id(0)
+    batch = pid // num_group_heads
+    slot = pid % num_group_heads
+    head = tl.load(Heads + slot)
+    return batch, head, head // per_kv, slot
+
+
+@triton.jit
+def _load_query_tile(Q, stride_qn, qb, n_q, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     D_PAD: tl.constexpr):
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_q
+    offs_d = tl.arange(0, D_PAD)
+    q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    return q, rows, row_ok
+
+
+@triton.jit
+def _store_output(acc, l_i, O, stride_on, rows, row_ok, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Epilogue: normalise by the softmax sum; rows with no kept key are written as 0."""
+    offs_d = tl.arange(0, D_PAD)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = O + rows[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

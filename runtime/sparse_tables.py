@@ -1,0 +1,179 @@
+"""Host-side arguments and tables of the generated attention kernels, built with torch on the
+kernel's device.
+
+- :func:`index_arguments`: the sizes of an index-arithmetic family at a length (elastic
+  sizes resolved at ``N = n_k``), and the stripe column list and bitmap;
+- :func:`block_topk_tables`: a ``block_topk`` layout's lookup table per length, built once
+  and cached;
+- :func:`vertical_slash_tables`: per input, the block table and column lists of the
+  estimated columns and diagonals (the index build of MInference's vertical-slash kernel).
+
+Tables list key blocks per query block, *full* blocks (every pair of the tile kept, every
+key in range) before *partial* ones, with ``counts[..., :] = (n_full, n_blocks, n_columns)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from sparsec.patterns import Elastic, get_pattern
+
+_MASK_CHUNK = 1 << 24          # token-mask elements evaluated at once when classifying tiles
+
+
+@dataclass
+class IndexArguments:
+    sink: int
+    window: int
+    period: int
+    width: int
+    count: int
+    bias: int                  # a multiple of period that makes every divided number non-negative
+    n_columns: int
+    columns: torch.Tensor      # int32 stripe columns < n_k, sorted (at least one element)
+    colmap: torch.Tensor       # int8 [n_k], 1 at stripe columns
+
+    def scalars(self) -> tuple[int, ...]:
+        return (self.sink, self.window, self.period, self.width, self.count, self.bias, self.n_columns)
+
+
+@lru_cache(maxsize=256)
+def index_arguments(pattern: str, params_json: str, n_q: int, n_k: int, device: torch.device) -> IndexArguments:
+    """Runtime arguments of the index-arithmetic template for one pattern at one length."""
+    params = json.loads(params_json)
+
+    def size(name: str, default=1) -> int:
+        return Elastic.from_json(params[name]).at(n_k) if name in params else default
+
+    period = size("period", 1)
+    width = size("width", 1)
+    columns = sorted({int(c) for c in params.get("columns", []) if 0 <= int(c) < n_k})
+    column_tensor = torch.tensor(columns or [0], dtype=torch.int32, device=device)
+    colmap = torch.zeros(max(n_k, 1), dtype=torch.int8, device=device)
+    colmap[torch.tensor(columns, dtype=torch.long, device=device)] = 1
+    bias = period * math.ceil((2 * (n_q + n_k) + width + 1024) / period)
+    return IndexArguments(sink=size("sink", 0), window=size("window", 1), period=period, width=width,
+                          count=int(params.get("count", 0)), bias=bias, n_columns=len(columns),
+                          columns=column_tensor, colmap=colmap)
+
+
+def _compact(values: torch.Tensor, first: torch.Tensor, second: torch.Tensor):
+    """Along the last dim, ``values`` where ``first``, then where ``second``, order kept.
+
+    Returns the int32 table (same width, tail unspecified), the count of ``first`` and the
+    total count. Scatter by prefix sums: linear work, no sort, no host sync.
+    """
+    width = first.shape[-1]
+    second = second & ~first
+    n_first = first.sum(-1, dtype=torch.int32)
+    position = torch.where(first, first.cumsum(-1) - 1, n_first[..., None] + second.cumsum(-1) - 1)
+    position = torch.where(first | second, position, width)           # the rest goes to a spill slot
+    table = torch.zeros(*first.shape[:-1], width + 1, dtype=torch.int32, device=first.device)
+    table.scatter_(-1, position, values.to(torch.int32).expand(first.shape))
+    return table[..., :width], n_first, n_first + second.sum(-1, dtype=torch.int32)
+
+
+@dataclass
+class LutTables:
+    lut: torch.Tensor          # int32 [..., n_query_blocks, n_key_blocks]
+    counts: torch.Tensor       # int32 [..., n_query_blocks, 3]
+    columns: torch.Tensor      # int32 [..., n_query_blocks, n_columns] (or a 1-element dummy)
+    layout: torch.Tensor       # int8 calibration layout (block_topk) or a 1-element dummy
+    colmap: torch.Tensor       # int8 [..., n_k] (vertical_slash) or a 1-element dummy
+    offmap: torch.Tensor       # int8 [..., 2 n_k - 1] (vertical_slash) or a 1-element dummy
+    layout_shape: tuple = (1, 1, 1, 1, 1)   # block, grid_q, grid_k, blocks_q, blocks_k
+
+
+def tile_classes(pattern: str, params: dict, n_q: int, n_k: int, causal: bool, block_m: int,
+                  block_n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any kept, all kept and in range) per (query block, key block), from the token mask."""
+    family = get_pattern(pattern)
+    n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+    rows_per_chunk = block_m * max(1, _MASK_CHUNK // (block_m * n_kb * block_n))
+    any_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
+    all_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
+    for start in range(0, n_q, rows_per_chunk):
+        rows = torch.arange(start, min(start + rows_per_chunk, n_q), device=device)
+        kept = family.mask(params, n_q, n_k, causal, rows=rows)
+        blocks = math.ceil(len(rows) / block_m)
+        padded = torch.zeros(blocks * block_m, n_kb * block_n, dtype=torch.bool, device=device)
+        padded[: len(rows), :n_k] = kept
+        tiles = padded.view(blocks, block_m, n_kb, block_n)
+        qb = slice(start // block_m, start // block_m + blocks)
+        any_kept[qb] = tiles.any(dim=3).any(dim=1)
+        padded[len(rows):] = True                     # rows past n_q never spoil a full tile
+        all_kept[qb] = tiles.all(dim=3).all(dim=1)
+    return any_kept, all_kept
+
+
+@lru_cache(maxsize=64)
+def block_topk_tables(params_json: str, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
+                      device: torch.device) -> LutTables:
+    """The lookup table of a ``block_topk`` layout at one length, shared by every head."""
+    params = json.loads(params_json)
+    any_kept, all_kept = tile_classes("block_topk", params, n_q, n_k, causal, block_m, block_n, device)
+    key_blocks = torch.arange(any_kept.shape[-1], device=device)
+    lut, n_full, n_blocks = _compact(key_blocks, all_kept, any_kept)
+    counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1).contiguous()
+    grid_q, grid_k = params["grid"]
+    layout = torch.zeros(grid_q, grid_k, dtype=torch.int8)
+    if params["blocks"]:
+        qb, kb = torch.tensor(params["blocks"], dtype=torch.long).T
+        layout[qb, kb] = 1
+    block = int(params["block"])
+    dummy = torch.zeros(1, dtype=torch.int8, device=device)
+    return LutTables(lut, counts, dummy.int(), layout.to(device), dummy, dummy,
+                     (block, grid_q, grid_k, math.ceil(n_q / block), math.ceil(n_k / block)))
+
+
+def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: int, n_k: int, causal: bool,
+                          block_m: int, block_n: int) -> LutTables:
+    """Per input: key-block tables of the estimated diagonals and the column lists.
+
+    ``columns`` ``[B, G, V]`` and ``diagonals`` ``[B, G, S]`` come from
+    ``VerticalSlash.estimate_indices``. A key block is listed for a query block when one
+    of the diagonals crosses the tile (its offset range ``[p0 - c1, p1 - c0]`` holds a kept
+    offset, counted with a prefix sum over the offset map); it is full when every offset
+    of that range is kept. A column is gathered when its block is not listed (and, causal,
+    it is not after the block's last query position).
+    """
+    device = columns.device
+    batch, heads = columns.shape[:2]
+    shift = n_k - 1
+    offmap = torch.zeros(batch, heads, 2 * n_k - 1, dtype=torch.int8, device=device)
+    offmap.scatter_(-1, diagonals + shift, 1)
+    if causal:
+        offmap[..., :shift] = 0
+    colmap = torch.zeros(batch, heads, n_k, dtype=torch.int8, device=device)
+    colmap.scatter_(-1, columns, 1)
+    prefix = torch.zeros(batch, heads, 2 * n_k, dtype=torch.int32, device=device)
+    prefix[..., 1:] = offmap.cumsum(-1)
+
+    n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+    query_start = torch.arange(n_qb, device=device) * block_m
+    p_first = query_start + (n_k - n_q)
+    p_last = torch.clamp(query_start + block_m, max=n_q) - 1 + (n_k - n_q)
+    key_start = torch.arange(n_kb, device=device) * block_n
+    key_last = torch.clamp(key_start + block_n, max=n_k) - 1
+    lo = p_first[:, None] - key_last[None, :]              # offsets d = p - j a tile spans
+    hi = p_last[:, None] - key_start[None, :]
+    lo_in, hi_in = lo.clamp(-shift, shift), hi.clamp(-shift, shift)
+    index_hi = (hi_in + shift + 1).reshape(1, 1, -1).expand(batch, heads, -1)
+    index_lo = (lo_in + shift).reshape(1, 1, -1).expand(batch, heads, -1)
+    kept = (prefix.gather(-1, index_hi) - prefix.gather(-1, index_lo)).view(batch, heads, n_qb, n_kb)
+    any_kept = (kept > 0) & (hi >= -shift) & (lo <= shift)
+    all_kept = (kept == hi - lo + 1) & (key_start + block_n <= n_k)
+    lut, n_full, n_blocks = _compact(torch.arange(n_kb, device=device), all_kept, any_kept)
+
+    listed = any_kept.gather(-1, (columns // block_n)[:, :, None, :].expand(-1, -1, n_qb, -1))
+    gather = ~listed
+    if causal:
+        gather &= columns[:, :, None, :] <= p_last[None, None, :, None]
+    column_table, _, n_columns = _compact(columns[:, :, None, :], gather, torch.zeros_like(gather))
+    counts = torch.stack([n_full, n_blocks, n_columns], dim=-1).contiguous()
+    return LutTables(lut, counts, column_table, torch.zeros(1, dtype=torch.int8, device=device),
+                     colmap, offmap)

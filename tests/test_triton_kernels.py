@@ -1,0 +1,274 @@
+"""Generated Triton attention kernels against the reference op (sparsec/runtime/reference.py).
+
+CPU: every kernel family under ``TRITON_INTERPRET=1`` at small shapes, with randomised
+lengths (not multiples of the block, n_q below, equal to and above n_k), batch, heads,
+GQA ratio, head dim (16, 32, and 40 through the padding path), dtype, causal, user mask
+and pattern parameters, on fresh random inputs; outputs are poisoned with NaN first so
+every element must be written. GPU (``pytest -m gpu``): the same cases at real sizes,
+through ``torch.ops.sparsec.sparse_attention`` on CUDA tensors.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsec  # noqa: F401  (registers the ops and the CUDA kernel)
+from sparsec.bench import CASES, _flex_mask_mod, bench_groups
+from sparsec.codegen.triton.configs import KernelConfig
+from sparsec.codegen.triton.generator import KernelSpec, generate, site_kernels, write_if_different, write_kernels
+from sparsec.patterns import get_pattern
+from sparsec.plan import AttentionSite, HeadGroup, encode_groups
+from sparsec.runtime import kernels, reference
+
+FAMILIES = ["window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk", "vertical_slash"]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """A worker process running Triton's CPU interpreter, with a private kernel cache.
+
+    ``TRITON_INTERPRET`` must be set before Triton is imported (its own library functions
+    are decorated at import), so interpreted cases run in a spawned process.
+    """
+    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "SPARSEC_CACHE_DIR")}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ.update(TRITON_INTERPRET="1", SPARSEC_CACHE_DIR=cache)
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(1)
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        with pool:
+            yield pool, Path(cache)
+
+
+def _elastic(rng: random.Random, low: int, high: int, n: int) -> list:
+    """A size: constant, or (one time in three) proportional to the length."""
+    if rng.random() < 0.33:
+        return [float(rng.randint(0, low)), round(rng.uniform(0.02, high / n), 3)]
+    return [rng.randint(low, high), 0]
+
+
+def random_params(family: str, rng: random.Random, n: int) -> dict:
+    if family == "window":
+        return {"window": _elastic(rng, 1, max(2, n // 3), n)}
+    if family == "sink_window":
+        return {"sink": _elastic(rng, 1, 12, n), "window": _elastic(rng, 1, max(2, n // 4), n)}
+    if family == "vertical_stripe":
+        columns = rng.sample(range(n + 20), rng.randint(1, 12))          # some past the end
+        return {"columns": columns, "window": _elastic(rng, 1, 16, n)}
+    if family == "multi_diagonal":
+        period = rng.randint(3, max(4, n // 3))
+        return {"period": [period, 0], "width": [rng.randint(1, period), 0], "count": rng.randint(0, 3)}
+    if family == "block_topk":
+        block = rng.choice([8, 16, 32])
+        grid_q, grid_k = rng.randint(2, 6), rng.randint(2, 6)
+        blocks = [[i, j] for i in range(grid_q) for j in range(grid_k) if rng.random() < 0.3]
+        return {"block": block, "grid": [grid_q, grid_k], "blocks": blocks}
+    if family == "vertical_slash":
+        return {"vertical": _elastic(rng, 1, 10, n), "slash": _elastic(rng, 1, 10, n),
+                "last_q": rng.randint(4, 40)}
+    raise ValueError(family)
+
+
+def random_case(family: str, seed: int, device: str, lengths: tuple[int, int], head_dims, num_kv_heads,
+                ratios, batches):
+    """Inputs and a group table: ``family`` on a random (non-contiguous) head subset, the
+    other heads dense or skip."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    batch, kv_heads, ratio = rng.choice(batches), rng.choice(num_kv_heads), rng.choice(ratios)
+    heads = kv_heads * ratio
+    n_k = rng.randint(*lengths)
+    n_q = rng.choice([n_k, n_k, rng.randint(max(1, n_k // 3), n_k), min(lengths[1], n_k + rng.randint(1, 20))])
+    head_dim = rng.choice(head_dims)
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    causal = rng.random() < 0.6
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    q = randn(batch, heads, n_q, head_dim)
+    k, v = randn(batch, kv_heads, n_k, head_dim), randn(batch, kv_heads, n_k, head_dim)
+    mask_kind = rng.choice(["none", "none", "bool", "bool_heads", "additive"])
+    mask = None
+    if mask_kind == "bool":              # key padding, broadcast over heads and queries
+        mask = torch.rand(batch, 1, 1, n_k, generator=generator) > 0.2
+    elif mask_kind == "bool_heads":      # per head, with some fully masked query rows
+        mask = torch.rand(batch, heads, n_q, n_k, generator=generator) > 0.3
+        mask[:, :, : max(1, n_q // 8)] = False
+    elif mask_kind == "additive":
+        mask = (torch.randn(n_q, n_k, generator=generator) * 2).to(dtype)
+    mask = mask.to(device) if mask is not None else None
+    order = rng.sample(range(heads), heads)
+    split = rng.randint(1, heads)
+    other = "skip" if mask_kind == "bool_heads" or rng.random() < 0.5 else "dense"   # SDPA gives NaN on empty rows
+    groups = [HeadGroup(family, random_params(family, rng, n_k), sorted(order[:split]))]
+    if split < heads:
+        groups.append(HeadGroup(other, {}, sorted(order[split:])))
+    scale = head_dim ** -0.5 * rng.uniform(0.5, 2.0)
+    return q, k, v, mask, scale, causal, groups
+
+
+def assert_matches(out: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not out.isnan().any(), "an output element was not written (NaN poison left)"
+    tolerance = TOLERANCE[out.dtype]
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+def _run_poisoned(q, k, v, mask, scale, causal, groups):
+    out = torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype, device=q.device)
+    kernels.sparse_attention(q, k, v, mask, scale, causal, groups, out=out, autotune=False)
+    return out
+
+
+def _interpreted(case) -> tuple[torch.Tensor, torch.Tensor]:
+    """In the interpreter worker: (kernel output over a NaN-poisoned buffer, reference)."""
+    return _run_poisoned(*case), reference.sparse_attention(*case)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_reference_interpreted(interpreter, family, seed):
+    case = random_case(family, 1000 * FAMILIES.index(family) + seed, "cpu", lengths=(17, 100),
+                       head_dims=[16, 32, 40], num_kv_heads=[1, 2], ratios=[1, 2, 3], batches=[1, 2])
+    assert_matches(*interpreter[0].apply(_interpreted, (case,)))
+
+
+def _interpreted_twice(case):
+    """Two calls of one input signature with fresh values: the second reuses the prepared launches."""
+    first = _interpreted(case)
+    q, k, v, *rest = case
+    return first, _interpreted((torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), *rest))
+
+
+@pytest.mark.parametrize("family", ["block_topk", "vertical_slash"])
+def test_repeated_calls_read_their_own_inputs_interpreted(interpreter, family):
+    case = random_case(family, 77, "cpu", lengths=(40, 90), head_dims=[32], num_kv_heads=[2], ratios=[2],
+                       batches=[2])
+    for out, expected in interpreter[0].apply(_interpreted_twice, (case,)):
+        assert_matches(out, expected)
+
+
+def test_mixed_groups_one_call_interpreted(interpreter):
+    """Every family in one call, on interleaved head lists, with GQA."""
+    rng = random.Random(7)
+    generator = torch.Generator().manual_seed(7)
+    batch, kv_heads, ratio, n, head_dim = 2, 4, 2, 53, 32
+    q = torch.randn(batch, kv_heads * ratio, n, head_dim, generator=generator, dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=generator, dtype=torch.bfloat16)
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=generator, dtype=torch.bfloat16)
+    patterns = FAMILIES + ["dense", "skip"]
+    groups = [HeadGroup(p, random_params(p, rng, n) if p in FAMILIES else {}, [h]) for h, p in enumerate(patterns)]
+    assert_matches(*interpreter[0].apply(_interpreted, ((q, k, v, None, head_dim ** -0.5, True, groups),)))
+
+
+def test_kernel_source_is_readable_and_named_by_parameters():
+    spec = KernelSpec.make("sink_window", {"sink": [128, 0], "window": [512, 0]}, 128, "bfloat16", True,
+                           KernelConfig(128, 64, 8, 3), "sm90")
+    kernel = generate(spec, plan_entry="site layers.0.attn (layer 0), heads [0, 1]")
+    assert kernel.filename.startswith("sink_window_sink128_window512_d128_bf16_causal_m128n64w8s3_sm90_")
+    assert kernel.filename == generate(spec, plan_entry="site layers.0.attn (layer 0), heads [0, 1]").filename
+    assert "Plan entry: site layers.0.attn (layer 0), heads [0, 1]" in kernel.source
+    assert "'HAS_SINK': True" in kernel.source and "def _sparse_attention_fwd(" in kernel.source
+    compile(kernel.source, kernel.filename, "exec")
+    other = generate(KernelSpec.make("sink_window", {"sink": [64, 0], "window": [512, 0]}, 128, "bfloat16",
+                                     True, KernelConfig(128, 64, 8, 3), "sm90"))
+    assert other.filename != kernel.filename
+
+
+def test_a100_sources_without_a_gpu_written_only_if_different(tmp_path):
+    site = AttentionSite("layers.0.attn", 0, num_heads=4, num_kv_heads=2, head_dim=64, causal=True,
+                         groups=[HeadGroup("window", {"window": [256, 0]}, [0, 1]),
+                                 HeadGroup("block_topk", {"block": 64, "grid": [4, 4], "blocks": [[1, 0]]}, [2]),
+                                 HeadGroup("dense", {}, [3])])
+    generated = site_kernels(site, "a100")
+    assert [k.spec.pattern for k in generated] == ["window", "block_topk"]
+    assert all(k.spec.arch == "sm80" and "_sm80_" in k.filename for k in generated)
+    paths = write_kernels(generated, tmp_path)
+    first = [p.stat().st_mtime_ns for p in paths]
+    assert not write_if_different(paths[0], generated[0].source)
+    write_kernels(generated, tmp_path)
+    assert [p.stat().st_mtime_ns for p in paths] == first
+
+
+def _write_many(args):
+    path, text = args
+    for _ in range(20):
+        write_if_different(path, text)
+    return path.read_text() == text
+
+
+def test_cache_writes_are_safe_across_processes(tmp_path):
+    text = generate(KernelSpec.make("window", {"window": [8, 0]}, 32, "float32", True,
+                                    KernelConfig(16, 16, 4, 1), "cpu")).source
+    with multiprocessing.get_context("fork").Pool(3) as pool:      # children only write files
+        assert all(pool.map(_write_many, [(tmp_path / "kernel.py", text)] * 3))
+    assert (tmp_path / "kernel.py").read_text() == text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_runtime_cache_follows_sparsec_cache_dir(interpreter):
+    q = torch.randn(1, 2, 20, 16)
+    case = (q, q[:, :1], q[:, :1], None, 0.25, True, [HeadGroup("window", {"window": [4, 0]}, [0, 1])])
+    assert_matches(*interpreter[0].apply(_interpreted, (case,)))
+    written = list(interpreter[1].glob("attention-v*/cpu/window_window4_d16_f32_causal_*.py"))
+    assert len(written) == 1
+
+
+# -- GPU: the same cases at real sizes (each at its default config; the op test autotunes) --
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_reference_gpu(family, seed):
+    case = random_case(family, 5000 + 1000 * FAMILIES.index(family) + seed, "cuda", lengths=(300, 4200),
+                       head_dims=[64, 128, 80], num_kv_heads=[2, 4], ratios=[1, 4], batches=[1, 2])
+    assert_matches(_run_poisoned(*case), reference.sparse_attention(*case))
+
+
+@pytest.mark.gpu
+@gpu
+def test_op_uses_kernels_on_cuda_and_reference_on_cpu():
+    q = torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    groups = [HeadGroup("sink_window", {"sink": [64, 0], "window": [128, 0]}, [0, 2]),
+              HeadGroup("block_topk", {"block": 64, "grid": [8, 8], "blocks": [[5, 1], [7, 0]]}, [1, 3])]
+    through_op = torch.ops.sparsec.sparse_attention(q, k, v, None, 0.125, True, encode_groups(groups))
+    direct = kernels.sparse_attention(q, k, v, None, 0.125, True, groups)
+    torch.testing.assert_close(through_op, direct, atol=0, rtol=0)
+    on_cpu = torch.ops.sparsec.sparse_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125, True,
+                                                encode_groups(groups))
+    expected = reference.sparse_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125, True, groups)
+    torch.testing.assert_close(on_cpu, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bench_flex_masks_are_the_pattern_masks(case):
+    """The benchmark's FlexAttention mask_mods compute exactly sparsec's pattern masks."""
+    n, num_heads, scale = 300, 8, 0.125
+    groups = bench_groups(case, n, num_heads)
+    q, k = torch.randn(1, num_heads, n, 32), torch.randn(1, num_heads // 2, n, 32)
+    estimates = {i: kernels.estimate_vertical_slash(q, k, g, scale, True)
+                 for i, g in enumerate(groups) if g.pattern == "vertical_slash"}
+    mask_mod = _flex_mask_mod(groups, n, num_heads, "cpu", estimates)
+    positions = torch.arange(n)
+    for i, group in enumerate(groups):
+        pattern = get_pattern(group.pattern)
+        for slot, head in enumerate(group.heads[:2]):
+            if pattern.dynamic:
+                columns, diagonals = estimates[i]
+                expected = pattern.dynamic_mask(columns, diagonals, n, n, True)[0, slot]
+            else:
+                expected = pattern.mask(group.params, n, n, True)
+            got = mask_mod(0, torch.tensor(head), positions[:, None], positions[None, :])
+            assert torch.equal(got, expected), (case, group.pattern, head)
