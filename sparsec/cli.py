@@ -23,6 +23,7 @@ def _add_plan(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="sparsity compiler for PyTorch transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    from sparsec.bench import add_parser as add_bench
     from sparsec.bisect import add_parser as add_bisect
     from sparsec.codegen.onnx.cli import add_parser as add_onnx
     from sparsec.inspect import add_parser as add_inspect
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect(subparsers)
     add_bisect(subparsers)
     add_onnx(subparsers)
+    add_bench(subparsers)
     return parser
 
 
