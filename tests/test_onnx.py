@@ -217,6 +217,24 @@ def test_fixed_length_decomposed_stores_masks(tmp_path):
     np.testing.assert_allclose(_run(session, x, padding), gm(x, padding).detach().numpy(), **TOL)
 
 
+@pytest.mark.parametrize("mode", ["custom", "decomposed"])
+def test_float16_model(mode, tmp_path):
+    # The attention runs in fp32 (as the reference), cast around; linears stay fp16.
+    torch.manual_seed(4)
+    model = AllPatterns(True).eval().half()
+    x, padding = _padded(2, 24)
+    gm, record = capture(model, (x.half(), padding), {})
+    path = export_onnx(gm, (x.half(), padding), {}, Plan(target="cpu", capture=record), tmp_path / "half.onnx",
+                       mode=mode)
+    session = ort_session(path)
+    x, padding = _padded(3, 37)
+    with torch.no_grad():
+        expected = gm(x.half(), padding).float().numpy()
+    got = _run(session, x.half(), padding)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), expected, atol=2e-3, rtol=2e-3)
+
+
 def test_op_failure_raises_instead_of_aborting(all_patterns):
     _gm, _plan, paths = all_patterns
     session = ort_session(paths["custom"])

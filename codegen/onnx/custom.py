@@ -3,13 +3,15 @@
 
 The pattern kind and its elastic parameters travel as attributes, so the op derives its
 layout from the length it runs at; a ``block_topk`` layout travels as a boolean
-initializer (the ``layout`` input) rather than inside the JSON.
+initializer (the ``layout`` input) rather than inside the JSON. The nodes compute in fp32,
+as the reference does; a half-precision model casts around them.
 """
 from __future__ import annotations
 
 import json
 
 import numpy as np
+from onnx import TensorProto
 from onnxscript import ir
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
@@ -41,13 +43,18 @@ def split_layout(pattern: str, params: dict) -> tuple[dict, np.ndarray | None]:
 def sparse_attention_custom(q, k, v, mask, scale: float, causal: bool, groups: str):
     """Translation of ``sparsec::sparse_attention``: one ``SparseAttention`` node per group."""
     head_groups = decode_groups(groups)
-    bias, per_head = additive_bias(mask, q.dtype)
+    dtype, num_heads, num_kv_heads = q.dtype, q.shape[1], k.shape[1]
+    if dtype != ir.DataType.FLOAT:
+        # The op runs in fp32 (as the reference computes); half-precision models cast around it.
+        q, k, v = (op.Cast(x, to=TensorProto.FLOAT) for x in (q, k, v))
+    bias, per_head = additive_bias(mask, ir.DataType.FLOAT)
     outputs = []
     for group in head_groups:
-        inputs = group_inputs(q, k, v, bias, per_head, group.heads, q.shape[1], k.shape[1])
+        inputs = group_inputs(q, k, v, bias, per_head, group.heads, num_heads, num_kv_heads)
         params, layout = split_layout(group.pattern, group.params)
         layout_value = None if layout is None else op.Constant(value=ir.tensor(layout))
         outputs.append(SPARSEC.SparseAttention(
             inputs.q, inputs.k, inputs.v, inputs.bias, layout_value, pattern=group.pattern,
             params=json.dumps(params, sort_keys=True), scale=float(scale), causal=int(causal)))
-    return merge_heads(outputs, [g.heads for g in head_groups])
+    out = merge_heads(outputs, [g.heads for g in head_groups])
+    return out if dtype == ir.DataType.FLOAT else op.Cast(out, to=int(dtype))

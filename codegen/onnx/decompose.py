@@ -18,7 +18,7 @@ from onnxscript import ir
 from onnxscript import opset18 as op
 
 from sparsec.patterns import Elastic, get_pattern
-from sparsec.plan import HeadGroup, decode_groups
+from sparsec.plan import HeadGroup, decode_groups, encode_groups
 
 from .custom import block_topk_layout
 from .heads import additive_bias, const_i64, group_inputs, merge_heads
@@ -158,15 +158,12 @@ def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _P
     return op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
 
 
-def attend(q, k, v, bias, keep, scale: float, dtype: ir.DataType):
-    """Masked softmax attention, fp32 inside; rows with no kept key give zeros.
+def attend(q, k, v, bias, keep, scale: float):
+    """Masked softmax attention of fp32 inputs; rows with no kept key give zeros.
 
     ``q`` is ``[B, H, Nq, D]``, ``k``/``v`` ``[B, H, Nk, D]`` (one K/V head per query head),
-    ``keep`` a boolean mask broadcastable to the scores, or None; ``dtype`` is the inputs'.
+    ``keep`` a boolean mask broadcastable to the scores, or None.
     """
-    if dtype != ir.DataType.FLOAT:
-        q, k, v = (op.Cast(x, to=TensorProto.FLOAT) for x in (q, k, v))
-        bias = None if bias is None else op.Cast(bias, to=TensorProto.FLOAT)
     scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
     if bias is not None:
         scores = op.Add(scores, bias)
@@ -174,8 +171,7 @@ def attend(q, k, v, bias, keep, scale: float, dtype: ir.DataType):
         scores = op.Where(keep, scores, _const(-_INF, np.float32))
     probs = op.Softmax(scores, axis=-1)
     probs = op.Where(op.IsNaN(probs), _const(0.0, np.float32), probs)
-    out = op.MatMul(probs, v)
-    return out if dtype == ir.DataType.FLOAT else op.Cast(out, to=int(dtype))
+    return op.MatMul(probs, v)
 
 
 def _fixed_lengths(q, k) -> tuple[int, int] | None:
@@ -184,9 +180,10 @@ def _fixed_lengths(q, k) -> tuple[int, int] | None:
     return (n_q, n_k) if isinstance(n_q, int) and isinstance(n_k, int) else None
 
 
-def _group_attention(group: HeadGroup, inputs, scale: float, causal: bool, dtype: ir.DataType,
+def _group_attention(group: HeadGroup, inputs, scale: float, causal: bool,
                      fixed_lengths: tuple[int, int] | None = None):
-    """One group's attention; static masks are initializers when ``fixed_lengths`` is given."""
+    """One group's attention (fp32 inputs); static masks are initializers when
+    ``fixed_lengths`` is given."""
     q, k, v = inputs.q, inputs.k, inputs.v
     if group.pattern == "skip":
         shape = op.Concat(op.Shape(q, start=0, end=3), op.Shape(v, start=3, end=4), axis=0)
@@ -204,25 +201,28 @@ def _group_attention(group: HeadGroup, inputs, scale: float, causal: bool, dtype
     else:
         keep = _static_keep(group, pos)
         keep = op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
-    return attend(q, k, v, inputs.bias, keep, scale, dtype)
+    return attend(q, k, v, inputs.bias, keep, scale)
 
 
 def sparse_attention_decomposed(q, k, v, mask, scale: float, causal: bool, groups: str,
                                 materialize: bool = False):
-    """Translation of ``sparsec::sparse_attention`` into standard ops, group by group."""
+    """Translation of ``sparsec::sparse_attention`` into standard ops, group by group,
+    in fp32 as the reference computes (half-precision inputs are cast)."""
     head_groups = decode_groups(groups)
-    bias, per_head = additive_bias(mask, q.dtype)
+    dtype, num_heads, num_kv_heads = q.dtype, q.shape[1], k.shape[1]
     fixed_lengths = _fixed_lengths(q, k) if materialize else None
+    if dtype != ir.DataType.FLOAT:
+        q, k, v = (op.Cast(x, to=TensorProto.FLOAT) for x in (q, k, v))
+    bias, per_head = additive_bias(mask, ir.DataType.FLOAT)
     outputs = []
     for group in head_groups:
-        inputs = group_inputs(q, k, v, bias, per_head, group.heads, q.shape[1], k.shape[1], expand_kv=True)
-        outputs.append(_group_attention(group, inputs, scale, causal, q.dtype, fixed_lengths))
-    return merge_heads(outputs, [g.heads for g in head_groups])
+        inputs = group_inputs(q, k, v, bias, per_head, group.heads, num_heads, num_kv_heads, expand_kv=True)
+        outputs.append(_group_attention(group, inputs, scale, causal, fixed_lengths))
+    out = merge_heads(outputs, [g.heads for g in head_groups])
+    return out if dtype == ir.DataType.FLOAT else op.Cast(out, to=int(dtype))
 
 
 def attention_decomposed(q, k, v, mask, scale: float, causal: bool):
     """Translation of ``sparsec::attention`` (a site left dense) into standard ops."""
-    heads = list(range(q.shape[1]))
-    bias, per_head = additive_bias(mask, q.dtype)
-    inputs = group_inputs(q, k, v, bias, per_head, heads, q.shape[1], k.shape[1], expand_kv=True)
-    return _group_attention(HeadGroup("dense", {}, heads), inputs, scale, causal, q.dtype)
+    groups = encode_groups([HeadGroup("dense", {}, list(range(q.shape[1])))])
+    return sparse_attention_decomposed(q, k, v, mask, scale, causal, groups)
