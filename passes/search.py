@@ -19,7 +19,19 @@ layer by layer, so that the whole model stays within the user's :class:`~sparsec
 4. **Verification and back-off.** Sensitivities do not add exactly: the chosen plan runs on
    the held-out batches; while the measured error exceeds ``max_error``, the sparse layer
    whose measured contribution (error with it minus error without it) is largest relative
-   to its predicted sensitivity is made dense again.
+   to its predicted sensitivity is made dense again. Each sparse item's measured contribution
+   (error of the plan minus error without it) is then recorded.
+
+**Linears** (weight sparsity, issue #7): when ``sparsify_weights`` options ask for weight
+sparsity (``sparsec.WeightSparsity``) under an error or speedup budget, every eligible linear
+joins the knapsack as one more group (:mod:`.search_linears`): its candidate levels, timed
+by :meth:`CostModel.linear_speedup` at ``seq_len`` tokens, with the end-to-end sensitivity
+of pruning that linear alone (suffix runs from the linear, its weight replaced by the
+pruned one). Back-off re-densifies attention layers and linears alike, and a
+``target_speedup`` then counts attention and linear time together. The search writes the
+chosen levels to ``ctx.options["weight_levels"]`` and each linear's ``search`` record to
+its plan entry; ``sparsify_weights``, after ``fuse_heads``, applies them. Scores are
+calibrated on the fitting batches only, so held-out batches stay held out.
 
 The plan gets each head's pattern and ``site.extra["search"]`` (levels with sensitivity and
 time, the ladder, the chosen level); ``plan.extra["search"]`` holds the budget, predicted and
@@ -27,17 +39,20 @@ measured error, predicted speedup, the solver's choices and the back-off steps. 
 sensitivity table and the allocation are the pass's dump decisions.
 
 Cost of the search: one dense run per calibration batch, then ``levels`` suffix runs per
-layer and fitting batch (``heads x levels`` with ``per_head``), then ``sparse layers + 1``
-held-out runs per back-off step; a progress bar shows on a terminal. The cache holds, per
-batch, every value that crosses an attention site (the residual stream before each layer,
-rotary tables, masks), not every activation.
+layer and fitting batch (``heads x levels`` with ``per_head``; plus ``levels`` per linear),
+then ``sparse items + 1`` held-out runs per back-off step and ``sparse items`` for the
+contributions; a progress bar shows on a terminal. The cache holds, per
+batch, every value that crosses an attention site or a searched linear (the residual stream
+before each layer, normalised inputs of the projections, rotary tables, masks), not every
+activation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import ChainMap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -53,6 +68,7 @@ from sparsec.runtime import reference
 
 from .attention_sites import ATTENTION
 from .calibrate import _flat_inputs
+from .search_linears import LinearItem, LinearLevel, analyze_linears, linear_items, searchable
 
 
 @dataclass(frozen=True)
@@ -124,10 +140,15 @@ def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: Co
 
 # -- running the graph with some sites sparse ----------------------------------------------------
 
+# An override of one node: an attention site's head groups, or a linear's replacement weight.
+Override = list[HeadGroup] | torch.Tensor
+
+
 class SuffixRunner:
     """Runs a captured graph node by node with chosen attention sites computed by the
-    reference sparse attention. A dense run caches the values that cross any site, so a
-    later run with sites changed re-runs only the nodes from the first changed site on."""
+    reference sparse attention and chosen linears with replaced (pruned) weights. A dense
+    run caches the values that cross any of ``site_nodes``, so a later run with some of
+    them changed re-runs only the nodes from the first changed one on."""
 
     def __init__(self, gm: torch.fx.GraphModule, site_nodes: list[torch.fx.Node]):
         self.gm = gm
@@ -149,8 +170,9 @@ class SuffixRunner:
         return {node: env[node] for node in self.kept}, output
 
     @torch.no_grad()
-    def run(self, cache: dict, overrides: dict[torch.fx.Node, list[HeadGroup]]) -> Any:
-        """The output with each ``overrides`` site computed with its head groups."""
+    def run(self, cache: dict, overrides: dict[torch.fx.Node, Override]) -> Any:
+        """The output with each ``overrides`` site computed with its head groups, and each
+        overridden linear with its replacement weight."""
         start = min(self.position[node] for node in overrides)
         return self._execute(start, ChainMap({}, cache), overrides, iter(()))
 
@@ -160,12 +182,15 @@ class SuffixRunner:
         for node in self.nodes[start:]:
             if node.op == "output":
                 return self.gm.graph._codegen.process_outputs(interpreter.run_node(node))
-            groups = overrides.get(node)
-            if groups is None:
+            override = overrides.get(node)
+            if override is None:
                 env[node] = interpreter.run_node(node)
+            elif isinstance(override, torch.Tensor):
+                args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
+                env[node] = node.target(args[0], override, *args[2:], **kwargs)
             else:
                 args, _ = interpreter.fetch_args_kwargs_from_env(node)
-                env[node] = reference.sparse_attention(*args[:6], groups)
+                env[node] = reference.sparse_attention(*args[:6], override)
         raise RuntimeError("the graph has no output node")
 
 
@@ -250,26 +275,32 @@ class Search:
         cost = CostModel(ctx.target)
         nodes = {node.name: node for node in gm.graph.nodes}
         sites = [s for s in ctx.plan.attention if s.node in nodes and nodes[s.node].target == ATTENTION]
-        if not sites:
-            return PassResult(gm, False, {"sites": 0})
-        runner = SuffixRunner(gm, [nodes[s.node] for s in sites])
         fitting_calls, held_out_calls = _split(ctx.calibration or [(ctx.example_args, ctx.example_kwargs)],
                                                budget.held_out)
+        analysis = analyze_linears(gm, ctx, len(fitting_calls)) if searchable(ctx, budget.mode) else None
+        linear_nodes = [nodes[e["node"]] for e in ctx.plan.linears if not e["reason"]] if analysis else []
+        if not sites and not linear_nodes:
+            return PassResult(gm, False, {"sites": 0})
+        runner = SuffixRunner(gm, [nodes[s.node] for s in sites] + linear_nodes)
         fitting = [runner.dense(call) for call in fitting_calls]
         held_out = [runner.dense(call) for call in held_out_calls] if held_out_calls else fitting
-        n = budget.seq_len or max(int(cache[nodes[s.node].args[1]].shape[-2]) for s in sites for cache, _ in fitting)
+        n = budget.seq_len or _sequence_length([nodes[s.node] for s in sites], linear_nodes, fitting)
         total_heads = sum(site.num_heads for site in sites)
         searched = [self._site(site, nodes[site.node], ctx, budget, cost, n, total_heads) for site in sites]
+        linears = linear_items(gm, ctx, analysis, cost, n) if analysis else []
 
-        runs = _measure_sensitivity(searched, runner, fitting, budget)
-        allocation = _allocate(searched, budget, cost)
-        backoff, measured = _verify(searched, allocation, runner, held_out, budget)
-        record = _write_plan(ctx, searched, allocation, backoff, measured, budget, cost, n,
+        runs = _measure_sensitivity(searched, linears, runner, fitting, budget)
+        allocation = _allocate(searched, linears, budget, cost)
+        backoff, measured, contributions = _verify(searched, linears, allocation, runner, held_out, budget)
+        record = _write_plan(ctx, searched, linears, allocation, backoff, measured, contributions, budget, cost, n,
                              held_out_batches=len(held_out_calls))
         table = [{"site": s.site.name, "layer": s.site.layer, "levels": s.levels_record(budget.per_head)}
                  for s in searched]
-        stats = {"sites": len(searched), "sites_sparse": len(allocation.sparse()),
+        table += [{"linear": item.name, "levels": [option.record() for option in item.options]} for item in linears]
+        sparse = allocation.sparse()
+        stats = {"sites": len(searched), "sites_sparse": len(sparse & allocation.rungs.keys()),
                  "heads_sparse": sum(r.pattern != "dense" for rungs in allocation.rungs.values() for r in rungs),
+                 "linears_searched": len(linears), "linears_sparse": len(sparse & allocation.linears.keys()),
                  "suffix_runs": runs, "backoff_steps": len(backoff),
                  "predicted_speedup": record["predicted_speedup"], "measured_error": measured}
         return PassResult(gm, False, stats, {"sensitivity": table, "allocation": record})
@@ -313,6 +344,14 @@ def _split(calls: list, held_out: int | None) -> tuple[list, list]:
     return calls[:len(calls) - held_out], calls[len(calls) - held_out:]
 
 
+def _sequence_length(site_nodes: list, linear_nodes: list, batches: list) -> int:
+    """The longest key length at any site; without sites, the longest linear input (``[..., N, in]``)."""
+    if site_nodes:
+        return max(int(cache[node.args[1]].shape[-2]) for node in site_nodes for cache, _ in batches)
+    return max(int(cache[node.args[0]].shape[-2 if cache[node.args[0]].dim() > 2 else 0])
+               for node in linear_nodes for cache, _ in batches)
+
+
 def _mean_error(runner: SuffixRunner, batches: list, overrides: dict, budget: Budget) -> float:
     if not overrides:
         return 0.0
@@ -323,9 +362,10 @@ def _site_override(searched: _Site, rungs) -> dict:
     return {} if all(r.pattern == "dense" for r in rungs) else {searched.node: _groups(rungs)}
 
 
-def _measure_sensitivity(searched: list[_Site], runner: SuffixRunner, fitting: list, budget: Budget) -> int:
+def _measure_sensitivity(searched: list[_Site], linears: list[LinearItem], runner: SuffixRunner, fitting: list,
+                         budget: Budget) -> int:
     """Fill every option's sensitivity; returns the number of suffix runs."""
-    jobs = []
+    jobs = []       # (option, its overrides: built when run, so one pruned weight is held at a time)
     for s in searched:
         dense = [s.dense] * s.site.num_heads
         if budget.per_head:
@@ -333,39 +373,49 @@ def _measure_sensitivity(searched: list[_Site], runner: SuffixRunner, fitting: l
                 for choice in options[1:]:
                     rungs = list(dense)
                     rungs[head] = choice.rungs[0]
-                    jobs.append((s, choice, rungs))
+                    jobs.append((choice, functools.partial(_site_override, s, rungs)))
         else:
-            jobs.extend((s, choice, choice.rungs) for choice in s.options[1:])
+            jobs.extend((choice, functools.partial(_site_override, s, choice.rungs)) for choice in s.options[1:])
+    for item in linears:
+        jobs.extend((option, functools.partial(item.override, option.level)) for option in item.options[1:])
     with tqdm(total=len(jobs) * len(fitting), desc="sparsec search: sensitivity", unit="run",
               disable=None) as progress:
-        for s, choice, rungs in jobs:
-            choice.sensitivity = _mean_error(runner, fitting, _site_override(s, rungs), budget)
+        for choice, overrides in jobs:
+            choice.sensitivity = _mean_error(runner, fitting, overrides(), budget)
             progress.update(len(fitting))
     return len(jobs) * len(fitting)
 
 
 @dataclass
 class _Allocation:
-    """The rungs each site runs and the knapsack options that chose them."""
+    """The rungs each site runs, the level each linear takes, and the knapsack options that chose them."""
 
     rungs: dict[str, list[Rung]]
     picked: dict[str, list[_Choice]]
     solver: dict
+    linears: dict[str, LinearLevel] = field(default_factory=dict)
 
     def predicted(self, name: str) -> float:
-        """The site's summed sensitivity (what the knapsack counted against the budget)."""
+        """The item's summed sensitivity (what the knapsack counted against the budget)."""
+        if name in self.linears:
+            return max(self.linears[name].sensitivity, 0.0)
         return sum(max(choice.sensitivity, 0.0) for choice in self.picked[name])
 
     def sparse(self) -> set[str]:
-        return {name for name, rungs in self.rungs.items() if any(r.pattern != "dense" for r in rungs)}
+        """Names of the sparse attention sites and linears."""
+        return ({name for name, rungs in self.rungs.items() if any(r.pattern != "dense" for r in rungs)}
+                | {name for name, option in self.linears.items() if option.level > 0})
 
-    def densify(self, s: _Site) -> None:
-        self.rungs[s.site.name] = [s.dense] * s.site.num_heads
-        self.picked[s.site.name] = []
+    def densify(self, item: "_Site | LinearItem") -> None:
+        if isinstance(item, LinearItem):
+            self.linears[item.name] = item.options[0]
+            return
+        self.rungs[item.site.name] = [item.dense] * item.site.num_heads
+        self.picked[item.site.name] = []
 
 
-def _allocate(searched: list[_Site], budget: Budget, cost: CostModel) -> _Allocation:
-    """One knapsack group per layer (per head; per layer again under a pattern limit)."""
+def _allocate(searched: list[_Site], linears: list[LinearItem], budget: Budget, cost: CostModel) -> _Allocation:
+    """One knapsack group per layer (per head; per layer again under a pattern limit) and per linear."""
     def option(choice: _Choice, label=None) -> Option:
         error = max(choice.sensitivity, 0.0)        # a level that seems to help counts as harmless
         if budget.mode == "error":
@@ -389,7 +439,10 @@ def _allocate(searched: list[_Site], budget: Budget, cost: CostModel) -> _Alloca
         else:
             groups.extend([option(c) for c in head] for head in s.options)
             owners.extend([s] * len(s.options))
-    dense_total = sum(s.dense_seconds for s in searched)
+    for item in linears:
+        groups.append([option(level) for level in item.options])
+        owners.append(item)
+    dense_total = sum(s.dense_seconds for s in searched) + sum(item.dense_seconds for item in linears)
     capacity = {"error": budget.max_error, "speedup": dense_total / (budget.target_speedup or 1.0),
                 "density": budget.max_density}[budget.mode]
     solution = solve(groups, capacity)
@@ -403,8 +456,11 @@ def _allocate(searched: list[_Site], budget: Budget, cost: CostModel) -> _Alloca
     solver["capacity"] = capacity
     allocation = _Allocation({s.site.name: [s.dense] * s.site.num_heads for s in searched},
                              {s.site.name: [] for s in searched}, solver)
-    for s, group, choice in zip(owners, groups, choices):
-        allocation.picked[s.site.name].extend(group[choice].payload)
+    for owner, group, choice in zip(owners, groups, choices):
+        if isinstance(owner, LinearItem):
+            allocation.linears[owner.name] = group[choice].payload[0]
+        else:
+            allocation.picked[owner.site.name].extend(group[choice].payload)
     for s in searched:
         picked = allocation.picked[s.site.name]
         if budget.per_head:
@@ -414,15 +470,25 @@ def _allocate(searched: list[_Site], budget: Budget, cost: CostModel) -> _Alloca
     return allocation
 
 
-def _verify(searched: list[_Site], allocation: _Allocation, runner: SuffixRunner, held_out: list,
-            budget: Budget) -> tuple[list[dict], float]:
-    """Measure the plan on held-out batches; under ``max_error``, re-densify the layer with
-    the worst measured-over-predicted ratio until the measured error is within budget."""
-    by_name = {s.site.name: s for s in searched}
+def _verify(searched: list[_Site], linears: list[LinearItem], allocation: _Allocation, runner: SuffixRunner,
+            held_out: list, budget: Budget) -> tuple[list[dict], float, dict[str, float]]:
+    """Measure the plan on held-out batches; under ``max_error``, re-densify the layer or
+    linear with the worst measured-over-predicted ratio until the measured error is within
+    budget. Returns the back-off steps, the measured error and each sparse item's measured
+    contribution (the error minus the error without it)."""
+    by_name = {s.site.name: s for s in searched} | {item.name: item for item in linears}
+    pruned: dict[str, torch.Tensor] = {}     # each sparse linear's weight at its chosen level
+
+    def override(name: str) -> tuple[torch.fx.Node, Any]:
+        item = by_name[name]
+        if isinstance(item, LinearItem):
+            if name not in pruned:
+                pruned[name] = item.pruned(allocation.linears[name].level)
+            return item.node, pruned[name]
+        return item.node, _groups(allocation.rungs[name])
 
     def error_with(names: set[str]) -> float:
-        overrides = {by_name[name].node: _groups(allocation.rungs[name]) for name in names}
-        return _mean_error(runner, held_out, overrides, budget)
+        return _mean_error(runner, held_out, dict(override(name) for name in names), budget)
 
     sparse = allocation.sparse()
     steps = []
@@ -433,23 +499,25 @@ def _verify(searched: list[_Site], allocation: _Allocation, runner: SuffixRunner
         without = {name: error_with(sparse - {name}) for name in sorted(sparse)}
         ratios = {name: (measured - without[name]) / max(allocation.predicted(name), floor) for name in without}
         worst = max(sorted(ratios), key=lambda name: ratios[name])
-        steps.append({"densified": worst, "measured_before": measured, "measured_after": without[worst],
+        steps.append({"densified": worst, "kind": "linear" if worst in allocation.linears else "attention", "measured_before": measured, "measured_after": without[worst],
                       "predicted": allocation.predicted(worst), "ratio": ratios[worst]})
         allocation.densify(by_name[worst])
         sparse.discard(worst)
         measured = without[worst]
-    return steps, measured
+    contributions = {name: measured - error_with(sparse - {name}) for name in sorted(sparse)}
+    return steps, measured, contributions
 
 
-def _write_plan(ctx: CompileContext, searched: list[_Site], allocation: _Allocation, backoff: list,
-                measured: float, budget: Budget, cost: CostModel, n: int, held_out_batches: int) -> dict:
-    dense_total = sum(s.dense_seconds for s in searched)
-    total = 0.0
+def _write_plan(ctx: CompileContext, searched: list[_Site], linears: list[LinearItem], allocation: _Allocation,
+                backoff: list, measured: float, contributions: dict[str, float], budget: Budget, cost: CostModel,
+                n: int, held_out_batches: int) -> dict:
+    attention_dense = sum(s.dense_seconds for s in searched)
+    attention_total = 0.0
     densified = {step["densified"] for step in backoff}
     for s in searched:
         name, rungs = s.site.name, allocation.rungs[s.site.name]
         seconds = s.seconds(cost, rungs, n)
-        total += seconds
+        attention_total += seconds
         for head, rung in zip(s.site.heads, rungs):
             head.pattern, head.params, head.density = rung.pattern, rung.params, rung.density
             head.recall = rung.recall if rung.pattern != "dense" else 1.0
@@ -466,14 +534,34 @@ def _write_plan(ctx: CompileContext, searched: list[_Site], allocation: _Allocat
             "ladder": [[r.to_dict() if r else None for r in head] for head in s.ladder],
             "chosen_level": max((c.level for c in allocation.picked[name]), default=0),
             "chosen_recall": min((r.target for r in rungs if r.pattern != "dense"), default=1.0),
-            "sensitivity": allocation.predicted(name),
+            "sensitivity": allocation.predicted(name), "measured_contribution": contributions.get(name),
             "seconds": seconds, "dense_seconds": s.dense_seconds, "densified_by_backoff": name in densified}
+    linear_total = linear_dense = 0.0
+    for item in linears:
+        chosen = allocation.linears[item.name]
+        linear_total += chosen.seconds
+        linear_dense += item.dense_seconds
+        item.entry["level"], item.entry["allocated_by"] = chosen.level, "search"
+        item.entry["search"] = {
+            "level": chosen.level, "predicted_error": allocation.predicted(item.name),
+            "measured_error": contributions.get(item.name), "seconds": chosen.seconds,
+            "dense_seconds": item.dense_seconds, "speedup": chosen.speedup, "lowering": chosen.why,
+            "levels": [option.record() for option in item.options], "densified_by_backoff": item.name in densified}
+    if linears:
+        # sparsify_weights applies these after fuse_heads (every searched linear, dense ones at 0).
+        ctx.options["weight_levels"] = {item.name: allocation.linears[item.name].level for item in linears}
+        ctx.options["weight_levels_by"] = "search"
+    total, dense_total = attention_total + linear_total, attention_dense + linear_dense
     record = {"budget": budget.to_dict(), "mode": budget.mode, "seq_len": n, "target": cost.target.name,
               "cost_profile": cost.profile.to_dict(),
-              "predicted_error": sum(allocation.predicted(s.site.name) for s in searched),
+              "predicted_error": sum(allocation.predicted(name)
+                                     for name in [s.site.name for s in searched] + [i.name for i in linears]),
               "measured_error": measured, "held_out_batches": held_out_batches,
               "predicted_seconds": total, "dense_seconds": dense_total,
               "predicted_speedup": dense_total / total if total > 0 else math.inf,
+              "attention_seconds": attention_total, "attention_dense_seconds": attention_dense,
+              "linears": {"searched": len(linears), "sparse": sum(allocation.linears[i.name].level > 0 for i in linears),
+                          "seconds": linear_total, "dense_seconds": linear_dense},
               "solver": allocation.solver, "backoff": backoff,
               "within_budget": budget.mode != "error" or measured <= budget.max_error}
     ctx.plan.extra["search"] = record

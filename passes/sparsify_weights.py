@@ -21,7 +21,10 @@ the pass does nothing without it or ``weight_levels``), ``weight_structure``
 ``weight_score`` (``wanda`` | ``magnitude``), ``weight_allocation`` (``owl`` |
 ``uniform``), ``owl_lambda`` (0.08), ``owl_threshold`` (5.0), ``exclude`` (module-path
 globs; default: the LM head / classifier), ``weight_levels`` ({name: level}),
-``weight_calibration_rows`` (512), ``weight_measure_each`` (True: one extra forward per
+``weight_levels_by`` (who chose them: ``given`` or ``search``), ``weight_calibration_batches``
+(calibrate on the first this many calibration batches; default all: the search sets it
+to its fitting batches, so the masks it verified on held-out batches are the ones
+applied), ``weight_calibration_rows`` (512), ``weight_measure_each`` (True: one extra forward per
 pruned linear to measure its own contribution to the output error),
 ``weight_candidate_model_error`` (False: one forward per candidate level and linear to add
 each candidate's error of the whole model's outputs, the unit attention sensitivities use).
@@ -30,7 +33,8 @@ Each linear's plan entry (``ctx.plan.linears``) records structure, level, score,
 ``candidates`` [{level, error, cost[, model_error]}] for a budgeted search (``error``: the
 relative L2 change of this linear's output on calibration activations; ``cost``: FLOPs per
 token left), the local error at the chosen level, the measured contribution to the model's
-output error, storage bytes and how the target will run it (``lowering``).
+output error, storage bytes and how the target will run it (``lowering``); an entry the
+search decided also keeps its ``search`` record across the re-analysis here.
 ``ctx.plan.extra["weights"]`` sums up: global sparsity, predicted and measured output
 error on the calibration batches, dense and compressed bytes.
 """
@@ -48,12 +52,12 @@ from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.runtime.sparse_linear_gpu import plan_lowering
 from sparsec.weights import (COMPARISON_GROUP, Layout, compress, outlier_ratio, owl_levels, parse_structure,
                              score_weight, storage_bytes, uniform_levels)
+from sparsec.weights.config import DEFAULT_EXCLUDE
 
 from .attention_sites import module_path
 
 LINEAR = torch.ops.aten.linear.default
 SPARSE_LINEAR = torch.ops.sparsec.sparse_linear.default
-DEFAULT_EXCLUDE = ("lm_head", "classifier", "score", "qa_outputs", "head")
 
 
 @dataclass
@@ -76,6 +80,8 @@ def _options(ctx: CompileContext) -> dict:
         "threshold": float(opts.get("owl_threshold", 5.0)),
         "exclude": tuple(opts.get("exclude", DEFAULT_EXCLUDE)),
         "levels": dict(opts.get("weight_levels") or {}),
+        "levels_by": opts.get("weight_levels_by", "given"),
+        "batches": opts.get("weight_calibration_batches"),
         "rows": int(opts.get("weight_calibration_rows", 512)),
         "measure_each": bool(opts.get("weight_measure_each", True)),
         "model_error": bool(opts.get("weight_candidate_model_error", False)),
@@ -168,7 +174,9 @@ class SparsifyWeights:
         self.references: list[list] = []
 
     def _batches(self, ctx: CompileContext) -> list[tuple[tuple, dict]]:
-        return list(ctx.calibration) or [(tuple(ctx.example_args), dict(ctx.example_kwargs or {}))]
+        calls = list(ctx.calibration) or [(tuple(ctx.example_args), dict(ctx.example_kwargs or {}))]
+        count = _options(ctx)["batches"]
+        return calls[:count] if count else calls
 
     def _bias(self, gm, node: torch.fx.Node):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -177,6 +185,12 @@ class SparsifyWeights:
     def _scores(self, gm, entry: dict, opts: dict) -> torch.Tensor:
         stats = (self.inputs or {}).get(entry["node"])
         return score_weight(_get_attr(gm, entry["weight"]), opts["score"], None if stats is None else stats.sq_norm)
+
+    def pruned_weight(self, gm, ctx: CompileContext, entry: dict, level: float) -> torch.Tensor:
+        """``entry``'s weight with a fraction ``level`` pruned, as the rewrite prunes it (after :meth:`analyze`)."""
+        opts = _options(ctx)
+        keep = opts["structure"].mask(self._scores(gm, entry, opts), level, COMPARISON_GROUP[opts["score"]])
+        return _get_attr(gm, entry["weight"]).detach() * keep
 
     def _model_error(self, gm, batch: tuple[tuple, dict], node: str, pruned: torch.Tensor) -> float:
         """Error of the model's outputs on ``batch`` (the first calibration batch) with only
@@ -236,6 +250,12 @@ class SparsifyWeights:
                 if opts["model_error"]:
                     candidate["model_error"] = self._model_error(gm, batches[0], entry["node"], pruned.to(weight.dtype))
                 entry["candidates"].append(candidate)
+        # Fusing heads after a search permutes q/k/v/o weights, so the rewrite analyses again;
+        # what the search recorded stays with its linear.
+        searched = {e["name"]: e["search"] for e in ctx.plan.linears if "search" in e}
+        for entry in entries:
+            if entry["name"] in searched:
+                entry["search"] = searched[entry["name"]]
         ctx.plan.linears = entries
         return entries
 
@@ -246,7 +266,7 @@ class SparsifyWeights:
         if opts["levels"]:
             for entry in eligible:
                 entry["level"] = structure.nearest_level(float(opts["levels"].get(entry["name"], 0.0)))
-                entry["allocated_by"] = "given"
+                entry["allocated_by"] = opts["levels_by"]
             return
         target = float(opts["sparsity"])
         method = opts["allocation"] or ("uniform" if structure.discrete else "owl")
@@ -272,12 +292,9 @@ class SparsifyWeights:
     def apply_levels(self, gm: torch.fx.GraphModule, ctx: CompileContext, levels: dict[str, float]) -> PassResult:
         """Rewrite with per-linear ``levels`` ({plan name: level}) chosen by a search."""
         opts = _options(ctx)
-        opts["levels"] = levels
+        opts["levels"], opts["levels_by"] = levels, "search"
         entries = ctx.plan.linears if self.inputs is not None else self.analyze(gm, ctx)
         self.allocate(entries, opts)
-        for entry in entries:
-            if entry["allocated_by"] == "given":
-                entry["allocated_by"] = "search"
         return self._rewrite_all(gm, ctx, entries, opts)
 
     def _rewrite_all(self, gm, ctx, entries: list[dict], opts: dict) -> PassResult:

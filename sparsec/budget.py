@@ -72,7 +72,8 @@ class Budget:
         max_error: largest allowed error of the whole model under ``metric``.
         metric: ``"rel_l2"`` (relative L2 of the outputs), ``"kl"`` (KL divergence of
             logits), ``"cosine"`` (1 - cosine of embeddings) or ``f(dense_out, sparse_out)``.
-        target_speedup: instead of ``max_error``: predicted attention speedup to reach.
+        target_speedup: instead of ``max_error``: predicted speedup to reach, of attention
+            (and the linears, when weight sparsity is searched too).
         max_density: instead of ``max_error``: largest mean fraction of attention computed.
         seq_len: length at which costs are predicted (the length you will serve); default
             the longest calibration length. Patterns are elastic, so this may exceed it.

@@ -25,16 +25,20 @@ def default_passes() -> list:
     from sparsec.passes.fold_causal_mask import FoldCausalMask
     from sparsec.passes.fuse_heads import FuseHeads
     from sparsec.passes.lower import Lower
+    from sparsec.passes.sparsify_weights import SparsifyWeights
 
-    return [Canonicalize(), Calibrate(), FoldCausalMask(), ClassifyHeads(), FuseHeads(), Lower()]
+    # sparsify_weights does nothing unless weight sparsity is asked for; it runs after
+    # fuse_heads, whose head walk does not go through sparse_linear.
+    return [Canonicalize(), Calibrate(), FoldCausalMask(), ClassifyHeads(), FuseHeads(), SparsifyWeights(), Lower()]
 
 
 def budget_passes(budget) -> list:
-    """The pipeline with the layerwise sparsity search under ``budget`` after classification."""
+    """The pipeline with the layerwise sparsity search under ``budget`` after classification
+    (it decides linear levels too when weight sparsity is asked for; sparsify_weights applies them)."""
     from sparsec.passes.search import Search
 
-    *front, fuse, lower = default_passes()
-    return [*front, Search(budget), fuse, lower]
+    *front, fuse, sparsify, lower = default_passes()
+    return [*front, Search(budget), fuse, sparsify, lower]
 
 
 def plan_passes(plan: Plan) -> list:
@@ -43,8 +47,9 @@ def plan_passes(plan: Plan) -> list:
     from sparsec.passes.canonicalize import Canonicalize
     from sparsec.passes.fuse_heads import FuseHeads
     from sparsec.passes.lower import Lower
+    from sparsec.passes.sparsify_weights import SparsifyWeights
 
-    return [Canonicalize(), ApplyPlan(plan), FuseHeads(), Lower()]
+    return [Canonicalize(), ApplyPlan(plan), FuseHeads(), SparsifyWeights(), Lower()]
 
 
 class CompiledModel:
@@ -131,12 +136,13 @@ class CompiledModel:
     def __repr__(self) -> str:
         sparse = sum(h.pattern != "dense" for s in self.plan.attention for h in s.heads)
         total = sum(len(s.heads) for s in self.plan.attention)
+        linears = sum(entry["level"] > 0 for entry in self.plan.linears)
         return (f"CompiledModel(target={self.plan.target}, attention sites={len(self.plan.attention)}, "
-                f"sparse heads={sparse}/{total})")
+                f"sparse heads={sparse}/{total}, sparse linears={linears}/{len(self.plan.linears)})")
 
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterable | None = None,
-            target: "str | Target" = "cpu", budget: Any = None, recall: float = 0.95,
+            target: "str | Target" = "cpu", budget: Any = None, weights: Any = None, recall: float = 0.95,
             dump_dir: "str | Path | None" = None, plan: Plan | None = None,
             passes: list | None = None) -> CompiledModel:
     """Compile ``model`` into a sparse model.
@@ -149,6 +155,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         target: ``"cpu"``, ``"a100"``, ``"h100"``, ``"h200"`` or a :class:`Target`.
         budget: a :class:`sparsec.Budget` (error, speedup or density) for the layerwise
             sparsity search; ``None`` classifies each head by ``recall`` alone.
+        weights: a :class:`sparsec.WeightSparsity` to prune the linears too (the LM head /
+            classifier stays dense by default). Without a budget, levels reach its global
+            ``sparsity`` (OWL allocation); with an error or speedup budget the search
+            chooses them in one knapsack with the attention levels.
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
         dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
         plan: reuse this plan's head patterns (e.g. an edited one) instead of calibrating.
@@ -164,6 +174,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     new_plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
     ctx = CompileContext(plan=new_plan, target=target, example_args=example[0], example_kwargs=example[1],
                          calibration=calls, options={"recall": recall, "budget": budget})
+    if weights is not None:
+        if budget is not None and weights.levels is not None:
+            raise ValueError("WeightSparsity(levels=...) fixes every linear's level, and a budget searches "
+                             "them: pass one of the two")
+        ctx.options.update(weights.options())
     dump_path = dump_dir or config.dump_dir()
     if passes is None:
         passes = (plan_passes(plan) if plan is not None

@@ -35,6 +35,14 @@ kernel 30 us (the GPU-side launch constants above are what the model uses).
 Other targets are scaled from the h100 calibration until measured: rates by the datasheet
 peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
 overhead.
+
+Linears (weight sparsity, issue #7): ``2 * tokens * in * out`` FLOPs at the dense kernel's
+rate, divided by the speedup of the ``sparse_linear`` kernel the runtime would pick
+(:mod:`sparsec.runtime.sparse_linear_gpu`: its H100-measured table, nearest shape). A sparse
+weight gets no speed benefit where the runtime runs it dense: on CPU targets, for
+structures without a GPU kernel (``4:8``, unstructured), for fp32 weights (the kernels run
+fp16 / bf16), and where the table says the sparse kernel is not ``MIN_SPEEDUP`` faster
+(2:4 below ~8k tokens, for one).
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import sympy
+import torch
 
 from .patterns import get_pattern
 from .patterns.base import N
@@ -137,6 +146,31 @@ class CostModel:
             return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
         return sum(self.launch_seconds(kind) + batch * count * self.head_seconds(kind, params, n, causal, head_dim)
                    for kind, params, count in groups)
+
+    def linear_speedup(self, structure: str, out_features: int, in_features: int, level: float, tokens: int,
+                       dtype: torch.dtype) -> tuple[float, str]:
+        """Predicted speedup over dense of one linear pruned to ``level``, and why."""
+        from sparsec.runtime.sparse_linear_gpu import MIN_SPEEDUP, predicted_speedup, sparse_kernel
+        from sparsec.weights.storage import Layout
+
+        layout = Layout(structure, out_features, in_features)
+        if level <= 0:
+            return 1.0, "dense"
+        if self.target.device_type != "cuda":
+            return 1.0, f"{self.target.name}: sparse_linear runs the reference kernel (decompress, dense matmul)"
+        kernel = sparse_kernel(layout)
+        if kernel is None:
+            return 1.0, f"no sparse GPU kernel for {structure} at {out_features}x{in_features}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return 1.0, f"{kernel} runs fp16 / bf16 weights; {dtype} runs dense"
+        speedup = predicted_speedup(layout, level, tokens)
+        if speedup is None or speedup < MIN_SPEEDUP:
+            return 1.0, f"{kernel} is not {MIN_SPEEDUP}x faster than dense at {tokens} tokens (measured table)"
+        return speedup, f"{kernel}, {speedup:.2f}x at {tokens} tokens (measured table)"
+
+    def linear_seconds(self, out_features: int, in_features: int, tokens: int, speedup: float = 1.0) -> float:
+        """``tokens`` rows through an ``out x in`` linear at the dense rate, divided by ``speedup``."""
+        return 2.0 * tokens * in_features * out_features / (self.profile.dense.tflops * 1e12) / speedup
 
     def crossover_length(self, kind: str, params: dict, causal: bool, head_dim: int,
                          longest: int = 1 << 20) -> int | None:

@@ -137,6 +137,7 @@ class Plan:
         for miss in self.unmatched:
             lines.append(f"unmatched {miss.get('node', '?')}: {miss.get('reason', '')}")
         lines.extend(_search_summary(self))
+        lines.extend(_weights_summary(self))
         if self.error:
             lines.append("measured error: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                        for k, v in self.error.items()))
@@ -166,10 +167,29 @@ def _search_summary(plan: Plan) -> list[str]:
                          f"{chosen['sensitivity']:>11.3g} {chosen['seconds'] * 1e6:>9.1f} "
                          f"{chosen['dense_seconds'] * 1e6:>9.1f}"
                          + ("  (made dense by back-off)" if chosen["densified_by_backoff"] else ""))
+    searched = [entry for entry in plan.linears if "search" in entry]
+    if searched:
+        lines.append(f"{'linear':<34} {'level':>5} {'sensitivity':>11} {'measured':>9} {'time us':>9} {'dense us':>9}")
+    for entry in searched:
+        chosen = entry["search"]
+        measured = "-" if chosen["measured_error"] is None else f"{chosen['measured_error']:.3g}"
+        lines.append(f"{entry['name'][-34:]:<34} {chosen['level']:>5.3g} {chosen['predicted_error']:>11.3g} "
+                     f"{measured:>9} {chosen['seconds'] * 1e6:>9.2f} {chosen['dense_seconds'] * 1e6:>9.2f}"
+                     + ("  (made dense by back-off)" if chosen["densified_by_backoff"] else ""))
     lines.append(f"predicted error {record['predicted_error']:.3g}, measured {record['measured_error']:.3g} "
                  f"on {record['held_out_batches']} held-out batches, predicted speedup "
                  f"{record['predicted_speedup']:.2f}x, back-off steps {len(record['backoff'])}")
     return lines
+
+
+def _weights_summary(plan: Plan) -> list[str]:
+    record = plan.extra.get("weights")
+    if not record:
+        return []
+    sparse = sum(entry["level"] > 0 for entry in plan.linears)
+    return [f"weights: {record['structure']} ({record['score']}), {sparse}/{len(plan.linears)} linears sparse, "
+            f"global sparsity {record['global_sparsity']:.3f}, rel_l2 of the weights alone "
+            f"{record['measured_error']:.3g}, {record['compressed_bytes']} of {record['dense_bytes']} bytes"]
 
 
 def encode_groups(groups: list[HeadGroup]) -> str:

@@ -240,7 +240,7 @@ class PlantedLlama(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
         inv_freq = 10000.0 ** (-torch.arange(0, self.head_dim, 2, device=x.device).float() / self.head_dim)
         angles = positions[:, None] * inv_freq[None, :]
-        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        cos, sin = torch.cat([angles.cos()] * 2, -1).to(x.dtype), torch.cat([angles.sin()] * 2, -1).to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
