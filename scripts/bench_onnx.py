@@ -7,10 +7,12 @@ original model, end to end, at several sequence lengths from one export each.
 
 The model: hidden 512, 8 query heads of 64 sharing 2 key/value heads, MLP 1408, fp32,
 random weights. The sparse plan is planted (as the tests do), not searched: window, sink +
-window and block top-k heads at an attention density of about 20% of the causal matrix. Prints per length the median latency of each model, the
-speed-up, the density, and the sparse model's error against the compiled PyTorch model.
+window and block top-k heads at an attention density of about 20% of the causal matrix.
 Dense baselines: the exporter's default (opset 20, attention as MatMul / Softmax) and
-opset 23 (onnxruntime's fused ``Attention`` op).
+opset 23 (onnxruntime's fused ``Attention`` op). Runs are interleaved, so load from other
+work on the machine slows every model alike; prints per length each model's median
+latency, the speed-ups, the density and the sparse model's error against the compiled
+PyTorch model.
 """
 from __future__ import annotations
 
