@@ -22,6 +22,9 @@ from . import fitting
 from .base import N, Pattern, full_pairs, register
 
 
+MIN_GRID = 4
+
+
 @register
 class BlockTopk(Pattern):
     kind = "block_topk"
@@ -106,10 +109,16 @@ class BlockTopk(Pattern):
         return float(profile.pooled(block, block)[self.grid_layout(params, profile.n_q, profile.n_k)].sum())
 
     def fit(self, profiles, recall):
-        """Fitted on the longest length; other lengths see the stretched layout."""
+        """Fitted on the longest length; other lengths see the stretched layout.
+
+        A grid of fewer than ``MIN_GRID`` blocks a side is not fitted (recall 0): there the
+        always-kept diagonal blocks cover nearly everything, so a layout would look exact
+        at calibration yet say nothing about longer sequences."""
         longest = profiles[-1]
         mass = longest.block_mass
         params = {"block": longest.block, "grid": list(mass.shape), "blocks": []}
+        if min(mass.shape) < MIN_GRID:
+            return params, 0.0
         forced = self.grid_layout(params, longest.n_q, longest.n_k)
         rest = torch.where(forced, 0.0, mass).flatten()
         order = rest.argsort(descending=True)[: int((rest > 0).sum())]
