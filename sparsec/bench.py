@@ -251,12 +251,16 @@ def add_bench_attention_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """``sparsec bench attention ...`` (the CLI gathers sub-commands through this)."""
+    """``sparsec bench attention|e2e ...`` (the CLI gathers sub-commands through this)."""
     bench = subparsers.add_parser("bench", help="benchmarks on a GPU")
     suites = bench.add_subparsers(dest="suite", required=True)
     attention = suites.add_parser("attention", help="generated kernels vs dense SDPA vs FlexAttention")
     add_bench_attention_arguments(attention)
     attention.set_defaults(handler=_run)
+    from sparsec.bench_e2e import add_bench_e2e_arguments, run as run_e2e
+    e2e = suites.add_parser("e2e", help="Llama-style prefill: compiled sparse vs eager dense vs torch.compile")
+    add_bench_e2e_arguments(e2e)
+    e2e.set_defaults(handler=run_e2e)
 
 
 def _run(args: argparse.Namespace) -> int:
