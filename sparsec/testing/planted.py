@@ -165,11 +165,21 @@ _SPECIAL = 1000.0                   # BOS/SEP channel value: after RMSNorm ~sqrt
 _SUPPRESS = 40.0                    # score taken off BOS / SEP keys in heads that ignore them
 
 
+def _pairs(head_dim: int) -> tuple[tuple[int, int], int, int]:
+    """The window pairs, stripe pair and sink pair at ``head_dim``: the rotary pairs of the
+    same frequencies as at head_dim 64 (pair ``p`` of 64 turns as pair ``p * head_dim / 64``)."""
+    if head_dim % 64:
+        raise ValueError(f"planted_llama plants heads of head_dim a multiple of 64, not {head_dim}")
+    scale = head_dim // 64
+    return (_WINDOW_PAIRS[0] * scale, _WINDOW_PAIRS[1] * scale), _STRIPE_PAIR * scale, _SINK_PAIR * scale
+
+
 def _window_kernel(head_dim: int, length: int = 2048) -> torch.Tensor:
     """``K(d)`` for ``d = 0 ... length - 1``: the planted window score per unit amplitude."""
     theta = 10000.0 ** (-torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim)
     d = torch.arange(length, dtype=torch.float64)
-    return torch.cos(theta[_WINDOW_PAIRS[0]] * d) - torch.cos(theta[_WINDOW_PAIRS[1]] * d)
+    (first, second), _, _ = _pairs(head_dim)
+    return torch.cos(theta[first] * d) - torch.cos(theta[second] * d)
 
 
 def _window_amplitude(window: int, head_dim: int) -> float:
@@ -281,6 +291,7 @@ def planted_llama(layers: int = 4, heads: int = 8, kv_heads: int = 2, head_dim: 
         model.embed.weight[:, :2] = 0.0
         model.embed.weight[BOS, 0] = model.embed.weight[SEP, 1] = _SPECIAL
         half = head_dim // 2
+        window_pairs, stripe_pair, sink_pair = _pairs(head_dim)
         for index, layer in enumerate(model.layers):
             layer.o_proj.weight[:2] = 0.0          # channels 0 and 1 stay BOS / SEP flags
             layer.down_proj.weight[:2] = 0.0
@@ -288,25 +299,25 @@ def planted_llama(layers: int = 4, heads: int = 8, kv_heads: int = 2, head_dim: 
             for group in planted_groups:
                 rows = slice(group * head_dim, (group + 1) * head_dim)
                 k_weight, k_bias = layer.k_proj.weight[rows], layer.k_proj.bias[rows]
-                for pair in (*_WINDOW_PAIRS, _STRIPE_PAIR, _SINK_PAIR):
+                for pair in (*window_pairs, stripe_pair, sink_pair):
                     k_weight[[pair, pair + half]] = 0.0
-                for pair in _WINDOW_PAIRS:       # constant 1, cancelled on BOS / SEP keys
+                for pair in window_pairs:        # constant 1, cancelled on BOS / SEP keys
                     k_bias[pair] = 1.0
                     k_weight[pair, :2] = -scale
-                k_weight[_SINK_PAIR, 0] = scale
-                k_weight[_STRIPE_PAIR, 1] = scale
+                k_weight[sink_pair, 0] = scale
+                k_weight[stripe_pair, 1] = scale
             for head, (kind, window) in (plant or DEFAULT_PLANT).get(index, {}).items():
                 rows = slice(head * head_dim, (head + 1) * head_dim)
                 layer.q_proj.weight[rows] = 0.0
                 amplitude = _window_amplitude(window, head_dim)
                 bias = torch.zeros(head_dim)
-                bias[_WINDOW_PAIRS[0]], bias[_WINDOW_PAIRS[1]] = amplitude, -amplitude
+                bias[window_pairs[0]], bias[window_pairs[1]] = amplitude, -amplitude
                 # Special keys get about half of a row's mass: the window's log-normaliser.
                 special = float(torch.logsumexp(amplitude * _window_kernel(head_dim), 0))
                 # BOS / SEP keys score 0 on the window pairs, as much as the diagonal: a head
                 # that does not attend to them pushes them down on their own pair.
-                bias[_SINK_PAIR] = special if kind == "sink_window" else -_SUPPRESS
-                bias[_STRIPE_PAIR] = special - math.log(len(SEP_POSITIONS)) if kind == "vertical_stripe" else -_SUPPRESS
+                bias[sink_pair] = special if kind == "sink_window" else -_SUPPRESS
+                bias[stripe_pair] = special - math.log(len(SEP_POSITIONS)) if kind == "vertical_stripe" else -_SUPPRESS
                 if kind not in ("window", "sink_window", "vertical_stripe"):
                     raise ValueError(f"planted_llama plants window, sink_window or vertical_stripe, not {kind!r}")
                 layer.q_proj.bias[rows] = bias * math.sqrt(head_dim)     # undo SDPA's 1/sqrt(D)
