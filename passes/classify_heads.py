@@ -3,8 +3,9 @@
 For every head of every site, each pattern family fits its parameters to the head's
 calibration profiles (``ctx.attention_stats``, from ``calibrate``) and reports its recall,
 the fraction of attention mass its mask keeps (lowest over the calibration lengths). The
-head takes the cheapest candidate, by FLOPs (:meth:`Pattern.cost`, exact pair counts) at
-the longest calibration length, whose recall reaches ``ctx.options["recall"]`` (default 0.95); ties
+head takes the fastest candidate — by the target's cost model (:class:`sparsec.cost_model.CostModel`:
+exact pair counts at the dense or the sparse kernels' measured rate) at the longest
+calibration length — whose recall reaches ``ctx.options["recall"]`` (default 0.95); ties
 go to the simpler family, in :data:`FAMILIES` order. Otherwise it stays dense, and
 ``reason`` says why. Every candidate is recorded in ``HeadPlan.candidates``.
 
@@ -14,7 +15,9 @@ go to the simpler family, in :data:`FAMILIES` order. Otherwise it stays dense, a
   input), and its cost includes the estimation, so it wins only where no static pattern
   does at a lower cost.
 - A sparse pattern must also save at least ``ctx.options["min_saving"]`` (default 0.2)
-  of the dense cost: below that, block-sparse kernels' indexing overhead eats the gain.
+  of the dense head's predicted time. Ranking by time rather than FLOPs matters: sparse
+  kernels run at about 70% of dense SDPA's rate on an H100, so a 70%-dense block layout
+  is no faster than dense (seen in the 32k end-to-end benchmark, notes/kernels.md).
 - Heads whose user mask is exactly causal are classified as causal (see ``calibrate``).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import Counter
 
 import torch
 
+from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadPlan
@@ -35,7 +39,7 @@ DEFAULT_MIN_SAVING = 0.2
 
 
 def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, recall: float,
-                  min_saving: float, families: tuple[str, ...] = FAMILIES) -> None:
+                  min_saving: float, cost_model: CostModel, families: tuple[str, ...] = FAMILIES) -> None:
     """Fit every family to one head's profiles and write the choice into ``head``."""
     length = profiles[-1].n_k
     candidates = []
@@ -46,12 +50,13 @@ def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, r
             "pattern": kind, "params": params, "recall": round(float(reached), 6),
             "density": round(float(pattern.density(params, length, causal)), 6),
             "cost": pattern.cost(params, length, causal, head_dim),
+            "seconds": cost_model.head_seconds(kind, params, length, causal, head_dim),
         })
-    dense_cost = next(c["cost"] for c in candidates if c["pattern"] == "dense")
+    dense_seconds = next(c["seconds"] for c in candidates if c["pattern"] == "dense")
     meeting = [c for c in candidates if c["recall"] >= recall and c["pattern"] != "dense"]
-    cheapest = min(meeting, key=lambda c: c["cost"], default=None)      # min keeps the first tie
-    if cheapest is not None and cheapest["cost"] <= (1 - min_saving) * dense_cost:
-        chosen, reason = cheapest, f"cheapest pattern with recall >= {recall}"
+    cheapest = min(meeting, key=lambda c: c["seconds"], default=None)      # min keeps the first tie
+    if cheapest is not None and cheapest["seconds"] <= (1 - min_saving) * dense_seconds:
+        chosen, reason = cheapest, f"fastest pattern with recall >= {recall} on {cost_model.target.name}"
     else:
         chosen = next(c for c in candidates if c["pattern"] == "dense")
         if cheapest is None:
@@ -59,8 +64,9 @@ def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, r
             reason = (f"no sparse pattern reaches recall {recall}: best is {best['pattern']} "
                       f"at {best['recall']:.3f}")
         else:
-            reason = (f"cheapest pattern with recall >= {recall} ({cheapest['pattern']}, density "
-                      f"{cheapest['density']:.3f}) saves less than {min_saving:.0%} of dense")
+            reason = (f"fastest pattern with recall >= {recall} ({cheapest['pattern']}, density "
+                      f"{cheapest['density']:.3f}) saves less than {min_saving:.0%} of dense time "
+                      f"on {cost_model.target.name}")
     head.pattern, head.params = chosen["pattern"], chosen["params"]
     head.recall, head.density = chosen["recall"], chosen["density"]
     head.candidates, head.reason = candidates, reason
@@ -79,8 +85,9 @@ class ClassifyHeads:
             families = ("dense", *families)
         ctx.plan.recall_threshold = recall
         kinds: Counter = Counter()
+        cost_model = CostModel(ctx.target)
         for site in ctx.plan.attention:
-            self._classify_site(site, ctx, recall, min_saving, families)
+            self._classify_site(site, ctx, recall, min_saving, cost_model, families)
             kinds.update(head.pattern for head in site.heads)
         heads = sum(kinds.values())
         stats = {"heads_classified": heads, "sparse_heads": heads - kinds["dense"], **dict(sorted(kinds.items()))}
@@ -91,7 +98,7 @@ class ClassifyHeads:
 
     @staticmethod
     def _classify_site(site: AttentionSite, ctx: CompileContext, recall: float, min_saving: float,
-                       families: tuple[str, ...]) -> None:
+                       cost_model: CostModel, families: tuple[str, ...]) -> None:
         stats = ctx.attention_stats.get(site.name)
         if stats is None or not stats.profiles:
             for head in site.heads:
@@ -99,5 +106,6 @@ class ClassifyHeads:
             site.groups = site.group_heads_by_pattern()
             return
         for head in site.heads:
-            classify_head(head, stats.head(head.head), stats.causal, site.head_dim, recall, min_saving, families)
+            classify_head(head, stats.head(head.head), stats.causal, site.head_dim, recall, min_saving,
+                          cost_model, families)
         site.groups = site.group_heads_by_pattern()
