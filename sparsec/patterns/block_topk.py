@@ -31,19 +31,9 @@ class BlockTopk(Pattern):
 
     def keep(self, params, d, rows, cols, n_q, n_k):
         block = int(params["block"])
-        grid_q, grid_k = params["grid"]
-        layout = torch.zeros(grid_q, grid_k, dtype=torch.bool)
-        if params["blocks"]:
-            qb, kb = torch.tensor(params["blocks"], dtype=torch.long).T
-            layout[qb, kb] = True
-        # Blocks of the length being served, then their position on the calibration grid.
-        row_block = rows // block
+        stretched = self._stretched(params, n_q, n_k).to(rows.device)
         col_block = cols // block
-        blocks_q = -(-n_q // block)
-        blocks_k = -(-n_k // block)
-        grid_row = torch.clamp(row_block * grid_q // blocks_q, max=grid_q - 1)
-        grid_col = torch.clamp(col_block * grid_k // blocks_k, max=grid_k - 1)
-        kept = layout.to(rows.device)[grid_row[:, None], grid_col[None, :]]
+        kept = stretched[(rows // block)[:, None], col_block[None, :]]
         # A block that holds the diagonal: its key block is the aligned query's key block.
         diagonal_block = (rows + (n_k - n_q)) // block
         return kept | (col_block[None, :] == diagonal_block[:, None])
