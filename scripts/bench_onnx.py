@@ -27,8 +27,8 @@ import torch
 
 import sparsec
 from sparsec.codegen.onnx import export_onnx
-from sparsec.pass_manager import PassResult
 from sparsec.passes.canonicalize import Canonicalize
+from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.lower import Lower
 from sparsec.patterns import get_pattern
 from sparsec.runtime.ort import ort_feeds, ort_session
@@ -52,22 +52,6 @@ def planted_patterns() -> dict[int, tuple[str, dict]]:
     block_topk = ("block_topk", block_topk_params())
     return {0: window, 1: window, 2: window, 3: window, 4: sink_window, 5: sink_window,
             6: block_topk, 7: block_topk}
-
-
-class PlantPatterns:
-    """Stands in for calibration and search: give every site the planted patterns."""
-
-    name = "plant_patterns"
-
-    def __init__(self, patterns: dict):
-        self.patterns = patterns
-
-    def run(self, gm, ctx):
-        for site in ctx.plan.attention:
-            for head in site.heads:
-                head.pattern, head.params = self.patterns[head.head]
-            site.groups = site.group_heads_by_pattern()
-        return PassResult(gm, False, {"planted": len(self.patterns)})
 
 
 def build_model(layers: int) -> torch.nn.Module:
@@ -115,7 +99,7 @@ def run_benchmark(lengths=(1024, 4096), layers: int = 4, repeat: int = 5, thread
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sparsec_bench_onnx_"))
     model, patterns = build_model(layers), planted_patterns()
     example = {"input_ids": torch.randint(0, VOCAB, (1, 256))}
-    compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns(patterns), Lower()])
+    compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns([patterns]), Lower()])
     paths = {"sparse": export_onnx(compiled.graph_module, (), example, compiled.plan, workdir / "sparse.onnx"),
              "dense": _export_dense(model, example, workdir / "dense.onnx", None),
              "dense_opset23": _export_dense(model, example, workdir / "dense_opset23.onnx", 23)}

@@ -9,8 +9,8 @@ import sparsec
 from sparsec.errors import (ArtifactCorruptError, ArtifactMissingError, ArtifactVersionError,
                             CalibrationMismatchError, CaptureError, NoAttentionError,
                             UnservableInputError, UnsupportedDtypeError)
-from sparsec.pass_manager import PassResult
 from sparsec.passes.canonicalize import Canonicalize
+from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.lower import Lower
 from sparsec.plan import HeadGroup
 from sparsec.runtime import reference
@@ -38,27 +38,11 @@ class TinyAttention(torch.nn.Module):
         return self.o(y.transpose(1, 2).reshape(x.shape))
 
 
-class PlantPatterns:
-    """A stand-in for classification: give heads fixed patterns."""
-
-    name = "plant_patterns"
-
-    def __init__(self, patterns):
-        self.patterns = patterns
-
-    def run(self, gm, ctx):
-        for site in ctx.plan.attention:
-            for head, (kind, params) in self.patterns.items():
-                site.heads[head].pattern, site.heads[head].params = kind, params
-            site.groups = site.group_heads_by_pattern()
-        return PassResult(gm, False, {"planted": len(self.patterns)})
-
-
 PATTERNS = {1: ("window", {"window": [5, 0]}), 2: ("sink_window", {"sink": [2, 0], "window": [4, 0]})}
 
 
 def compile_tiny(model, x, patterns=PATTERNS, **kwargs):
-    return sparsec.compile(model, (x,), passes=[Canonicalize(), PlantPatterns(patterns), Lower()], **kwargs)
+    return sparsec.compile(model, (x,), passes=[Canonicalize(), PlantPatterns([patterns]), Lower()], **kwargs)
 
 
 def expected_sparse(model, x, patterns):

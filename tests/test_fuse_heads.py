@@ -8,10 +8,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparsec
-from sparsec.pass_manager import CompileContext, PassManager, PassResult
+from sparsec.pass_manager import CompileContext, PassManager
 from sparsec.passes.apply_plan import ApplyPlan
 from sparsec.passes.attention_sites import ATTENTION, SPARSE_ATTENTION, attention_nodes
 from sparsec.passes.canonicalize import Canonicalize
+from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.capture import capture
 from sparsec.passes.fuse_heads import FuseHeads, arrange_heads, count_runs
 from sparsec.passes.head_grouping import canonical_params, covering, group_by_instance, instance_key
@@ -118,22 +119,6 @@ class NoProjection(torch.nn.Module):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-class PlantPatterns:
-    """Site ``i`` takes ``layers[i % len(layers)]``: one ``(kind, params)`` per head."""
-
-    name = "plant_patterns"
-
-    def __init__(self, layers):
-        self.layers = layers
-
-    def run(self, gm, ctx):
-        for index, site in enumerate(ctx.plan.attention):
-            for head, (kind, params) in zip(site.heads, self.layers[index % len(self.layers)]):
-                head.pattern, head.params = kind, copy.deepcopy(params)
-            site.groups = site.group_heads_by_pattern()
-        return PassResult(gm, False, {})
-
 
 def _run(gm, record, args, kwargs, passes):
     ctx = CompileContext(plan=Plan(target="cpu", capture=record), target=get_target("cpu"),

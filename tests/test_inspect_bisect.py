@@ -10,8 +10,8 @@ import sparsec
 from sparsec.bisect import bisect, ddmin, make_dense
 from sparsec.cli import main
 from sparsec.inputs import relative_l2
-from sparsec.pass_manager import PassResult
 from sparsec.passes.canonicalize import Canonicalize
+from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.lower import Lower
 from sparsec.plan import AttentionSite, HeadPlan, Plan
 from sparsec.report import original_head
@@ -59,24 +59,8 @@ def planted_stack(layers=4, heads=4, critical=((2, 1),), seed=0):
     return Stack(scales).eval(), (torch.randn(2, 48, 32),)
 
 
-class PlantPatterns:
-    """A stand-in for classification: every head gets ``pattern``."""
-
-    name = "plant_patterns"
-
-    def __init__(self, pattern=WINDOW):
-        self.pattern = pattern
-
-    def run(self, gm, ctx):
-        for site in ctx.plan.attention:
-            for head in site.heads:
-                head.pattern, head.params = self.pattern
-            site.groups = site.group_heads_by_pattern()
-        return PassResult(gm, False, {"planted": sum(len(s.heads) for s in ctx.plan.attention)})
-
-
 def compile_planted(model, inputs, **kwargs):
-    return sparsec.compile(model, inputs, passes=[Canonicalize(), PlantPatterns(), Lower()], **kwargs)
+    return sparsec.compile(model, inputs, passes=[Canonicalize(), PlantPatterns([], default=WINDOW), Lower()], **kwargs)
 
 
 @pytest.fixture(scope="module")

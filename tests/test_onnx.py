@@ -20,8 +20,8 @@ from models import build_bert, build_llama_gqa, build_vit, bert_inputs, llama_in
 from sparsec.codegen.onnx import export_onnx
 from sparsec.codegen.onnx.schema import DOMAIN, SPARSE_ATTENTION
 from sparsec.errors import ArtifactVersionError, UnservableInputError
-from sparsec.pass_manager import PassResult
 from sparsec.passes.canonicalize import Canonicalize
+from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.capture import capture
 from sparsec.passes.lower import Lower
 from sparsec.plan import HeadGroup, Plan, encode_groups
@@ -278,20 +278,6 @@ def test_sparse_linear_runs_in_stock_onnxruntime(structure, tmp_path):
 
 # -- Hugging Face models through sparsec.compile, planted patterns --
 
-class PlantPatterns:
-    name = "plant_patterns"
-
-    def __init__(self, patterns: dict):
-        self.patterns = patterns
-
-    def run(self, gm, ctx):
-        for site in ctx.plan.attention:
-            for head, (pattern, params) in self.patterns.items():
-                site.heads[head].pattern, site.heads[head].params = pattern, params
-            site.groups = site.group_heads_by_pattern()
-        return PassResult(gm, False, {"planted": len(self.patterns)})
-
-
 HF_PATTERNS = {0: ("window", {"window": [3, 0.1]}), 1: ("sink_window", {"sink": [2, 0], "window": [4, 0]}),
                2: ("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "last_q": 8}), 3: BLOCK_TOPK}
 # name -> (builder, inputs, two (batch, seq) calls); ViT's position embeddings fix its length.
@@ -304,7 +290,7 @@ HF_MODELS = {"llama_gqa_causal_rope": (build_llama_gqa, llama_inputs, [(2, 24), 
 def test_hf_model_onnx_matches_compiled(name, tmp_path):
     builder, inputs, calls = HF_MODELS[name]
     model, example = builder()
-    compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns(HF_PATTERNS), Lower()])
+    compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns([HF_PATTERNS]), Lower()])
     paths = {mode: compiled.export_onnx(tmp_path / f"{mode}.onnx", mode=mode) for mode in ("custom", "decomposed")}
     sessions = {mode: ort_session(path) for mode, path in paths.items()}
     for batch, seq in calls:
@@ -325,7 +311,7 @@ def test_cli_export_and_run_onnx(tmp_path, capsys):
     example = _padded(2, 24)
     model = AllPatterns(False, sparse=False).eval()
     planted = {head: (g.pattern, g.params) for g in GROUPS for head in g.heads}
-    compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns(planted), Lower()])
+    compiled = sparsec.compile(model, example, passes=[Canonicalize(), PlantPatterns([planted]), Lower()])
     compiled.save(tmp_path / "artifact")
     assert cli.main(["export", str(tmp_path / "artifact"), str(tmp_path / "m.onnx")]) == 0
     x, padding = _padded(1, 40)
