@@ -102,7 +102,7 @@ class CompiledModel:
         try:
             return self.graph_module(*args, **kwargs)
         except (RuntimeError, AssertionError, ValueError) as error:
-            if "Guard failed" in str(error) or "Expected input" in str(error) or "shape" in str(error):
+            if "Guard failed" in str(error) or "Expected input" in str(error):
                 raise UnservableInputError(
                     f"the compiled graph cannot serve this input: {error}. torch.export fixes every "
                     "dimension whose example size was 1 and constrains the others (plan.capture['ranges']); "
