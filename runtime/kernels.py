@@ -190,7 +190,11 @@ class _Group:
         if spec.template == "index":
             index = sparse_tables.index_arguments(spec.pattern, spec.params, n_q, n_k, q.device)
             before, after = (index.colmap, index.columns), (*common, *sizes, *index.scalars())
-        elif group.pattern == "block_topk":
+        else:
+            # block_topk tiles inside one layout block each are kept whole (see _lut_keep).
+            block = int(group.params["block"]) if group.pattern == "block_topk" else 0
+            meta["UNIFORM_TILES"] = bool(block) and block % bm == 0 and block % bn == 0 and (n_k - n_q) % block == 0
+        if group.pattern == "block_topk":
             tables = sparse_tables.block_topk_tables(spec.params, n_q, n_k, causal, bm, bn, q.device)
             before = tables_args(tables)
             after = (*common, *tables_strides(tables), *sizes, *tables.layout_shape)

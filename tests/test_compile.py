@@ -67,6 +67,17 @@ def test_compiled_equals_reference_sparse_computation(batch, length):
     assert cm.plan.attention[0].extra["lowered"].startswith("sparse_attention")
 
 
+def test_compiled_graph_composes_with_torch_compile():
+    """Inductor compiles the rest of sparsec's graph around the opaque sparse_attention op."""
+    torch.manual_seed(1)
+    model = TinyAttention().eval()
+    cm = compile_tiny(model, torch.randn(2, 20, 32))
+    x = torch.randn(2, 29, 32)
+    with torch.no_grad():
+        fast = torch.compile(cm.graph_module, dynamic=False)
+        torch.testing.assert_close(fast(x), expected_sparse(model, x, PATTERNS), rtol=1e-4, atol=1e-4)
+
+
 def test_all_dense_equals_original_model():
     torch.manual_seed(0)
     model = TinyAttention().eval()

@@ -61,7 +61,7 @@ def random_params(family: str, rng: random.Random, n: int) -> dict:
     if family == "window":
         return {"window": _elastic(rng, 1, max(2, n // 3), n)}
     if family == "sink_window":
-        return {"sink": _elastic(rng, 1, 12, n), "window": _elastic(rng, 1, max(2, n // 4), n)}
+        return {"sink": _elastic(rng, 1, 40, n), "window": _elastic(rng, 1, max(2, n // 4), n)}
     if family == "vertical_stripe":
         columns = rng.sample(range(n + 20), rng.randint(1, 12))          # some past the end
         return {"columns": columns, "window": _elastic(rng, 1, 16, n)}

@@ -9,9 +9,9 @@ For query block ``[r0, r1)`` (aligned key positions ``p = i + n_k - n_q``), in o
    ``m`` that reaches this query block. A band covers key blocks
    ``[(p0 - d_hi) / BLOCK_N, (p1 - d_lo) / BLOCK_N]``. Per band, one loop computes the
    blocks every pair of which is kept, with no mask at all, and one loop the ragged edges
-   with the elementwise mask (the first band's loop also takes the sink blocks
-   ``[0, ceil(sink / BLOCK_N))`` of ``HAS_SINK``). Two loops, not one per segment, so the
-   software pipeline refills twice per band. A cursor skips blocks an earlier band or the
+   with the elementwise mask (the first band's loops also take the sink blocks
+   ``[0, ceil(sink / BLOCK_N))`` of ``HAS_SINK``: whole ones unmasked, the rest masked).
+   Two loops, not one per segment, so the software pipeline refills twice per band. A cursor skips blocks an earlier band or the
    sink already computed, so no pair counts twice;
 2. stripe columns (``HAS_COLUMNS``): the pattern's key columns outside the blocks above,
    gathered ``BLOCK_N`` at a time.
@@ -56,17 +56,18 @@ def _index_keep(p, cols, n_k, sink, window, period, width, count, bias, Colmap,
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
                        M, stride_mm, stride_mn, Colmap, rows, row_ok, p, qk_scale, n_k,
-                       n_first, second, n_second, third, n_third,
+                       first, n_first, second, n_second, third, n_third,
                        sink, window, period, width, count, bias,
                        MASKED: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_SINK: tl.constexpr, HAS_COLUMNS: tl.constexpr, MULTI_DIAGONAL: tl.constexpr,
                        MASK_KIND: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                        FP32_DOT: tl.constexpr, TMA: tl.constexpr):
-    """Key blocks ``[0, n_first)``, ``[second, second + n_second)``, ``[third, third + n_third)``
-    in one loop: with the pattern mask when ``MASKED``, else with none."""
+    """Key blocks ``[first, first + n_first)``, ``[second, second + n_second)`` and
+    ``[third, third + n_third)`` in one loop: with the pattern mask when ``MASKED``, else
+    with none."""
     for t in range(0, n_first + n_second + n_third):
-        block = tl.where(t < n_first, t, tl.where(t < n_first + n_second, second + t - n_first,
-                                                  third + t - n_first - n_second))
+        block = tl.where(t < n_first, first + t, tl.where(t < n_first + n_second, second + t - n_first,
+                                                          third + t - n_first - n_second))
         start_n = tl.multiple_of(block * BLOCK_N, BLOCK_N)
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
@@ -114,8 +115,14 @@ def _sparse_attention_fwd(
     if CAUSAL:
         key_end = tl.minimum(key_end, tl.maximum(p_last + 1, 0))
     sink_blocks = qb * 0
+    sink_full = qb * 0
     if HAS_SINK:
         sink_blocks = tl.cdiv(tl.minimum(sink, key_end), BLOCK_N)
+        # Sink blocks every row of this query block sees whole need no mask.
+        sink_seen = tl.minimum(sink, n_k)
+        if CAUSAL:
+            sink_seen = tl.minimum(sink_seen, p_first + 1)
+        sink_full = tl.maximum(sink_seen, 0) // BLOCK_N
 
     # -- diagonal bands m_hi .. m_lo (increasing key position) --
     band_lo = qb * 0
@@ -157,16 +164,18 @@ def _sparse_attention_fwd(
         full_hi = tl.maximum(tl.minimum(p_first - safe_lo + 1, n_k), 0) // BLOCK_N
         full_lo = tl.minimum(tl.maximum(full_lo, block_lo), block_hi)
         full_hi = tl.minimum(tl.maximum(full_hi, full_lo), block_hi)
-        n_sink = tl.where(step == 0, sink_blocks, 0)
+        n_sink_full = tl.where(step == 0, sink_full, 0)
+        n_sink_masked = tl.where(step == 0, sink_blocks - sink_full, 0)
         acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
                                            M, stride_mm, stride_mn, Colmap, rows, row_ok, p, qk_scale, n_k,
-                                           n_sink, block_lo, full_lo - block_lo, full_hi, block_hi - full_hi,
+                                           sink_full, n_sink_masked, block_lo, full_lo - block_lo,
+                                           full_hi, block_hi - full_hi,
                                            sink, window, period, width, count, bias, True, BLOCK_N, CAUSAL,
                                            HAS_SINK, HAS_COLUMNS, MULTI_DIAGONAL, MASK_KIND, HEAD_DIM, D_PAD,
                                            FP32_DOT, TMA)
         acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
                                            M, stride_mm, stride_mn, Colmap, rows, row_ok, p, qk_scale, n_k,
-                                           0, full_lo, full_hi - full_lo, 0, 0,
+                                           0, n_sink_full, full_lo, full_hi - full_lo, 0, 0,
                                            sink, window, period, width, count, bias, False, BLOCK_N, CAUSAL,
                                            HAS_SINK, HAS_COLUMNS, MULTI_DIAGONAL, MASK_KIND, HEAD_DIM, D_PAD,
                                            FP32_DOT, TMA)

@@ -24,9 +24,20 @@ from .flash_common import _attend_tile, _head_of_program, _load_query_tile, _sto
 
 @triton.jit
 def _lut_keep(p, rows, cols, n_k, Layout, block, grid_q, grid_k, blocks_q, blocks_k, Colmap, Offmap,
-              CAUSAL: tl.constexpr, KEEP_KIND: tl.constexpr):
-    """The pattern's mask for query rows (positions ``p``) and keys ``cols``, causal cut included."""
+              CAUSAL: tl.constexpr, KEEP_KIND: tl.constexpr, UNIFORM_TILES: tl.constexpr):
+    """The pattern's mask for query rows (positions ``p``) and keys ``cols``, causal cut included.
+
+    ``UNIFORM_TILES`` (block_topk, chosen per call): every tile lies inside one layout block
+    of rows and one of keys, so a listed tile is kept whole by the layout and only the
+    causal cut and the key range remain; this skips the per-element layout gather, whose
+    2D pointers cost more registers than the rest of the kernel (spills at 128-row tiles).
+    """
     d = p[:, None] - cols[None, :]
+    if UNIFORM_TILES:
+        keep = cols[None, :] < n_k
+        if CAUSAL:
+            keep = keep & (d >= 0)
+        return keep
     if KEEP_KIND == 1:
         # block_topk: nearest cell of the calibration grid, or the diagonal's block.
         grid_row = tl.minimum((rows // block) * grid_q // blocks_q, grid_q - 1)
@@ -58,7 +69,7 @@ def _sparse_attention_fwd(
         block, grid_q, grid_k, blocks_q, blocks_k,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, KEEP_KIND: tl.constexpr, HAS_COLUMNS: tl.constexpr,
-        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr):
+        MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, UNIFORM_TILES: tl.constexpr):
     """One program: one query block of one (batch, group head); see the module docstring."""
     batch, head, kv_head, slot = _head_of_program(Heads, num_group_heads, per_kv)
     qb = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -94,7 +105,7 @@ def _sparse_attention_fwd(
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_k
         keep = _lut_keep(p, rows, cols, n_k, Layout, block, grid_q, grid_k, blocks_q, blocks_k,
-                         Colmap, Offmap, CAUSAL, KEEP_KIND)
+                         Colmap, Offmap, CAUSAL, KEEP_KIND, UNIFORM_TILES)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row + start_n, stride_kn,
                                      stride_vn, cols, col_ok, rows, row_ok, keep, M, stride_mm, stride_mn,
                                      qk_scale, True, MASK_KIND, HEAD_DIM, D_PAD, FP32_DOT, TMA)
