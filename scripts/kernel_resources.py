@@ -7,8 +7,8 @@ arch on a machine without one (Triton's bundled ptxas; the local Triton's number
 from __future__ import annotations
 
 import argparse
-import sys
 import inspect
+import json
 import re
 import subprocess
 import tempfile
@@ -19,11 +19,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparsec.bench import bench_groups
+from sparsec.codegen.triton.configs import KernelConfig
 from sparsec.codegen.triton.generator import KernelSpec
 from sparsec.runtime.kernels import load_kernel
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_configs import parse_config  # noqa: E402
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -38,6 +36,9 @@ def compile_for(spec: KernelSpec, capability: int, mask_kind: int = 0):
     fn = module._sparse_attention_fwd
     config = spec.config
     constexprs = {**module.CONSTEXPRS, "MASK_KIND": mask_kind}
+    if spec.template == "lut":          # as the runtime decides it at n_q = n_k
+        block = json.loads(spec.params).get("block", 0)
+        constexprs["UNIFORM_TILES"] = bool(block) and block % config.block_m == 0 and block % config.block_n == 0
     signature = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constexprs:
@@ -76,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     (group,) = bench_groups(_CASES[args.pattern], 16384, 8)
     for tag in args.configs:
-        spec = KernelSpec.make(group.pattern, group.params, 128, "bfloat16", True, parse_config(tag),
+        spec = KernelSpec.make(group.pattern, group.params, 128, "bfloat16", True, KernelConfig.from_tag(tag),
                                f"sm{args.capability}")
         kernel = compile_for(spec, args.capability)
         print(f"{args.pattern:<16} {tag:<16} shared {kernel.metadata.shared:>7} B, {resource_usage(kernel)}")

@@ -4,6 +4,9 @@
 - ``SPARSEC_DEBUG=0..3``    0 silent, 1 pass names and times, 2 + per-pass stats,
                             3 + the graph after every pass that changed it.
 - ``SPARSEC_CACHE_DIR=dir`` generated-kernel cache (default ``~/.cache/sparsec``).
+- ``SPARSEC_ATTENTION_CONFIGS=m64n64w4s3tma,m128n64w8s3``  the attention kernel configs
+                            the autotune times (tags as in the generated file names),
+                            instead of the arch's candidates: for tuning on a new GPU.
 - ``SPARSEC_SPARSE_LINEAR=auto|sparse|dense``  kernel of ``sparse_linear`` on CUDA: the
                             measured cost table decides (auto), or force the sparse kernel
                             wherever the structure has one, or cuBLAS on the dense weight.
@@ -39,6 +42,11 @@ def debug_level() -> int:
 def cache_dir() -> Path:
     raw = os.environ.get("SPARSEC_CACHE_DIR", "")
     return Path(raw) if raw else Path.home() / ".cache" / "sparsec"
+
+
+def attention_configs() -> list[str]:
+    raw = os.environ.get("SPARSEC_ATTENTION_CONFIGS", "")
+    return [tag.strip() for tag in raw.split(",") if tag.strip()]
 
 
 def triton_interpret() -> bool:

@@ -20,7 +20,7 @@ import torch
 
 import sparsec  # noqa: F401  (registers the ops and the CUDA kernel)
 from sparsec.bench import CASES, _flex_mask_mod, bench_groups
-from sparsec.codegen.triton.configs import KernelConfig
+from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import KernelSpec, generate, site_kernels, write_if_different, write_kernels
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadGroup, encode_groups
@@ -183,6 +183,16 @@ def test_kernel_source_is_readable_and_named_by_parameters():
     other = generate(KernelSpec.make("sink_window", {"sink": [64, 0], "window": [512, 0]}, 128, "bfloat16",
                                      True, KernelConfig(128, 64, 8, 3), "sm90"))
     assert other.filename != kernel.filename
+
+
+def test_config_tags_round_trip_and_env_override(monkeypatch):
+    for config in candidate_configs("sm90", "bfloat16", 128):
+        assert KernelConfig.from_tag(config.tag) == config
+    with pytest.raises(ValueError, match="m<block_m>n<block_n>"):
+        KernelConfig.from_tag("m64n64")
+    monkeypatch.setenv("SPARSEC_ATTENTION_CONFIGS", "m64n32w4s2, m128n128w8s3tma")
+    assert candidate_configs("sm80", "float32", 256) == (KernelConfig(64, 32, 4, 2),
+                                                          KernelConfig(128, 128, 8, 3, True))
 
 
 def test_a100_sources_without_a_gpu_written_only_if_different(tmp_path):

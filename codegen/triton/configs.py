@@ -3,11 +3,15 @@
 Each architecture lists a few candidates, the default first; the runtime times them on
 first use per shape bucket (a bounded autotune) and caches the choice on disk. A target
 profile can replace the list through ``Target.kernel_configs["attention"]`` (a list of
-``{"block_m", "block_n", "num_warps", "num_stages"}``).
+``{"block_m", "block_n", "num_warps", "num_stages"}``), and ``SPARSEC_ATTENTION_CONFIGS``
+(config tags) replaces both, to sweep configs on a new GPU with ``sparsec bench attention``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
+
+from sparsec import config
 
 from sparsec.targets import Target
 
@@ -23,6 +27,15 @@ class KernelConfig:
     @property
     def tag(self) -> str:
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}" + ("tma" if self.tma else "")
+
+    @staticmethod
+    def from_tag(tag: str) -> "KernelConfig":
+        """The config a :attr:`tag` names, e.g. ``m128n64w8s3`` or ``m64n64w4s3tma``."""
+        match = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(tma)?", tag)
+        if not match:
+            raise ValueError(f"kernel config {tag!r}: expected m<block_m>n<block_n>w<warps>s<stages>[tma], "
+                             "e.g. m128n64w8s3 or m64n64w4s3tma")
+        return KernelConfig(*(int(group) for group in match.groups()[:4]), tma=bool(match.group(5)))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +73,10 @@ def arch_key(arch: str) -> str:
 
 def candidate_configs(arch: str, dtype_name: str, padded_head_dim: int,
                       target: Target | None = None) -> tuple[KernelConfig, ...]:
-    """Configs worth timing for this arch, dtype and (padded) head dim; the default first."""
+    """Configs worth timing for this arch, dtype and (padded) head dim; the default first.
+    ``SPARSEC_ATTENTION_CONFIGS`` replaces them (tags), then a target profile's list."""
+    if config.attention_configs():
+        return tuple(KernelConfig.from_tag(tag) for tag in config.attention_configs())
     if target is not None and target.kernel_configs.get("attention"):
         return tuple(KernelConfig(**c) for c in target.kernel_configs["attention"])
     wide = dtype_name == "float32" or padded_head_dim > 128
