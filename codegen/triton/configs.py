@@ -44,10 +44,11 @@ class KernelConfig:
 # Hopper (measured on an H100, notes/kernels.md): 64 x 64 tiles of 4 warps with K/V
 # through TMA win nearly everywhere (short bands, and block_topk now that its tiles skip
 # the layout gather); long key loops (wide windows) sometimes prefer 128 x 128 tiles of
-# 8 warps through TMA, or plain pointer loads. 128 x 64 / 8 warps never won (v4).
-# Ampere: 4 warps, as FlashAttention-2; no TMA there.
+# 8 warps through TMA or plain pointer loads; vertical_slash (two gathers per masked
+# element) needs 128 x 64 tiles of 8 warps. Ampere: 4 warps, as FlashAttention-2; no TMA.
 _HALF = {
-    "sm90": (KernelConfig(64, 64, 4, 3, True), KernelConfig(128, 128, 8, 3, True), KernelConfig(64, 64, 4, 3)),
+    "sm90": (KernelConfig(64, 64, 4, 3, True), KernelConfig(128, 128, 8, 3, True), KernelConfig(128, 64, 8, 3),
+             KernelConfig(64, 64, 4, 3)),
     "sm80": (KernelConfig(128, 64, 4, 3), KernelConfig(128, 32, 4, 3), KernelConfig(64, 64, 4, 3)),
     # The Triton interpreter (CPU): small tiles keep the numpy work per program small;
     # TMA on, so the tests walk the descriptor path too (where the head dim allows it).
