@@ -29,19 +29,8 @@ def _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stri
     ``FP32_DOT``: both products in fp32 (exact ``ieee``), for fp32 inputs; p is still
     rounded to the input dtype first, as on the fast path.
     """
-    offs_d = tl.arange(0, D_PAD)
-    k_ptrs = K + cols[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + cols[:, None] * stride_vn + offs_d[None, :]
     # -- load K (V is loaded after the scores, as in the tutorial) --
-    if TMA:
-        k = K_desc.load([kv_row.to(tl.int32), 0])
-    elif MASKED:
-        kv_ok = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-    elif D_PAD != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+    k = _load_key_rows(K, K_desc, kv_row, stride_kn, cols, col_ok, MASKED, HEAD_DIM, D_PAD, TMA)
     # -- compute qk --
     if FP32_DOT:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -73,14 +62,7 @@ def _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stri
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     # -- accumulate p @ v --
-    if TMA:
-        v = V_desc.load([kv_row.to(tl.int32), 0])
-    elif MASKED:
-        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-    elif D_PAD != HEAD_DIM:
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = _load_key_rows(V, V_desc, kv_row, stride_vn, cols, col_ok, MASKED, HEAD_DIM, D_PAD, TMA)
     if FP32_DOT:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -89,8 +71,26 @@ def _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stri
 
 
 @triton.jit
-def _head_of_program(Heads, num_group_heads, per_kv):
-    """(batch, query head, kv head, slot in the group) of this program.
+def _load_key_rows(X, X_desc, kv_row, stride_xn, cols, col_ok, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_PAD: tl.constexpr, TMA: tl.constexpr):
+    """The ``[BLOCK_N, D_PAD]`` K or V rows ``cols``: through the descriptor (``TMA``), or
+    pointer loads guarded only where a masked tile or a padded head dim needs it."""
+    if TMA:
+        return X_desc.load([kv_row.to(tl.int32), 0])
+    offs_d = tl.arange(0, D_PAD)
+    ptrs = X + cols[:, None] * stride_xn + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if D_PAD != HEAD_DIM:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _program_bases(Heads, Q, K, V, Out, M, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_ob, stride_oh, stride_mb, stride_mh, num_group_heads, per_kv):
+    """This program's (batch, group slot, query block, first K/V row in the ``[B * Hkv * n_k, D]``
+    view) and its head's Q, K, V, Out and mask bases.
 
     Axis 0 walks (batch, group head), so programs of one query block over heads that
     share a kv head (GQA) run together and read the same K/V tiles from L2. Axis 1
@@ -101,7 +101,15 @@ def _head_of_program(Heads, num_group_heads, per_kv):
     batch = pid // num_group_heads
     slot = pid % num_group_heads
     head = tl.load(Heads + slot)
-    return batch, head, head // per_kv, slot
+    kv_head = head // per_kv
+    qb = tl.num_programs(1) - 1 - tl.program_id(1)
+    kv_row = (batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh) // stride_kn
+    Q += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    Out += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    M += batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+    return batch, slot, qb, kv_row, Q, K, V, Out, M
 
 
 @triton.jit

@@ -23,7 +23,7 @@ multiple of ``period`` large enough), so truncating and flooring division agree.
 import triton
 import triton.language as tl
 
-from .flash_common import _attend_tile, _head_of_program, _load_query_tile, _store_output
+from .flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
 
 
 @triton.jit
@@ -94,14 +94,9 @@ def _sparse_attention_fwd(
         CAUSAL: tl.constexpr, HAS_SINK: tl.constexpr, HAS_COLUMNS: tl.constexpr,
         MULTI_DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr):
     """One program: one query block of one (batch, group head); see the module docstring."""
-    batch, head, kv_head, slot = _head_of_program(Heads, num_group_heads, per_kv)
-    qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    kv_row = (batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh) // stride_kn
-    Q += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    Out += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    M += batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+    batch, slot, qb, kv_row, Q, K, V, Out, M = _program_bases(
+        Heads, Q, K, V, Out, M, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+        stride_ob, stride_oh, stride_mb, stride_mh, num_group_heads, per_kv)
     q, rows, row_ok = _load_query_tile(Q, stride_qn, qb, n_q, BLOCK_M, HEAD_DIM, D_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

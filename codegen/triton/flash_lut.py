@@ -19,7 +19,7 @@ calibration layout stretched to this length, plus the diagonal's block), 2 for
 import triton
 import triton.language as tl
 
-from .flash_common import _attend_tile, _head_of_program, _load_query_tile, _store_output
+from .flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
 
 
 @triton.jit
@@ -71,14 +71,9 @@ def _sparse_attention_fwd(
         CAUSAL: tl.constexpr, KEEP_KIND: tl.constexpr, HAS_COLUMNS: tl.constexpr,
         MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, UNIFORM_TILES: tl.constexpr):
     """One program: one query block of one (batch, group head); see the module docstring."""
-    batch, head, kv_head, slot = _head_of_program(Heads, num_group_heads, per_kv)
-    qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    kv_row = (batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh) // stride_kn
-    Q += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    K += batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    Out += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    M += batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh
+    batch, slot, qb, kv_row, Q, K, V, Out, M = _program_bases(
+        Heads, Q, K, V, Out, M, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+        stride_ob, stride_oh, stride_mb, stride_mh, num_group_heads, per_kv)
     Lut += batch.to(tl.int64) * stride_lb + slot.to(tl.int64) * stride_lh + qb.to(tl.int64) * stride_lq
     Counts += batch * stride_cb + slot * stride_ch + qb * stride_cq
     Colmap += batch.to(tl.int64) * stride_cmb + slot.to(tl.int64) * stride_cmh

@@ -171,8 +171,9 @@ def generate(spec: KernelSpec, plan_entry: str = "") -> GeneratedKernel:
         constexprs=repr(spec.constexprs),
         launch=repr({"num_warps": config.num_warps, "num_stages": config.num_stages}))
     body = ("\n\n# ---- shared device code (codegen/triton/flash_common.py) ----\n\n"
-            + _function_sources((flash_common._attend_tile, flash_common._head_of_program,
-                                 flash_common._load_query_tile, flash_common._store_output))
+            + _function_sources((flash_common._attend_tile, flash_common._load_key_rows,
+                                 flash_common._program_bases, flash_common._load_query_tile,
+                                 flash_common._store_output))
             + f"\n\n# ---- {spec.template} template ({Path(module.__file__).name}) ----\n\n"
             + _function_sources(module.TEMPLATE_FUNCTIONS) + "\n")
     source = header + body
