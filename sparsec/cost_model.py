@@ -1,7 +1,7 @@
 """Per-target cost model: predicted attention time of a head's pattern at length N.
 
-A pattern's work is its symbolic FLOP count (``Pattern.cost_expr``: ``4 * head_dim`` per
-computed (query, key) pair, as a sympy expression in ``N``) evaluated at ``N``. A kernel
+A pattern's work is its FLOP count (``Pattern.cost``: ``4 * head_dim`` per computed
+(query, key) pair, counted exactly at ``N``, plus the pattern's overhead). A kernel
 launch over ``heads`` heads of ``batch`` sequences is predicted as::
 
     t = launch + batch * heads * (flops(N) / rate + ceil(N / 128) * row_cost * head_dim / 128)
@@ -105,15 +105,18 @@ def cost_profile(target: "str | Target") -> CostProfile:
 
 
 @lru_cache(maxsize=4096)
-def _flops_function(kind: str, params_json: str, causal: bool, head_dim: int):
-    expr = get_pattern(kind).cost_expr(json.loads(params_json), causal, head_dim)
+def _overhead_function(kind: str, params_json: str, head_dim: int):
+    expr = get_pattern(kind).overhead_expr(json.loads(params_json), head_dim)
     return sympy.lambdify(N, expr, "math")
 
 
 def head_flops(kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
-    """FLOPs of one head of ``kind`` at ``n_q = n_k = n``, from the pattern's ``cost_expr``."""
-    function = _flops_function(kind, json.dumps(params, sort_keys=True), causal, head_dim)
-    return float(function(n))
+    """FLOPs of one head of ``kind`` at ``n_q = n_k = n``: ``4 * head_dim`` per computed pair
+    (the pattern's exact count, ``Pattern.pairs``) plus its overhead. Numeric, not the
+    symbolic ``cost_expr``: building and simplifying that per head dominated compile time
+    (70 of 86 s for SmolLM2 at 512 tokens)."""
+    overhead = _overhead_function(kind, json.dumps(params, sort_keys=True), head_dim)
+    return 4 * head_dim * float(get_pattern(kind).pairs(params, n, causal)) + float(overhead(n))
 
 
 class CostModel:
@@ -173,7 +176,7 @@ class CostModel:
         return 2.0 * tokens * in_features * out_features / (self.profile.dense.tflops * 1e12) / speedup
 
     def crossover_length(self, kind: str, params: dict, causal: bool, head_dim: int,
-                         longest: int = 1 << 20) -> int | None:
+                         longest: int = 1 << 17) -> int | None:
         """The shortest length (to 1 %) from which the pattern is predicted faster per head
         than dense, searched up to ``longest``; None when it never is."""
         def faster(n: int) -> bool:
