@@ -170,13 +170,14 @@ class SuffixRunner:
         return {node: env[node] for node in self.kept}, output
 
     @torch.no_grad()
-    def run(self, cache: dict, overrides: dict[torch.fx.Node, Override]) -> Any:
+    def run(self, cache: dict, overrides: dict[torch.fx.Node, Override], observe: Callable | None = None) -> Any:
         """The output with each ``overrides`` site computed with its head groups, and each
-        overridden linear with its replacement weight."""
+        overridden linear with its replacement weight. ``observe(node, args, output)`` sees
+        every overridden attention site's inputs and sparse output."""
         start = min(self.position[node] for node in overrides)
-        return self._execute(start, ChainMap({}, cache), overrides, iter(()))
+        return self._execute(start, ChainMap({}, cache), overrides, iter(()), observe)
 
-    def _execute(self, start: int, env, overrides: dict, inputs) -> Any:
+    def _execute(self, start: int, env, overrides: dict, inputs, observe: Callable | None = None) -> Any:
         interpreter = self.interpreter
         interpreter.env, interpreter.args_iter = env, inputs
         for node in self.nodes[start:]:
@@ -191,6 +192,8 @@ class SuffixRunner:
             else:
                 args, _ = interpreter.fetch_args_kwargs_from_env(node)
                 env[node] = reference.sparse_attention(*args[:6], override)
+                if observe is not None:
+                    observe(node, args, env[node])
         raise RuntimeError("the graph has no output node")
 
 

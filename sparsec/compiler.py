@@ -17,8 +17,9 @@ from .plan import Plan
 from .targets import Target, get_target
 
 
-def default_passes() -> list:
-    """The pass pipeline, in order (capture runs before it, outside the pass manager)."""
+def default_passes(verify=None) -> list:
+    """The pass pipeline, in order (capture runs before it, outside the pass manager);
+    ``verify`` (a :class:`~sparsec.passes.verify.Verify`) runs after classification."""
     from sparsec.passes.calibrate import Calibrate
     from sparsec.passes.canonicalize import Canonicalize
     from sparsec.passes.classify_heads import ClassifyHeads
@@ -29,19 +30,20 @@ def default_passes() -> list:
 
     # sparsify_weights does nothing unless weight sparsity is asked for; it runs after
     # fuse_heads, whose head walk does not go through sparse_linear.
-    return [Canonicalize(), Calibrate(), FoldCausalMask(), ClassifyHeads(), FuseHeads(), SparsifyWeights(), Lower()]
+    decide = [Canonicalize(), Calibrate(), FoldCausalMask(), ClassifyHeads()]
+    return [*decide, *([verify] if verify else []), FuseHeads(), SparsifyWeights(), Lower()]
 
 
-def budget_passes(budget) -> list:
+def budget_passes(budget, verify=None) -> list:
     """The pipeline with the layerwise sparsity search under ``budget`` after classification
     (it decides linear levels too when weight sparsity is asked for; sparsify_weights applies them)."""
     from sparsec.passes.search import Search
 
     *front, fuse, sparsify, lower = default_passes()
-    return [*front, Search(budget), fuse, sparsify, lower]
+    return [*front, Search(budget), *([verify] if verify else []), fuse, sparsify, lower]
 
 
-def plan_passes(plan: Plan) -> list:
+def plan_passes(plan: Plan, verify=None) -> list:
     """The pipeline that applies a given plan instead of calibrating and classifying."""
     from sparsec.passes.apply_plan import ApplyPlan
     from sparsec.passes.canonicalize import Canonicalize
@@ -49,7 +51,19 @@ def plan_passes(plan: Plan) -> list:
     from sparsec.passes.lower import Lower
     from sparsec.passes.sparsify_weights import SparsifyWeights
 
-    return [Canonicalize(), ApplyPlan(plan), FuseHeads(), SparsifyWeights(), Lower()]
+    return [Canonicalize(), ApplyPlan(plan), *([verify] if verify else []), FuseHeads(), SparsifyWeights(), Lower()]
+
+
+def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any) -> list:
+    """The passes for a given plan, a budget, or classification by recall; all verified."""
+    from sparsec.passes.verify import Verify
+    from sparsec.tolerance import resolve_tolerance
+
+    limit, enforce = resolve_tolerance(tolerance, dense_output, budget)
+    verify = Verify(limit, enforce=enforce and plan is None)
+    if plan is not None:
+        return plan_passes(plan, verify)
+    return budget_passes(budget, verify) if budget is not None else default_passes(verify)
 
 
 class CompiledModel:
@@ -143,6 +157,7 @@ class CompiledModel:
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterable | None = None,
             target: "str | Target" = "cpu", budget: Any = None, weights: Any = None, recall: float = 0.95,
+            tolerance: Any = "auto", verification: Iterable | None = None,
             dump_dir: "str | Path | None" = None, plan: Plan | None = None,
             passes: list | None = None) -> CompiledModel:
     """Compile ``model`` into a sparse model.
@@ -160,17 +175,34 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             ``sparsity`` (OWL allocation); with an error or speedup budget the search
             chooses them in one knapsack with the attention levels.
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
+        tolerance: how far the compiled model may drift from the dense one on the
+            verification inputs before compile makes the worst heads dense again
+            (:mod:`sparsec.tolerance`): ``"auto"`` (KL <= 0.02 and top-1 agreement >= 0.97
+            for language models, relative L2 <= 0.05 otherwise; an error budget's own limit),
+            a number (the default metric's limit), a :class:`sparsec.Tolerance`, or ``None``
+            (measure and warn, never densify). A given ``plan`` is measured, not changed.
+        verification: inputs built like ``example_inputs`` to verify on (e.g. held-out text,
+            or inputs at the serving length); defaults to the calibration inputs.
         dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
         plan: reuse this plan's head patterns (e.g. an edited one) instead of calibrating.
         passes: override the pass pipeline (advanced; defaults to :func:`default_passes`).
     """
-    from sparsec.passes.capture import capture
+    from sparsec.inputs import check_finite, check_recall
+    from sparsec.passes.capture import capture, capture_mode
 
+    recall = check_recall(recall)
     target = get_target(target)
     example = as_call(example_inputs)
+    check_finite([example], "example_inputs")
     calls = calibration_calls(calibration, example)
-    gm, capture_record = capture(model, *example)
-    dense_reference = model.eval()(*example[0], **example[1])
+    if calibration is not None:
+        check_finite(calls, "calibration batch")
+    # Eval mode and no KV cache while capturing and running the reference; the user's
+    # mode and config come back afterwards (passes/capture.py, capture_mode).
+    with capture_mode(model):
+        gm, capture_record = capture(model, *example)
+        with torch.no_grad():
+            dense_reference = model(*example[0], **example[1])
     new_plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
     ctx = CompileContext(plan=new_plan, target=target, example_args=example[0], example_kwargs=example[1],
                          calibration=calls, options={"recall": recall, "budget": budget})
@@ -181,8 +213,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         ctx.options.update(weights.options())
     dump_path = dump_dir or config.dump_dir()
     if passes is None:
-        passes = (plan_passes(plan) if plan is not None
-                  else budget_passes(budget) if budget is not None else default_passes())
+        passes = _pipeline(plan, budget, tolerance, dense_reference)
+    if verification is not None:
+        ctx.verification = calibration_calls(verification, example)
     manager = PassManager(passes,
                           DumpWriter(dump_path) if dump_path else None)
     gm = manager.run(gm, ctx)

@@ -38,6 +38,8 @@ class CompileContext:
     example_args: tuple
     example_kwargs: dict
     calibration: list[tuple[tuple, dict]]        # (args, kwargs) per calibration batch
+    # Inputs the verify pass measures the plan on; empty means the calibration batches.
+    verification: list[tuple[tuple, dict]] = field(default_factory=list)
     options: dict = field(default_factory=dict)  # e.g. {"recall": 0.95}
     # Per attention site (plan name): calibration statistics, written by `calibrate`.
     attention_stats: dict = field(default_factory=dict)

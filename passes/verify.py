@@ -1,0 +1,137 @@
+"""verify: measure the plan end to end and densify heads until it is within tolerance.
+
+The last decision of every compile (after classification or the search, before head
+fusion). The canonical graph runs on the verification inputs twice: dense, and with every
+sparse site computed by the reference sparse attention (what every kernel is tested
+against). The error of the whole model's output is measured with the
+:class:`~sparsec.tolerance.Tolerance` (KL and top-1 agreement for language models, relative
+L2 otherwise). While it is over tolerance, the heads with the largest *measured* local
+error (``||sparse - dense||²`` of the head's attention output at its site, relative to the
+site's mean head) are made dense, the worst half of the local error at a time, and the
+model is measured again. With enforcement off (``tolerance=None``, a speed or density
+budget) nothing is undone; an error above the tolerance is warned about.
+
+``plan.error["verification"]`` records the metric, tolerance, measured error (and top-1
+agreement), the input lengths it holds for, and every head made dense here, with why. The
+plan holds for the lengths it was verified at; patterns are elastic in the length, so
+longer inputs run, but their error is only measured if verification inputs that long are
+given (``compile(verification=...)``).
+
+Cost: one dense run per verification batch (its values at the attention sites are cached),
+then one sparse run per round; rounds halve the remaining local error, so there are at
+most ``log2(sparse heads)`` of them, usually one.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.plan import AttentionSite
+from sparsec.runtime import reference
+from sparsec.tolerance import Tolerance, logits_of, top1_agreement
+
+from .attention_sites import ATTENTION
+from .search import SuffixRunner
+
+
+class Verify:
+    """See the module docstring. ``enforce=False`` measures and warns without densifying."""
+
+    name = "verify"
+
+    def __init__(self, tolerance: Tolerance, enforce: bool = True):
+        self.tolerance, self.enforce = tolerance, enforce
+
+    def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target == ATTENTION}
+        sites = {nodes[site.node]: site for site in ctx.plan.attention if site.node in nodes}
+        calls = ctx.verification or ctx.calibration
+        record = {**self.tolerance.to_dict(), "enforced": self.enforce, "batches": len(calls),
+                  "densified": [], "rounds": 0}
+        runner = SuffixRunner(gm, list(sites)) if sites else None
+        batches = [runner.dense(call) for call in calls] if runner else []
+        record["lengths"] = sorted({int(cache[node.args[1]].shape[-2]) for cache, _ in batches for node in sites})
+        while True:
+            error, top1, local = self._measure(runner, batches, sites)
+            record.update(measured=error, top1_agreement=top1)
+            within = self.tolerance.holds(error, top1)
+            if within or not self.enforce or not local:
+                break
+            record["rounds"] += 1
+            by_name = {site.name: site for site in sites.values()}
+            for name, head in _worst(local):
+                site = by_name[name]
+                record["densified"].append({"site": name, "head": head, "pattern": _head(site, head).pattern,
+                                            "local_error": local[name, head], "model_error_before": error})
+                _densify(site, head, f"verify: made dense, the model's {self.tolerance.metric_name} was "
+                                     f"{error:.3g} over tolerance {self.tolerance.describe()}")
+        record["within_tolerance"] = within
+        ctx.plan.error["verification"] = record
+        if not within:
+            warnings.warn(_warning(record, self.tolerance, self.enforce), stacklevel=2)
+        decisions = {"verification": record}
+        stats = {"heads_densified": len(record["densified"]), "rounds": record["rounds"]}
+        return PassResult(gm, False, stats, decisions)
+
+    def _measure(self, runner, batches, sites) -> tuple[float, float | None, dict]:
+        """Mean model error, mean top-1 agreement (language models) and each sparse head's
+        summed local error, with the plan as it is now."""
+        overrides = {node: site.group_heads_by_pattern() for node, site in sites.items()
+                     if any(h.pattern != "dense" for h in site.heads)}
+        if not overrides:
+            return 0.0, (1.0 if batches and logits_of(batches[0][1]) is not None else None), {}
+        local: dict[tuple[str, int], float] = {}     # (site name, head) -> summed local error
+
+        def observe(node, args, sparse_out):
+            site = sites[node]
+            dense_out = reference.dense_attention(*args[:6])
+            per_head = (sparse_out.double() - dense_out.double()).pow(2).sum((0, 2, 3))
+            scale = dense_out.double().pow(2).sum() / site.num_heads + 1e-30
+            for head in site.heads:
+                if head.pattern != "dense":
+                    key = site.name, head.head
+                    local[key] = local.get(key, 0.0) + float(per_head[head.head] / scale)
+
+        errors, agreements = [], []
+        for cache, dense in batches:
+            sparse = runner.run(cache, overrides, observe)
+            errors.append(self.tolerance.measure(dense, sparse))
+            if logits_of(dense) is not None:
+                agreements.append(top1_agreement(dense, sparse))
+        top1 = sum(agreements) / len(agreements) if agreements else None
+        return sum(errors) / len(errors), top1, local
+
+
+def _worst(local: dict) -> list:
+    """The heads holding the first half of the total local error, worst first (at least one)."""
+    ranked = sorted(local, key=lambda key: (-local[key], key))
+    total, chosen, covered = sum(local.values()), [], 0.0
+    for key in ranked:
+        chosen.append(key)
+        covered += local[key]
+        if covered >= 0.5 * total:
+            break
+    return chosen
+
+
+def _head(site: AttentionSite, head: int):
+    return next(plan for plan in site.heads if plan.head == head)
+
+
+def _densify(site: AttentionSite, head: int, reason: str) -> None:
+    plan = _head(site, head)
+    plan.pattern, plan.params, plan.density, plan.recall = "dense", {}, 1.0, 1.0
+    plan.reason = reason
+    site.groups = site.group_heads_by_pattern()
+
+
+def _warning(record: dict, tolerance: Tolerance, enforced: bool) -> str:
+    top1 = "" if record["top1_agreement"] is None else f", top-1 agreement {record['top1_agreement']:.3f}"
+    why = ("even with every head dense" if enforced else
+           "and was left so (enforcement is off for tolerance=None, a speed or density budget and a given "
+           "plan): densify heads, raise recall, or use Budget(max_error=...)")
+    return (f"sparsec: the compiled model's measured {tolerance.metric_name} is {record['measured']:.3g}{top1} "
+            f"on {record['batches']} verification batch(es) at lengths {record['lengths']}, over the tolerance "
+            f"{tolerance.describe()} {why}")

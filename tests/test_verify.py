@@ -1,0 +1,90 @@
+"""Every compile ends with verification: measured error recorded, heads densified to fit."""
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import sparsec
+from sparsec.inputs import relative_l2
+from sparsec.testing.planted import planted_llama, planted_llama_inputs
+from sparsec.tolerance import Tolerance, resolve_tolerance
+
+
+def _planted(length=256, batch=2):
+    torch.manual_seed(0)
+    return planted_llama(layers=2, heads=8, kv_heads=2, head_dim=64, hidden=256, intermediate=256), \
+        planted_llama_inputs(batch=batch, length=length, seed=3)
+
+
+def _sparse_heads(plan):
+    return sum(h.pattern != "dense" for s in plan.attention for h in s.heads)
+
+
+def test_low_recall_is_densified_until_within_tolerance():
+    model, ids = _planted()
+    loose = sparsec.compile(model, (ids,), target="h100", recall=0.3, tolerance=None)
+    assert loose.plan.error["verification"]["measured"] > 0.05        # the unverified plan is wrong
+    checked = sparsec.compile(model, (ids,), target="h100", recall=0.3)
+    record = checked.plan.error["verification"]
+    assert record["within_tolerance"] and record["metric"] == "rel_l2"
+    assert record["measured"] <= 0.05 and record["densified"]
+    assert _sparse_heads(checked.plan) < _sparse_heads(loose.plan)
+    densified = record["densified"][0]
+    head = next(h for h in checked.plan.site(densified["site"]).heads if h.head == densified["head"])
+    assert head.pattern == "dense" and head.reason.startswith("verify: made dense")
+    with torch.no_grad():
+        assert relative_l2(model(ids), checked(ids)) <= 0.05            # the compiled model itself
+
+
+def test_tolerance_none_warns_with_the_measured_error():
+    model, ids = _planted()
+    with pytest.warns(UserWarning, match=r"measured rel_l2 is [0-9.e-]+ .*over the tolerance"):
+        compiled = sparsec.compile(model, (ids,), target="h100", recall=0.3, tolerance=None)
+    assert not compiled.plan.error["verification"]["densified"]
+
+
+def test_verification_inputs_at_another_length_are_used():
+    model, ids = _planted(length=128)
+    longer = planted_llama_inputs(batch=1, length=320, seed=5)
+    compiled = sparsec.compile(model, (ids,), target="h100", verification=[(longer,)])
+    record = compiled.plan.error["verification"]
+    assert record["lengths"] == [320] and record["within_tolerance"]
+    with torch.no_grad():
+        assert relative_l2(model(longer), compiled(longer)) <= 0.05
+
+
+def test_language_models_are_verified_by_kl_and_top1():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (2, 96))
+    compiled = sparsec.compile(model, {"input_ids": ids}, target="h100", recall=0.2)
+    record = compiled.plan.error["verification"]
+    assert record["metric"] == "kl" and record["min_top1"] == 0.97
+    assert record["within_tolerance"] and record["top1_agreement"] >= 0.97 and record["measured"] <= 0.02
+
+
+def test_given_plan_is_measured_not_changed():
+    model, ids = _planted()
+    loose = sparsec.compile(model, (ids,), target="h100", recall=0.3, tolerance=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = sparsec.compile(model, (ids,), target="h100", plan=loose.plan)
+    assert _sparse_heads(again.plan) == _sparse_heads(loose.plan)
+    assert not again.plan.error["verification"]["within_tolerance"]
+    assert any("over the tolerance" in str(w.message) for w in caught)
+
+
+def test_resolve_tolerance():
+    lm_output = {"logits": torch.randn(1, 4, 10)}
+    assert resolve_tolerance("auto", lm_output, None) == (Tolerance("kl", 0.02, 0.97), True)
+    assert resolve_tolerance(0.1, torch.randn(3), None) == (Tolerance("rel_l2", 0.1), True)
+    assert resolve_tolerance(None, torch.randn(3), None)[1] is False
+    speed = sparsec.Budget(target_speedup=2.0)
+    assert resolve_tolerance("auto", torch.randn(3), speed)[1] is False
+    error = sparsec.Budget(max_error=0.01, metric="cosine")
+    assert resolve_tolerance("auto", torch.randn(3), error) == (Tolerance("cosine", 0.01), True)
+    with pytest.raises(ValueError, match="tolerance must be"):
+        resolve_tolerance("strict", torch.randn(3), None)
