@@ -19,6 +19,11 @@ go to the simpler family, in :data:`FAMILIES` order. Otherwise it stays dense, a
   kernels run at about 70% of dense SDPA's rate on an H100, so a 70%-dense block layout
   is no faster than dense (seen in the 32k end-to-end benchmark, notes/kernels.md).
 - Heads whose user mask is exactly causal are classified as causal (see ``calibrate``).
+- At a site whose in-graph sliding-window mask ``fold_causal_mask`` replaced by
+  ``causal=True`` (``extra["model_window"]``), every head keeps the model's window
+  (:func:`~sparsec.patterns.base.baseline_pattern`): the site is already lowered to it,
+  and any other pattern would attend outside the window or need a second lowering. Its
+  recall and density are recorded; ``reason`` says why it is fixed.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import torch
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern
+from sparsec.patterns.base import MODEL_WINDOW, baseline_pattern
+from sparsec.patterns.fitting import worst_recall
 from sparsec.plan import AttentionSite, HeadPlan
 
 # Candidate families, simplest first (the tie-break).
@@ -100,6 +107,9 @@ class ClassifyHeads:
     def _classify_site(site: AttentionSite, ctx: CompileContext, recall: float, min_saving: float,
                        cost_model: CostModel, families: tuple[str, ...]) -> None:
         stats = ctx.attention_stats.get(site.name)
+        if MODEL_WINDOW in site.extra:
+            _keep_model_window(site, stats)
+            return
         if stats is None or not stats.profiles:
             for head in site.heads:
                 head.pattern, head.params, head.reason = "dense", {}, "no calibration statistics for this site"
@@ -109,3 +119,20 @@ class ClassifyHeads:
             classify_head(head, stats.head(head.head), stats.causal, site.head_dim, recall, min_saving,
                           cost_model, families)
         site.groups = site.group_heads_by_pattern()
+
+
+def _keep_model_window(site: AttentionSite, stats) -> None:
+    """Every head of a site lowered to the model's own window keeps it (see the docstring)."""
+    kind, params = baseline_pattern(site)
+    pattern = get_pattern(kind)
+    width = site.extra[MODEL_WINDOW]
+    for head in site.heads:
+        head.pattern, head.params = kind, dict(params)
+        if stats is not None and stats.profiles:
+            profiles = stats.head(head.head)
+            head.recall = round(float(worst_recall(pattern, profiles, params)), 6)
+            head.density = round(float(pattern.density(params, profiles[-1].n_k, True)), 6)
+        head.candidates = [{"pattern": kind, "params": dict(params), "recall": head.recall, "density": head.density}]
+        head.reason = (f"the model's own sliding window ({width} keys), fixed: its mask was replaced by "
+                       f"causal=True, so a denser pattern would attend outside it")
+    site.groups = site.group_heads_by_pattern()

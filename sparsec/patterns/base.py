@@ -64,6 +64,24 @@ class Elastic:
         return f"{a}" if self.b == 0 else f"{a}+{self.b:.3g}N"
 
 
+# ``site.extra`` key: the width of the causal sliding window the model itself builds at
+# this site (written by fold_causal_mask when it replaces that mask by ``causal=True``).
+MODEL_WINDOW = "model_window"
+
+
+def baseline_pattern(site) -> tuple[str, dict]:
+    """The least sparse pattern a head of ``site`` (an :class:`~sparsec.plan.AttentionSite`)
+    may take: ``("dense", {})``, or ``("window", {"window": [w, 0]})`` where the site's
+    in-graph sliding-window mask of width ``w`` was replaced by ``causal=True``
+    (``site.extra["model_window"]``): there a dense head would attend outside the model's
+    window. Whatever makes a head "dense again" (search back-off, verification) must use
+    this instead."""
+    width = site.extra.get(MODEL_WINDOW)
+    if width is None:
+        return "dense", {}
+    return "window", {"window": [int(width), 0]}
+
+
 def _rational(x: float) -> sympy.Rational:
     return sympy.Rational(repr(float(x)))
 
