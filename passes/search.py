@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from collections import ChainMap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -97,13 +98,8 @@ Ladder = list[list["Rung | None"]]
 LadderBuilder = Callable[[AttentionSite, CompileContext, tuple, CostModel, int], Ladder]
 
 
-def effective_causal(site: AttentionSite) -> bool:
-    """The causal flag, or a user mask that calibration found to be exactly causal."""
-    return site.causal or bool(site.extra.get("mask_is_causal"))
-
-
 def dense_rung(site: AttentionSite, cost: CostModel, n: int) -> Rung:
-    return Rung("dense", {}, 1.0, 1.0, 1.0, cost.head_seconds("dense", {}, n, effective_causal(site), site.head_dim))
+    return Rung("dense", {}, 1.0, 1.0, 1.0, cost.head_seconds("dense", {}, n, site.effective_causal(), site.head_dim))
 
 
 def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: CostModel, n: int) -> Ladder:
@@ -112,7 +108,7 @@ def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: Co
     if stats is None:
         return [[None] * len(levels) for _ in site.heads]
     dense_seconds = dense_rung(site, cost, n).seconds
-    causal = effective_causal(site)
+    causal = site.effective_causal()
     kinds = [kind for kind in pattern_kinds() if kind not in ("dense", "skip")]
     ladder = []
     for head in range(site.num_heads):
@@ -251,7 +247,7 @@ class _Site:
 
     def seconds(self, cost: CostModel, rungs, n: int) -> float:
         groups = [(g.pattern, g.params, len(g.heads)) for g in _groups(rungs)]
-        return cost.site_seconds(groups, n, effective_causal(self.site), self.site.head_dim)
+        return cost.site_seconds(groups, n, self.site.effective_causal(), self.site.head_dim)
 
     def levels_record(self, per_head: bool) -> list:
         """The sensitivity table rows of this site: per level, or per head and rung."""
@@ -297,6 +293,9 @@ class Search:
         backoff, measured, contributions = _verify(searched, linears, allocation, runner, held_out, budget)
         record = _write_plan(ctx, searched, linears, allocation, backoff, measured, contributions, budget, cost, n,
                              held_out_batches=len(held_out_calls))
+        if not allocation.sparse():
+            record["all_dense_reason"] = _all_dense_reason(searched, budget, backoff, n)
+            warnings.warn(f"sparsec: the search kept every layer dense: {record['all_dense_reason']}", stacklevel=2)
         table = [{"site": s.site.name, "layer": s.site.layer, "levels": s.levels_record(budget.per_head)}
                  for s in searched]
         table += [{"linear": item.name, "levels": [option.record() for option in item.options]} for item in linears]
@@ -337,6 +336,29 @@ class Search:
             density = sum(r.density for r in rungs) / site.num_heads * share
             searched.options.append(_Choice(rungs, level, 0.0, seconds, density))
         return searched
+
+
+def _all_dense_reason(searched: list[_Site], budget: Budget, backoff: list, n: int) -> str:
+    """Which constraint kept every layer dense, and what would change that."""
+    if backoff:
+        return (f"the chosen plan measured over max_error={budget.max_error} on held-out batches and back-off "
+                f"undid all {len(backoff)} sparse items; raise max_error or calibrate on more batches")
+    candidates = sum(r is not None for s in searched for head in s.ladder for r in head)
+    if not candidates:
+        return (f"no head has a pattern predicted faster than dense at N={n} on the target; set "
+                f"Budget(seq_len=...) to the serving length (sparse patterns pay off at longer N)")
+    levels = [choice for s in searched for options in ([s.options] if not budget.per_head else s.options)
+              for choice in options[1:]]
+    if not levels:
+        distinct = max(len({r.key for head in s.ladder for r in head if r is not None}) for s in searched)
+        return (f"{candidates} head candidates exist, but no layer level is predicted faster than the dense "
+                f"layer at N={n}: each distinct pattern is a launch (up to {distinct} in a layer); try "
+                f"Budget(max_patterns_per_layer=2), per_head=True, or a longer seq_len")
+    lightest = min(levels, key=lambda c: c.sensitivity)
+    if budget.mode == "error":
+        return (f"the least sensitive sparse level costs {lightest.sensitivity:.3g} in {budget.metric_name}, "
+                f"over max_error={budget.max_error}; raise max_error or add recall levels nearer 1")
+    return f"the solver found no sparse level within the {budget.mode} cap"
 
 
 def _split(calls: list, held_out: int | None) -> tuple[list, list]:

@@ -66,6 +66,16 @@ def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any)
     return budget_passes(budget, verify) if budget is not None else default_passes(verify)
 
 
+def _cost_record(plan: Plan, target: Target, budget: Any) -> dict:
+    """The cost model's predicted attention speedup of the final plan, at the serving length
+    (``Budget.seq_len``) or the longest verified length."""
+    from sparsec.cost_model import CostModel
+
+    lengths = plan.error.get("verification", {}).get("lengths") or [0]
+    n = getattr(budget, "seq_len", None) or max(lengths)
+    return CostModel(target).attention_record(plan.attention, n) if n else {}
+
+
 class CompiledModel:
     """A compiled model: call it like the original; ``.plan`` says what was made sparse."""
 
@@ -221,6 +231,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     gm = manager.run(gm, ctx)
     with torch.no_grad():
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
+    new_plan.extra["cost"] = _cost_record(new_plan, target, budget)
     compiled = CompiledModel(gm, new_plan, example[0], example[1], ctx.attention_stats)
     if manager.dump:
         manager.dump.write_plan(new_plan)

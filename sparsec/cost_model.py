@@ -150,6 +150,19 @@ class CostModel:
         return sum(self.launch_seconds(kind) + batch * count * self.head_seconds(kind, params, n, causal, head_dim)
                    for kind, params, count in groups)
 
+    def attention_record(self, sites: list, n: int) -> dict:
+        """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,
+        against the same sites dense: what the plan summary and the report quote."""
+        seconds = dense = 0.0
+        for site in sites:
+            groups = [(g.pattern, g.params, len(g.heads)) for g in site.group_heads_by_pattern()]
+            causal = site.effective_causal()
+            seconds += self.site_seconds(groups, n, causal, site.head_dim)
+            dense += self.site_seconds([("dense", {}, site.num_heads)], n, causal, site.head_dim)
+        return {"target": self.target.name, "seq_len": n, "calibrated": self.profile.calibrated,
+                "attention_seconds": seconds, "dense_attention_seconds": dense,
+                "predicted_attention_speedup": dense / seconds if seconds > 0 else math.inf}
+
     def linear_speedup(self, structure: str, out_features: int, in_features: int, level: float, tokens: int,
                        dtype: torch.dtype) -> tuple[float, str]:
         """Predicted speedup over dense of one linear pruned to ``level``, and why."""

@@ -57,6 +57,10 @@ class AttentionSite:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # later passes' per-site records
 
+    def effective_causal(self) -> bool:
+        """The causal flag, or a user mask that calibration found to be exactly causal."""
+        return self.causal or bool(self.extra.get("mask_is_causal"))
+
     def group_heads_by_pattern(self) -> list[HeadGroup]:
         """One group per distinct (pattern, params), heads in ascending order."""
         groups: dict[str, HeadGroup] = {}
@@ -138,9 +142,8 @@ class Plan:
             lines.append(f"unmatched {miss.get('node', '?')}: {miss.get('reason', '')}")
         lines.extend(_search_summary(self))
         lines.extend(_weights_summary(self))
-        if self.error:
-            lines.append("measured error: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                       for k, v in self.error.items()))
+        lines.extend(_cost_summary(self))
+        lines.extend(_error_summary(self))
         text = "\n".join(lines)
         if file is not None:
             print(text, file=file)
@@ -148,6 +151,31 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _cost_summary(plan: Plan) -> list[str]:
+    cost = plan.extra.get("cost")
+    if not cost:
+        return []
+    return [f"predicted attention speedup {cost['predicted_attention_speedup']:.2f}x at N={cost['seq_len']} "
+            f"on {cost['target']} (cost model{'' if cost['calibrated'] else ', scaled from h100'}: "
+            f"{cost['attention_seconds'] * 1e6:.1f} us vs {cost['dense_attention_seconds'] * 1e6:.1f} us dense)"]
+
+
+def _error_summary(plan: Plan) -> list[str]:
+    lines = [f"measured error: {key}={value:.3g}" for key, value in plan.error.items() if isinstance(value, float)]
+    verification = plan.error.get("verification")
+    if verification:
+        top1 = verification.get("top1_agreement")
+        lines.append(
+            f"verified: {verification['metric']}={verification['measured']:.3g}"
+            + ("" if top1 is None else f", top-1 agreement {top1:.3f}")
+            + f" at lengths {verification['lengths']} (tolerance {verification['metric']} <= "
+            f"{verification['max_error']:g}" + ("" if verification.get("min_top1") is None
+                                                 else f", top-1 >= {verification['min_top1']:g}")
+            + f"; {'within' if verification['within_tolerance'] else 'OVER'}), "
+            f"{len(verification['densified'])} head(s) made dense by verification")
+    return lines
 
 
 # -- search (issue #3): each layer's chosen level and sensitivity --------------------------------

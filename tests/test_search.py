@@ -292,3 +292,12 @@ def test_cost_model_dense_crossover_and_calibration():
     a100 = cost_profile("a100")
     assert not a100.calibrated and a100.dense.tflops < CALIBRATED["h100"].dense.tflops
     assert model.site_seconds([("skip", {}, 4)], 4096, True, 128) == 0.0
+
+
+def test_an_all_dense_result_says_which_constraint_bound(planted):
+    with pytest.warns(UserWarning, match="kept every layer dense: the least sensitive sparse level costs"):
+        strict = search(planted, budget(max_error=1e-9))
+    assert "raise max_error" in strict.plan.extra["search"]["all_dense_reason"]
+    short = Budget(seq_len=64, recall_levels=LEVELS, max_error=0.5)
+    with pytest.warns(UserWarning, match="no head has a pattern predicted faster than dense at N=64"):
+        search(planted, short)

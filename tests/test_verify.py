@@ -35,6 +35,10 @@ def test_low_recall_is_densified_until_within_tolerance():
     assert head.pattern == "dense" and head.reason.startswith("verify: made dense")
     with torch.no_grad():
         assert relative_l2(model(ids), checked(ids)) <= 0.05            # the compiled model itself
+    summary = checked.plan.summary()
+    assert f"{len(record['densified'])} head(s) made dense by verification" in summary
+    cost = checked.plan.extra["cost"]
+    assert cost["seq_len"] == 256 and f"predicted attention speedup {cost['predicted_attention_speedup']:.2f}x" in summary
 
 
 def test_tolerance_none_warns_with_the_measured_error():

@@ -76,7 +76,9 @@ def _esc(value) -> str:
 def predicted_speedup(plan: Plan) -> tuple[float | None, str]:
     """The search's cost-model speedup of attention (``plan.extra["search"]``) when it ran,
     else the attention FLOP ratio from head densities (an upper bound: no launch overhead)."""
-    search = plan.extra.get("search")
+    cost, search = plan.extra.get("cost"), plan.extra.get("search")
+    if cost:
+        return float(cost["predicted_attention_speedup"]), f"cost model, attention at N={cost['seq_len']}"
     if search:
         return float(search["predicted_speedup"]), f"cost model, attention at N={search['seq_len']}"
     densities = [1.0 if h.density is None or h.pattern == "dense" else h.density
@@ -99,7 +101,9 @@ def _summary(plan: Plan) -> str:
             ("recall threshold", plan.recall_threshold), ("attention sites", len(plan.attention)),
             ("sparse heads", f"{sparse} / {len(heads)}"),
             ("predicted speedup", "-" if speedup is None else f"{speedup:.2f}x ({source})")]
-    search = plan.extra.get("search")
+    cost, search = plan.extra.get("cost"), plan.extra.get("search")
+    if cost:
+        return float(cost["predicted_attention_speedup"]), f"cost model, attention at N={cost['seq_len']}"
     if search:
         budget = ", ".join(f"{k}={_number(search['budget'][k])}" for k in _BUDGET_SHOWN
                            if search["budget"].get(k) is not None)
@@ -107,18 +111,18 @@ def _summary(plan: Plan) -> str:
                  ("search error", f"predicted {_number(search['predicted_error'])}, measured "
                                   f"{_number(search['measured_error'])} on {search['held_out_batches']} "
                                   f"held-out batches ({'within' if search['within_budget'] else 'over'} budget)")]
-    rows += [(f"verified error: {key}", _number(value)) for key, value in plan.error.items()] \
-        or [("verified error", "not measured")]
+    rows += [(f"verified error: {key}", _number(value)) for key, value in plan.error.items()
+             if not isinstance(value, dict)] or [("verified error", "not measured")]
+    verification = plan.error.get("verification")
+    if verification:
+        rows += [("verification", f"{verification['metric']} {_number(verification['measured'])} "
+                  f"(tolerance {_number(verification['max_error'])}), top-1 {verification.get('top1_agreement')}, "
+                  f"lengths {verification['lengths']}, {len(verification['densified'])} heads made dense")]
     body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
     unmatched = "".join(f"<li>{_esc(m.get('node', '?'))}: {_esc(m.get('reason', ''))}</li>"
                         for m in plan.unmatched)
     unmatched = f"<h2>Attention not recognised</h2><ul>{unmatched}</ul>" if unmatched else ""
     return f'<table class="summary">{body}</table>{unmatched}'
-
-
-def _causal(site: AttentionSite) -> bool:
-    # calibrate marks a user mask that is exactly the causal mask: nothing above the diagonal runs.
-    return site.causal or bool(site.extra.get("mask_is_causal"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,7 +136,7 @@ def _layout(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> torch.Tenso
     if get_pattern(head.pattern).dynamic:
         return None   # the mask is estimated per input: nothing static to outline
     return _block_layout(head.pattern, json.dumps(head.params, sort_keys=True), maps.n_q, maps.n_k,
-                         _causal(site), maps.block_m, maps.block_n)
+                         site.effective_causal(), maps.block_m, maps.block_n)
 
 
 def original_head(site: AttentionSite, head: int) -> int:
@@ -207,7 +211,7 @@ def _site(site: AttentionSite, stats, block_m: int, block_n: int, metric: str) -
         maps = block_maps(stats, block_m, block_n)
         what = f"calibration attention at N={maps.n_k}, {maps.block_m}x{maps.block_n} blocks, log colour scale"
     cells = "".join(_head_cell(site, head, maps) for head in site.heads)
-    attends = "causal" if site.causal else "causal mask" if _causal(site) else "bidirectional"
+    attends = "causal" if site.causal else "causal mask" if site.effective_causal() else "bidirectional"
     notes = "".join(f"<li>{_esc(n)}</li>" for n in site.notes)
     return (f'<section class="layer" id="layer-{site.layer}" data-site="{_esc(site.name)}">'
             f"<h2>Layer {site.layer}: {_esc(site.name)}</h2>"
