@@ -2,7 +2,10 @@
 import json
 import math
 
-from sparsec.bench_e2e import PLANT_KINDS, format_table, mixed_plant
+import torch
+
+from sparsec.bench_e2e import PLANT_KINDS, dense_stability, format_table, mixed_plant
+from sparsec.testing.planted import planted_llama, planted_llama_inputs
 from sparsec.cli import main
 
 
@@ -30,3 +33,19 @@ def test_tiny_run_compiles_times_and_records_errors(tmp_path, capsys):
     table = format_table(data)
     assert capsys.readouterr().out.rstrip().endswith(table)
     assert any(line.startswith("sparsec ") for line in table.splitlines())
+
+
+def test_dense_stability_measures_low_precision_against_fp32_and_the_table_warns():
+    def floor(plant):
+        model = planted_llama(layers=1, heads=4, kv_heads=2, head_dim=64, hidden=256, intermediate=128, vocab=64,
+                              plant=plant).to(torch.bfloat16)
+        ids = planted_llama_inputs(length=96, vocab=64)
+        with torch.no_grad():
+            return dense_stability(model, ids, model(ids))
+
+    assert 1e-4 < floor({0: {}}) < 0.05                          # random weights: bf16 rounding only
+    assert floor({0: {0: ("window", 16)}}) > 0.05                # planted amplitudes: bf16 is chaotic
+    data = {"config": {"device": "cpu", "torch": "", "dtype": "bf16", "n": 96, "layers": 1, "heads": 4,
+                       "kv_heads": 2, "head_dim": 64, "hidden": 128, "intermediate": 128, "vocab": 64},
+            "variants": {}, "errors": {"dense_bf16_vs_fp32_at_96": 0.18}, "failures": {}}
+    assert "numerically unstable at this length" in format_table(data)
