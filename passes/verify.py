@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.patterns.base import baseline_pattern
 from sparsec.plan import AttentionSite
 from sparsec.runtime import reference
 from sparsec.tolerance import Tolerance, logits_of, top1_agreement
@@ -122,7 +123,8 @@ def _head(site: AttentionSite, head: int):
 
 def _densify(site: AttentionSite, head: int, reason: str) -> None:
     plan = _head(site, head)
-    plan.pattern, plan.params, plan.density, plan.recall = "dense", {}, 1.0, 1.0
+    plan.pattern, plan.params = baseline_pattern(site)
+    plan.density, plan.recall = 1.0, 1.0
     plan.reason = reason
     site.groups = site.group_heads_by_pattern()
 
