@@ -80,7 +80,7 @@ class Verify:
         """Mean model error, mean top-1 agreement (language models) and each sparse head's
         summed local error, with the plan as it is now."""
         overrides = {node: site.group_heads_by_pattern() for node, site in sites.items()
-                     if any(h.pattern != "dense" for h in site.heads)}
+                     if any(_reducible(site, h) for h in site.heads)}
         if not overrides:
             return 0.0, (1.0 if batches and logits_of(batches[0][1]) is not None else None), {}
         local: dict[tuple[str, int], float] = {}     # (site name, head) -> summed local error
@@ -91,7 +91,7 @@ class Verify:
             per_head = (sparse_out.double() - dense_out.double()).pow(2).sum((0, 2, 3))
             scale = dense_out.double().pow(2).sum() / site.num_heads + 1e-30
             for head in site.heads:
-                if head.pattern != "dense":
+                if _reducible(site, head):
                     key = site.name, head.head
                     local[key] = local.get(key, 0.0) + float(per_head[head.head] / scale)
 
@@ -115,6 +115,11 @@ def _worst(local: dict) -> list:
         if covered >= 0.5 * total:
             break
     return chosen
+
+
+def _reducible(site: AttentionSite, head) -> bool:
+    """Whether verification could make ``head`` denser: it is sparser than the site's baseline."""
+    return (head.pattern, head.params) != baseline_pattern(site)
 
 
 def _head(site: AttentionSite, head: int):
