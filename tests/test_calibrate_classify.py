@@ -162,11 +162,11 @@ def test_calibration_lengths_get_separate_profiles():
 
 PLANTED_LAYERS = [
     [("window", {"window": 16}), ("sink_window", {"sink": 2, "window": 16}),
-     ("vertical_stripe", {"columns": [40, 100, 170, 300], "window": 8}),
+     ("vertical_stripe", {"columns": list(range(40, 512, 48)), "window": 8}),    # every 48th key from 40
      ("multi_diagonal", {"period": 32, "width": 2}), ("block_topk", {"block": 64, "density": 0.3}),
      ("dense", {})],
     [("window", {"window": 48}), ("sink_window", {"sink": 1, "window": 8}),
-     ("vertical_stripe", {"columns": [0, 77, 250], "window": 24}),
+     ("vertical_stripe", {"columns": [0, 1, 77, 177, 277, 377, 477], "window": 24}),    # 2 sinks + every 100th
      ("multi_diagonal", {"period": 50, "width": 3}), ("block_topk", {"block": 64, "density": 0.5}),
      ("window", {"window": 4})],
 ]
@@ -195,7 +195,7 @@ def test_planted_heads_have_their_pattern(causal):
             elif mask is not None:
                 assert (head_probs * mask).sum() / 384 > 0.99, (kind, params)
             if kind in ("sink_window", "vertical_stripe"):
-                columns = range(params["sink"]) if kind == "sink_window" else params["columns"]
+                columns = range(params["sink"]) if kind == "sink_window" else [c for c in params["columns"] if c < 384]
                 special = head_probs[:, list(columns)].sum(1)[max(columns) + 1:].mean()
                 assert 0.3 < special < 0.7            # the special keys hold about half the mass
 
@@ -253,10 +253,15 @@ def test_planted_llama_end_to_end():
         assert (site.num_heads, site.num_kv_heads, site.head_dim) == (8, 2, 64)
         for head in site.heads:
             kind, window = plant[layer].get(head.head, ("dense", None))
+            if kind == "vertical_stripe":
+                # Its stripes are the SEP tokens: content, not position (they sit at the same
+                # positions in every calibration input only by construction). Static columns
+                # are positional rules (sinks, periods), so the head takes another pattern,
+                # e.g. vertical_slash, which finds its columns per input.
+                assert head.pattern != "vertical_stripe", (layer, head.head, head.params)
+                continue
             assert head.pattern == kind, (layer, head.head, head.pattern, head.reason)
             if kind == "window":
                 assert 0.5 * window <= head.params["window"][0] <= 1.1 * window
             if kind == "sink_window":
                 assert head.params["sink"][0] == 1                 # BOS
-            if kind == "vertical_stripe":
-                assert set(head.params["columns"]) <= {300, 700}    # the SEP positions below 1024

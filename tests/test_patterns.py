@@ -9,6 +9,7 @@ from sparsec.passes.calibrate import profile_from_probabilities
 from sparsec.patterns import Elastic, get_pattern
 from sparsec.patterns import fitting
 from sparsec.patterns.base import N, full_pairs
+from sparsec.patterns.static import positional_columns
 
 STATIC_CASES = [
     ("dense", {}),
@@ -147,7 +148,8 @@ def test_estimated_recall_is_close(kind, params, causal):
 PLANTED = [
     ("window", {"window": [10, 0]}),
     ("sink_window", {"sink": [4, 0], "window": [16, 0]}),
-    ("vertical_stripe", {"columns": [0, 50, 123, 200], "window": [8, 0]}),
+    # Positional stripes (2 sinks, every 37th key from 12): what a fit may keep.
+    ("vertical_stripe", {"columns": positional_columns(2, 37, 12), "window": [8, 0]}),
     ("multi_diagonal", {"period": [20, 0], "width": [3, 0], "count": 0}),
     ("multi_diagonal", {"period": [25, 0], "width": [2, 0], "count": 3}),
     ("vertical_slash", {"columns": [0, 37, 80], "diagonals": [0, 1, 2, 17, 40]}),

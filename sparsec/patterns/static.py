@@ -192,8 +192,17 @@ class SinkWindow(Pattern):
 
 @register
 class VerticalStripe(Pattern):
-    """params: ``columns`` (absolute key positions every query sees; those past the
-    sequence end are dropped) and ``window`` (Elastic, a local band that keeps the diagonal)."""
+    """params: ``columns`` (key positions every query sees; those past the sequence end are
+    dropped) and ``window`` (Elastic, a local band that keeps the diagonal).
+
+    Columns are *positional*: a fit only ever keeps a leading prefix of sink keys
+    ``0 .. sink - 1`` and/or the periodic keys ``phase + k * period`` (every ``period``-th
+    key, as many as :data:`MAX_STRIPES` allows, so the rule carries over to longer
+    inputs). Which tokens matter by content (a separator, a name) moves with the input, so
+    absolute positions taken from calibration text would mean nothing on another input; a
+    head whose stripes follow content has its mass spread over many positions in the
+    calibration profiles, no positional rule reaches the recall, and it takes another
+    pattern. ``columns`` stays a list, the form the kernels, ONNX and Triton paths read."""
 
     kind = "vertical_stripe"
 
@@ -228,35 +237,90 @@ class VerticalStripe(Pattern):
         columns = torch.tensor(sorted({c for c in params["columns"] if c < profile.n_k}), dtype=torch.long)
         return float(self._recall_at(profile, columns, torch.tensor([_size(params, "window", profile.n_k)]))[0])
 
-    def _columns(self, profile, recall) -> list[int]:
-        """For each window on a coarse grid, the fewest columns (largest mass outside the
-        window first) that reach ``recall``; the set of the cheapest combination."""
-        window = fitting.window_mass(profile)
-        grid = torch.tensor(_width_grid(len(window) - 1))
-        columns = torch.arange(profile.n_k)
-        outside = (profile.column_mass[:, None] - fitting.column_window_mass(profile, columns, grid)).clamp(min=0)
-        candidates = []
-        for g, w in enumerate(grid.tolist()):
-            order = outside[:, g].argsort(descending=True)[:MAX_STRIPES]
-            reached = torch.cat([window[w:w + 1], window[w] + outside[order, g].cumsum(0)])
-            count = fitting.smallest_meeting(reached, recall, start=0)
-            chosen = order[:count].tolist()
-            cost = _window_pairs(profile.n_k, w, profile.causal) + sum(
-                _column_pairs(profile.n_k, c, w, profile.causal) for c in chosen)
-            candidates.append((float(reached[count]), cost, chosen))
-        return fitting.cheapest(candidates, recall)
-
-    def fit(self, profiles, recall):
-        """Columns: the union of each length's choice (positions are absolute, so they
-        carry over to other lengths); then the smallest window per length, made elastic."""
-        columns = sorted(set().union(*(self._columns(p, recall) for p in profiles)))[:MAX_STRIPES]
-        sizes = []
+    def _stripe_widths(self, profiles, columns: list[int], recall: float) -> tuple[float, list[tuple[int, int]]]:
+        """The smallest window meeting ``recall`` at each length with these columns, and the
+        lowest recall reached (the recall of the widest window where none meets it)."""
+        sizes, worst = [], 1.0
         for p in profiles:
             kept = torch.tensor([c for c in columns if c < p.n_k], dtype=torch.long)
             reached = self._recall_at(p, kept, torch.arange(len(fitting.window_mass(p)))).cummax(0).values
-            sizes.append((p.n_k, fitting.smallest_meeting(reached, recall)))
+            w = fitting.smallest_meeting(reached, recall)
+            sizes.append((p.n_k, w))
+            worst = min(worst, float(reached[w]))
+        return worst, sizes
+
+    def fit(self, profiles, recall):
+        """The cheapest positional rule (see the class docstring) meeting ``recall`` at every
+        calibration length: sink prefixes up to :data:`~fitting.SINK_COLUMNS`, with or
+        without the periodic keys of a period found in the column mass (its phase the
+        residue holding the most mass); the window is the smallest per length, made elastic.
+        """
+        longest, shortest = profiles[-1], profiles[0]
+        candidates = []
+        for periodic in [None, *_periodic_candidates(profiles)]:
+            for sink in range(fitting.SINK_COLUMNS + 1):
+                columns = positional_columns(sink, *(periodic or (0, 0)))
+                if periodic is not None and periodic[1] + 2 * periodic[0] >= shortest.n_k:
+                    continue          # fewer than 3 periods at the shortest length: no evidence of a period
+                reached, sizes = self._stripe_widths(profiles, columns, recall)
+                w = sizes[-1][1]
+                cost = _window_pairs(longest.n_k, w, longest.causal) + sum(
+                    _column_pairs(longest.n_k, c, w, longest.causal) for c in columns if c < longest.n_k)
+                candidates.append((reached, cost, (columns, sizes)))
+        columns, sizes = fitting.cheapest(candidates, recall)
         params = {"columns": columns, "window": fitting.fit_elastic(sizes).to_json()}
         return params, fitting.worst_recall(self, profiles, params)
+
+
+def positional_columns(sink: int, period: int, phase: int) -> list[int]:
+    """The sink prefix ``0 .. sink - 1`` and (``period > 0``) the periodic keys
+    ``phase + k * period``, sorted, at most :data:`MAX_STRIPES` in all."""
+    columns, position = set(range(sink)), phase
+    while period > 0 and len(columns) < MAX_STRIPES:
+        columns.add(position)
+        position += period
+    return sorted(columns)
+
+
+def _periodic_candidates(profiles) -> list[tuple[int, int]]:
+    """``(period, phase)`` pairs to try: periods from the column mass's autocorrelation at
+    every length, each with the phase whose keys hold the most mass past the sinks (summed
+    over the lengths, so one phase serves all of them), kept when the rule is supported
+    at every length (:func:`_supports_period`) and fits in :data:`MAX_STRIPES` columns."""
+    periods = set()
+    for p in profiles:
+        periods.update(_period_candidates(p.column_mass))
+    found = []
+    for period in sorted(periods):
+        if profiles[-1].n_k / period > MAX_STRIPES:
+            continue
+        mass = torch.zeros(period, dtype=torch.float64)
+        for p in profiles:
+            keys = torch.arange(fitting.SINK_COLUMNS, p.n_k)
+            mass.index_add_(0, keys % period, p.column_mass[fitting.SINK_COLUMNS:].double())
+        phase = int(mass.argmax())
+        if all(_supports_period(p, period, phase) for p in profiles):
+            found.append((period, phase))
+    return found
+
+
+# A periodic key is a stripe when its mass exceeds this multiple of the median mass of the
+# keys up to the next one; a period is kept when this fraction of its keys are stripes.
+STRIPE_CONTRAST = 1.5
+STRIPE_SUPPORT = 0.75
+
+
+def _supports_period(profile, period: int, phase: int) -> bool:
+    """Whether most keys ``phase + k * period`` of one profile stand out from the keys
+    between them: a period that merely passes through a few content stripes (any two
+    columns share many periods) is not a positional rule."""
+    mass = profile.column_mass
+    stripes = total = 0
+    for column in range(phase, profile.n_k - 1, period):
+        between = mass[column + 1:min(column + period, profile.n_k)]
+        total += 1
+        stripes += bool(mass[column] > STRIPE_CONTRAST * between.median())
+    return total > 0 and stripes >= STRIPE_SUPPORT * total
 
 
 @register
