@@ -121,15 +121,21 @@ def _lead_strides(table: torch.Tensor, leading: int, trailing: int) -> tuple[int
 
 
 def estimate_vertical_slash(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: float,
-                            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The group's estimated columns and diagonals: the reference's own estimate
-    (``VerticalSlash.estimate_indices``, same ops on the same values). Only the last
-    queries are read, so only they are gathered."""
+    (``VerticalSlash.estimate_indices``, same ops on the same values, the site's user mask
+    included). Only the last queries are read, so only they (and their mask rows) are
+    gathered."""
     heads = _head_index(tuple(group.heads), q.device).long()
     last_q = min(int(group.params.get("last_q", 64)), q.shape[2])
     q_last = q[:, :, q.shape[2] - last_q:].index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
-    return get_pattern("vertical_slash").estimate_indices(group.params, q_last, k_group, scale, causal)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        mask = _mask_heads(mask, heads)
+        mask = mask if mask.shape[2] == 1 else mask[:, :, mask.shape[2] - last_q:]
+    return get_pattern("vertical_slash").estimate_indices(group.params, q_last, k_group, scale, causal, mask)
 
 
 class _Group:
@@ -203,7 +209,7 @@ class _Group:
             nonlocal before, after
             if group.pattern == "vertical_slash":           # dynamic: estimated per input
                 tables = sparse_tables.vertical_slash_tables(
-                    *estimate_vertical_slash(q, k, group, scale, causal), n_q, n_k, causal, bm, bn)
+                    *estimate_vertical_slash(q, k, group, scale, causal, mask), n_q, n_k, causal, bm, bn)
                 before = tables_args(tables)
                 after = (*common, *tables_strides(tables), *sizes, *tables.layout_shape)
             descriptors = _kv_descriptors(k, v, bn) if kernel_config.tma else None

@@ -121,3 +121,80 @@ def test_probe_lengths_straddle_every_constant():
     lengths = probe_lengths({8, 100}, {24})
     assert {7, 8, 9, 17, 99, 100, 101, 201, 24, 1, 2}.issubset(lengths)
     assert max(lengths) > 201
+
+
+# -- vertical_slash's run-time estimate sees the site's mask --
+
+def _padded_slash_inputs(seed: int = 0):
+    """q, k ``[2, 2, 48, 16]`` with batch row 1 right-padded from key 36 on, its padded keys
+    made the most attended (as an ignored padding mask lets them be), and a mask keeping
+    causal keys of the unpadded part only."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 48, 16, generator=generator)
+    k = torch.randn(2, 2, 48, 16, generator=generator)
+    direction = torch.randn(16, generator=generator)
+    q[1, :, 16:] += direction
+    k[1, :, 36:] += 2 * direction
+    valid = torch.ones(2, 48, dtype=torch.bool)
+    valid[1, 36:] = False
+    mask = torch.ones(48, 48, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    return q, k, mask
+
+
+@pytest.mark.parametrize("form", ["bool", "additive"])
+def test_vertical_slash_estimate_never_picks_masked_keys(form):
+    from sparsec.patterns import get_pattern
+    q, k, mask = _padded_slash_inputs()
+    user_mask = mask if form == "bool" else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    pattern = get_pattern("vertical_slash")
+    params = {"vertical": [6, 0], "slash": [4, 0], "last_q": 32}
+    blind, _ = pattern.estimate_indices(params, q, k, 0.25, True)
+    assert (blind[1] >= 36).any()                         # ignoring the mask picks padded keys
+    columns, diagonals = pattern.estimate_indices(params, q, k, 0.25, True, user_mask)
+    assert columns.shape == (2, 2, 6) and diagonals.shape == (2, 2, 4)
+    assert not (columns[1] >= 36).any(), columns[1]
+    assert (columns[..., 0] == 0).all() and (diagonals == 0).any(-1).all()
+    # Every picked diagonal has a pair the mask keeps among the estimating queries.
+    rows = torch.arange(16, 48)
+    for b in range(2):
+        for h in range(2):
+            for offset in diagonals[b, h].tolist():
+                keys = rows - offset
+                inside = (keys >= 0) & (keys < 48)
+                assert mask[b, 0, rows[inside], keys[inside]].any(), (b, h, offset)
+
+
+def test_vertical_slash_masked_diagonals_rank_last():
+    """A sliding-window mask of 6 keys: the estimate keeps offsets 0..5 only, though the
+    scores (a strong far diagonal) would pick others."""
+    from sparsec.patterns import get_pattern
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 40, 8, generator=generator)
+    k = torch.roll(q, shifts=-20, dims=2) * 3 + 0.1 * torch.randn(1, 2, 40, 8, generator=generator)
+    d = torch.arange(40)[:, None] - torch.arange(40)[None, :]
+    window = ((d >= 0) & (d < 6))[None, None]
+    params = {"vertical": [1, 0], "slash": [6, 0], "last_q": 16}
+    pattern = get_pattern("vertical_slash")
+    blind = pattern.estimate_indices(params, q, k, 0.35, True)[1]
+    assert (blind >= 6).any()
+    diagonals = pattern.estimate_indices(params, q, k, 0.35, True, window)[1]
+    assert diagonals.tolist() == [[[0, 1, 2, 3, 4, 5]] * 2]
+
+
+def test_gpu_path_estimate_matches_the_reference_with_a_mask():
+    """runtime.kernels' estimate (last queries and their mask rows gathered per group) is
+    the reference estimate on the full tensors."""
+    from sparsec.patterns import get_pattern
+    from sparsec.plan import HeadGroup
+    from sparsec.runtime.kernels import estimate_vertical_slash
+    q, k, mask = _padded_slash_inputs(seed=2)
+    q4 = torch.cat([q, q.flip(1)], 1)                      # 4 query heads on 2 KV heads
+    mask4 = mask.expand(2, 4, 48, 48)
+    group = HeadGroup("vertical_slash", {"vertical": [5, 0], "slash": [3, 0], "last_q": 16}, [1, 3])
+    got = estimate_vertical_slash(q4, k, group, 0.25, True, mask4)
+    heads = torch.tensor([1, 3])
+    expected = get_pattern("vertical_slash").estimate_indices(group.params, q4[:, heads], k[:, heads // 2], 0.25,
+                                                              True, mask4[:, heads])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    assert not (got[0][1] >= 36).any()

@@ -20,6 +20,9 @@ import torch
 from . import fitting
 from .base import N, Elastic, Pattern, full_pairs, offsets, register
 
+# Additive mask values at or below this count as masked (calibrate's convention).
+MASKED_ADDITIVE = -1e4
+
 # Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
 # bound the pattern holds half of the causal score matrix), and at most MAX_LINES.
 MAX_LINES = 1024
@@ -37,11 +40,16 @@ class VerticalSlash(Pattern):
         raise TypeError("vertical_slash has no static block layout; it is estimated per input")
 
     def estimate_indices(self, params: dict, q: torch.Tensor, k: torch.Tensor, scale: float,
-                         causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Key columns ``[B, H, V]`` and diagonal offsets ``[B, H, S]`` to keep, sorted.
 
         ``q`` is ``[B, H, n_q, D]``, ``k`` is ``[B, H, n_k, D]`` (K heads already matched to
-        query heads). Column 0 and offset 0 are always among them.
+        query heads). ``mask`` is the site's user mask (boolean, True = attend, or additive),
+        broadcastable to ``[B, H, n_q, n_k]`` or to the last queries' ``[B, H, last_q, n_k]``:
+        the estimate scores what attention will compute, so keys the mask removes get no
+        mass, and columns / diagonals the mask removes for every estimating query rank last
+        (picked only when fewer unmasked ones exist than asked for). Column 0 and offset 0
+        are always among them unless the mask removes them there.
         """
         n_q, n_k = q.shape[-2], k.shape[-2]
         last_q = min(int(params.get("last_q", 64)), n_q)
@@ -51,17 +59,38 @@ class VerticalSlash(Pattern):
         scores = (q[..., -last_q:, :].float() @ k.float().transpose(-1, -2)) * scale
         if causal:
             scores = scores.masked_fill(d < 0, float("-inf"))
+        allowed = None
+        if mask is not None:
+            mask = _last_rows(mask, last_q)
+            if mask.dtype == torch.bool:
+                allowed = mask
+            else:
+                scores = scores + mask.float()
+                allowed = mask > MASKED_ADDITIVE
+            allowed = (allowed & (d >= 0) if causal else allowed).expand_as(scores)
+            scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        if allowed is not None:
+            probs = probs.nan_to_num(0.0)                              # a fully masked row: no mass
         column_score = probs.sum(dim=-2)                               # [B, H, n_k]
         # Slash scores: attention summed along each offset d in [-(n_k-1), n_k-1].
         shift = n_k - 1
-        slash_score = torch.zeros(*probs.shape[:-2], 2 * n_k - 1, device=q.device)
-        index = (d + shift).expand_as(probs).reshape(*probs.shape[:-2], -1)
-        slash_score.scatter_add_(-1, index, probs.reshape(*probs.shape[:-2], -1))
+        batch_heads = probs.shape[:-2]
+        slash_score = torch.zeros(*batch_heads, 2 * n_k - 1, device=q.device)
+        index = (d + shift).expand_as(probs).reshape(*batch_heads, -1)
+        slash_score.scatter_add_(-1, index, probs.reshape(*batch_heads, -1))
         if causal:
             slash_score[..., :shift] = float("-inf")                # offsets above the diagonal
+        # Forced: the sink column and the main diagonal (MInference) ...
         column_score[..., 0] = float("inf")
         slash_score[..., shift] = float("inf")
+        if allowed is not None:
+            # ... unless the mask removes them: keys and offsets the mask removes for every
+            # estimating query rank last.
+            slash_open = torch.zeros(*batch_heads, 2 * n_k - 1, dtype=torch.int8, device=q.device)
+            slash_open.scatter_reduce_(-1, index, allowed.reshape(*batch_heads, -1).to(torch.int8), "amax")
+            column_score = column_score.masked_fill(~allowed.any(dim=-2), float("-inf"))
+            slash_score = slash_score.masked_fill(slash_open == 0, float("-inf"))
         n_vertical = min(Elastic.from_json(params["vertical"]).at(n_k), n_k)
         n_slash = min(Elastic.from_json(params["slash"]).at(n_k), 2 * n_k - 1)
         columns = column_score.topk(n_vertical, dim=-1).indices.sort(dim=-1).values
@@ -143,6 +172,13 @@ class VerticalSlash(Pattern):
         params = {"vertical": fitting.fit_elastic(vertical).to_json(),
                   "slash": fitting.fit_elastic(slash).to_json(), "last_q": 64}
         return params, fitting.worst_recall(self, profiles, params)
+
+
+def _last_rows(mask: torch.Tensor, last_q: int) -> torch.Tensor:
+    """The mask's rows of the last ``last_q`` queries (a broadcast row dimension stays 1)."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask if mask.shape[-2] == 1 else mask[..., -last_q:, :]
 
 
 def _ranked(mass: torch.Tensor, first: int) -> torch.Tensor:
