@@ -128,11 +128,13 @@ def _attribute(gm: torch.fx.GraphModule, target: str):
 
 def probe_lengths(constants: set[int], calibration: set[int]) -> list[int]:
     """Lengths at which a shape-only mask is evaluated: small ones, the calibration lengths,
-    and ``c - 1, c, c + 1, 2c + 1`` for every constant ``c``, plus one past the largest."""
+    and ``c - 1, c, c + 1, 2c + 1`` for every constant ``c`` (``2c + 1`` of the largest is
+    the length well past every constant; without constants, one past the small lengths)."""
     lengths = set(SMALL_LENGTHS) | set(calibration)
     for c in constants:
         lengths |= {c - 1, c, c + 1, 2 * c + 1}
-    lengths.add(2 * max(constants | {max(SMALL_LENGTHS)}) + 17)
+    if not constants:
+        lengths.add(2 * max(SMALL_LENGTHS) + 17)     # 2c + 1 is already past every constant c
     return sorted(n for n in lengths if n >= 1)
 
 
@@ -219,6 +221,8 @@ class FoldCausalMask:
         nodes = {n.name: n for n in gm.graph.nodes}
         folded, windows, decisions = 0, 0, {}
         stats = ctx.attention_stats or {}
+        # Hugging Face builds one mask per kind and passes it to every layer: probe it once.
+        structures: dict[tuple, int | None | _Unprovable] = {}
         for site in ctx.plan.attention:
             node = nodes.get(site.node)
             if node is None or not site.has_mask:
@@ -230,11 +234,16 @@ class FoldCausalMask:
                 site.notes.append(f"mask kept as a tensor: it reads input {source!r}")
                 continue
             calibrated = set(stats[site.name].lengths) if site.name in stats else set()
-            try:
-                width = mask_structure(gm, mask, calibrated)
-            except _Unprovable as why:
-                decisions[site.name] = f"kept: {why}"
-                site.notes.append(f"mask kept as a tensor: {why}")
+            key = (mask, tuple(sorted(calibrated)))
+            if key not in structures:
+                try:
+                    structures[key] = mask_structure(gm, mask, calibrated)
+                except _Unprovable as why:
+                    structures[key] = why
+            width = structures[key]
+            if isinstance(width, _Unprovable):
+                decisions[site.name] = f"kept: {width}"
+                site.notes.append(f"mask kept as a tensor: {width}")
                 continue
             node.args = (*node.args[:3], None, node.args[4], True)
             site.causal, site.has_mask = True, False
