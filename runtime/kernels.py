@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
@@ -60,6 +62,38 @@ def kernel_dir(arch: str):
 
 _generate = lru_cache(maxsize=512)(generate)
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
+_UNWRITABLE: set[str] = set()          # cache directories already warned about (one warning each)
+_PRIVATE_DIR: list[Path] = []          # this process's uncached kernel files, when the cache is read-only
+
+
+def _warn_uncached(directory: Path, error: OSError) -> None:
+    if str(directory) not in _UNWRITABLE:
+        _UNWRITABLE.add(str(directory))
+        warnings.warn(f"sparsec: the kernel cache {directory} is not writable ({error}); kernels and "
+                      "autotune choices of this process are not cached there (set SPARSEC_CACHE_DIR to a "
+                      "writable directory to keep them)", stacklevel=4)
+
+
+def _private_kernel_path(filename: str, source: str) -> Path:
+    """``filename`` written into a private temporary directory of this process (not a cache)."""
+    if not _PRIVATE_DIR:
+        _PRIVATE_DIR.append(Path(tempfile.mkdtemp(prefix="sparsec-kernels-")))
+    path = _PRIVATE_DIR[0] / filename
+    if not path.is_file():
+        write_atomic(path, source)
+    return path
+
+
+def _kernel_file(path: Path, source: str) -> Path:
+    """The file to import ``source`` from: the cache entry (read without a lock when it already
+    holds these bytes, written under the lock otherwise), or a private file when the cache
+    cannot be written."""
+    try:
+        write_if_different(path, source)
+        return path
+    except OSError as error:
+        _warn_uncached(path.parent, error)
+        return _private_kernel_path(path.name, source)
 
 
 def load_kernel(spec: KernelSpec) -> ModuleType:
@@ -69,7 +103,7 @@ def load_kernel(spec: KernelSpec) -> ModuleType:
     key = (str(path), config.triton_interpret())
     module = _MODULES.get(key)
     if module is None:
-        write_if_different(path, kernel.source)
+        path = _kernel_file(path, kernel.source)
         module_spec = importlib.util.spec_from_file_location(f"sparsec_kernel_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
@@ -242,8 +276,8 @@ def _choose_config(group: _Group, autotune: bool) -> KernelConfig:
         return _TUNED[key]
     directory = kernel_dir(group.arch)
     path = directory / "autotune.json"
-    stored = json.loads(path.read_text()).get(key) if path.is_file() else None
-    if stored is None or KernelConfig(**stored["config"]) not in candidates:
+    stored = _stored_choice(_read_autotune(path), key, candidates)
+    if stored is None:
         timings = {}
         for candidate in candidates:
             try:
@@ -256,12 +290,49 @@ def _choose_config(group: _Group, autotune: bool) -> KernelConfig:
         stored = {"config": min(timings, key=timings.get).to_dict(),
                   "timings_ms": {c.tag: round(ms, 4) for c, ms in timings.items()}}
         tuning_log.append({"bucket": key, **stored})
-        with file_lock(directory):
-            table = json.loads(path.read_text()) if path.is_file() else {}
-            table[key] = stored
-            write_atomic(path, json.dumps(table, indent=1, sort_keys=True))
+        _store_choice(directory, path, key, stored)
     _TUNED[key] = KernelConfig(**stored["config"])
     return _TUNED[key]
+
+
+def _read_autotune(path: Path, warn: bool = True) -> dict:
+    """The autotune table at ``path``: {} when absent, and {} with a warning naming the file
+    when it is unreadable or not a JSON object (it is rebuilt on the next choice stored)."""
+    try:
+        table = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        table, reason = None, f"{type(error).__name__}: {error}"
+    else:
+        reason = f"a JSON {type(table).__name__}, not an object"
+    if isinstance(table, dict):
+        return table
+    if warn:
+        warnings.warn(f"sparsec: the autotune cache {path} is corrupt ({reason}); it is ignored and "
+                      "rebuilt", stacklevel=4)
+    return {}
+
+
+def _stored_choice(table: dict, key: str, candidates: list[KernelConfig]) -> dict | None:
+    """The stored choice of ``key`` when it is well formed and still a candidate."""
+    stored = table.get(key)
+    try:
+        if isinstance(stored, dict) and KernelConfig(**stored["config"]) in candidates:
+            return stored
+    except (TypeError, KeyError, ValueError):
+        pass
+    return None
+
+
+def _store_choice(directory: Path, path: Path, key: str, stored: dict) -> None:
+    """Add one choice to ``autotune.json`` under the cache lock; skipped (one warning) when
+    the cache cannot be written."""
+    try:
+        with file_lock(directory):
+            table = _read_autotune(path, warn=False)
+            table[key] = stored
+            write_atomic(path, json.dumps(table, indent=1, sort_keys=True))
+    except OSError as error:
+        _warn_uncached(directory, error)
 
 
 def chosen_config(q, k, v, mask, scale: float, causal: bool, group: HeadGroup) -> KernelConfig:

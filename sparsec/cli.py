@@ -12,9 +12,9 @@ def _add_plan(subparsers) -> None:
 
     def run(args) -> int:
         from sparsec.plan import Plan
-        from pathlib import Path
+        from sparsec.runtime.artifact import read_plan_json
 
-        print(Plan.from_json((Path(args.artifact) / "plan.json").read_text()).summary())
+        print(Plan.from_json(read_plan_json(args.artifact)).summary())
         return 0
 
     parser.set_defaults(handler=run)

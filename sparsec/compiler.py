@@ -149,13 +149,36 @@ class CompiledModel:
                            mode=mode, opset=opset, dynamic_length=dynamic_length)
 
     def save(self, directory: "str | Path") -> Path:
-        """Save the program, plan and kernel sources; ``sparsec.load(directory)`` restores it."""
+        """Save the program, plan and kernel sources; ``sparsec.load(directory)`` restores it.
+
+        The directory is replaced atomically under a lock (a failed save leaves the previous
+        artifact intact); a non-empty directory that is not a sparsec artifact is refused.
+        For GPU targets ``kernels/`` holds the generated Triton source of every sparse head
+        group (generated without a GPU), each listed in the manifest.
+        """
         from sparsec.passes.capture import export_program
         from sparsec.runtime.artifact import write_artifact
 
         program = export_program(self.graph_module, self.example_args, self.example_kwargs,
                                  dynamic=self.plan.capture.get("dynamic", True))
-        return write_artifact(directory, program, self.plan.to_json())
+        return write_artifact(directory, program, self.plan.to_json(), extra_files=self._kernel_sources(),
+                              example_inputs=(self.example_args, self.example_kwargs))
+
+    def _kernel_sources(self) -> dict[str, str]:
+        """``kernels/<file>.py`` → source for each sparse group of the plan (GPU targets)."""
+        from sparsec.codegen.triton.generator import site_kernels
+
+        if self._target.device_type != "cuda":
+            return {}
+        dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(self._model_dtype(), "bfloat16")
+        return {f"kernels/{kernel.filename}": kernel.source
+                for site in self.plan.attention for kernel in site_kernels(site, self._target, dtype)}
+
+    def _model_dtype(self) -> torch.dtype | None:
+        for tensor in self.graph_module.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return None
 
     def __repr__(self) -> str:
         sparse = sum(h.pattern != "dense" for s in self.plan.attention for h in s.heads)
@@ -240,7 +263,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
 
 
 def load(directory: "str | Path") -> CompiledModel:
-    """Load a model saved with :meth:`CompiledModel.save`, without its original class."""
+    """Load a model saved with :meth:`CompiledModel.save`, without its original class.
+
+    Nothing in the directory is executed or unpickled (see the README, "Trust model of
+    sparsec.load"); a damaged, mixed or unsafe artifact raises a typed
+    :class:`~sparsec.errors.ArtifactError`.
+    """
     from sparsec.runtime.artifact import read_artifact
 
     program, plan_json, _manifest = read_artifact(directory)

@@ -53,3 +53,19 @@ class UnservableInputError(SparsecError):
 
 class PlanError(SparsecError):
     """A plan that is inconsistent with the graph or with itself."""
+
+
+class ArtifactUnsafeError(ArtifactCorruptError):
+    """An artifact holds something ``sparsec.load`` refuses to run or unpickle: code in the
+    program (guards, symbolic expressions, names), an operator outside the allowed
+    namespaces, or a file of a format load never reads (a pickle)."""
+
+
+class ArtifactMismatchError(ArtifactCorruptError):
+    """The plan and the program of an artifact come from different saves (the program's
+    recorded plan hash differs from plan.json)."""
+
+
+class ArtifactTargetError(ArtifactError):
+    """``CompiledModel.save`` refuses its target: a symlink, a file, or a non-empty
+    directory that is not a sparsec artifact."""

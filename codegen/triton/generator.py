@@ -195,18 +195,36 @@ def file_lock(directory: Path):
 
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.is_file() and path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_if_different(path: "str | Path", text: str) -> bool:
-    """Write ``text`` to ``path`` (under the directory's lock) unless it already holds
-    exactly that; True when written."""
+    """Write ``text`` to ``path`` unless it already holds exactly that; True when written.
+
+    The check reads without a lock (files are replaced by rename, so a reader sees a whole
+    file), so a read-only cache that already holds the kernel works; only a write takes the
+    directory's lock (and raises ``OSError`` where the directory is not writable)."""
     path = Path(path)
+    if _holds(path, text):
+        return False
     with file_lock(path.parent):
-        if path.is_file() and path.read_text() == text:
+        if _holds(path, text):
             return False
         write_atomic(path, text)
         return True
