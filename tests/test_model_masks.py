@@ -87,6 +87,24 @@ def test_qwen2_sliding_layers():
     _assert_same_output(cm, model, _ids(2, 45, 2))
 
 
+def test_gemma_sliding_and_full_layers():
+    """Gemma 2 (eager attention, soft-capping off) alternates sliding and full layers."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(4)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                          sliding_window=8, use_cache=False, attn_implementation="eager",
+                          attn_logit_softcapping=None, final_logit_softcapping=None)
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    model = Gemma2ForCausalLM(config).eval()
+    cm = sparsec.compile(model, {"input_ids": _ids(2, 6, 1)}, recall=1.0)
+    sliding, full = cm.plan.attention
+    assert sliding.extra["model_window"] == 8 and "model_window" not in full.extra
+    assert full.causal and not full.has_mask
+    _assert_same_output(cm, model, _ids(2, 40, 2))
+
+
 class ChunkedMaskAttention(torch.nn.Module):
     """Attention under an in-graph mask that is causal up to 16 tokens and block-diagonal
     causal (chunks of 16, as Llama 4's chunked attention) past that."""
