@@ -148,6 +148,8 @@ def _walk(value, key: str, op_arguments: bool) -> None:
             _check_spec(value, key)
         elif key in ("as_string", "as_strings") and op_arguments:
             pass
+        elif value in ("Infinity", "-Infinity", "NaN"):     # how torch writes non-finite floats
+            pass
         elif key not in _FREE_TEXT_KEYS:
             _check_name(value, key)
 

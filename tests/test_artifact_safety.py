@@ -160,6 +160,9 @@ def test_program_check_refuses_code_in_names_and_targets():
     with pytest.raises(ArtifactUnsafeError, match="torch.serialization.os.system"):
         sanitize_program_json({"graph_module": {"graph": {"nodes": [node]}}})
     node["target"] = "torch.ops.aten.add.Tensor"
+    node["inputs"] = [{"name": "other", "arg": {"as_float": "-Infinity"}, "kind": 1},        # data, kept
+                      {"name": "alpha", "arg": {"as_string": "any 'text' \"at all\""}, "kind": 1}]
+    sanitize_program_json({"graph_module": {"graph": {"nodes": [node]}}, "guards_code": ["L['x'] == 1"]})
     with pytest.raises(ArtifactUnsafeError, match="characters"):
         sanitize_program_json({"graph_module": {"graph": {"nodes": [node]},
                                                 "signature": {"input_specs": [{"name": 'p"+open("x")+"'}]}}})
