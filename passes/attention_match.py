@@ -9,6 +9,9 @@ canonical form is checked, instead of being spelled as separate patterns:
 - upcasts and no-op copies around q, k, v, the scores and the probabilities; dropout in eval
 - GQA: k/v head repeats (``repeat_kv``, ``repeat_interleave``, ``expand``), see ``repeat_kv``
 
+Logit soft-capping (``tanh(scores / cap) * cap``, Gemma 2) is not folded: such a site is a
+near miss with that reason and stays dense.
+
 A subgraph that looks like attention but breaks a check raises :class:`MatchFailure` with
 the reason, which the pass reports as a near miss (like onnxscript's ``MatchResult.fail``).
 """
@@ -194,8 +197,19 @@ def _peel_scores(node: Node, consumer: Node) -> tuple[Node, list]:
         _keeps_shape(kept, node)
         inner, steps = _peel_scores(kept, node)
         return inner, steps + [("keep", node, Operand(condition))]
+    if is_call(node, aten.tanh.default):
+        raise MatchFailure(_soft_cap_reason(node))
     raise MatchFailure(f"the softmax input comes from {op_name(node)} ({node.name}), not from a "
                        "scaled and masked q @ kᵀ")
+
+
+def _soft_cap_reason(tanh: Node) -> str:
+    """Why a ``tanh`` on the scores is not folded: logit soft-capping (Gemma 2, Grok)."""
+    inner = tanh.args[0]
+    found = scale_factor(inner)
+    cap = f"{1.0 / found[1]:.6g}" if found is not None and found[1] > 0 else "cap"
+    return (f"logit soft-capping tanh(scores / {cap}) * {cap} ({tanh.name}) before the softmax: "
+            "sparsec's canonical attention has no soft-cap parameter, so this attention stays dense")
 
 
 def _fold_steps(steps: list, q_dtype: torch.dtype, folded: list[str]) -> tuple[float, Operand | None]:

@@ -4,9 +4,13 @@ Anchors are ``aten.scaled_dot_product_attention`` nodes and softmaxes; ``attenti
 folds scale, mask, upcasts, eval dropout and GQA head repeats and checks the one canonical
 form. An attention-like softmax (a matmul feeds it, a matmul consumes it) that fails a check
 stays dense and is listed in ``plan.unmatched`` with the reason. ``sparsec.attention``
-nodes already in the graph are kept as they are.
+nodes already in the graph are kept as they are. A graph with near misses but no recognised
+attention compiles to the dense model with a warning that lists them; a graph with no
+attention-like structure at all raises :class:`NoAttentionError`.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch._guards import detect_fake_mode
@@ -108,12 +112,16 @@ class Canonicalize:
         for site in ctx.plan.attention:
             site.notes.extend(folded.get(site.node, []))
         if not ctx.plan.attention:
+            recognised = ("sparsec recognises F.scaled_dot_product_attention and the eager "
+                          "softmax(q @ k^T) @ v form, or call torch.ops.sparsec.attention directly.")
+            if not near_misses:
+                raise NoAttentionError(f"no attention found in the captured graph. {recognised}")
+            # Attention-like structure that is not recognised (e.g. Gemma 2's soft-capping):
+            # the model still compiles, dense, and says why, rather than failing as a whole.
             missed = "".join(f"\n  {m['node']} in {m['module']}: {m['reason']}" for m in near_misses)
-            raise NoAttentionError(
-                "no attention found in the captured graph. sparsec recognises "
-                "F.scaled_dot_product_attention and the eager softmax(q @ k^T) @ v form, or "
-                "call torch.ops.sparsec.attention directly."
-                + (f" Near misses (also in plan.unmatched):{missed}" if near_misses else ""))
+            warnings.warn(f"sparsec: no attention was recognised, so the compiled model is the dense "
+                          f"model. {recognised} Near misses (also in plan.unmatched):{missed}",
+                          stacklevel=2)
         stats = {"attention_sites": len(ctx.plan.attention),
                  "sdpa": sum(s["source"] == "sdpa" for s in sites),
                  "eager": sum(s["source"] == "eager" for s in sites),

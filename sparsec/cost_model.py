@@ -32,7 +32,33 @@ backend forced instead runs at 342.6 TFLOP/s (FA2), so the picked backend is the
 Host time per eager call at a tiny size: SDPA 17 us, FlexAttention 132 us, an empty Triton
 kernel 30 us (the GPU-side launch constants above are what the model uses).
 
-Other targets are scaled from the h100 calibration until measured: rates by the datasheet
+Calibration (cpu). The ``cpu`` target runs dense heads through ``F.scaled_dot_product_attention``
+and sparse head groups through the block-sparse CPU path (``sparsec.runtime.block_sparse.
+sparse_attention``: only kept 64 x 64 blocks, fp32 inside). Both were timed on the 2-core
+development box (torch 2.13 CPU, 2 threads, a shared and loaded machine), fp32, head_dim 64,
+batch 1, 8 heads, causal, best of 5-12: dense at N = 256 ... 4096; a sliding window of 32,
+128, 512, 1024, N/2 and N keys at each of those N (FLOPs over the pattern's pairs, as
+``cost_expr`` counts them, so a window that covers everything costs what block-sparse really
+pays for it; those points weigh 3x in the fit, since they decide where a head stays dense).
+Fit as for h100: dense 0.0382 TFLOP/s, no row cost, launch 11 ms (torch's OpenMP start-up
+and hand-offs on a busy machine: SDPA takes 16 ms at N = 256 and at 512); within 20 % of
+every dense point (N = 2048: 0.128 s measured, 0.123 fitted). Sparse 0.0245 TFLOP/s, row
+cost 113 us, launch ~0; within 30 % from a window of 128 keys on (window 512 at N = 2048:
+0.084 / 0.084 s; full coverage at N = 4096: 0.62 / 0.72 s), windows of 32 keys run up to 2x
+slower than predicted (gathers dominate). Per head, a window of 128 beats dense from N ~ 512;
+a pattern covering most of the matrix never does (block-sparse at full coverage is ~1.5x
+slower than SDPA), so such heads stay dense.
+Before that path existed the cpu profile was scaled from h100's and credited the reference
+kernel (full scores, then the mask: 1.30 s for the window-128 group at N = 2048, where dense
+takes 0.125 s) with block-sparse speed, so compiled models ran 2-3x slower than the original.
+A dynamic pattern (``vertical_slash``) also builds its layout per input, densely on the CPU
+(estimate, N x N mask, gather plan): 21 ns per head and score element, measured at N = 512 ...
+4096 (11, 19, 23, 21 ns; 0.095 s for one head at N = 2048, where its kernel FLOPs predict
+0.002 s), so on the cpu target it never beats dense (``dynamic_layout_ns``).
+Timings on a loaded machine vary by ~30 % between runs: the constants are right in order of
+magnitude and in which side of dense a pattern falls, not a measurement of another CPU.
+
+Other GPU targets are scaled from the h100 calibration until measured: rates by the datasheet
 peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
 overhead.
 
@@ -75,16 +101,23 @@ class CostProfile:
     dense: KernelRates
     sparse: KernelRates
     calibrated: bool         # measured on the target, or scaled from the h100 calibration
+    # Per head and (query, key) element: building a dynamic pattern's layout per input where
+    # the runtime does it densely (the CPU path; GPU kernels estimate in-kernel, in cost_expr).
+    dynamic_layout_ns: float = 0.0
 
     def to_dict(self) -> dict:
         return {"target": self.target, "calibrated": self.calibrated,
-                "dense": vars(self.dense), "sparse": vars(self.sparse)}
+                "dense": vars(self.dense), "sparse": vars(self.sparse),
+                "dynamic_layout_ns": self.dynamic_layout_ns}
 
 
 # Measured with scripts/calibrate_cost_model.py; see the module docstring.
 CALIBRATED = {
     "h100": CostProfile("h100", dense=KernelRates(611.6, 0.0395, 9.6),
                         sparse=KernelRates(429.2, 0.0417, 20.2), calibrated=True),
+    # fp32, head_dim 64, 2 threads; sparse = runtime.block_sparse.sparse_attention (see above)
+    "cpu": CostProfile("cpu", dense=KernelRates(0.0382, 0.0, 11024.0),
+                       sparse=KernelRates(0.0245, 112.9, 0.0), calibrated=True, dynamic_layout_ns=21.0),
 }
 _REFERENCE = get_target("h100")
 
@@ -135,7 +168,8 @@ class CostModel:
             return 0.0
         rates = self._rates(kind)
         rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
-        return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows
+        layout = n * n * self.profile.dynamic_layout_ns * 1e-9 if get_pattern(kind).dynamic else 0.0
+        return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
 
     def launch_seconds(self, kind: str) -> float:
         return 0.0 if kind == "skip" else self._rates(kind).launch_us * 1e-6

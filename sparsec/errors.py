@@ -6,6 +6,11 @@ class SparsecError(Exception):
     """Base class of every error sparsec raises on purpose."""
 
 
+class InvalidArgumentError(SparsecError, ValueError):
+    """An argument of ``sparsec.compile`` outside its valid range (e.g. ``recall``), or
+    example / calibration inputs that hold NaN or infinity."""
+
+
 class CaptureError(SparsecError):
     """torch.export could not capture the model."""
 

@@ -20,7 +20,7 @@ import torch
 
 from sparsec.errors import UnservableInputError, UnsupportedDtypeError
 from sparsec.plan import decode_groups
-from sparsec.runtime import reference
+from sparsec.runtime import block_sparse, reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -66,6 +66,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
                      scale: float, causal: bool, groups: str) -> torch.Tensor:
     check_attention_inputs(q, k, v)
     check_causal_alignment(q, k, causal)
+    if q.device.type == "cpu":
+        # CPU tensors: block-sparse, only the kept key blocks (the reference, the oracle,
+        # computes full scores and then masks them: slower than dense SDPA).
+        return block_sparse.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
     return reference.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
 
 
