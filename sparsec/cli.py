@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sparsec.errors import SparsecError
+
 
 def _add_plan(subparsers) -> None:
     parser = subparsers.add_parser("plan", help="print the plan summary of a saved artifact")
@@ -20,6 +22,18 @@ def _add_plan(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def _add_bench_quality(subparsers) -> None:
+    """``sparsec bench quality``: joins the ``bench`` suites that sparsec.bench registers."""
+    from sparsec.bench_quality import add_bench_quality_arguments, run
+
+    bench = subparsers.choices["bench"]
+    suites = next(action for action in bench._actions if isinstance(action, argparse._SubParsersAction))
+    quality = suites.add_parser("quality", help="a real trained model (SmolLM2, MiniLM): dense vs compiled "
+                                                "perplexity, top-1 agreement, KL, passkey retrieval")
+    add_bench_quality_arguments(quality)
+    quality.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="sparsity compiler for PyTorch transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -33,12 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_bisect(subparsers)
     add_onnx(subparsers)
     add_bench(subparsers)
+    _add_bench_quality(subparsers)
     return parser
 
 
+# Ordinary user mistakes: a missing or unreadable path, a bad value, a typed sparsec error.
+# They print one line; SPARSEC_DEBUG >= 1 shows the traceback instead.
+_USER_ERRORS = (SparsecError, OSError, ValueError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except _USER_ERRORS as error:
+        if _debug():
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"sparsec {args.command}: error: {message} ({type(error).__name__}; "
+              "SPARSEC_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _debug() -> bool:
+    from sparsec import config
+
+    try:
+        return config.debug_level() > 0
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":
