@@ -191,7 +191,7 @@ def group_attention(q, k, v, bias, scale: float, causal: bool, pattern: str, par
     if family.dynamic:
         per_kv = q.shape[1] // k.shape[1]
         k_heads = k.repeat_interleave(per_kv, dim=1)
-        columns, diagonals = family.estimate_indices(params, q, k_heads, scale, causal)
+        columns, diagonals = family.estimate_indices(params, q, k_heads, scale, causal, bias)
         plan = gather_plan(family.dynamic_mask(columns, diagonals, n_q, n_k, causal), block)
     else:
         plan = static_plan(pattern, json.dumps(params, sort_keys=True), n_q, n_k, causal, block)

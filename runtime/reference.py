@@ -41,7 +41,7 @@ def _pattern_group(q, k, v, mask, scale, causal, group: HeadGroup) -> torch.Tens
     n_q, n_k = q.shape[-2], k.shape[-2]
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
     if pattern.dynamic:
-        columns, diagonals = pattern.estimate_indices(group.params, q, k, scale, causal)
+        columns, diagonals = pattern.estimate_indices(group.params, q, k, scale, causal, mask)
         dynamic = pattern.dynamic_mask(columns, diagonals, n_q, n_k, causal)
     additive = _as_additive(mask, torch.float32)
     for start in range(0, n_q, QUERY_CHUNK):
