@@ -160,7 +160,19 @@ def _load_factory(spec: str):
 
 
 def _read_plan(path: Path) -> Plan:
-    return Plan.from_json((path / "plan.json" if path.is_dir() else path).read_text())
+    """A plan file, a dump directory's ``plan.json``, or an artifact's plan after load's
+    checks (hashes and plan/program binding, ``runtime.artifact.read_plan_json``)."""
+    from sparsec.runtime.artifact import read_plan_json
+
+    if not path.exists():
+        raise FileNotFoundError(f"plan {path} does not exist; pass plan.json, or a dump or artifact "
+                                "directory holding one")
+    if path.is_dir() and (path / "manifest.json").exists():
+        return Plan.from_json(read_plan_json(path))
+    file = path / "plan.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no plan.json; pass plan.json, or a dump or artifact directory")
+    return Plan.from_json(file.read_text())
 
 
 def add_parser(subparsers) -> None:
@@ -178,6 +190,7 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
+    plan = _read_plan(Path(args.plan))                 # a bad path fails before the model is built
     built = _load_factory(args.factory)()
     if args.inputs:
         model, inputs = (built[0] if isinstance(built, tuple) else built), torch.load(args.inputs)
@@ -186,6 +199,6 @@ def _run(args) -> int:
     else:
         print("sparsec bisect: the factory returned only a model; pass --inputs", file=sys.stderr)
         return 2
-    result = bisect(model, _read_plan(Path(args.plan)), inputs, threshold=args.threshold, target=args.target)
+    result = bisect(model, plan, inputs, threshold=args.threshold, target=args.target)
     print(result.summary())
     return 0

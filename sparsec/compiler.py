@@ -1,16 +1,18 @@
 """``sparsec.compile``: capture a model, run the passes, return a ``CompiledModel``."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from . import config
 from .dump import DumpWriter
-from .errors import UnservableInputError
+from .errors import InvalidArgumentError, UnservableInputError, UnsupportedDtypeError
 from .inputs import as_call, calibration_calls, leaf_signature, relative_l2
 from .pass_manager import CompileContext, PassManager
 from .plan import Plan
@@ -76,11 +78,89 @@ def _cost_record(plan: Plan, target: Target, budget: Any) -> dict:
     return CostModel(target).attention_record(plan.attention, n) if n else {}
 
 
+def _own_tensors(graph_module: torch.fx.GraphModule) -> None:
+    """Give ``graph_module`` private copies of its parameters, buffers and tensor constants.
+
+    torch.export shares the captured parameters with the user's model, while fuse_heads
+    holds permuted copies and canonicalize folds a learned temperature into a constant: a
+    later ``load_state_dict`` or optimizer step on the original would reach some tensors
+    of the compiled model and not others (issue #14, part 5). One rule instead: the
+    compiled model owns copies of everything, frozen at compile time. Tensors shared
+    inside the graph module (tied weights) stay shared with each other."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in copies:
+            data = tensor.detach().clone()
+            copies[id(tensor)] = (torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+                                  if isinstance(tensor, torch.nn.Parameter) else data)
+        return copies[id(tensor)]
+
+    for module in graph_module.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is not None:
+                    table[name] = own(tensor)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):                 # get_attr tensor constants
+                setattr(module, name, own(value))
+
+
+def _check_model(model: torch.nn.Module, example: tuple[tuple, dict]) -> None:
+    """Refuse a model whose weights are on the meta device (no data to run or measure)."""
+    on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+               if tensor.device.type == "meta"]
+    if on_meta:
+        raise InvalidArgumentError(
+            f"the model has {len(on_meta)} parameter(s)/buffer(s) on the meta device (e.g. {on_meta[0]}), "
+            "which hold shapes but no data; load real weights first (model.to_empty(device='cpu') then "
+            "load_state_dict, or from_pretrained without a meta device_map), since sparsec runs the model")
+
+
+@contextlib.contextmanager
+def _input_dtype_errors(example: tuple[tuple, dict]):
+    """Name the fix when the model fails because an integer input meets float weights
+    (``mat1 and mat2 must have the same dtype``) instead of letting torch's message stand."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        integer = [f"{('positional', 'keyword')[path[0].idx]} input {pytree.keystr(path[1:])} ({leaf.dtype})"
+                   for path, leaf in pytree.tree_flatten_with_path(example)[0]
+                   if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point() and not leaf.is_complex()]
+        if integer and ("dtype" in text or "scalar type" in text or "not implemented for" in text):
+            raise UnsupportedDtypeError(
+                f"the model failed on integer example inputs: {', '.join(integer)} ({text.splitlines()[0]}); "
+                "pass floating-point tensors (e.g. x.float()) for inputs the model computes with, and "
+                "integer tensors only for token ids, positions and masks") from error
+        raise
+
+
+def _fixed_sizes(graph_module: torch.fx.GraphModule) -> list[list] | None:
+    """Per tensor input of the graph, its sizes: an int where the graph fixed the dimension,
+    None where it is symbolic; None when the placeholders carry no shapes."""
+    sizes = []
+    for node in graph_module.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            sizes.append([int(size) if is_concrete_int(size) else None for size in value.shape])
+    return sizes
+
+
 class CompiledModel:
-    """A compiled model: call it like the original; ``.plan`` says what was made sparse."""
+    """A compiled model: call it like the original; ``.plan`` says what was made sparse.
+
+    It owns copies of every parameter, buffer and constant it runs (taken when it is
+    built): changing the original model afterwards (``load_state_dict``, an optimizer
+    step) never changes the compiled model; recompile to pick up new weights."""
 
     def __init__(self, graph_module: torch.fx.GraphModule, plan: Plan, example_args: tuple,
                  example_kwargs: dict, attention_stats: dict | None = None):
+        _own_tensors(graph_module)
         self.graph_module = graph_module
         self.plan = plan
         # Calibration statistics per site (not saved in artifacts): what reports draw.
@@ -89,6 +169,7 @@ class CompiledModel:
         self.example_kwargs = example_kwargs
         self._target = get_target(plan.target)
         self._signature = leaf_signature(example_args, example_kwargs)
+        self._fixed_sizes = _fixed_sizes(graph_module)
         self._warned_reference = False
 
     def _check(self, args: tuple, kwargs: dict) -> None:
@@ -101,6 +182,7 @@ class CompiledModel:
             raise UnservableInputError(
                 f"input tensor ranks/dtypes {signature} differ from the compiled {self._signature[1]}; "
                 "cast the inputs, or recompile with example inputs of this dtype")
+        self._check_fixed_sizes(args, kwargs)
         if not self.plan.capture.get("dynamic", True):
             expected = [t.shape for t in pytree.tree_leaves((self.example_args, self.example_kwargs))
                         if isinstance(t, torch.Tensor)]
@@ -110,6 +192,30 @@ class CompiledModel:
                     f"this model was captured with static shapes {expected} (dynamic export failed: "
                     f"{self.plan.capture.get('reason', '')}); got {got}. Pad or crop inputs to the "
                     "compiled shape, or make the model exportable with dynamic shapes")
+
+    def _check_fixed_sizes(self, args: tuple, kwargs: dict) -> None:
+        """A dimension the graph fixed (a hidden size, or one whose example size was 1) must
+        match; say which, rather than torch's "Guard failed"."""
+        leaves = [(path, leaf) for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]
+                  if isinstance(leaf, torch.Tensor)]
+        examples = [leaf for leaf in pytree.tree_leaves((self.example_args, self.example_kwargs))
+                    if isinstance(leaf, torch.Tensor)]
+        if self._fixed_sizes is None or len(leaves) != len(self._fixed_sizes) or len(examples) != len(leaves):
+            return
+        for (path, leaf), fixed, example in zip(leaves, self._fixed_sizes, examples):
+            for dim, (size, compiled) in enumerate(zip(leaf.shape, fixed)):
+                if compiled is None or size == compiled:
+                    continue
+                name = f"{('positional', 'keyword')[path[0].idx]} input {pytree.keystr(path[1:])}"
+                if example.dim() > dim and example.shape[dim] == 1:
+                    raise UnservableInputError(
+                        f"{name} has size {size} on dimension {dim}, but its example size was 1 and "
+                        "torch.export fixed it; recompile with example inputs whose batch and sequence "
+                        "sizes are at least 2, or call with size 1 there")
+                raise UnservableInputError(
+                    f"{name} has size {size} on dimension {dim}, but the model was compiled for a fixed "
+                    f"size {compiled} there (a model dimension such as the hidden size or channels, not "
+                    f"the batch or sequence length); pass inputs of size {compiled} on dimension {dim}")
 
     def _warn_if_reference(self, args: tuple, kwargs: dict) -> None:
         if self._warned_reference or self._target.device_type != "cuda":
@@ -196,7 +302,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     """Compile ``model`` into a sparse model.
 
     Args:
-        model: the ``nn.Module`` to compile (put in eval mode).
+        model: the ``nn.Module`` to compile (captured in eval mode; its own mode is
+            restored). The compiled model owns copies of the model's parameters and buffers,
+            taken at compile time: later changes to ``model`` (``load_state_dict``, optimizer
+            steps) do not reach it; compile again to pick them up.
         example_inputs: a tuple of positional args, or a dict of keyword args
             (HF models: ``{"input_ids": ..., "attention_mask": ...}``).
         calibration: an iterable of inputs built like ``example_inputs``; defaults to it.
@@ -230,9 +339,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     calls = calibration_calls(calibration, example)
     if calibration is not None:
         check_finite(calls, "calibration batch")
+    _check_model(model, example)
     # Eval mode and no KV cache while capturing and running the reference; the user's
     # mode and config come back afterwards (passes/capture.py, capture_mode).
-    with capture_mode(model):
+    with _input_dtype_errors(example), capture_mode(model):
         gm, capture_record = capture(model, *example)
         with torch.no_grad():
             dense_reference = model(*example[0], **example[1])

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
     export.add_argument("--mode", choices=("custom", "decomposed"), default="custom",
                         help="custom: sparsec ops (run with sparsec run-onnx / ort_session); "
                              "decomposed: standard ONNX ops only (default: custom)")
-    export.add_argument("--opset", type=int, default=None, help="default-domain opset version")
+    export.add_argument("--opset", type=int, default=None,
+                        help="default-domain opset version (18 to the newest torch's exporter knows)")
     export.add_argument("--static-length", action="store_true",
                         help="export at the example shapes (decomposed: masks stored as initializers)")
     export.set_defaults(handler=export_command)
@@ -78,6 +79,18 @@ def _synthetic_inputs(session, example_shapes: list, dims: dict) -> dict:
     return feeds
 
 
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    """``--dim NAME=VALUE`` options as ``{NAME: VALUE}``."""
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit():
+            raise ValueError(f"--dim {item!r}: write a symbolic dimension as NAME=VALUE with a positive "
+                             "integer value, e.g. --dim s27=512")
+        dims[name] = int(value)
+    return dims
+
+
 def run_onnx_command(args) -> int:
     import onnx
 
@@ -90,9 +103,8 @@ def run_onnx_command(args) -> int:
             feeds = {name: data[name] for name in data.files}
     else:
         metadata = {p.key: p.value for p in onnx.load(args.model, load_external_data=False).metadata_props}
-        dims = dict(item.split("=", 1) for item in args.dim)
         feeds = _synthetic_inputs(session, json.loads(metadata.get("sparsec.example_shapes", "[]")),
-                                  {name: int(value) for name, value in dims.items()})
+                                  _parse_dims(args.dim))
     times = []
     for _ in range(max(1, args.repeat)):
         start = time.perf_counter()

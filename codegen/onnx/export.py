@@ -32,6 +32,49 @@ from .linear import sparse_linear
 MODES = ("custom", "decomposed")
 METADATA_KEYS = ("sparsec.version", "sparsec.plan", "sparsec.mode", "sparsec.op_domain",
                  "sparsec.example_shapes")
+# Default-domain opsets the export supports: the translations are written against opset 18
+# (onnxscript ``opset18``, torch's own torchlib opset), up to the newest both torch's
+# exporter and the installed onnx know. Others are refused, not silently replaced.
+MIN_OPSET = 18
+
+
+def max_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:         # a torch without the constant: trust onnx alone
+        ONNX_MAX_OPSET = onnx.defs.onnx_opset_version()
+    return min(ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: "int | None") -> None:
+    """Raise :class:`~sparsec.errors.InvalidArgumentError` for an opset outside
+    ``MIN_OPSET .. max_opset()`` (``None``, the exporter's default, passes)."""
+    from sparsec.errors import InvalidArgumentError
+
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise InvalidArgumentError(
+            f"opset {opset!r} is not supported by the ONNX export: choose a default-domain opset from "
+            f"{MIN_OPSET} to {max_opset()} (sparsec's translations need opset {MIN_OPSET} ops), or leave "
+            "it unset for the exporter's default")
+
+
+def check_dtypes(graph_module: torch.fx.GraphModule, example_args: tuple, example_kwargs: dict) -> None:
+    """Refuse bfloat16 weights or inputs: onnxruntime's CPU kernels (MatMul, Softmax, ...)
+    do not implement bfloat16, so such a file cannot be opened on CPU (issue #14)."""
+    from sparsec.errors import UnsupportedDtypeError
+
+    tensors = [*graph_module.parameters(), *graph_module.buffers(),
+               *(t for t in torch.utils._pytree.tree_leaves((example_args, example_kwargs))
+                 if isinstance(t, torch.Tensor))]
+    if any(t.dtype == torch.bfloat16 for t in tensors):
+        raise UnsupportedDtypeError(
+            "the compiled model holds bfloat16 weights or inputs, and onnxruntime's CPU kernels do not "
+            "implement bfloat16, so the exported file could not be run on CPU; compile a float32 copy "
+            "(model.float(), float32 example inputs) and export that")
+
+
 # Above this many bytes of weights the file keeps them in external data (protobuf's 2 GB cap).
 _EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -61,7 +104,9 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
     Args:
         graph_module, example_args, example_kwargs, plan: the ``CompiledModel``'s.
         mode: ``"custom"`` or ``"decomposed"`` (see the module docstring).
-        opset: the default-domain opset (``None``: the exporter's default).
+        opset: the default-domain opset, ``MIN_OPSET`` to :func:`max_opset` (``None``: the
+            exporter's default); others raise ``InvalidArgumentError``. bfloat16 models raise
+            ``UnsupportedDtypeError`` (onnxruntime's CPU kernels lack bfloat16).
         dynamic_length: keep every input dimension the capture left symbolic (sequence
             length, batch) symbolic. ``False`` exports at the example's shapes; in
             decomposed mode static masks are then stored as initializers.
@@ -69,6 +114,8 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
     from sparsec import __version__
     from sparsec.passes.capture import export_program
 
+    check_opset(opset)
+    check_dtypes(graph_module, example_args, example_kwargs)
     table = translation_table(mode, materialize=not dynamic_length)
     dynamic = dynamic_length and plan.capture.get("dynamic", True)
     program = export_program(graph_module, example_args, example_kwargs, dynamic=dynamic)

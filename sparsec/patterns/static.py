@@ -332,14 +332,17 @@ class MultiDiagonal(Pattern):
     kind = "multi_diagonal"
 
     def keep(self, params, d, rows, cols, n_q, n_k):
+        """Offsets within ``width`` of a kept diagonal ``m * period`` (``|m| < count``). The
+        distance to the diagonals is convex in ``m``, so the nearest kept one is the nearest
+        diagonal clamped to the kept range: bands wider than half the period overlap and
+        the main band keeps its full width even with ``count = 1`` (issue #14)."""
         period = Elastic.from_json(params["period"]).at(n_k)
         width = Elastic.from_json(params["width"]).at(n_k)
         nearest = torch.round(d.double() / period).long()     # index m of the closest diagonal
-        near = (d - nearest * period).abs() < width
         count = int(params.get("count", 0))
         if count > 0:
-            near &= nearest.abs() < count
-        return near
+            nearest = nearest.clamp(1 - count, count - 1)
+        return (d - nearest * period).abs() < width
 
     def _kept_offsets(self, params, n_q, n_k) -> torch.Tensor:
         """Which offsets ``1 - n_q ... n_k - 1`` the pattern keeps (it depends on ``d`` only)."""

@@ -52,7 +52,7 @@ class VerticalSlash(Pattern):
         are always among them unless the mask removes them there.
         """
         n_q, n_k = q.shape[-2], k.shape[-2]
-        last_q = min(int(params.get("last_q", 64)), n_q)
+        last_q = max(1, min(int(params.get("last_q", 64)), n_q))
         rows = torch.arange(n_q - last_q, n_q, device=q.device)
         cols = torch.arange(n_k, device=q.device)
         d = offsets(rows, cols, n_q, n_k)
@@ -69,14 +69,15 @@ class VerticalSlash(Pattern):
                 allowed = mask > MASKED_ADDITIVE
             allowed = (allowed & (d >= 0) if causal else allowed).expand_as(scores)
             scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if allowed is not None:
-            probs = probs.nan_to_num(0.0)                              # a fully masked row: no mass
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)        # a fully masked row: no mass
         column_score = probs.sum(dim=-2)                               # [B, H, n_k]
-        # Slash scores: attention summed along each offset d in [-(n_k-1), n_k-1].
-        shift = n_k - 1
+        # Slash scores: attention summed along each offset d in [-shift, n_k-1]. The estimating
+        # queries see offsets down to 1 - last_q, below -(n_k-1) when they outnumber the keys
+        # (cross-attention, issue #14).
+        shift = _slash_shift(last_q, n_k)
+        span = shift + n_k
         batch_heads = probs.shape[:-2]
-        slash_score = torch.zeros(*batch_heads, 2 * n_k - 1, device=q.device)
+        slash_score = torch.zeros(*batch_heads, span, device=q.device)
         index = (d + shift).expand_as(probs).reshape(*batch_heads, -1)
         slash_score.scatter_add_(-1, index, probs.reshape(*batch_heads, -1))
         if causal:
@@ -87,12 +88,12 @@ class VerticalSlash(Pattern):
         if allowed is not None:
             # ... unless the mask removes them: keys and offsets the mask removes for every
             # estimating query rank last.
-            slash_open = torch.zeros(*batch_heads, 2 * n_k - 1, dtype=torch.int8, device=q.device)
+            slash_open = torch.zeros(*batch_heads, span, dtype=torch.int8, device=q.device)
             slash_open.scatter_reduce_(-1, index, allowed.reshape(*batch_heads, -1).to(torch.int8), "amax")
             column_score = column_score.masked_fill(~allowed.any(dim=-2), float("-inf"))
             slash_score = slash_score.masked_fill(slash_open == 0, float("-inf"))
         n_vertical = min(Elastic.from_json(params["vertical"]).at(n_k), n_k)
-        n_slash = min(Elastic.from_json(params["slash"]).at(n_k), 2 * n_k - 1)
+        n_slash = min(Elastic.from_json(params["slash"]).at(n_k), span)
         columns = column_score.topk(n_vertical, dim=-1).indices.sort(dim=-1).values
         diagonals = slash_score.topk(n_slash, dim=-1).indices.sort(dim=-1).values - shift
         return columns, diagonals
@@ -105,10 +106,11 @@ class VerticalSlash(Pattern):
         column_mask = torch.zeros(*batch_heads, n_k, dtype=torch.bool, device=device)
         column_mask.scatter_(-1, columns, True)
         d = offsets(torch.arange(n_q, device=device), torch.arange(n_k, device=device), n_q, n_k)
-        shift = n_k - 1
-        offset_mask = torch.zeros(*batch_heads, 2 * n_k - 1, dtype=torch.bool, device=device)
+        # Offsets of the score matrix lie in [1 - n_q, n_k - 1]; estimated ones in [-shift, n_k - 1].
+        shift = max(n_q, n_k) - 1
+        offset_mask = torch.zeros(*batch_heads, shift + n_k, dtype=torch.bool, device=device)
         offset_mask.scatter_(-1, diagonals + shift, True)
-        slash = offset_mask[..., (d + shift).clamp(0, 2 * n_k - 2)] & (d.abs() <= shift)
+        slash = offset_mask[..., d + shift]
         mask = column_mask[..., None, :] | slash
         return mask & (d >= 0) if causal else mask
 
@@ -172,6 +174,12 @@ class VerticalSlash(Pattern):
         params = {"vertical": fitting.fit_elastic(vertical).to_json(),
                   "slash": fitting.fit_elastic(slash).to_json(), "last_q": 64}
         return params, fitting.worst_recall(self, profiles, params)
+
+
+def _slash_shift(last_q: int, n_k: int) -> int:
+    """Index of offset 0 in the slash scores: they cover offsets ``-shift .. n_k - 1``, which
+    holds ``-(n_k - 1) .. n_k - 1`` and every offset the last ``last_q`` queries see."""
+    return max(last_q, n_k) - 1
 
 
 def _last_rows(mask: torch.Tensor, last_q: int) -> torch.Tensor:
