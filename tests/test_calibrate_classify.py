@@ -204,10 +204,10 @@ def test_planted_heads_have_their_pattern(causal):
 def test_classification_recovers_planted_heads(causal):
     torch.manual_seed(3)
     model = PlantedAttention(PLANTED_LAYERS, causal=causal)
-    # Pattern recovery, not speed: any pattern no slower than dense. (On the cpu target's
-    # measured costs a block_topk head of density 0.44 at N = 512 saves under 20 %.)
+    # Pattern recovery, not speed: any pattern no slower than dense, on a GPU target. (On the
+    # cpu target's measured costs block_topk heads of density 0.44-0.5 at N = 512 lose to SDPA.)
     ctx = run_passes(model, (torch.randn(2, 64, 32),), [(torch.randn(1, 512, 32),)],
-                     [Calibrate(), ClassifyHeads()], options={"min_saving": 0.0})
+                     [Calibrate(), ClassifyHeads()], target="h100", options={"min_saving": 0.0})
     planted = [kind for layer in PLANTED_LAYERS for kind, _ in layer]
     found = [head.pattern for site in ctx.plan.attention for head in site.heads]
     assert sum(p == f for p, f in zip(planted, found)) >= 0.95 * len(planted), list(zip(planted, found))
