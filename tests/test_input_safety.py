@@ -230,3 +230,88 @@ def test_onnx_export_refuses_bfloat16_models(tmp_path):
     with pytest.raises(UnsupportedDtypeError, match="bfloat16.*model.float"):
         compiled.export_onnx(tmp_path / "model.onnx", mode="decomposed")
     assert isinstance(UnsupportedDtypeError("x"), SparsecError)
+
+
+class CrossAttention(torch.nn.Module):
+    """Queries from ``x``, keys and values from ``context`` of another length; vertical_slash."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.q, self.kv = torch.nn.Linear(dim, 2 * 8), torch.nn.Linear(dim, 2 * 2 * 8)
+        from sparsec.plan import encode_groups
+
+        self.groups = encode_groups([HeadGroup("vertical_slash", {"vertical": [1, 0], "slash": [2, 0],
+                                                                  "last_q": 64}, [0, 1])])
+
+    def forward(self, x, context):
+        b, n_q, _ = x.shape
+        q = self.q(x).view(b, n_q, 2, 8).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, 2, 8).permute(2, 0, 3, 1, 4)
+        return torch.ops.sparsec.sparse_attention(q, k, v, None, 8 ** -0.5, False, self.groups)
+
+
+def test_decomposed_onnx_vertical_slash_serves_more_queries_than_keys(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from sparsec.codegen.onnx import export_onnx
+    from sparsec.passes.capture import capture
+    from sparsec.plan import Plan
+
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    gm, record = capture(model, (torch.randn(2, 6, 16), torch.randn(2, 5, 16)), {})
+    path = export_onnx(gm, (torch.randn(2, 6, 16), torch.randn(2, 5, 16)), {}, Plan(target="cpu", capture=record),
+                       tmp_path / "cross.onnx", mode="decomposed")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for n_q, n_k in ((7, 3), (4, 3), (3, 6)):
+        x, context = torch.randn(2, n_q, 16), torch.randn(2, n_k, 16)
+        with torch.no_grad():
+            expected = model(x, context).numpy()
+        (got,) = session.run(None, dict(zip(names, (x.numpy(), context.numpy()))))
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
+
+
+class MaskedHeads(torch.nn.Module):
+    """multi_diagonal with overlapping bands and vertical_slash under a key padding mask."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * 2 * 8)
+        from sparsec.plan import encode_groups
+
+        self.groups = encode_groups([
+            HeadGroup("multi_diagonal", {"period": [3, 0], "width": [3, 0], "count": 2}, [0]),
+            HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [1, 0], "last_q": 64}, [1])])
+
+    def forward(self, x, padding):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        mask = padding[:, None, None, :].bool()
+        return torch.ops.sparsec.sparse_attention(q, k, v, mask, 8 ** -0.5, False, self.groups)
+
+
+def test_decomposed_onnx_matches_the_reference_for_masked_vertical_slash_and_wide_diagonals(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from sparsec.codegen.onnx import export_onnx
+    from sparsec.passes.capture import capture
+    from sparsec.plan import Plan
+
+    torch.manual_seed(0)
+    model = MaskedHeads().eval()
+
+    def inputs(batch, n):
+        padding = torch.ones(batch, n)
+        padding[-1, n // 2:] = 0
+        return torch.randn(batch, n, 16), padding
+
+    gm, record = capture(model, inputs(2, 12), {})
+    path = export_onnx(gm, inputs(2, 12), {}, Plan(target="cpu", capture=record), tmp_path / "masked.onnx",
+                       mode="decomposed")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    for batch, n in ((2, 12), (3, 20)):
+        x, padding = inputs(batch, n)
+        with torch.no_grad():
+            expected = model(x, padding).numpy()
+        (got,) = session.run(None, dict(zip(names, (x.numpy(), padding.numpy()))))
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)

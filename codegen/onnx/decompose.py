@@ -18,6 +18,7 @@ from onnxscript import ir
 from onnxscript import opset18 as op
 
 from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns.vertical_slash import MASKED_ADDITIVE
 from sparsec.plan import HeadGroup, decode_groups, encode_groups
 
 from .custom import block_topk_layout
@@ -89,7 +90,9 @@ def _static_keep(group: HeadGroup, pos: _Positions):
         nearest = op.Cast(op.Round(ratio), to=TensorProto.INT64)
         near = op.Less(op.Abs(op.Sub(pos.d, op.Mul(nearest, period))), width)
         count = int(params.get("count", 0))
-        return op.And(near, op.Less(op.Abs(nearest), const_i64(count))) if count > 0 else near
+        if count > 0:        # as MultiDiagonal.keep: the nearest kept diagonal, |m| < count
+            nearest = op.Clip(nearest, const_i64(1 - count), const_i64(count - 1))
+        return op.Less(op.Abs(op.Sub(pos.d, op.Mul(nearest, period))), width)
     if kind == "block_topk":
         return _block_topk_keep(params, pos)
     raise ValueError(f"pattern {kind!r} has no decomposition; known: dense, skip, window, sink_window, "
@@ -121,21 +124,36 @@ def _scatter_flags(length_shape, indices):
     return op.Cast(op.ScatterElements(zeros, indices, ones, axis=-1), to=TensorProto.BOOL)
 
 
-def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions):
-    """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX."""
-    last_q = op.Min(const_i64([int(params.get("last_q", 64))]), pos.n_q)
+def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions, bias=None):
+    """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX;
+    ``bias`` (the group's additive mask, or None) enters the estimate as it does there."""
+    last_q = op.Max(const_i64([1]), op.Min(const_i64([int(params.get("last_q", 64))]), pos.n_q))
     first = op.Sub(pos.n_q, last_q)
     last_rows = op.Range(op.Squeeze(first), op.Squeeze(pos.n_q), const_i64(1))
     d_last = pos.offsets(last_rows)                                    # [L, Nk]
     q_last = op.Slice(q, first, pos.n_q, const_i64([2]))
     scores = op.Mul(op.MatMul(q_last, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
-    if causal:
+    allowed = None
+    if bias is not None:
+        # The mask's rows of the last queries (broadcast rows expanded first), added to the
+        # scores; masked keys (<= MASKED_ADDITIVE) get no mass and rank last.
+        full = op.Expand(bias, op.Concat(const_i64([1, 1]), pos.n_q, pos.n_k, axis=0))
+        bias_last = op.Slice(full, first, pos.n_q, const_i64([2]))
+        scores = op.Add(scores, bias_last)
+        allowed = op.Greater(bias_last, _const(MASKED_ADDITIVE, np.float32))
+        if causal:
+            allowed = op.And(allowed, op.GreaterOrEqual(d_last, const_i64(0)))
+        allowed = op.Expand(allowed, op.Shape(scores))
+        scores = op.Where(allowed, scores, _const(-_INF, np.float32))
+    elif causal:
         scores = op.Where(op.Less(d_last, const_i64(0)), _const(-_INF, np.float32), scores)
     probs = op.Softmax(scores, axis=-1)                                # [B, H, L, Nk]
+    probs = op.Where(op.IsNaN(probs), _const(0.0, np.float32), probs)  # a fully masked row: no mass
     column_score = op.ReduceSum(probs, const_i64([2]), keepdims=0)     # [B, H, Nk]
-    # Slash scores: attention summed along each offset, offset d stored at d + Nk - 1.
-    shift = op.Sub(pos.n_k, const_i64([1]))
-    span = op.Sub(op.Mul(pos.n_k, const_i64([2])), const_i64([1]))
+    # Slash scores: attention summed along each offset, offset d stored at d + shift with
+    # shift = max(last_q, Nk) - 1 (the estimating queries see offsets down to 1 - last_q).
+    shift = op.Sub(op.Max(last_q, pos.n_k), const_i64([1]))
+    span = op.Add(shift, pos.n_k)
     batch_heads = op.Shape(probs, start=0, end=2)
     flat_probs = op.Reshape(probs, op.Concat(batch_heads, const_i64([-1]), axis=0))
     index = op.Expand(op.Reshape(op.Add(d_last, shift), const_i64([1, 1, -1])), op.Shape(flat_probs))
@@ -147,13 +165,26 @@ def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _P
         slash_score = op.Where(op.Less(offsets, shift), _const(-_INF, np.float32), slash_score)
     column_score = op.Where(op.Equal(pos.cols, const_i64(0)), _const(_INF, np.float32), column_score)
     slash_score = op.Where(op.Equal(offsets, shift), _const(_INF, np.float32), slash_score)
+    if allowed is not None:
+        # ... unless the mask removes them for every estimating query.
+        open_column = op.ReduceMax(op.Cast(allowed, to=TensorProto.INT32), const_i64([2]), keepdims=0)
+        column_score = op.Where(op.Greater(open_column, _const(0, np.int32)),
+                                column_score, _const(-_INF, np.float32))
+        flat_allowed = op.Reshape(op.Cast(allowed, to=TensorProto.FLOAT),
+                                  op.Concat(batch_heads, const_i64([-1]), axis=0))
+        open_slash = op.ScatterElements(zeros, index, flat_allowed, axis=2, reduction="max")
+        slash_score = op.Where(op.Greater(open_slash, _const(0.0, np.float32)), slash_score,
+                               _const(-_INF, np.float32))
     n_vertical = op.Min(pos.elastic(params["vertical"]), pos.n_k)
     n_slash = op.Min(pos.elastic(params["slash"]), span)
     _, columns = op.TopK(column_score, n_vertical, axis=-1)
     _, diagonals = op.TopK(slash_score, n_slash, axis=-1)
     column_mask = _scatter_flags(op.Concat(batch_heads, pos.n_k, axis=0), columns)
-    offset_mask = _scatter_flags(op.Concat(batch_heads, span, axis=0), diagonals)
-    slash = op.Gather(offset_mask, op.Add(pos.d, shift), axis=2)       # [B, H, Nq, Nk]
+    # The score matrix's offsets lie in [1 - Nq, Nk - 1]: offset d of the mask at d + mask_shift.
+    mask_shift = op.Sub(op.Max(pos.n_q, pos.n_k), const_i64([1]))
+    offset_mask = _scatter_flags(op.Concat(batch_heads, op.Add(mask_shift, pos.n_k), axis=0),
+                                 op.Add(diagonals, op.Sub(mask_shift, shift)))
+    slash = op.Gather(offset_mask, op.Add(pos.d, mask_shift), axis=2)  # [B, H, Nq, Nk]
     keep = op.Or(op.Unsqueeze(column_mask, const_i64([2])), slash)
     return op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
 
@@ -194,7 +225,7 @@ def _group_attention(group: HeadGroup, inputs, scale: float, causal: bool,
         keep = op.GreaterOrEqual(op.Unsqueeze(pos.rows, const_i64([1])),
                                  op.Unsqueeze(pos.cols, const_i64([0]))) if causal else None
     elif group.pattern == "vertical_slash":
-        keep = _vertical_slash_keep(group.params, q, k, scale, causal, pos)
+        keep = _vertical_slash_keep(group.params, q, k, scale, causal, pos, inputs.bias)
     elif fixed_lengths is not None:
         mask = get_pattern(group.pattern).mask(group.params, *fixed_lengths, causal)
         keep = op.Constant(value=ir.tensor(mask.numpy()))

@@ -114,9 +114,9 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
     from sparsec import __version__
     from sparsec.passes.capture import export_program
 
+    table = translation_table(mode, materialize=not dynamic_length)
     check_opset(opset)
     check_dtypes(graph_module, example_args, example_kwargs)
-    table = translation_table(mode, materialize=not dynamic_length)
     dynamic = dynamic_length and plan.capture.get("dynamic", True)
     program = export_program(graph_module, example_args, example_kwargs, dynamic=dynamic)
     onnx_program = torch.onnx.export(program, example_args, kwargs=example_kwargs, dynamo=True,
