@@ -224,8 +224,8 @@ def _read_manifest(reader: DirectoryReader) -> dict:
         raise ArtifactCorruptError(f"{manifest_path} is not a manifest; re-save the artifact")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactVersionError(
-            f"artifact format {manifest.get('format_version')} (written by sparsec "
-            f"{manifest.get('sparsec_version')}) is not format {FORMAT_VERSION} that this sparsec reads; "
+            f"artifact format {manifest.get('format_version')!r} (written by sparsec "
+            f"{manifest.get('sparsec_version')}) is not format {FORMAT_VERSION!r} that this sparsec reads; "
             "recompile and save with this sparsec")
     if not isinstance(manifest.get("files"), dict) or not {"program.pt2", "plan.json"} <= set(manifest["files"]):
         raise ArtifactCorruptError(f"{manifest_path} does not list program.pt2 and plan.json; re-save the artifact")

@@ -22,12 +22,12 @@ import os
 from pathlib import Path
 
 
-def _int(name: str, default: int) -> int:
+def _int(name: str, default: int, hint: str) -> int:
     raw = os.environ.get(name, "")
     try:
         return int(raw) if raw else default
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer; set it to 0, 1, 2 or 3") from None
+        raise ValueError(f"{name}={raw!r} is not an integer; {hint}") from None
 
 
 def dump_dir() -> Path | None:
@@ -36,7 +36,7 @@ def dump_dir() -> Path | None:
 
 
 def debug_level() -> int:
-    return _int("SPARSEC_DEBUG", 0)
+    return _int("SPARSEC_DEBUG", 0, "set it to 0, 1, 2 or 3")
 
 
 def cache_dir() -> Path:
@@ -54,14 +54,14 @@ def triton_interpret() -> bool:
 
 
 def ort_block() -> int:
-    block = _int("SPARSEC_ORT_BLOCK", 64)
+    block = _int("SPARSEC_ORT_BLOCK", 64, "set it to a block size in tokens, e.g. 64")
     if block < 1:
         raise ValueError(f"SPARSEC_ORT_BLOCK={block} must be a positive block size, e.g. 64")
     return block
 
 
 def ort_op_threads() -> int:
-    threads = _int("SPARSEC_ORT_OP_THREADS", os.cpu_count() or 1)
+    threads = _int("SPARSEC_ORT_OP_THREADS", os.cpu_count() or 1, "set it to a thread count, e.g. 4")
     if threads < 1:
         raise ValueError(f"SPARSEC_ORT_OP_THREADS={threads}; set it to a positive thread count")
     return threads

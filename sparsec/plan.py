@@ -100,7 +100,7 @@ class Plan:
         version = data.get("version")
         if version != PLAN_VERSION:
             raise ArtifactVersionError(
-                f"plan version {version} is not the version this sparsec reads ({PLAN_VERSION}); "
+                f"plan version {version!r} is not the version this sparsec reads ({PLAN_VERSION!r}); "
                 "recompile the model with this sparsec, or install the sparsec that wrote it")
         sites = []
         for site in data.get("attention", []):
