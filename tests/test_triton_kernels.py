@@ -282,3 +282,12 @@ def test_bench_flex_masks_are_the_pattern_masks(case):
                 expected = pattern.mask(group.params, n, n, True)
             got = mask_mod(0, torch.tensor(head), positions[:, None], positions[None, :])
             assert torch.equal(got, expected), (case, group.pattern, head)
+
+
+def test_vertical_slash_with_more_queries_than_keys_falls_back_to_the_reference():
+    from sparsec.runtime.kernels import _kernel_unsupported
+
+    q, k = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 5, 16)
+    group = HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [2, 0], "last_q": 4}, [0, 1])
+    assert _kernel_unsupported(q, k, k, group) == "vertical_slash with more queries than keys"
+    assert _kernel_unsupported(k, q, q, group) == ""
