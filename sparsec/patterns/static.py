@@ -225,25 +225,34 @@ class VerticalStripe(Pattern):
     def describe(self, params):
         return f"columns={params['columns']}, window={Elastic.from_json(params['window'])}"
 
-    def _recall_at(self, profile, columns: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    def _recall_at(self, profile, columns: torch.Tensor, widths: torch.Tensor,
+                   overlaps: torch.Tensor | None = None) -> torch.Tensor:
         """Recall of the stripes ``columns`` with each window width; the stripes' overlap
-        with the window is :func:`~fitting.column_window_mass`'s estimate."""
+        with the window is :func:`~fitting.column_window_mass`'s estimate (its rows for
+        ``columns``, ``overlaps``, when the caller has them)."""
         window = fitting.window_mass(profile)
         stripes = profile.column_mass[columns].sum()
-        overlap = fitting.column_window_mass(profile, columns, widths).sum(0)
-        return fitting.union_recall(stripes, window[widths.clamp(max=len(window) - 1)], overlap, profile.total)
+        if overlaps is None:
+            overlaps = fitting.column_window_mass(profile, columns, widths)
+        return fitting.union_recall(stripes, window[widths.clamp(max=len(window) - 1)], overlaps.sum(0),
+                                    profile.total)
 
     def recall(self, profile, params):
         columns = torch.tensor(sorted({c for c in params["columns"] if c < profile.n_k}), dtype=torch.long)
         return float(self._recall_at(profile, columns, torch.tensor([_size(params, "window", profile.n_k)]))[0])
 
-    def _stripe_widths(self, profiles, columns: list[int], recall: float) -> tuple[float, list[tuple[int, int]]]:
+    def _stripe_widths(self, profiles, columns: list[int], recall: float,
+                       tables: list[tuple]) -> tuple[float, list[tuple[int, int]]]:
         """The smallest window meeting ``recall`` at each length with these columns, and the
-        lowest recall reached (the recall of the widest window where none meets it)."""
+        lowest recall reached (the recall of the widest window where none meets it).
+        ``tables[i]``: profile ``i``'s ``(row of each key column, column_window_mass at every
+        width)`` for the columns the fit's rules use."""
         sizes, worst = [], 1.0
-        for p in profiles:
+        for p, table in zip(profiles, tables):
             kept = torch.tensor([c for c in columns if c < p.n_k], dtype=torch.long)
-            reached = self._recall_at(p, kept, torch.arange(len(fitting.window_mass(p)))).cummax(0).values
+            widths = torch.arange(len(fitting.window_mass(p)))
+            row_of, overlaps = table
+            reached = self._recall_at(p, kept, widths, overlaps[row_of[kept]]).cummax(0).values
             w = fitting.smallest_meeting(reached, recall)
             sizes.append((p.n_k, w))
             worst = min(worst, float(reached[w]))
@@ -256,17 +265,28 @@ class VerticalStripe(Pattern):
         residue holding the most mass); the window is the smallest per length, made elastic.
         """
         longest, shortest = profiles[-1], profiles[0]
+        rules = [positional_columns(sink, *(periodic or (0, 0)))
+                 for periodic in [None, *_periodic_candidates(profiles)]
+                 # fewer than 3 periods at the shortest length: no evidence of a period
+                 if periodic is None or periodic[1] + 2 * periodic[0] < shortest.n_k
+                 for sink in range(fitting.SINK_COLUMNS + 1)]
+        # Each profile's column_window_mass rows for every column some rule keeps, computed
+        # once: the table, not the rules, is what costs.
+        used = torch.tensor(sorted(set().union(*rules)), dtype=torch.long)
+        tables = []
+        for p in profiles:
+            rows = used[used < p.n_k]
+            row_of = torch.full((p.n_k,), -1, dtype=torch.long)
+            row_of[rows] = torch.arange(len(rows))
+            widths = torch.arange(len(fitting.window_mass(p)))
+            tables.append((row_of, fitting.column_window_mass(p, rows, widths)))
         candidates = []
-        for periodic in [None, *_periodic_candidates(profiles)]:
-            for sink in range(fitting.SINK_COLUMNS + 1):
-                columns = positional_columns(sink, *(periodic or (0, 0)))
-                if periodic is not None and periodic[1] + 2 * periodic[0] >= shortest.n_k:
-                    continue          # fewer than 3 periods at the shortest length: no evidence of a period
-                reached, sizes = self._stripe_widths(profiles, columns, recall)
-                w = sizes[-1][1]
-                cost = _window_pairs(longest.n_k, w, longest.causal) + sum(
-                    _column_pairs(longest.n_k, c, w, longest.causal) for c in columns if c < longest.n_k)
-                candidates.append((reached, cost, (columns, sizes)))
+        for columns in rules:
+            reached, sizes = self._stripe_widths(profiles, columns, recall, tables)
+            w = sizes[-1][1]
+            cost = _window_pairs(longest.n_k, w, longest.causal) + sum(
+                _column_pairs(longest.n_k, c, w, longest.causal) for c in columns if c < longest.n_k)
+            candidates.append((reached, cost, (columns, sizes)))
         columns, sizes = fitting.cheapest(candidates, recall)
         params = {"columns": columns, "window": fitting.fit_elastic(sizes).to_json()}
         return params, fitting.worst_recall(self, profiles, params)
