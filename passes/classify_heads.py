@@ -46,9 +46,11 @@ DEFAULT_MIN_SAVING = 0.2
 
 
 def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, recall: float,
-                  min_saving: float, cost_model: CostModel, families: tuple[str, ...] = FAMILIES) -> None:
-    """Fit every family to one head's profiles and write the choice into ``head``."""
-    length = profiles[-1].n_k
+                  min_saving: float, cost_model: CostModel, families: tuple[str, ...] = FAMILIES,
+                  seq_len: int | None = None) -> None:
+    """Fit every family to one head's profiles and write the choice into ``head``; costs
+    at ``seq_len`` (the serving length), default the longest calibration length."""
+    length = seq_len or profiles[-1].n_k
     candidates = []
     for kind in families:
         pattern = get_pattern(kind)
@@ -117,7 +119,7 @@ class ClassifyHeads:
             return
         for head in site.heads:
             classify_head(head, stats.head(head.head), stats.causal, site.head_dim, recall, min_saving,
-                          cost_model, families)
+                          cost_model, families, ctx.seq_len)
         site.groups = site.group_heads_by_pattern()
 
 

@@ -165,7 +165,7 @@ def _window_of(mask: torch.Tensor) -> int:
     """The width ``w`` with ``mask`` exactly ``0 <= d < w`` at every batch and head (``w`` =
     ``n_k`` or more for the causal mask), else raises."""
     n_q, n_k = mask.shape[-2:]
-    d = offsets(torch.arange(n_q), torch.arange(n_k), n_q, n_k)
+    d = offsets(torch.arange(n_q, device=mask.device), torch.arange(n_k, device=mask.device), n_q, n_k)
     if mask.dtype == torch.bool:
         allowed = mask
     else:

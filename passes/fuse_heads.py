@@ -227,7 +227,7 @@ class FuseHeads:
         sparse = any(h.pattern != "dense" for h in site.heads)
 
         def cost(kind: str, params: dict, count: int) -> float:
-            return cost_model.site_seconds([(kind, params, count)], self.length, site.causal, site.head_dim)
+            return cost_model.site_seconds([(kind, params, count)], self.length, site.effective_causal(), site.head_dim)
 
         groups, merges = merge_groups(group_by_instance(site.heads), cost, self.merge_threshold, self.max_groups)
         self._record_merges(site, groups)

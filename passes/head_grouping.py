@@ -17,7 +17,7 @@ from typing import Callable
 
 import networkx as nx
 
-from sparsec.patterns import Elastic
+from sparsec.patterns import Elastic, get_pattern
 from sparsec.plan import HeadGroup
 
 # The time of one group: (pattern kind, params, number of heads) -> seconds.
@@ -69,11 +69,6 @@ def group_by_instance(heads) -> list[HeadGroup]:
 
 # -- covering patterns ------------------------------------------------------------------------
 
-def _max_elastic(x, y) -> list:
-    a, b = Elastic.from_json(x), Elastic.from_json(y)
-    return [_number(max(a.a, b.a)), _number(max(a.b, b.b))]
-
-
 def _fixed_tokens(size) -> int | None:
     """A length-independent size in tokens, or None."""
     size = Elastic.from_json(size)
@@ -94,31 +89,20 @@ def covering(kind_a: str, params_a: dict, kind_b: str, params_b: dict) -> tuple[
 def _cover_ordered(ka: str, pa: dict, kb: str, pb: dict) -> tuple[str, dict] | None:
     if ka == "dense" or kb == "skip":
         return ka, pa
-    if ka == kb == "window":
-        return "window", {"window": _max_elastic(pa["window"], pb["window"])}
-    if ka == "sink_window" and kb in ("window", "sink_window"):
-        sink = _max_elastic(pa["sink"], pb["sink"]) if kb == "sink_window" else pa["sink"]
-        return "sink_window", {"sink": sink, "window": _max_elastic(pa["window"], pb["window"])}
-    if ka == "vertical_stripe" and kb in ("window", "sink_window", "vertical_stripe"):
-        columns = set(pa["columns"]) | set(pb.get("columns", []))
+    if ka == kb:
+        merged = get_pattern(ka).merge(pa, pb)       # the family's own union (Pattern.merge)
+        return None if merged is None else (ka, merged)
+    # Across families: a sink + window holds a window; stripes hold a window or fixed sinks.
+    if ka == "sink_window" and kb == "window":
+        return "sink_window", {"sink": pa["sink"], "window": Elastic.widest(pa["window"], pb["window"])}
+    if ka == "vertical_stripe" and kb in ("window", "sink_window"):
+        columns = set(pa["columns"])
         if kb == "sink_window":
             sink = _fixed_tokens(pb["sink"])
             if sink is None:
                 return None
             columns |= set(range(sink))
-        return "vertical_stripe", {"columns": sorted(columns), "window": _max_elastic(pa["window"], pb["window"])}
-    if ka == kb == "multi_diagonal" and pa["period"] == pb["period"]:
-        counts = int(pa.get("count", 0)), int(pb.get("count", 0))
-        return "multi_diagonal", {"period": pa["period"], "width": _max_elastic(pa["width"], pb["width"]),
-                                  "count": 0 if 0 in counts else max(counts)}
-    if ka == kb == "block_topk" and (pa["block"], pa["grid"]) == (pb["block"], pb["grid"]):
-        blocks = {tuple(b) for b in pa["blocks"]} | {tuple(b) for b in pb["blocks"]}
-        return "block_topk", {"block": pa["block"], "grid": pa["grid"], "blocks": [list(b) for b in sorted(blocks)]}
-    if ka == kb == "vertical_slash" and pa.get("last_q", 64) == pb.get("last_q", 64):
-        # A larger top-k keeps a superset (up to ties) of the columns and diagonals of a smaller one.
-        return "vertical_slash", {"vertical": _max_elastic(pa["vertical"], pb["vertical"]),
-                                  "slash": _max_elastic(pa["slash"], pb["slash"]),
-                                  "last_q": pa.get("last_q", 64)}
+        return "vertical_stripe", {"columns": sorted(columns), "window": Elastic.widest(pa["window"], pb["window"])}
     return None
 
 

@@ -36,6 +36,15 @@ def default_passes(verify=None) -> list:
     return [*decide, *([verify] if verify else []), FuseHeads(), SparsifyWeights(), Lower()]
 
 
+def recall_passes(verify=None) -> list:
+    """The default pipeline with heads of near-equal patterns merged into fewer launches
+    after classification (the search does its own launch accounting)."""
+    from sparsec.passes.merge_head_groups import MergeHeadGroups
+
+    *decide, fuse, sparsify, lower = default_passes()
+    return [*decide, MergeHeadGroups(), *([verify] if verify else []), fuse, sparsify, lower]
+
+
 def budget_passes(budget, verify=None) -> list:
     """The pipeline with the layerwise sparsity search under ``budget`` after classification
     (it decides linear levels too when weight sparsity is asked for; sparsify_weights applies them)."""
@@ -65,16 +74,16 @@ def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any)
     verify = Verify(limit, enforce=enforce and plan is None)
     if plan is not None:
         return plan_passes(plan, verify)
-    return budget_passes(budget, verify) if budget is not None else default_passes(verify)
+    return budget_passes(budget, verify) if budget is not None else recall_passes(verify)
 
 
-def _cost_record(plan: Plan, target: Target, budget: Any) -> dict:
+def _cost_record(plan: Plan, target: Target, seq_len: int | None) -> dict:
     """The cost model's predicted attention speedup of the final plan, at the serving length
-    (``Budget.seq_len``) or the longest verified length."""
+    (``seq_len``, ``Budget.seq_len``) or the longest verified length."""
     from sparsec.cost_model import CostModel
 
     lengths = plan.error.get("verification", {}).get("lengths") or [0]
-    n = getattr(budget, "seq_len", None) or max(lengths)
+    n = seq_len or max(lengths)
     return CostModel(target).attention_record(plan.attention, n) if n else {}
 
 
@@ -296,7 +305,7 @@ class CompiledModel:
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterable | None = None,
             target: "str | Target" = "cpu", budget: Any = None, weights: Any = None, recall: float = 0.95,
-            tolerance: Any = "auto", verification: Iterable | None = None,
+            tolerance: Any = "auto", verification: Iterable | None = None, seq_len: int | None = None,
             dump_dir: "str | Path | None" = None, plan: Plan | None = None,
             passes: list | None = None) -> CompiledModel:
     """Compile ``model`` into a sparse model.
@@ -325,6 +334,10 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             (measure and warn, never densify). A given ``plan`` is measured, not changed.
         verification: inputs built like ``example_inputs`` to verify on (e.g. held-out text,
             or inputs at the serving length); defaults to the calibration inputs.
+        seq_len: the serving length: patterns are chosen, and head groups merged, by the
+            cost model's time there (default ``Budget.seq_len``, else the longest
+            calibration length). Short calibration with a long ``seq_len`` keeps patterns
+            that only pay off at length.
         dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
         plan: reuse this plan's head patterns (e.g. an edited one) instead of calibrating.
         passes: override the pass pipeline (advanced; defaults to :func:`default_passes`).
@@ -359,12 +372,13 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         passes = _pipeline(plan, budget, tolerance, dense_reference)
     if verification is not None:
         ctx.verification = calibration_calls(verification, example)
+    ctx.seq_len = seq_len or getattr(budget, "seq_len", None)
     manager = PassManager(passes,
                           DumpWriter(dump_path) if dump_path else None)
     gm = manager.run(gm, ctx)
     with torch.no_grad():
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
-    new_plan.extra["cost"] = _cost_record(new_plan, target, budget)
+    new_plan.extra["cost"] = _cost_record(new_plan, target, ctx.seq_len)
     compiled = CompiledModel(gm, new_plan, example[0], example[1], ctx.attention_stats)
     if manager.dump:
         manager.dump.write_plan(new_plan)

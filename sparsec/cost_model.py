@@ -144,12 +144,17 @@ def _overhead_function(kind: str, params_json: str, head_dim: int):
 
 
 def head_flops(kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
+    return _head_flops(kind, json.dumps(params, sort_keys=True), n, causal, head_dim)
+
+
+@lru_cache(maxsize=1 << 16)
+def _head_flops(kind: str, params_json: str, n: int, causal: bool, head_dim: int) -> float:
     """FLOPs of one head of ``kind`` at ``n_q = n_k = n``: ``4 * head_dim`` per computed pair
     (the pattern's exact count, ``Pattern.pairs``) plus its overhead. Numeric, not the
     symbolic ``cost_expr``: building and simplifying that per head dominated compile time
     (70 of 86 s for SmolLM2 at 512 tokens)."""
-    overhead = _overhead_function(kind, json.dumps(params, sort_keys=True), head_dim)
-    return 4 * head_dim * float(get_pattern(kind).pairs(params, n, causal)) + float(overhead(n))
+    overhead = _overhead_function(kind, params_json, head_dim)
+    return 4 * head_dim * float(get_pattern(kind).pairs(json.loads(params_json), n, causal)) + float(overhead(n))
 
 
 class CostModel:

@@ -40,6 +40,9 @@ class CompileContext:
     calibration: list[tuple[tuple, dict]]        # (args, kwargs) per calibration batch
     # Inputs the verify pass measures the plan on; empty means the calibration batches.
     verification: list[tuple[tuple, dict]] = field(default_factory=list)
+    # The serving length costs are predicted at (classification, merging); None: the
+    # longest calibration length.
+    seq_len: int | None = None
     options: dict = field(default_factory=dict)  # e.g. {"recall": 0.95}
     # Per attention site (plan name): calibration statistics, written by `calibrate`.
     attention_stats: dict = field(default_factory=dict)

@@ -18,7 +18,7 @@ from sparsec.passes.fuse_heads import FuseHeads, arrange_heads, count_runs
 from sparsec.passes.head_grouping import canonical_params, covering, group_by_instance, instance_key
 from sparsec.passes.lower import Lower
 from sparsec.plan import HeadPlan, Plan, decode_groups
-from sparsec.targets import get_target
+from sparsec.targets import Target, get_target, register_target
 
 from models import TINY_MODELS, llama_inputs
 
@@ -120,8 +120,9 @@ class NoProjection(torch.nn.Module):
 
 # -- helpers -----------------------------------------------------------------------------------
 
-def _run(gm, record, args, kwargs, passes):
-    ctx = CompileContext(plan=Plan(target="cpu", capture=record), target=get_target("cpu"),
+def _run(gm, record, args, kwargs, passes, target="cpu"):
+    target = get_target(target)
+    ctx = CompileContext(plan=Plan(target=target.name, capture=record), target=target,
                          example_args=args, example_kwargs=kwargs, calibration=[])
     return PassManager(passes).run(gm, ctx), ctx
 
@@ -257,13 +258,20 @@ def test_shared_weights_fall_back():
 
 # -- merging -----------------------------------------------------------------------------------
 
+# A CPU-class target scaled from the h100 calibration: launches cost about as much as a few
+# pairs, so merging trades them (the measured cpu profile has free sparse launches).
+SLOW_LAUNCHES = register_target(Target("test-slow-launches", "cpu", "cpu", peak_tflops=0.2, bandwidth_gbs=20.0,
+                                       launch_overhead_us=5.0))
+
+
 def test_merge_into_covering_pattern():
     torch.manual_seed(6)
     model = LlamaStyle(layers=1, heads=8, kv_heads=8).eval()
     planted = [W5, W8, W5, W8, DIAG, DENSE, DIAG, DENSE]
     gm, record = capture(model, (torch.randn(2, 20, 32),), {})
     fused, ctx = _run(gm, record, (torch.randn(2, 20, 32),), {},
-                      [Canonicalize(), PlantPatterns([planted]), FuseHeads(merge_threshold=0.0), Lower()])
+                      [Canonicalize(), PlantPatterns([planted]), FuseHeads(merge_threshold=0.0), Lower()],
+                      SLOW_LAUNCHES)
     site = ctx.plan.attention[0]
     # window 5 runs as window 8 (a launch saved for a few pairs); the others stay apart.
     assert [(g.pattern, g.params) for g in site.groups] == [W8, DIAG, DENSE]

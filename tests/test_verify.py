@@ -23,9 +23,9 @@ def _sparse_heads(plan):
 
 def test_low_recall_is_densified_until_within_tolerance():
     model, ids = _planted()
-    loose = sparsec.compile(model, (ids,), target="h100", recall=0.3, tolerance=None)
+    loose = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3, tolerance=None)
     assert loose.plan.error["verification"]["measured"] > 0.05        # the unverified plan is wrong
-    checked = sparsec.compile(model, (ids,), target="h100", recall=0.3)
+    checked = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3)
     record = checked.plan.error["verification"]
     assert record["within_tolerance"] and record["metric"] == "rel_l2"
     assert record["measured"] <= 0.05 and record["densified"]
@@ -38,20 +38,20 @@ def test_low_recall_is_densified_until_within_tolerance():
     summary = checked.plan.summary()
     assert f"{len(record['densified'])} head(s) made dense by verification" in summary
     cost = checked.plan.extra["cost"]
-    assert cost["seq_len"] == 256 and f"predicted attention speedup {cost['predicted_attention_speedup']:.2f}x" in summary
+    assert cost["seq_len"] == 16384 and f"predicted attention speedup {cost['predicted_attention_speedup']:.2f}x" in summary
 
 
 def test_tolerance_none_warns_with_the_measured_error():
     model, ids = _planted()
     with pytest.warns(UserWarning, match=r"measured rel_l2 is [0-9.e-]+ .*over the tolerance"):
-        compiled = sparsec.compile(model, (ids,), target="h100", recall=0.3, tolerance=None)
+        compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3, tolerance=None)
     assert not compiled.plan.error["verification"]["densified"]
 
 
 def test_verification_inputs_at_another_length_are_used():
     model, ids = _planted(length=128)
     longer = planted_llama_inputs(batch=1, length=320, seed=5)
-    compiled = sparsec.compile(model, (ids,), target="h100", verification=[(longer,)])
+    compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384, verification=[(longer,)])
     record = compiled.plan.error["verification"]
     assert record["lengths"] == [320] and record["within_tolerance"]
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_language_models_are_verified_by_kl_and_top1():
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (2, 96))
-    compiled = sparsec.compile(model, {"input_ids": ids}, target="h100", recall=0.2)
+    compiled = sparsec.compile(model, {"input_ids": ids}, target="h100", seq_len=16384, recall=0.2)
     record = compiled.plan.error["verification"]
     assert record["metric"] == "kl" and record["min_top1"] == 0.97
     assert record["within_tolerance"] and record["top1_agreement"] >= 0.97 and record["measured"] <= 0.02
@@ -72,7 +72,7 @@ def test_language_models_are_verified_by_kl_and_top1():
 
 def test_given_plan_is_measured_not_changed():
     model, ids = _planted()
-    loose = sparsec.compile(model, (ids,), target="h100", recall=0.3, tolerance=None)
+    loose = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3, tolerance=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = sparsec.compile(model, (ids,), target="h100", plan=loose.plan)

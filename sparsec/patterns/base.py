@@ -59,6 +59,12 @@ class Elastic:
         a, b = value
         return Elastic(float(a), float(b), minimum)
 
+    @staticmethod
+    def widest(first: Any, second: Any) -> list:
+        """JSON of a size at least as large as both at every ``N`` (the larger ``a`` and ``b``)."""
+        x, y = Elastic.from_json(first), Elastic.from_json(second)
+        return [_plain(max(x.a, y.a)), _plain(max(x.b, y.b))]
+
     def __str__(self) -> str:
         a = int(self.a) if float(self.a).is_integer() else round(self.a, 2)
         return f"{a}" if self.b == 0 else f"{a}+{self.b:.3g}N"
@@ -80,6 +86,11 @@ def baseline_pattern(site) -> tuple[str, dict]:
     if width is None:
         return "dense", {}
     return "window", {"window": [int(width), 0]}
+
+
+def _plain(x: float) -> "int | float":
+    """Whole numbers as ints, so equal sizes print (and group) alike: ``[4, 0]``, not ``[4.0, 0.0]``."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def _rational(x: float) -> sympy.Rational:
@@ -181,6 +192,12 @@ class Pattern:
         Returns ``(params, measured recall)``; the measured recall is the lowest over the
         calibration lengths."""
         raise NotImplementedError(f"{self.kind} has no fit")
+
+    def merge(self, first: dict, second: dict) -> dict | None:
+        """Parameters whose mask holds both ``first``'s and ``second``'s at every length (so a
+        head keeps at least its recall), for running two head groups as one launch; None
+        when the family has no such union (the default)."""
+        return None
 
     def describe(self, params: dict) -> str:
         """Short human-readable parameters, for plan summaries."""

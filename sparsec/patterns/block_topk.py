@@ -29,6 +29,13 @@ MIN_GRID = 4
 class BlockTopk(Pattern):
     kind = "block_topk"
 
+    def merge(self, first, second):
+        """Both layouts' blocks, when they share a block size and grid."""
+        if (first["block"], first["grid"]) != (second["block"], second["grid"]):
+            return None
+        blocks = sorted({tuple(b) for b in first["blocks"]} | {tuple(b) for b in second["blocks"]})
+        return {**first, "blocks": [list(b) for b in blocks]}
+
     def keep(self, params, d, rows, cols, n_q, n_k):
         block = int(params["block"])
         stretched = self._stretched(params, n_q, n_k).to(rows.device)

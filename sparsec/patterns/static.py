@@ -116,6 +116,9 @@ class Window(Pattern):
 
     kind = "window"
 
+    def merge(self, first, second):
+        return {"window": Elastic.widest(first["window"], second["window"])}
+
     def keep(self, params, d, rows, cols, n_q, n_k):
         return _window(d, Elastic.from_json(params["window"]).at(n_k))
 
@@ -141,6 +144,10 @@ class SinkWindow(Pattern):
     """params: ``sink`` (Elastic, first keys every query sees) and ``window`` (Elastic)."""
 
     kind = "sink_window"
+
+    def merge(self, first, second):
+        return {"sink": Elastic.widest(first["sink"], second["sink"]),
+                "window": Elastic.widest(first["window"], second["window"])}
 
     def keep(self, params, d, rows, cols, n_q, n_k):
         sink = Elastic.from_json(params["sink"]).at(n_k)
@@ -205,6 +212,11 @@ class VerticalStripe(Pattern):
     pattern. ``columns`` stays a list, the form the kernels, ONNX and Triton paths read."""
 
     kind = "vertical_stripe"
+
+    def merge(self, first, second):
+        """Both rules' columns (positional too) and the wider window."""
+        columns = sorted(set(first["columns"]) | set(second["columns"]))
+        return {"columns": columns, "window": Elastic.widest(first["window"], second["window"])}
 
     def keep(self, params, d, rows, cols, n_q, n_k):
         columns = torch.tensor([c for c in params["columns"] if c < n_k], dtype=torch.long)
@@ -350,6 +362,14 @@ class MultiDiagonal(Pattern):
     on each side of the main one, main included; 0 means all)."""
 
     kind = "multi_diagonal"
+
+    def merge(self, first, second):
+        """The wider band and more diagonals (``count`` 0 is all of them), at one period."""
+        if first["period"] != second["period"]:
+            return None
+        counts = int(first.get("count", 0)), int(second.get("count", 0))
+        return {"period": first["period"], "width": Elastic.widest(first["width"], second["width"]),
+                "count": 0 if 0 in counts else max(counts)}
 
     def keep(self, params, d, rows, cols, n_q, n_k):
         """Offsets within ``width`` of a kept diagonal ``m * period`` (``|m| < count``). The

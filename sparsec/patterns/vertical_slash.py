@@ -33,6 +33,14 @@ class VerticalSlash(Pattern):
     kind = "vertical_slash"
     dynamic = True
 
+    def merge(self, first, second):
+        """More columns and diagonals from the same estimate (same ``last_q``): the top
+        ``k + 1`` hold the top ``k``."""
+        if first.get("last_q", 64) != second.get("last_q", 64):
+            return None
+        return {**first, "vertical": Elastic.widest(first["vertical"], second["vertical"]),
+                "slash": Elastic.widest(first["slash"], second["slash"])}
+
     def keep(self, params, d, rows, cols, n_q, n_k):
         raise TypeError("vertical_slash is dynamic: use estimate_indices() and dynamic_mask()")
 

@@ -1,0 +1,61 @@
+"""merge_head_groups: near-equal head groups share one launch where the cost model says so."""
+import pytest
+
+from sparsec.cost_model import CostModel
+from sparsec.passes.merge_head_groups import _merge_site
+from sparsec.patterns import get_pattern
+from sparsec.plan import AttentionSite, HeadPlan
+
+
+def _site(patterns):
+    heads = [HeadPlan(h, kind, params, 0.96, None, [], "fastest pattern") for h, (kind, params) in enumerate(patterns)]
+    site = AttentionSite("layers.0.attn", 0, len(heads), len(heads), 64, True, heads)
+    site.groups = site.group_heads_by_pattern()
+    return site
+
+
+WINDOWS = [("window", {"window": [w, 0]}) for w in (60, 61, 62, 64)]
+
+
+def test_near_equal_windows_become_one_launch_at_length():
+    site = _site([*WINDOWS, ("dense", {})])
+    record = _merge_site(site, CostModel("h100"), 16384, None)
+    assert record["merges"] == 3 and record["seconds_after"] < record["seconds_before"]
+    assert [(g.pattern, g.params, g.heads) for g in site.groups] == [
+        ("window", {"window": [64, 0]}, [0, 1, 2, 3]), ("dense", {}, [4])]
+    assert "share one launch" in site.heads[0].reason and site.heads[3].reason == "fastest pattern"
+
+
+def test_sparse_that_does_not_pay_for_its_launches_goes_dense():
+    site = _site([*WINDOWS, ("sink_window", {"sink": [4, 0], "window": [100, 0]})])
+    record = _merge_site(site, CostModel("h100"), 256, None)
+    assert record["seconds_after"] == record["dense_seconds"] <= record["seconds_before"]
+    assert all(h.pattern == "dense" and "launch" in h.reason for h in site.heads)
+
+
+@pytest.mark.parametrize("kind,first,second", [
+    ("window", {"window": [4, 0.1]}, {"window": [9, 0]}),
+    ("sink_window", {"sink": [2, 0], "window": [5, 0]}, {"sink": [1, 0.01], "window": [3, 0]}),
+    ("vertical_stripe", {"columns": [0, 5], "window": [3, 0]}, {"columns": [0, 1, 9], "window": [2, 0.05]}),
+    ("multi_diagonal", {"period": [7, 0], "width": [1, 0], "count": 2},
+     {"period": [7, 0], "width": [2, 0], "count": 3}),
+    ("multi_diagonal", {"period": [7, 0], "width": [3, 0], "count": 0},
+     {"period": [7, 0], "width": [2, 0], "count": 3}),
+    ("block_topk", {"block": 8, "grid": [4, 4], "blocks": [[1, 0], [3, 1]]},
+     {"block": 8, "grid": [4, 4], "blocks": [[2, 0], [3, 1]]}),
+])
+def test_merged_parameters_hold_both_masks(kind, first, second):
+    pattern = get_pattern(kind)
+    union = pattern.merge(first, second)
+    for n in (29, 64, 100):
+        both = pattern.mask(first, n, n, True) | pattern.mask(second, n, n, True)
+        merged = pattern.mask(union, n, n, True)
+        assert bool((merged | ~both).all()), f"{kind} at {n}: the merged mask drops pairs"
+
+
+def test_families_without_a_union_refuse():
+    assert get_pattern("multi_diagonal").merge({"period": [7, 0], "width": [1, 0], "count": 2},
+                                               {"period": [8, 0], "width": [1, 0], "count": 2}) is None
+    assert get_pattern("block_topk").merge({"block": 8, "grid": [4, 4], "blocks": []},
+                                           {"block": 16, "grid": [4, 4], "blocks": []}) is None
+    assert get_pattern("dense").merge({}, {}) is None
