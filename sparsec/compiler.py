@@ -328,7 +328,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
         tolerance: how far the compiled model may drift from the dense one on the
             verification inputs before compile makes the worst heads dense again
-            (:mod:`sparsec.tolerance`): ``"auto"`` (KL <= 0.02 and top-1 agreement >= 0.97
+            (:mod:`sparsec.tolerance`): ``"auto"`` (KL <= 0.02 and top-1 agreement >= 0.98
             for language models, relative L2 <= 0.05 otherwise; an error budget's own limit),
             a number (the default metric's limit), a :class:`sparsec.Tolerance`, or ``None``
             (measure and warn, never densify). A given ``plan`` is measured, not changed.

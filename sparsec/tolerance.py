@@ -25,7 +25,7 @@ import torch
 from .budget import METRICS, Budget, Metric
 
 LM_MAX_KL = 0.02
-LM_MIN_TOP1 = 0.97
+LM_MIN_TOP1 = 0.98
 DEFAULT_MAX_REL_L2 = 0.05
 
 

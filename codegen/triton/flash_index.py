@@ -39,8 +39,9 @@ def _index_keep(p, cols, n_k, sink, window, period, width, count, bias, Colmap,
         twice_r = 2 * (shifted - m * period)
         m = m - bias // period
         m = tl.where((twice_r > period) | ((twice_r == period) & ((m & 1) == 1)), m + 1, m)
+        # The nearest *kept* diagonal: the nearest one clamped to |m| < count.
+        m = tl.where(count > 0, tl.minimum(tl.maximum(m, 1 - count), count - 1), m)
         keep = tl.abs(d - m * period) < width
-        keep = keep & ((count == 0) | (tl.abs(m) < count))
     else:
         keep = tl.abs(d) < window
     if HAS_SINK:

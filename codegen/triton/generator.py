@@ -29,7 +29,7 @@ from sparsec.targets import Target, get_target
 from . import flash_common, flash_index, flash_lut
 from .configs import KernelConfig, candidate_configs
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Compile-time switches of each family's template.
 INDEX_FAMILIES = {
