@@ -209,7 +209,8 @@ def bench_e2e(args: argparse.Namespace) -> dict:
 
     def compile_sparse():
         start = time.perf_counter()
-        compiled = sparsec.compile(model, example, calibration=calibration, target=args.target, recall=args.recall)
+        compiled = sparsec.compile(model, example, calibration=calibration, target=args.target, recall=args.recall,
+                                   seq_len=args.n)
         _sync(device)
         seconds = time.perf_counter() - start
         kinds = Counter(h.pattern for site in compiled.plan.attention for h in site.heads)

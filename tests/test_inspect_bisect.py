@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sparsec
+from sparsec.compiler import default_passes
 from sparsec.bisect import bisect, ddmin, make_dense
 from sparsec.cli import main
 from sparsec.inputs import relative_l2
@@ -170,7 +171,7 @@ def test_inspect_head_on_a_classified_planted_llama(tmp_path, capsys):
     model = planted_llama(layers=1, heads=4, kv_heads=2, hidden=128, intermediate=128, vocab=64,
                           plant={0: {0: ("window", 8)}})
     cm = sparsec.compile(model, (planted_llama_inputs(2, 96, vocab=64),), target=tiny_blocks,
-                         dump_dir=tmp_path / "dump")
+                         passes=default_passes(), dump_dir=tmp_path / "dump")   # classification as decided
     site = cm.plan.attention[0]
     planted = next(h for h in range(4) if original_head(site, h) == 0)
     assert main(["inspect", str(tmp_path / "dump"), "--head", f"0.{planted}"]) == 0
