@@ -33,10 +33,10 @@ from torch.fx.node import map_arg
 
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MODEL_WINDOW, baseline_pattern, offsets
-from sparsec.plan import HeadGroup, encode_groups
+from sparsec.plan import HeadGroup
 
-from .attention_sites import SPARSE_ATTENTION
 from .calibrate import MASKED_ADDITIVE
+from .lower import lower_site
 
 SHAPE_ONLY_TARGETS = (torch.ops.aten.sym_size.int,)
 # Probe lengths: these small ones always, and a few past every integer constant.
@@ -52,24 +52,9 @@ class _Unprovable(Exception):
     """The mask's structure could not be established at every length."""
 
 
-def _reads_input_values(mask: torch.fx.Node) -> str | None:
-    """The first input placeholder whose values the mask depends on, or None."""
-    stack, seen = [mask], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "placeholder":
-            return node.name
-        if node.op == "call_function" and node.target in SHAPE_ONLY_TARGETS:
-            continue
-        stack.extend(node.all_input_nodes)
-    return None
-
-
-def _producers(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> list[torch.fx.Node]:
-    """The nodes computing ``mask`` from shapes, in graph order (``sym_size`` nodes are leaves)."""
+def _ancestors(mask: torch.fx.Node) -> set[torch.fx.Node]:
+    """The nodes ``mask`` is computed from, walking through every node but ``sym_size``
+    (a shape read: its input's values do not matter)."""
     stack, seen = [mask], set()
     while stack:
         node = stack.pop()
@@ -78,6 +63,17 @@ def _producers(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> list[torch.fx.N
         seen.add(node)
         if not (node.op == "call_function" and node.target in SHAPE_ONLY_TARGETS):
             stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _reads_input_values(mask: torch.fx.Node) -> str | None:
+    """The first input placeholder whose values the mask depends on, or None."""
+    return min((node.name for node in _ancestors(mask) if node.op == "placeholder"), default=None)
+
+
+def _producers(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes computing ``mask`` from shapes, in graph order (``sym_size`` nodes are leaves)."""
+    seen = _ancestors(mask)
     return [n for n in gm.graph.nodes if n in seen]
 
 
@@ -274,10 +270,5 @@ class FoldCausalMask:
             head.pattern, head.params = kind, dict(params)
             head.reason = f"the model's own sliding window ({site.extra[MODEL_WINDOW]} keys): fixed"
         site.groups = [HeadGroup(kind, dict(params), [h.head for h in site.heads])]
-        with gm.graph.inserting_after(node):
-            sparse = gm.graph.call_function(SPARSE_ATTENTION, (*node.args, encode_groups(site.groups)))
-        sparse.meta.update(node.meta)
-        node.replace_all_uses_with(sparse)
-        gm.graph.erase_node(node)
-        site.node = sparse.name
+        lower_site(gm, node, site)
         site.extra["lowered"] = f"sparse_attention, the model's window({site.extra[MODEL_WINDOW]}), 1 launch"

@@ -16,6 +16,18 @@ from sparsec.plan import encode_groups
 from .attention_sites import ATTENTION, SPARSE_ATTENTION
 
 
+def lower_site(gm: torch.fx.GraphModule, node: torch.fx.Node, site) -> torch.fx.Node:
+    """Replace the site's ``sparsec.attention`` ``node`` by a ``sparse_attention`` node
+    running ``site.groups``; the site then names the new node."""
+    with gm.graph.inserting_after(node):
+        sparse = gm.graph.call_function(SPARSE_ATTENTION, (*node.args, encode_groups(site.groups)))
+    sparse.meta.update(node.meta)
+    node.replace_all_uses_with(sparse)
+    gm.graph.erase_node(node)
+    site.node = sparse.name
+    return sparse
+
+
 class Lower:
     name = "lower"
 
@@ -32,12 +44,7 @@ class Lower:
                 site.extra["lowered"] = "dense attention (scaled_dot_product_attention)"
                 decisions[site.name] = "dense"
                 continue
-            with gm.graph.inserting_after(node):
-                sparse = gm.graph.call_function(SPARSE_ATTENTION, (*node.args, encode_groups(site.groups)))
-            sparse.meta.update(node.meta)
-            node.replace_all_uses_with(sparse)
-            gm.graph.erase_node(node)
-            site.node = sparse.name
+            lower_site(gm, node, site)
             site.extra["lowered"] = f"sparse_attention, {len(site.groups)} launch(es)"
             decisions[site.name] = [f"{g.pattern}:{g.heads}" for g in site.groups]
             lowered += 1
