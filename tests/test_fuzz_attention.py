@@ -5,9 +5,9 @@ per-head) and pattern parameters of every family. The oracle builds each head's 
 the family's own ``Pattern.mask`` (vertical_slash: ``estimate_indices`` + ``dynamic_mask``)
 and computes masked softmax attention in float64, one head at a time.
 
-Bounded: a few dozen small examples per test, no deadline. The Triton kernels are not
-fuzzed here (under the CPU interpreter they take seconds per call); tests/test_triton_kernels.py
-covers them on a GPU.
+Bounded: a few dozen small examples per test, no deadline. The Triton kernels are held to
+the same oracle (``sparsec.testing.oracle``) on random cases under the CPU interpreter in
+tests/test_triton_kernels.py (seconds per call there, so fewer cases).
 """
 import pytest
 import torch
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sparsec.patterns import get_pattern
 from sparsec.plan import HeadGroup
 from sparsec.runtime.reference import sparse_attention
+from sparsec.testing.oracle import float64_attention
 
 STATIC = ("window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk")
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -100,46 +101,6 @@ def attention_case(draw, kinds):
 
 # -- the oracle ----------------------------------------------------------------------------------
 
-def _oracle(q, k, v, mask, scale, causal, groups) -> torch.Tensor:
-    """Float64 masked softmax attention, head by head; a row with no kept key gives zeros."""
-    batch, heads, n_q, _ = q.shape
-    n_k, per_kv = k.shape[2], heads // k.shape[1]
-    full_mask = None if mask is None else mask.expand(batch, heads, n_q, n_k)
-    d = torch.arange(n_q)[:, None] + (n_k - n_q) - torch.arange(n_k)[None, :]
-    out = torch.zeros(batch, heads, n_q, v.shape[-1], dtype=torch.float64)
-    for group in groups:
-        pattern = get_pattern(group.pattern)
-        keep_group = None
-        if group.pattern == "vertical_slash":
-            index = torch.tensor(group.heads)
-            group_mask = None if mask is None or mask.dim() < 3 or mask.shape[-3] == 1 else mask[..., index, :, :]
-            group_mask = mask if group_mask is None else group_mask
-            columns, diagonals = pattern.estimate_indices(group.params, q[:, index], k[:, index // per_kv],
-                                                          scale, causal, group_mask)
-            keep_group = pattern.dynamic_mask(columns, diagonals, n_q, n_k, causal)
-        for position, h in enumerate(group.heads):
-            qh, kh, vh = q[:, h].double(), k[:, h // per_kv].double(), v[:, h // per_kv].double()
-            scores = qh @ kh.transpose(-1, -2) * scale
-            keep = torch.ones(batch, n_q, n_k, dtype=torch.bool)
-            if full_mask is not None:
-                if full_mask.dtype == torch.bool:
-                    keep &= full_mask[:, h]
-                else:
-                    scores = scores + full_mask[:, h].double()
-            if causal:
-                keep &= d >= 0
-            if group.pattern == "skip":
-                keep[:] = False
-            elif group.pattern == "vertical_slash":
-                keep &= keep_group[:, position]
-            elif group.pattern != "dense":
-                keep &= pattern.mask(group.params, n_q, n_k, causal)
-            scores = scores.masked_fill(~keep, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            out[:, h] = probs @ vh
-    return out
-
-
 def _multi_diagonal_as_documented(params: dict, n_q: int, n_k: int, causal: bool) -> torch.Tensor:
     """The MultiDiagonal docstring, spelled out independently: offsets within ``width`` of a
     kept diagonal ``m * period`` (``|m| < count``, every ``m`` when ``count`` is 0)."""
@@ -172,7 +133,7 @@ def _check(case) -> None:
     _check_documented_masks(q, k, causal, groups)
     got = sparse_attention(q, k, v, mask, scale, causal, groups)
     assert got.dtype == q.dtype and got.shape == q.shape[:-1] + (v.shape[-1],)
-    expected = _oracle(q, k, v, mask, scale, causal, groups)
+    expected = float64_attention(q, k, v, mask, scale, causal, groups)
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if q.dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
     torch.testing.assert_close(got.double(), expected, **tolerance)
 
