@@ -65,7 +65,7 @@ from sparsec.knapsack import Option, limited_options, solve
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern, pattern_kinds
 from sparsec.plan import AttentionSite, HeadGroup
-from sparsec.runtime import reference
+from sparsec.runtime import block_sparse, reference
 
 from .attention_sites import ATTENTION
 from .calibrate import _flat_inputs
@@ -142,7 +142,8 @@ Override = list[HeadGroup] | torch.Tensor
 
 class SuffixRunner:
     """Runs a captured graph node by node with chosen attention sites computed by the
-    reference sparse attention and chosen linears with replaced (pruned) weights. A dense
+    sparse attention (block-sparse on CPU, else the reference) and chosen linears with
+    replaced (pruned) weights. A dense
     run caches the values that cross any of ``site_nodes``, so a later run with some of
     them changed re-runs only the nodes from the first changed one on."""
 
@@ -187,7 +188,10 @@ class SuffixRunner:
                 env[node] = node.target(args[0], override, *args[2:], **kwargs)
             else:
                 args, _ = interpreter.fetch_args_kwargs_from_env(node)
-                env[node] = reference.sparse_attention(*args[:6], override)
+                # CPU tensors: the block-sparse path the compiled model runs there (the reference
+                # computes every score; equal up to rounding, tests/test_cpu_sparse_attention.py).
+                attend = block_sparse.sparse_attention if args[0].device.type == "cpu" else reference.sparse_attention
+                env[node] = attend(*args[:6], override)
                 if observe is not None:
                     observe(node, args, env[node])
         raise RuntimeError("the graph has no output node")

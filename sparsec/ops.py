@@ -43,7 +43,10 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               scale: float, causal: bool) -> torch.Tensor:
     check_attention_inputs(q, k, v)
-    return reference.dense_attention(q, k, v, mask, scale, causal)
+    # Contiguous, as the fake kernel says: SDPA's own output layout depends on the backend it
+    # picks (flash gives [B, N, H, D] memory for transposed inputs), which a fake cannot know,
+    # and torch.compile checks the strides.
+    return reference.dense_attention(q, k, v, mask, scale, causal).contiguous()
 
 
 @attention.register_fake

@@ -92,3 +92,10 @@ def test_resolve_tolerance():
     assert resolve_tolerance("auto", torch.randn(3), error) == (Tolerance("cosine", 0.01), True)
     with pytest.raises(ValueError, match="tolerance must be"):
         resolve_tolerance("strict", torch.randn(3), None)
+
+
+def test_a_plan_costed_past_its_verified_lengths_says_so():
+    model, ids = _planted(length=128)
+    with pytest.warns(UserWarning, match=r"costed for seq_len=16384 but verified only at lengths \[128\]"):
+        compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384)
+    assert compiled.plan.error["verification"]["unverified_at_seq_len"] == 16384
