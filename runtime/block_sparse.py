@@ -269,6 +269,7 @@ def sparse_attention(q, k, v, mask, scale: float, causal: bool, groups: list, bl
             unit_kv = [h for u in unit_range for h in units[u][1]]
             tasks.append((group, rows, torch.tensor(unit_heads), torch.tensor(unit_kv)))
 
+    @torch.no_grad()        # grad mode is per thread: workers would otherwise record autograd
     def attend(task) -> None:
         group, rows, heads, kv_index = task
         q_p = q[rows].index_select(1, heads)
