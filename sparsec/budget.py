@@ -64,6 +64,15 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def metric_name(metric: "str | Metric") -> str:
+    return metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+
+
+def measure(metric: "str | Metric", dense_out: Any, sparse_out: Any) -> float:
+    """``metric`` (a name of :data:`METRICS` or a function) of one batch."""
+    return float((METRICS[metric] if isinstance(metric, str) else metric)(dense_out, sparse_out))
+
+
 @dataclass(frozen=True)
 class Budget:
     """How much the sparse model may differ from the dense one, or how fast it must be.
@@ -126,12 +135,11 @@ class Budget:
 
     @property
     def metric_name(self) -> str:
-        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
+        return metric_name(self.metric)
 
     def measure(self, dense_out: Any, sparse_out: Any) -> float:
         """The metric of one batch: how far ``sparse_out`` is from ``dense_out``."""
-        metric = METRICS[self.metric] if isinstance(self.metric, str) else self.metric
-        return float(metric(dense_out, sparse_out))
+        return measure(self.metric, dense_out, sparse_out)
 
     def to_dict(self) -> dict:
         return {"max_error": self.max_error, "metric": self.metric_name, "target_speedup": self.target_speedup,

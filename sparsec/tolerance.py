@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .budget import METRICS, Budget, Metric
+from .budget import METRICS, Budget, Metric, measure, metric_name
 
 LM_MAX_KL = 0.02
 LM_MIN_TOP1 = 0.98
@@ -58,11 +58,10 @@ class Tolerance:
 
     @property
     def metric_name(self) -> str:
-        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "custom")
+        return metric_name(self.metric)
 
     def measure(self, dense: Any, sparse: Any) -> float:
-        metric = METRICS[self.metric] if isinstance(self.metric, str) else self.metric
-        return float(metric(dense, sparse))
+        return measure(self.metric, dense, sparse)
 
     def holds(self, error: float, top1: float | None) -> bool:
         return error <= self.max_error and (self.min_top1 is None or top1 is None or top1 >= self.min_top1)
