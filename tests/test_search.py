@@ -265,7 +265,7 @@ def test_budget_validation_and_metrics():
     assert Budget(max_error=1, metric="kl").measure(logits, logits) == pytest.approx(0.0, abs=1e-12)
     kl = Budget(max_error=1, metric="kl").measure(logits, noisy)
     p, q = torch.softmax(logits.double(), -1), torch.softmax(noisy.double(), -1)
-    assert kl == pytest.approx(float((p * (p / q).log()).sum(-1).mean()), rel=1e-9)
+    assert kl == pytest.approx(float((p * (p / q).log()).sum(-1).mean()), rel=1e-4)   # fp32 log-probabilities
     cosine = Budget(max_error=1, metric="cosine").measure(logits, noisy)
     assert cosine == pytest.approx(float((1 - torch.cosine_similarity(logits, noisy, dim=-1)).mean()), rel=1e-4)
     assert Budget(max_error=1).measure((logits,), (noisy,)) == pytest.approx(relative_l2(logits, noisy))
