@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsec.errors import (ArtifactCorruptError, ArtifactMismatchError, ArtifactMissingError, ArtifactUnsafeError,
-                            ArtifactVersionError)
-from sparsec.runtime.artifact_lock import DirectoryReader, replace_directory, write_file
+from sparsec.errors import (ArtifactCorruptError, ArtifactError, ArtifactMismatchError, ArtifactMissingError,
+                            ArtifactUnsafeError, ArtifactVersionError)
+from sparsec.runtime.artifact_lock import DirectoryReader, lock_path, replace_directory, write_file
 
 FORMAT_VERSION = 2
 _PROGRAM_MEMBERS = ("program.json", "weights.safetensors", "inputs.safetensors")
@@ -68,8 +68,6 @@ def _tensors_from_bytes(data: bytes, what: str) -> dict[str, torch.Tensor]:
 
 def _program_archive(program: torch.export.ExportedProgram, example: tuple, plan_sha256: str) -> bytes:
     from torch._export.serde.serialize import serialize
-
-    from sparsec.errors import ArtifactError
 
     serialized = serialize(program, serialize_state_dict=False, serialize_constants=False,
                            serialize_example_inputs=False)
@@ -131,9 +129,9 @@ def _program_document(members: dict[str, bytes], path: Path) -> dict:
 
 
 def _example_inputs(record: dict, tensors: dict[str, torch.Tensor]) -> tuple:
-    from sparsec.runtime.program_check import _check_spec
+    from sparsec.runtime.program_check import check_spec
 
-    _check_spec(record["spec"], "example input spec")
+    check_spec(record["spec"], "example input spec")
     spec = pytree.treespec_loads(record["spec"])
     leaves = []
     for entry in record["leaves"]:
@@ -264,24 +262,27 @@ def _with_retries(directory: Path, read):
         except (ArtifactMissingError, ArtifactCorruptError):
             # Only a directory that saves write to (its sibling lock file exists) can change
             # under a reader; anything else is reported at once.
-            if attempt == _READ_ATTEMPTS - 1 or not (directory.parent / f".{directory.name}.lock").exists():
+            if attempt == _READ_ATTEMPTS - 1 or not lock_path(directory).exists():
                 raise
             time.sleep(0.02 * (attempt + 1))
+
+
+def _read_bound(reader: DirectoryReader, names) -> tuple[dict, bytes, dict[str, bytes], dict]:
+    """Manifest, plan bytes, program members and program document of one version, after the
+    hashes of the manifest's ``names`` (or all its files) and the plan binding are checked."""
+    directory = reader.directory
+    manifest = _read_manifest(reader)
+    contents = _read_checked(reader, manifest, sorted(manifest["files"]) if names is None else names)
+    members = _archive_members(contents["program.pt2"], directory / "program.pt2")
+    document = _program_document(members, directory / "program.pt2")
+    _check_binding(manifest, contents["plan.json"], document, directory)
+    return manifest, contents["plan.json"], members, document
 
 
 def read_artifact(directory: "str | Path") -> tuple[torch.export.ExportedProgram, str, dict]:
     """Check the manifest, hashes and plan binding, then return (program, plan JSON text, manifest)."""
     directory = Path(directory)
-
-    def read(reader: DirectoryReader):
-        manifest = _read_manifest(reader)
-        contents = _read_checked(reader, manifest, sorted(manifest["files"]))
-        members = _archive_members(contents["program.pt2"], directory / "program.pt2")
-        document = _program_document(members, directory / "program.pt2")
-        _check_binding(manifest, contents["plan.json"], document, directory)
-        return manifest, contents["plan.json"], members, document
-
-    manifest, plan_bytes, members, document = _with_retries(directory, read)
+    manifest, plan_bytes, members, document = _with_retries(directory, lambda reader: _read_bound(reader, None))
     program = _deserialize_program(document, members, directory / "program.pt2")
     return program, plan_bytes.decode(), manifest
 
@@ -289,13 +290,5 @@ def read_artifact(directory: "str | Path") -> tuple[torch.export.ExportedProgram
 def read_plan_json(directory: "str | Path") -> str:
     """The plan JSON of an artifact after the same checks as load (hashes, plan binding),
     without rebuilding the program (``sparsec plan``)."""
-    directory = Path(directory)
-
-    def read(reader: DirectoryReader) -> str:
-        manifest = _read_manifest(reader)
-        contents = _read_checked(reader, manifest, ["plan.json", "program.pt2"])
-        members = _archive_members(contents["program.pt2"], directory / "program.pt2")
-        _check_binding(manifest, contents["plan.json"], _program_document(members, directory), directory)
-        return contents["plan.json"].decode()
-
-    return _with_retries(directory, read)
+    return _with_retries(Path(directory),
+                         lambda reader: _read_bound(reader, ["plan.json", "program.pt2"])[1].decode())

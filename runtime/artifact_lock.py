@@ -39,11 +39,15 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def lock_path(directory: Path) -> Path:
+    """The sibling lock file ``.<name>.lock`` of ``directory`` (it exists once a save ran there)."""
+    return directory.parent / f".{directory.name}.lock"
+
+
 @contextmanager
 def artifact_lock(directory: Path) -> Iterator[None]:
     """Exclusive lock on ``.<name>.lock`` beside ``directory`` (created if needed)."""
-    lock_path = directory.parent / f".{directory.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(lock_path(directory), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -58,7 +58,7 @@ _EXPRESSION_TOKEN = re.compile(r"""\s+|'[a-z]+[0-9]+'|[0-9]+(?:\.[0-9]+)?(?:e[+-
                                    |\*\*|//|==|!=|<=|>=|[-+*/%(),<>=~&|]""", re.VERBOSE)
 
 # Op arguments that are strings reach the graph through repr(), never as code; versions are
-# only compared; pytree specs are parsed by _check_spec.
+# only compared; pytree specs are parsed by check_spec.
 _FREE_TEXT_KEYS = {"torch_version", "schema_version"}
 
 
@@ -94,7 +94,7 @@ def _check_target(target) -> None:
     raise _refuse(f"a call to {str(target)[:80]!r}, outside the operator namespaces {list(_ALLOWED_NAMESPACES)}")
 
 
-def _check_spec(text: str, where: str) -> None:
+def check_spec(text: str, where: str) -> None:
     """A pytree spec: JSON whose type names, contexts and keys are plain names."""
     def walk(value) -> None:
         if isinstance(value, dict):
@@ -145,7 +145,7 @@ def _walk(value, key: str, op_arguments: bool) -> None:
         if key == "expr_str":
             check_expression(value)
         elif key in ("in_spec", "out_spec"):
-            _check_spec(value, key)
+            check_spec(value, key)
         elif key in ("as_string", "as_strings") and op_arguments:
             pass
         elif value in ("Infinity", "-Infinity", "NaN"):     # how torch writes non-finite floats
