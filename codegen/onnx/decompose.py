@@ -88,7 +88,6 @@ def _static_keep(group: HeadGroup, pos: _Positions):
         period, width = pos.elastic(params["period"]), pos.elastic(params["width"])
         ratio = op.Div(op.Cast(pos.d, to=TensorProto.DOUBLE), op.Cast(period, to=TensorProto.DOUBLE))
         nearest = op.Cast(op.Round(ratio), to=TensorProto.INT64)
-        near = op.Less(op.Abs(op.Sub(pos.d, op.Mul(nearest, period))), width)
         count = int(params.get("count", 0))
         if count > 0:        # as MultiDiagonal.keep: the nearest kept diagonal, |m| < count
             nearest = op.Clip(nearest, const_i64(1 - count), const_i64(count - 1))
