@@ -251,7 +251,7 @@ def add_bench_attention_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """``sparsec bench attention|e2e ...`` (the CLI gathers sub-commands through this)."""
+    """``sparsec bench attention|e2e|quality ...`` (the CLI gathers sub-commands through this)."""
     bench = subparsers.add_parser("bench", help="benchmarks on a GPU")
     suites = bench.add_subparsers(dest="suite", required=True)
     attention = suites.add_parser("attention", help="generated kernels vs dense SDPA vs FlexAttention")
@@ -261,6 +261,11 @@ def add_parser(subparsers) -> None:
     e2e = suites.add_parser("e2e", help="Llama-style prefill: compiled sparse vs eager dense vs torch.compile")
     add_bench_e2e_arguments(e2e)
     e2e.set_defaults(handler=run_e2e)
+    from sparsec.bench_quality import add_bench_quality_arguments, run as run_quality
+    quality = suites.add_parser("quality", help="a real trained model (SmolLM2, MiniLM): dense vs compiled "
+                                                "perplexity, top-1 agreement, KL, passkey retrieval")
+    add_bench_quality_arguments(quality)
+    quality.set_defaults(handler=run_quality)
 
 
 def _run(args: argparse.Namespace) -> int:

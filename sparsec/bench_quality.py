@@ -228,6 +228,7 @@ def evaluate_length(model, compiled, tokenizer, length: int, batches: int, devic
     row = {"length": length, "batches": batches, "attention_flops": attention_flops(compiled.plan, length)}
     windows = text_windows(tokenizer, "held_out", length, batches, encoder)
     if encoder:
+        from sparsec.inputs import relative_l2
         from sparsec.testing.real_models import mean_pooled
 
         cosines, errors = [], []
@@ -235,7 +236,7 @@ def evaluate_length(model, compiled, tokenizer, length: int, batches: int, devic
             ids = ids.to(device)
             dense, sparse = _output_tensor(model(ids)).float(), _output_tensor(compiled(ids)).float()
             cosines.append(float((mean_pooled(dense) * mean_pooled(sparse)).sum()))
-            errors.append(float((sparse - dense).norm() / dense.norm()))
+            errors.append(relative_l2(dense, sparse))
         row.update(embedding_cosine=min(cosines), hidden_rel_l2=max(errors))
         return row
     totals = Counter()

@@ -22,18 +22,6 @@ def _add_plan(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def _add_bench_quality(subparsers) -> None:
-    """``sparsec bench quality``: joins the ``bench`` suites that sparsec.bench registers."""
-    from sparsec.bench_quality import add_bench_quality_arguments, run
-
-    bench = subparsers.choices["bench"]
-    suites = next(action for action in bench._actions if isinstance(action, argparse._SubParsersAction))
-    quality = suites.add_parser("quality", help="a real trained model (SmolLM2, MiniLM): dense vs compiled "
-                                                "perplexity, top-1 agreement, KL, passkey retrieval")
-    add_bench_quality_arguments(quality)
-    quality.set_defaults(handler=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsec", description="sparsity compiler for PyTorch transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -47,7 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bisect(subparsers)
     add_onnx(subparsers)
     add_bench(subparsers)
-    _add_bench_quality(subparsers)
     return parser
 
 
