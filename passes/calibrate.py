@@ -36,14 +36,12 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.patterns.base import offsets
+from sparsec.patterns.base import MASKED_ADDITIVE, offsets
 from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bucket, offset_buckets
 
 from .attention_sites import ATTENTION
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-# Additive mask values at or below this count as masked when deciding if a row is padding.
-MASKED_ADDITIVE = -1e4
 # Progress bars only for calibrations of at least this many (batch, site) steps.
 PROGRESS_MIN_STEPS = 16
 

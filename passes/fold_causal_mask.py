@@ -32,10 +32,9 @@ import torch
 from torch.fx.node import map_arg
 
 from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.patterns.base import MODEL_WINDOW, baseline_pattern, offsets
+from sparsec.patterns.base import MASKED_ADDITIVE, MODEL_WINDOW, baseline_pattern, offsets
 from sparsec.plan import HeadGroup
 
-from .calibrate import MASKED_ADDITIVE
 from .lower import lower_site
 
 SHAPE_ONLY_TARGETS = (torch.ops.aten.sym_size.int,)

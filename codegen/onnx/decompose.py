@@ -18,7 +18,7 @@ from onnxscript import ir
 from onnxscript import opset18 as op
 
 from sparsec.patterns import Elastic, get_pattern
-from sparsec.patterns.vertical_slash import MASKED_ADDITIVE
+from sparsec.patterns.base import MASKED_ADDITIVE
 from sparsec.plan import HeadGroup, decode_groups, encode_groups
 
 from .custom import block_topk_layout

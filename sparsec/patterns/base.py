@@ -74,6 +74,10 @@ class Elastic:
 # this site (written by fold_causal_mask when it replaces that mask by ``causal=True``).
 MODEL_WINDOW = "model_window"
 
+# Additive mask values at or below this count as masked (``finfo.min``-style padding masks):
+# calibration's padding rows, the vertical_slash estimate and the mask probes all read it.
+MASKED_ADDITIVE = -1e4
+
 
 def baseline_pattern(site) -> tuple[str, dict]:
     """The least sparse pattern a head of ``site`` (an :class:`~sparsec.plan.AttentionSite`)

@@ -18,10 +18,7 @@ import sympy
 import torch
 
 from . import fitting
-from .base import N, Elastic, Pattern, full_pairs, offsets, register
-
-# Additive mask values at or below this count as masked (calibrate's convention).
-MASKED_ADDITIVE = -1e4
+from .base import MASKED_ADDITIVE, N, Elastic, Pattern, full_pairs, offsets, register
 
 # Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
 # bound the pattern holds half of the causal score matrix), and at most MAX_LINES.
