@@ -37,10 +37,11 @@ import torch
 
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.patterns import instance_key
 from sparsec.plan import AttentionSite, HeadGroup, HeadPlan
 
 from .attention_sites import ATTENTION
-from .head_grouping import group_by_instance, instance_key, merge_groups
+from .head_grouping import group_by_instance, merge_groups
 from .head_permutation import (NotPermutable, find_head_moves, mask_is_per_head, parameter_indices,
                                permute_parameters)
 

@@ -11,50 +11,16 @@ model: a launch saved against the pairs added); the cheapest edges are contracte
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable
 
 import networkx as nx
 
-from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns import Elastic, canonical_params, get_pattern, instance_key
 from sparsec.plan import HeadGroup
 
 # The time of one group: (pattern kind, params, number of heads) -> seconds.
 GroupCost = Callable[[str, dict, int], float]
-
-_ELASTIC = {"window", "sink", "vertical", "slash", "period", "width"}
-_INDEX_LISTS = {"columns", "blocks"}
-
-
-def _number(x):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return x
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _canonical_value(key: str, value):
-    if key in _ELASTIC and isinstance(value, (int, float, list)):
-        size = Elastic.from_json(value)
-        a = round(size.a) if size.b == 0 else size.a       # as Elastic.at rounds: same mask
-        return [_number(a), _number(size.b)]
-    if key in _INDEX_LISTS and isinstance(value, list):
-        items = {json.dumps(_canonical_value("", v)) for v in value}
-        return sorted((json.loads(v) for v in items), key=lambda v: (v if isinstance(v, list) else [v]))
-    if isinstance(value, list):
-        return [_canonical_value("", v) for v in value]
-    if isinstance(value, dict):
-        return {k: _canonical_value(k, v) for k, v in value.items()}
-    return _number(value)
-
-
-def canonical_params(params: dict) -> dict:
-    """Parameters in a normal form: equal normal forms mean equal masks."""
-    return {k: _canonical_value(k, v) for k, v in sorted(params.items())}
-
-
-def instance_key(kind: str, params: dict) -> str:
-    return kind + json.dumps(canonical_params(params), sort_keys=True)
 
 
 def group_by_instance(heads) -> list[HeadGroup]:

@@ -15,7 +15,8 @@ from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.capture import capture
 from sparsec.passes.fuse_heads import FuseHeads, arrange_heads, count_runs
-from sparsec.passes.head_grouping import canonical_params, covering, group_by_instance, instance_key
+from sparsec.passes.head_grouping import covering, group_by_instance
+from sparsec.patterns import canonical_params, instance_key
 from sparsec.passes.lower import Lower
 from sparsec.plan import HeadPlan, Plan, decode_groups
 from sparsec.targets import Target, get_target, register_target

@@ -2,7 +2,7 @@
 
 Importing this package registers every family; look one up with :func:`get_pattern`.
 """
-from .base import Elastic, Pattern, get_pattern, offsets, pattern_kinds, register
+from .base import Elastic, Pattern, canonical_params, get_pattern, instance_key, offsets, pattern_kinds, register
 from . import static, block_topk, vertical_slash  # noqa: F401  (registers the families)
 
-__all__ = ["Elastic", "Pattern", "get_pattern", "offsets", "pattern_kinds", "register"]
+__all__ = ["Elastic", "Pattern", "canonical_params", "get_pattern", "instance_key", "offsets", "pattern_kinds", "register"]

@@ -13,6 +13,7 @@ Conventions (every kernel and the reference follow them):
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -214,6 +215,46 @@ def _fmt(value: Any) -> str:
     if isinstance(value, list) and len(value) > 6:
         return f"[{len(value)} items]"
     return str(value)
+
+
+# -- pattern instances: equal canonical parameters mean equal masks at every length --
+
+_ELASTIC = {"window", "sink", "vertical", "slash", "period", "width"}
+_INDEX_LISTS = {"columns", "blocks"}
+
+
+def _number(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return x
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _canonical_value(key: str, value):
+    if key in _ELASTIC and isinstance(value, (int, float, list)):
+        size = Elastic.from_json(value)
+        a = round(size.a) if size.b == 0 else size.a       # as Elastic.at rounds: same mask
+        return [_number(a), _number(size.b)]
+    if key in _INDEX_LISTS and isinstance(value, list):
+        items = {json.dumps(_canonical_value("", v)) for v in value}
+        return sorted((json.loads(v) for v in items), key=lambda v: (v if isinstance(v, list) else [v]))
+    if isinstance(value, list):
+        return [_canonical_value("", v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical_value(k, v) for k, v in value.items()}
+    return _number(value)
+
+
+def canonical_params(params: dict) -> dict:
+    """Parameters in a normal form (numbers normalised, a length-independent size rounded to
+    whole tokens as :meth:`Elastic.at` does, index lists sorted): equal normal forms mean
+    equal masks."""
+    return {k: _canonical_value(k, v) for k, v in sorted(params.items())}
+
+
+def instance_key(kind: str, params: dict) -> str:
+    """The one key for "same pattern instance": heads with equal keys run as one group."""
+    return kind + json.dumps(canonical_params(params), sort_keys=True)
+
 
 
 _REGISTRY: dict[str, Pattern] = {}
