@@ -251,7 +251,7 @@ def add_bench_attention_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    """``sparsec bench attention|e2e|quality ...`` (the CLI gathers sub-commands through this)."""
+    """``sparsec bench attention|e2e|quality|cost-model|linear|onnx ...`` (the CLI gathers sub-commands through this)."""
     bench = subparsers.add_parser("bench", help="benchmarks on a GPU")
     suites = bench.add_subparsers(dest="suite", required=True)
     attention = suites.add_parser("attention", help="generated kernels vs dense SDPA vs FlexAttention")
@@ -266,6 +266,19 @@ def add_parser(subparsers) -> None:
                                                 "perplexity, top-1 agreement, KL, passkey retrieval")
     add_bench_quality_arguments(quality)
     quality.set_defaults(handler=run_quality)
+    from sparsec.bench_cost_model import add_bench_cost_model_arguments, run as run_cost_model
+    cost_model = suites.add_parser("cost-model", help="time attention kernels on this GPU and fit the cost "
+                                                      "model's rates (--refit: fit saved measurements)")
+    add_bench_cost_model_arguments(cost_model)
+    cost_model.set_defaults(handler=run_cost_model)
+    from sparsec.bench_linear import add_bench_linear_arguments, run as run_linear
+    linear = suites.add_parser("linear", help="sparse linear kernels (2:4, block) vs cuBLAS at Llama-7B shapes")
+    add_bench_linear_arguments(linear)
+    linear.set_defaults(handler=run_linear)
+    from sparsec.bench_onnx import add_bench_onnx_arguments, run as run_onnx
+    onnx = suites.add_parser("onnx", help="onnxruntime CPU: sparse custom-op export vs the dense export")
+    add_bench_onnx_arguments(onnx)
+    onnx.set_defaults(handler=run_onnx)
 
 
 def _run(args: argparse.Namespace) -> int:

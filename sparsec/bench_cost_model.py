@@ -1,8 +1,11 @@
-"""Measure attention kernel times on a GPU and fit the cost-model constants.
+"""``sparsec bench cost-model``: time attention kernels on a GPU and fit the cost model's constants.
 
-Run on the machine whose profile you calibrate (sparsec/cost_model.py records the result):
+Run on the machine whose target profile you calibrate (:mod:`sparsec.cost_model` holds the
+result; ``docs/benchmarks.md`` records each calibration and its fit)::
 
-    python scripts/calibrate_cost_model.py --out calibration.json
+    sparsec bench cost-model --json calibration.json     # measure here (a CUDA GPU), then fit
+    sparsec bench cost-model --refit                     # fit the packaged h100 measurements again
+    sparsec bench cost-model --refit calibration.json    # fit an earlier --json file (no GPU needed)
 
 What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``):
 
@@ -15,22 +18,16 @@ What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``)
 
 Each series is fitted (least squares on relative residuals) to the cost model's form
 ``t = launch + computed_pairs * 4 * D / rate + query_block_rows * row_cost``, where
-``query_block_rows = heads * ceil(N / 128)``. Prints measured against fitted times and
-writes everything as JSON; ``--refit file.json`` redoes the fit without a GPU.
+``query_block_rows = heads * ceil(N / 128)``; the table prints measured against fitted times.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from importlib import resources
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-import triton
-import triton.language as tl
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 HEAD_DIM = 128
 HEADS = 32
@@ -38,13 +35,12 @@ BLOCK = 128
 DENSE_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 SPARSE_LENGTHS = [4096, 16384]
 WINDOWS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-# One mask function for every window (the width is read from a tensor), so the compiled
-# FlexAttention kernel is reused instead of recompiled per window.
-_WINDOW = None
+PACKAGED_MEASUREMENTS = "attention_calibration_h100.json"
 
 
-def _window_mod(b, h, q_idx, kv_idx):
-    return (q_idx >= kv_idx) & (q_idx - kv_idx < _WINDOW)
+def packaged_measurements() -> dict:
+    """The h100 measurements the ``h100`` profile of :mod:`sparsec.cost_model` was fitted to."""
+    return json.loads(resources.files("sparsec").joinpath("data", PACKAGED_MEASUREMENTS).read_text())
 
 
 def _qkv(n: int, heads: int = HEADS, batch: int = 1):
@@ -53,6 +49,8 @@ def _qkv(n: int, heads: int = HEADS, batch: int = 1):
 
 
 def _median_ms(fn) -> float:
+    import triton.testing
+
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
@@ -67,24 +65,14 @@ def _host_us_per_call(fn, calls: int = 2000) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-@triton.jit
-def _empty_kernel(x_ptr, N: tl.constexpr):
-    pid = tl.program_id(0)
-    tl.store(x_ptr + pid, pid)
-
-
 def causal_pairs(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def _fit(columns: list[np.ndarray], times: np.ndarray) -> np.ndarray:
-    """Least squares on relative residuals: each row weighted by 1 / its measured time."""
-    design = np.stack(columns, axis=1) / times[:, None]
-    coef, *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
-    return coef
-
-
 def measure_dense() -> list[dict]:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     rows = []
     for n in DENSE_LENGTHS:
         q, k, v = _qkv(n)
@@ -100,22 +88,28 @@ def measure_dense() -> list[dict]:
 
 
 def measure_sparse() -> list[dict]:
-    global _WINDOW
-    _WINDOW = torch.tensor(0, device="cuda")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # One mask function for every window (the width is read from a tensor), so the compiled
+    # FlexAttention kernel is reused instead of recompiled per window.
+    width = torch.tensor(0, device="cuda")
+
+    def window_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < width)
+
     torch._dynamo.config.cache_size_limit = 64
     rows = []
     flex = torch.compile(flex_attention, dynamic=False)
     for n in SPARSE_LENGTHS:
         q, k, v = _qkv(n)
         for window in [w for w in WINDOWS if w <= n]:
-            _WINDOW.fill_(window)
-            block_mask = create_block_mask(_window_mod, None, None, n, n, device="cuda", BLOCK_SIZE=BLOCK)
+            width.fill_(window)
+            block_mask = create_block_mask(window_mod, None, None, n, n, device="cuda", BLOCK_SIZE=BLOCK)
             blocks = int(block_mask.kv_num_blocks.sum())
             if block_mask.full_kv_num_blocks is not None:
                 blocks += int(block_mask.full_kv_num_blocks.sum())
             ms = _median_ms(lambda: flex(q, k, v, block_mask=block_mask))
-            pairs = blocks * BLOCK * BLOCK
-            flops = 4 * HEAD_DIM * HEADS * pairs
+            flops = 4 * HEAD_DIM * HEADS * blocks * BLOCK * BLOCK
             rows.append({"n": n, "window": window, "blocks": blocks, "query_blocks": n // BLOCK,
                          "ms": ms, "flops": flops, "tflops": flops / ms / 1e9})
             print(f"flex  n={n:6d} window={window:6d} blocks={blocks:6d} {ms:8.3f} ms "
@@ -124,6 +118,16 @@ def measure_sparse() -> list[dict]:
 
 
 def measure_launch() -> dict:
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    @triton.jit
+    def _empty_kernel(x_ptr, N: tl.constexpr):
+        pid = tl.program_id(0)
+        tl.store(x_ptr + pid, pid)
+
     q, k, v = _qkv(64, heads=1)
     flex = torch.compile(flex_attention, dynamic=False)
     block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 64, 64, device="cuda",
@@ -139,63 +143,83 @@ def measure_launch() -> dict:
     return result
 
 
-def _model_columns(rows: list[dict]) -> list[np.ndarray]:
-    """The cost model's terms: one launch, FLOPs of computed pairs, query-block rows."""
-    flops = np.array([r["flops"] for r in rows], float)
-    row_blocks = np.array([HEADS * -(-r["n"] // BLOCK) for r in rows], float)
-    return [np.ones_like(flops), flops, row_blocks]
+def _row_blocks(row: dict) -> int:
+    return HEADS * -(-row["n"] // BLOCK)
 
 
 def fit_series(rows: list[dict], key: str = "ms") -> dict:
-    """``t = launch + flops / rate + row_blocks * row_cost`` by relative least squares."""
+    """``t = launch + flops / rate + row_blocks * row_cost`` by least squares on relative
+    residuals (each row weighted by 1 / its measured time)."""
+    import numpy as np
+
     times = np.array([r[key] * 1e-3 for r in rows])
-    launch, per_flop, per_row_block = _fit(_model_columns(rows), times)
+    columns = [np.ones(len(rows)), np.array([r["flops"] for r in rows], float),
+               np.array([_row_blocks(r) for r in rows], float)]
+    design = np.stack(columns, axis=1) / times[:, None]
+    (launch, per_flop, per_row_block), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
     return {"launch_us": launch * 1e6, "tflops": 1e-12 / per_flop, "row_block_us": per_row_block * 1e6}
 
 
 def predict_ms(fitted: dict, row: dict) -> float:
-    row_blocks = HEADS * -(-row["n"] // BLOCK)
     return (fitted["launch_us"] * 1e-6 + row["flops"] / (fitted["tflops"] * 1e12)
-            + row_blocks * fitted["row_block_us"] * 1e-6) * 1e3
+            + _row_blocks(row) * fitted["row_block_us"] * 1e-6) * 1e3
 
 
-def report(data: dict) -> dict:
-    """Fit every series and print measured against fitted times."""
-    fitted = {"dense": fit_series(data["dense"], "default_backend_ms"),
-              "dense_flash": fit_series(data["dense"], "ms"),
-              "sparse": fit_series(data["sparse"])}
-    print("\nfit:", json.dumps(fitted, indent=1))
-    print(f"\n{'series':<12} {'n':>6} {'window':>6} {'measured ms':>12} {'fitted ms':>10} {'ratio':>6}")
+def fit(data: dict) -> dict:
+    """Fit every series of a measurement record: ``dense`` (the backend torch picks: the
+    cost model's dense rates), ``dense_flash`` (flash forced, for comparison), ``sparse``."""
+    return {"dense": fit_series(data["dense"], "default_backend_ms"),
+            "dense_flash": fit_series(data["dense"], "ms"),
+            "sparse": fit_series(data["sparse"])}
+
+
+def format_fit(data: dict, fitted: dict) -> str:
+    lines = [f"{name:<12} rate {f['tflops']:7.1f} TFLOP/s, row cost {f['row_block_us']:.4f} us, "
+             f"launch {f['launch_us']:.1f} us" for name, f in fitted.items()]
+    lines += ["", f"{'series':<12} {'n':>6} {'window':>6} {'measured ms':>12} {'fitted ms':>10} {'ratio':>6}"]
     series = [("dense", "default_backend_ms", data["dense"]), ("dense_flash", "ms", data["dense"]),
               ("sparse", "ms", data["sparse"])]
     for name, key, rows in series:
         for r in rows:
-            pred = predict_ms(fitted[name], r)
-            print(f"{name:<12} {r['n']:>6} {r.get('window', '-'):>6} {r[key]:>12.3f} {pred:>10.3f} "
-                  f"{r[key] / pred:>6.2f}")
-    return fitted
+            predicted = predict_ms(fitted[name], r)
+            lines.append(f"{name:<12} {r['n']:>6} {r.get('window', '-'):>6} {r[key]:>12.3f} {predicted:>10.3f} "
+                         f"{r[key] / predicted:>6.2f}")
+    return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="calibration.json")
-    parser.add_argument("--refit", help="fit the measurements of an earlier --out file (no GPU needed)")
-    args = parser.parse_args()
-    if args.refit:
-        with open(args.refit) as f:
-            report(json.load(f))
-        return
+def measure() -> dict:
+    """Every series on this machine's first CUDA GPU."""
+    import triton
+
+    if not torch.cuda.is_available():
+        raise SystemExit("sparsec bench cost-model needs a CUDA GPU to measure (--refit fits saved measurements)")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}", flush=True)
-    data = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+    return {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
             "head_dim": HEAD_DIM, "heads": HEADS, "batch": 1, "dtype": "bfloat16", "block": BLOCK,
             "dense": measure_dense(), "sparse": measure_sparse(), "launch": measure_launch()}
-    data["fit"] = report(data)
-    with open(args.out, "w") as f:
-        json.dump(data, f, indent=1)
 
 
-if __name__ == "__main__":
-    main()
+def add_bench_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refit", nargs="?", const="packaged", metavar="FILE",
+                        help="fit earlier measurements instead of measuring: a --json file, or none for "
+                             "the packaged h100 measurements")
+    parser.add_argument("--json", help="write the measurements and the fit here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.refit == "packaged":
+        data = packaged_measurements()
+    elif args.refit:
+        with open(args.refit) as f:
+            data = json.load(f)
+    else:
+        data = measure()
+    data["fit"] = fit(data)
+    print(format_fit(data, data["fit"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    return 0

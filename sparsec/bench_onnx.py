@@ -1,9 +1,10 @@
-"""onnxruntime CPU benchmark: a Llama-style model with sparse attention exported in custom
-mode (``ai.sparsec::SparseAttention``, block-sparse kernel) vs the dense ONNX export of the
-original model, end to end, at several sequence lengths from one export each.
+"""``sparsec bench onnx``: onnxruntime on the CPU, a Llama-style model with sparse attention
+exported in custom mode (``ai.sparsec::SparseAttention``, block-sparse kernel) against the
+dense ONNX export of the original model, end to end, at several sequence lengths from one
+export each::
 
-    python scripts/bench_onnx.py                       # N = 1024, 4096; 4 layers; medians
-    python scripts/bench_onnx.py --lengths 1024 --repeat 3
+    sparsec bench onnx                                 # N = 1024, 4096; 4 layers; medians of 5
+    sparsec bench onnx --lengths 1024 --repeat 3
 
 The model: hidden 512, 8 query heads of 64 sharing 2 key/value heads, MLP 1408, fp32,
 random weights. The sparse plan is planted (as the tests do), not searched: window, sink +
@@ -22,16 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-
-import sparsec
-from sparsec.codegen.onnx import export_onnx
-from sparsec.passes.canonicalize import Canonicalize
-from sparsec.testing.plant_patterns import PlantPatterns
-from sparsec.passes.lower import Lower
-from sparsec.patterns import get_pattern
-from sparsec.runtime.ort import ort_feeds, ort_session
 
 VOCAB = 1024
 
@@ -79,6 +71,8 @@ def _interleaved_medians(runs: dict, repeat: int) -> dict:
 
 
 def mean_density(patterns: dict, n: int) -> float:
+    from sparsec.patterns import get_pattern
+
     return statistics.mean(get_pattern(kind).density(params, n, True) for kind, params in patterns.values())
 
 
@@ -95,6 +89,15 @@ def run_benchmark(lengths=(1024, 4096), layers: int = 4, repeat: int = 5, thread
     Two dense baselines: the exporter's default (opset 20: attention as MatMul / Softmax)
     and opset 23, where attention is onnxruntime's fused ``Attention`` op.
     """
+    import numpy as np
+
+    import sparsec
+    from sparsec.codegen.onnx import export_onnx
+    from sparsec.passes.canonicalize import Canonicalize
+    from sparsec.passes.lower import Lower
+    from sparsec.runtime.ort import ort_feeds, ort_session
+    from sparsec.testing.plant_patterns import PlantPatterns
+
     torch.set_num_threads(threads)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sparsec_bench_onnx_"))
     model, patterns = build_model(layers), planted_patterns()
@@ -117,13 +120,14 @@ def run_benchmark(lengths=(1024, 4096), layers: int = 4, repeat: int = 5, thread
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+def add_bench_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per model and length (median)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+
+
+def run(args: argparse.Namespace) -> int:
     results = run_benchmark(args.lengths, args.layers, args.repeat, args.threads)
     print(f"onnxruntime CPU, {args.threads} threads, Llama-style {args.layers} layers, batch 1, fp32; "
           f"median of {args.repeat}")
@@ -134,7 +138,3 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['dense_s'] / r['sparse_s']:>8.2f}x {r['dense_opset23_s'] * 1e3:>14.1f} "
               f"{r['dense_opset23_s'] / r['sparse_s']:>8.2f}x {r['max_abs_error']:>10.2e}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Benchmark sparse linears against cuBLAS at Llama-7B shapes (issue #7), on one GPU.
+"""``sparsec bench linear``: sparse linears against cuBLAS at Llama-7B shapes, on one GPU.
 
 For weights ``[out, in]`` in {4096x4096, 11008x4096, 4096x11008} and token counts ``M`` in
 {1, 16, 256, 4096, 16384}, bf16, it times ``F.linear`` with
@@ -7,35 +7,39 @@ For weights ``[out, in]`` in {4096x4096, 11008x4096, 4096x11008} and token count
 - ``2:4``: a 2:4 weight as a semi-structured sparse tensor (``to_sparse_semi_structured``,
   cuSPARSELt; its CUTLASS backend runs on sm8x only);
 - ``2:4-cslt``: the same weight through ``torch._cslt_sparse_mm`` directly (no tensor
-  subclass; measured on H100: no faster eager, and slower at large M, so the kernel of
-  ``sparse_linear`` keeps the subclass);
+  subclass), to see what the subclass costs;
 - ``block32@L`` / ``block64@L``: the Triton block-sparse matmul at level ``L`` in {0.5, 0.75}.
 
 ``ms`` are ``triton.testing.do_bench`` medians (events around each call, so host overhead
 counts where the host is slower than the GPU: what an eager model sees); ``graph_ms`` time
 the same calls replayed from a CUDA graph (GPU time alone). Weights and inputs rotate over
 ``COPIES`` sets so that no run reads its weight from L2. Every variant is first checked
-against the masked dense product. Prints a table and the ``MEASURED_SPEEDUP`` dict (eager
-times) for :mod:`sparsec.runtime.sparse_linear_gpu`; ``--out`` writes every number as JSON.
+against the masked dense product. Prints the speedup table (eager times) in the form of
+``MEASURED_SPEEDUP`` in :mod:`sparsec.runtime.sparse_linear_gpu`, then the time tables::
 
-    python scripts/bench_linear.py --out bench_linear.json
+    sparsec bench linear --json sparse_linear.json    # measure (a CUDA GPU)
+    sparsec bench linear --report                     # the tables of the packaged h100 run
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+from importlib import resources
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
-
-from sparsec.codegen.triton.block_sparse_matmul import _block_sparse_matmul_tuned, block_sparse_matmul
-from sparsec.weights import block_csr, compress, parse_structure
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
 TOKENS = [1, 16, 256, 4096, 16384]
+VARIANTS = ["dense", "2:4", "2:4-cslt", "block64@0.5", "block64@0.75", "block32@0.5", "block32@0.75"]
 COPIES = 4
+PACKAGED_MEASUREMENTS = "sparse_linear_h100.json"
+
+
+def packaged_measurements() -> dict:
+    """The h100 run that ``MEASURED_SPEEDUP`` in :mod:`sparsec.runtime.sparse_linear_gpu` holds."""
+    return json.loads(resources.files("sparsec").joinpath("data", PACKAGED_MEASUREMENTS).read_text())
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -53,6 +57,8 @@ def _cusparselt_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def _operands(out_features: int, in_features: int, structure: str, level: float, direct: bool = False):
     """COPIES (dense masked weight, operand) pairs for one variant."""
+    from sparsec.weights import block_csr, compress, parse_structure
+
     parsed = parse_structure(structure)
     operands = []
     for _ in range(COPIES):
@@ -69,6 +75,8 @@ def _operands(out_features: int, in_features: int, structure: str, level: float,
 
 
 def _runner(variant: str, operand, out_features: int):
+    from sparsec.codegen.triton.block_sparse_matmul import block_sparse_matmul
+
     if variant == "2:4-cslt":
         return lambda x: _cusparselt_linear(x, operand)
     if variant in ("dense", "2:4"):
@@ -77,7 +85,8 @@ def _runner(variant: str, operand, out_features: int):
     return lambda x: block_sparse_matmul(x, values, crow, col, None, block, out_features)
 
 
-def bench(variants: list[str]) -> list[dict]:
+def measure(variants: list[str]) -> list[dict]:
+    """One row per shape, token count and variant; a failing variant is recorded, not raised."""
     rows = []
     for (out_features, in_features), tokens in itertools.product(SHAPES, TOKENS):
         xs = [torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
@@ -94,6 +103,8 @@ def bench(variants: list[str]) -> list[dict]:
 
 
 def _measure(variant: str, out_features: int, in_features: int, tokens: int, xs: list[torch.Tensor]) -> dict:
+    from triton.testing import do_bench, do_bench_cudagraph
+
     if variant == "dense":
         weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
                    for _ in range(COPIES)]
@@ -119,6 +130,8 @@ def _measure(variant: str, out_features: int, in_features: int, tokens: int, xs:
            "graph_ms": graph_ms, "rel_error": error,
            "tflops": 2 * tokens * out_features * in_features / ms / 1e9}
     if variant.startswith("block") and tokens > 16:
+        from sparsec.codegen.triton.block_sparse_matmul import _block_sparse_matmul_tuned
+
         row["config"] = str(_block_sparse_matmul_tuned.best_config)
     return row
 
@@ -128,25 +141,28 @@ def _time(row: dict, key: str) -> float:
     return value if isinstance(value, float) else float("nan")
 
 
-def table(rows: list[dict], variants: list[str], key: str = "ms") -> str:
+def format_times(rows: list[dict], key: str = "ms") -> str:
     """Per shape and token count: dense time, then each sparse variant's time / speedup."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "dense"))
     dense = {(r["out"], r["in"], r["tokens"]): _time(r, key) for r in rows if r["variant"] == "dense"}
-    lines = [f"{'in->out':>12} {'M':>6} {'dense ms':>9} " + " ".join(f"{v:>14}" for v in variants[1:]),
+    lines = [f"{'in->out':>12} {'M':>6} {'dense ms':>9} " + " ".join(f"{v:>14}" for v in variants),
              f"({key}; sparse columns: median ms / speedup over dense)"]
-    for (out_features, in_features), tokens in itertools.product(SHAPES, TOKENS):
-        base = dense[(out_features, in_features, tokens)]
+    for (out_features, in_features, tokens), base in dense.items():
         cells = []
-        for variant in variants[1:]:
-            ms = next(_time(r, key) for r in rows if (r["out"], r["in"], r["tokens"], r["variant"])
-                      == (out_features, in_features, tokens, variant))
+        for variant in variants:
+            ms = next((_time(r, key) for r in rows if (r["out"], r["in"], r["tokens"], r["variant"])
+                       == (out_features, in_features, tokens, variant)), float("nan"))
             cells.append(f"{ms:7.4f}/{base / ms:5.2f}x")
-        lines.append(f"{f'{in_features}->{out_features}':>12} {tokens:>6} {base:9.4f} " + " ".join(f"{c:>14}" for c in cells))
+        lines.append(f"{f'{in_features}->{out_features}':>12} {tokens:>6} {base:9.4f} "
+                     + " ".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)
 
 
 def speedup_table(rows: list[dict]) -> dict:
+    """``MEASURED_SPEEDUP``'s form: kernel -> (out, in) -> tokens -> dense ms / sparse ms,
+    eager times; the direct cuSPARSELt call is left out (the runtime uses the subclass)."""
     dense = {(r["out"], r["in"], r["tokens"]): r["ms"] for r in rows if r["variant"] == "dense"}
-    table_: dict = {}
+    table: dict = {}
     for r in rows:
         if r["variant"] in ("dense", "2:4-cslt") or "error" in r:
             continue
@@ -155,29 +171,43 @@ def speedup_table(rows: list[dict]) -> dict:
             structure, level = name.split("@")
             name = f"{structure}@{float(level):.2f}"
         shape = (r["out"], r["in"])
-        table_.setdefault(name, {}).setdefault(shape, {})[r["tokens"]] = round(dense[shape + (r["tokens"],)] / r["ms"], 2)
-    return table_
+        table.setdefault(name, {}).setdefault(shape, {})[r["tokens"]] = round(dense[shape + (r["tokens"],)] / r["ms"], 2)
+    return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="write every measurement as JSON here")
-    args = parser.parse_args()
+def report(data: dict) -> None:
+    print(f"device: {data['device']}")
+    print("\nMEASURED_SPEEDUP = " + repr(speedup_table(data["rows"])))
+    print("\n" + format_times(data["rows"], "ms"))
+    print("\n" + format_times(data["rows"], "graph_ms"))
+
+
+def add_bench_linear_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", nargs="?", const="packaged", metavar="FILE",
+                        help="print the tables of an earlier --json file instead of measuring "
+                             "(none: the packaged h100 run)")
+    parser.add_argument("--json", help="write every measurement and the speedup table here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.report:
+        if args.report == "packaged":
+            report(packaged_measurements())
+        else:
+            with open(args.report) as f:
+                report(json.load(f))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("sparsec bench linear needs a CUDA GPU to measure (--report prints saved measurements)")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuSPARSELt available: {torch.backends.cusparselt.is_available()}")
-    variants = ["dense", "2:4", "2:4-cslt", "block64@0.5", "block64@0.75", "block32@0.5", "block32@0.75"]
-    rows = bench(variants)
-    speedups = speedup_table(rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows,
-                       "speedup": {k: {f"{o}x{i}": v for (o, i), v in t.items()} for k, t in speedups.items()}},
-                      f, indent=1)
-    print("\nMEASURED_SPEEDUP = " + repr(speedups))
-    print("\n" + table(rows, variants, "ms"))
-    print("\n" + table(rows, variants, "graph_ms"))
-
-
-if __name__ == "__main__":
-    main()
+    rows = measure(VARIANTS)
+    data = {"device": torch.cuda.get_device_name(), "rows": rows,
+            "speedup": {name: {f"{o}x{i}": by_tokens for (o, i), by_tokens in shapes.items()}
+                        for name, shapes in speedup_table(rows).items()}}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    report(data)
+    return 0

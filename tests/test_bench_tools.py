@@ -1,0 +1,55 @@
+"""The measurement subcommands that run without a GPU: ``sparsec bench cost-model --refit``
+and ``sparsec bench linear --report`` read the packaged h100 measurements, which must still
+give the constants the cost model and the sparse-linear runtime use; ``sparsec bench onnx``
+runs end to end at a tiny size."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparsec.bench_cost_model import fit, packaged_measurements as attention_measurements
+from sparsec.bench_linear import packaged_measurements as linear_measurements, speedup_table
+from sparsec.cli import main
+from sparsec.cost_model import cost_profile
+from sparsec.runtime.sparse_linear_gpu import MEASURED_SPEEDUP
+
+
+def test_packaged_attention_measurements_refit_to_the_h100_profile():
+    fitted = fit(attention_measurements())
+    profile = cost_profile("h100")
+    for name, rates in (("dense", profile.dense), ("sparse", profile.sparse)):
+        assert fitted[name]["tflops"] == pytest.approx(rates.tflops, abs=0.05)
+        assert fitted[name]["row_block_us"] == pytest.approx(rates.row_block_us, abs=5e-5)
+        assert fitted[name]["launch_us"] == pytest.approx(rates.launch_us, abs=0.05)
+
+
+def test_packaged_linear_measurements_give_the_runtime_speedup_table():
+    assert speedup_table(linear_measurements()["rows"]) == MEASURED_SPEEDUP
+
+
+def test_refit_and_report_print_without_a_gpu(capsys, tmp_path):
+    record = tmp_path / "calibration.json"
+    assert main(["bench", "cost-model", "--refit", "--json", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert "dense        rate   611.6 TFLOP/s" in out and "sparse       rate   429.2 TFLOP/s" in out
+    assert json.loads(record.read_text())["fit"]["sparse"]["tflops"] == pytest.approx(429.15, abs=0.01)
+    assert main(["bench", "cost-model", "--refit", str(record)]) == 0
+    assert "429.2 TFLOP/s" in capsys.readouterr().out
+    assert main(["bench", "linear", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "MEASURED_SPEEDUP" in out and "4096->11008" in out
+
+
+def test_packaged_measurements_are_found_from_another_directory(tmp_path):
+    code = ("from sparsec.bench_cost_model import packaged_measurements as a; "
+            "from sparsec.bench_linear import packaged_measurements as b; "
+            "print(a()['device'], len(b()['rows']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "105"
+
+
+def test_onnx_benchmark_runs_at_a_tiny_size(capsys):
+    assert main(["bench", "onnx", "--lengths", "128", "--layers", "1", "--repeat", "1", "--threads", "1"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "128" and float(row[-1]) < 1e-3       # max |err| of the sparse export vs PyTorch
