@@ -13,56 +13,18 @@ kernel's. A site whose heads are all dense is one dense launch; any other site i
 per head group (``sparse_attention``). A pattern slower than dense at ``N`` (below its
 *crossover length*) is never chosen: the plan keeps such heads dense.
 
-Calibration (h100). ``scripts/calibrate_cost_model.py`` was run once on the device tool's
-H100 80GB HBM3 (132 SMs, torch 2.11.0+cu130, triton 3.6.0), bf16, head_dim 128, batch 1,
-32 heads, median of ``triton.testing.do_bench``; raw numbers in
-``scripts/calibration_h100.json`` (``--refit`` redoes the fit). It times
-
-- dense causal ``F.scaled_dot_product_attention`` (the backend torch picks, which is what
-  sparsec's dense path runs) at N = 256 ... 32768;
-- block-sparse attention: FlexAttention with a causal sliding-window BlockMask (128 x 128
-  blocks) at N = 4096 and 16384, windows 128 ... N, FLOPs counted over computed blocks;
-
-and fits ``t = launch + flops / rate + row_blocks * row_cost`` to each series by least
-squares on relative residuals. Result: dense rate 611.6 TFLOP/s, row cost 0.0395 us, launch
-9.6 us; sparse rate 429.2 TFLOP/s, row cost 0.0417 us, launch 20.2 us. Every measured time
-is within 5 % of the fit (dense 0.95-1.03, sparse 0.97-1.05; e.g. dense N=16384: 3.770 ms
-measured, 3.767 fitted; FlexAttention N=16384, window 1024: 0.861 / 0.889 ms). The flash
-backend forced instead runs at 342.6 TFLOP/s (FA2), so the picked backend is the one to beat.
-Host time per eager call at a tiny size: SDPA 17 us, FlexAttention 132 us, an empty Triton
-kernel 30 us (the GPU-side launch constants above are what the model uses).
-
-Calibration (cpu). The ``cpu`` target runs dense heads through ``F.scaled_dot_product_attention``
-and sparse head groups through the block-sparse CPU path (``sparsec.runtime.block_sparse.
-sparse_attention``: only kept 64 x 64 blocks, fp32 inside). Both were timed on the 2-core
-development box (torch 2.13 CPU, 2 threads, a shared and loaded machine), fp32, head_dim 64,
-batch 1, 8 heads, causal, best of 5-12: dense at N = 256 ... 4096; a sliding window of 32,
-128, 512, 1024, N/2 and N keys at each of those N (FLOPs over the pattern's pairs, as
-``cost_expr`` counts them, so a window that covers everything costs what block-sparse really
-pays for it; those points weigh 3x in the fit, since they decide where a head stays dense).
-Fit as for h100: dense 0.0382 TFLOP/s, no row cost, launch 11 ms (torch's OpenMP start-up
-and hand-offs on a busy machine: SDPA takes 16 ms at N = 256 and at 512); within 20 % of
-every dense point (N = 2048: 0.128 s measured, 0.123 fitted). Sparse 0.0245 TFLOP/s, row
-cost 113 us, launch ~0; within 30 % from a window of 128 keys on (window 512 at N = 2048:
-0.084 / 0.084 s; full coverage at N = 4096: 0.62 / 0.72 s), windows of 32 keys run up to 2x
-slower than predicted (gathers dominate). Per head, a window of 128 beats dense from N ~ 512;
-a pattern covering most of the matrix never does (block-sparse at full coverage is ~1.5x
-slower than SDPA), so such heads stay dense.
-Before that path existed the cpu profile was scaled from h100's and credited the reference
-kernel (full scores, then the mask: 1.30 s for the window-128 group at N = 2048, where dense
-takes 0.125 s) with block-sparse speed, so compiled models ran 2-3x slower than the original.
-A dynamic pattern (``vertical_slash``) also builds its layout per input, densely on the CPU
-(estimate, N x N mask, gather plan): 21 ns per head and score element, measured at N = 512 ...
-4096 (11, 19, 23, 21 ns; 0.095 s for one head at N = 2048, where its kernel FLOPs predict
-0.002 s), so on the cpu target it never beats dense (``dynamic_layout_ns``).
-Timings on a loaded machine vary by ~30 % between runs: the constants are right in order of
-magnitude and in which side of dense a pattern falls, not a measurement of another CPU.
+The constants are fitted to measurements: on an H100 by ``sparsec bench cost-model``
+(dense SDPA and block-sparse FlexAttention, the raw numbers in
+``sparsec/data/attention_calibration_h100.json``), on the CPU against sparsec's
+block-sparse CPU path, whose dynamic patterns also pay ``dynamic_layout_ns`` per score
+element to build their layout per input. ``docs/benchmarks.md`` records both calibrations
+and how well the fits hold.
 
 Other GPU targets are scaled from the h100 calibration until measured: rates by the datasheet
 peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
 overhead.
 
-Linears (weight sparsity, issue #7): ``2 * tokens * in * out`` FLOPs at the dense kernel's
+Linears (weight sparsity): ``2 * tokens * in * out`` FLOPs at the dense kernel's
 rate, divided by the speedup of the ``sparse_linear`` kernel the runtime would pick
 (:mod:`sparsec.runtime.sparse_linear_gpu`: its H100-measured table, nearest shape). A sparse
 weight gets no speed benefit where the runtime runs it dense: on CPU targets, for
@@ -111,7 +73,7 @@ class CostProfile:
                 "dynamic_layout_ns": self.dynamic_layout_ns}
 
 
-# Measured with scripts/calibrate_cost_model.py; see the module docstring.
+# Fitted to measurements: `sparsec bench cost-model` (h100), by hand (cpu); docs/benchmarks.md.
 CALIBRATED = {
     "h100": CostProfile("h100", dense=KernelRates(611.6, 0.0395, 9.6),
                         sparse=KernelRates(429.2, 0.0417, 20.2), calibrated=True),
