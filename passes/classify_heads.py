@@ -17,7 +17,7 @@ go to the simpler family, in :data:`FAMILIES` order. Otherwise it stays dense, a
 - A sparse pattern must also save at least ``ctx.options["min_saving"]`` (default 0.2)
   of the dense head's predicted time. Ranking by time rather than FLOPs matters: sparse
   kernels run at about 70% of dense SDPA's rate on an H100, so a 70%-dense block layout
-  is no faster than dense (seen in the 32k end-to-end benchmark, notes/kernels.md).
+  is no faster than dense (seen in the 32k end-to-end benchmark, docs/benchmarks.md).
 - Heads whose user mask is exactly causal are classified as causal (see ``calibrate``).
 - At a site whose in-graph sliding-window mask ``fold_causal_mask`` replaced by
   ``causal=True`` (``extra["model_window"]``), every head keeps the model's window

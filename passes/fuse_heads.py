@@ -1,4 +1,4 @@
-"""fuse_heads: heads that share a pattern run together, as one contiguous slice (issue #4).
+"""fuse_heads: heads that share a pattern run together, as one contiguous slice.
 
 Per-head patterns are only fast when heads with the same pattern run in one launch
 (Sparse-vDiT fuses the heads of a layer that share a strategy). For every
@@ -12,11 +12,8 @@ Per-head patterns are only fast when heads with the same pattern run in one laun
    fall into different groups a group may stay split. It then keeps one launch with a
    head-index list (``gqa_split="head_index"``, the default: the kernels read heads through
    the group table) or becomes several contiguous sub-groups (``gqa_split="subgroups"``,
-   for kernels that need slices). On a Llama-style model with patterns drawn at random per
-   head (32 heads, 8 KV heads, 4 patterns) sub-groups cost 14-15 launches per layer where
-   head-index lists cost 4, and on an H100 the 4 launches of the permuted, mostly
-   contiguous table ran in 3.6 ms against 4.0 ms for the same groups with scattered heads
-   and 23.5 ms for one launch per head (``scripts/bench_fuse_heads.py``);
+   for kernels that need slices), which costs several times the launches (measured in
+   docs/benchmarks.md, "Head fusion");
 3. realises the order at no run-time cost by permuting the q/k/v projection rows and the
    output projection's input columns (MoA's offline permutation, :mod:`.head_permutation`),
    or, where the weights cannot be permuted, by ``fallback``: ``"head_index"`` (no data

@@ -29,21 +29,11 @@ from sparsec.weights.structures import parse_structure
 
 MIN_SPEEDUP = 1.05   # below this the gain is within run-to-run spread: stay dense
 
-# Speedup of the sparse kernel over cuBLAS (dense median time / sparse median time), bf16,
-# measured on one H100 80GB HBM3 (device tool; torch 2.11.0+cu130, triton 3.6) by
-# scripts/bench_linear.py (full numbers: scripts/bench_linear_h100.json): do_bench medians of
-# eager calls, as an exported program runs them, weights rotated over 4 copies so no run
-# reads them from L2. Keys: kernel -> (out_features, in_features) -> tokens M -> speedup.
-# "2:4" is F.linear on a semi-structured tensor (cuSPARSELt); "blockB@L" the Triton kernel
-# at level L. What the table says:
-# - 2:4 wins only at M = 16384 (1.23-1.33x); below ~8k tokens cuSPARSELt's per-call host
-#   work (about 0.5 ms eager) dominates, and even replayed from a CUDA graph its kernels
-#   lose to cuBLAS at M <= 16 (0.3-0.5x) and win from M ~ 256-4096 (1.1-1.4x).
-# - block64 at 75% wins from M = 256 up (1.2-2.3x) and at M <= 16 on the 11008-wide shapes
-#   (1.8-1.9x); at 50% it is within 0.55-1.16x of dense: the kernel runs at about half of
-#   cuBLAS's FLOP rate, so it needs density <= ~50% to break even at large M.
-# - block32 loses at 50% (0.5-0.8x) and wins 1.1-1.5x at 75% for M >= 4096.
-# - At M <= 16 eager times are host-bound (launches), and varied by up to 2x between runs.
+# Speedup of the sparse kernel over cuBLAS (dense median time / sparse median time) of eager
+# bf16 calls on one H100, from `sparsec bench linear` (the run: sparsec/data/sparse_linear_h100.json;
+# what it shows: docs/benchmarks.md). Keys: kernel -> (out_features, in_features) -> tokens M
+# -> speedup. "2:4" is F.linear on a semi-structured tensor (cuSPARSELt); "blockB@L" the
+# Triton kernel at level L.
 MEASURED_SPEEDUP: dict[str, dict[tuple[int, int], dict[int, float]]] = {
     "2:4": {(4096, 4096): {1: 0.03, 16: 0.03, 256: 0.03, 4096: 0.38, 16384: 1.26},
             (4096, 11008): {1: 0.05, 16: 0.05, 256: 0.06, 4096: 0.57, 16384: 1.23},

@@ -41,7 +41,7 @@ class KernelConfig:
         return asdict(self)
 
 
-# Hopper (measured on an H100, notes/kernels.md): 64 x 64 tiles of 4 warps with K/V
+# Hopper (measured on an H100, docs/benchmarks.md): 64 x 64 tiles of 4 warps with K/V
 # through TMA win nearly everywhere (short bands, and block_topk now that its tiles skip
 # the layout gather); long key loops (wide windows) sometimes prefer 128 x 128 tiles of
 # 8 warps through TMA or plain pointer loads; vertical_slash (two gathers per masked
