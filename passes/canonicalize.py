@@ -55,7 +55,7 @@ def _rewrite(gm: torch.fx.GraphModule, match: AttentionMatch) -> Node:
     with graph.inserting_before(match.output):
         q, k, v, mask = (_emit(graph, operand, match.anchor) for operand in (match.q, match.k, match.v, match.mask))
         # A mask of rank < 2 (a learned per-key bias [N]) broadcasts like [1, N]; later passes
-        # read a mask's query and key axes, so it gets both (issue #14).
+        # read a mask's query and key axes, so it gets both.
         while mask is not None and mask.meta["val"].dim() < 2:
             mask = _add_node(graph, aten.unsqueeze.default, (mask, 0), match.anchor)
         attention = _add_node(graph, ATTENTION, (q, k, v, mask, match.scale, match.causal), match.anchor)

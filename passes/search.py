@@ -1,4 +1,4 @@
-"""search: how sparse each attention layer (or head) goes, under one global budget (issue #3).
+"""search: how sparse each attention layer (or head) goes, under one global budget.
 
 Classification says which patterns each head could take; the search decides how far to go,
 layer by layer, so that the whole model stays within the user's :class:`~sparsec.Budget`.
@@ -22,7 +22,7 @@ layer by layer, so that the whole model stays within the user's :class:`~sparsec
    to its predicted sensitivity is made dense again. Each sparse item's measured contribution
    (error of the plan minus error without it) is then recorded.
 
-**Linears** (weight sparsity, issue #7): when ``sparsify_weights`` options ask for weight
+**Linears** (weight sparsity): when ``sparsify_weights`` options ask for weight
 sparsity (``sparsec.WeightSparsity``) under an error or speedup budget, every eligible linear
 joins the knapsack as one more group (:mod:`.search_linears`): its candidate levels, timed
 by :meth:`CostModel.linear_speedup` at ``seq_len`` tokens, with the end-to-end sensitivity

@@ -1,4 +1,4 @@
-"""The search's linear items: weight sparsity (issue #7) in the budget of issue #3.
+"""The search's linear items: weight sparsity in the same budget as attention sparsity.
 
 Each eligible linear (``sparsify_weights``' analysis: not excluded, not tied, the shape fits
 the structure) becomes one knapsack group whose options are its candidate levels, with

@@ -93,7 +93,7 @@ def _own_tensors(graph_module: torch.fx.GraphModule) -> None:
     torch.export shares the captured parameters with the user's model, while fuse_heads
     holds permuted copies and canonicalize folds a learned temperature into a constant: a
     later ``load_state_dict`` or optimizer step on the original would reach some tensors
-    of the compiled model and not others (issue #14, part 5). One rule instead: the
+    of the compiled model and not others. One rule instead: the
     compiled model owns copies of everything, frozen at compile time. Tensors shared
     inside the graph module (tied weights) stay shared with each other."""
     copies: dict[int, torch.Tensor] = {}

@@ -1,7 +1,7 @@
 """Exact multiple-choice knapsack: one option per group, least total value, total weight
 within a capacity.
 
-The search allocates with it (issue #3): groups are layers (or heads), options their
+The search allocates with it: groups are layers (or heads), options their
 sparsity levels, and either value = predicted time, weight = sensitivity, capacity = the
 error budget; or the dual, value = sensitivity, weight = time (or density). Groups are
 generic, so other decisions (per-linear weight sparsity, say) can join the same knapsack as

@@ -1,4 +1,4 @@
-"""Issue #14, part 8: the CLI prints one line per ordinary mistake (a traceback only with
+"""The CLI prints one line per ordinary mistake (a traceback only with
 SPARSEC_DEBUG), refuses what it cannot do, and ``python -m sparsec`` runs it."""
 import os
 import subprocess

@@ -1,5 +1,5 @@
-"""Fuzz ``runtime.reference.sparse_attention`` against an independent float64 oracle
-(issue #14, part 9): random batch, GQA ratio, head dim, dtype, n_q != n_k (non-causal;
+"""Fuzz ``runtime.reference.sparse_attention`` against an independent float64 oracle:
+random batch, GQA ratio, head dim, dtype, n_q != n_k (non-causal;
 causal attention here needs n_q == n_k), user masks (boolean key padding, additive,
 per-head) and pattern parameters of every family. The oracle builds each head's mask from
 the family's own ``Pattern.mask`` (vertical_slash: ``estimate_indices`` + ``dynamic_mask``)
@@ -147,7 +147,7 @@ def test_static_families_match_the_float64_oracle(case):
 
 
 def _cross_attention_case():
-    """n_q = 4 > n_k = 3 with last_q = 64: the estimate saw offsets below -(n_k - 1) (issue #14)."""
+    """n_q = 4 > n_k = 3 with last_q = 64: the estimate saw offsets below -(n_k - 1)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 8, generator=generator) for n in (4, 3, 3))
     params = {"vertical": [1, 0], "slash": [2, 0], "last_q": 64}

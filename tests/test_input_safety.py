@@ -1,4 +1,4 @@
-"""Issue #14, parts 5, 6 and 8: the compiled model owns its weights, legal inputs never crash
+"""The compiled model owns its weights, legal inputs never crash
 untyped, and ordinary mistakes get typed errors that name the fix."""
 import pytest
 import torch
@@ -57,7 +57,7 @@ def _planted(model, x, heads=(WINDOW, SINK, WINDOW, SINK)):
     return sparsec.compile(model, (x,), passes=passes)
 
 
-# -- part 5: the compiled model owns copies of its weights -------------------------------------
+# -- the compiled model owns copies of its weights --------------------------------------------
 
 @pytest.mark.parametrize("temperature", [False, True])
 @pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict"])
@@ -90,7 +90,7 @@ def test_compiled_weights_are_not_the_users_tensors():
     assert not users & {t.data_ptr() for t in compiled.graph_module.parameters()}
 
 
-# -- part 6: legal inputs that crashed ----------------------------------------------------------
+# -- legal inputs that crashed -----------------------------------------------------------------
 
 VERTICAL_SLASH = get_pattern("vertical_slash")
 
@@ -169,7 +169,7 @@ def test_multi_diagonal_overlapping_bands_keep_every_offset_near_a_kept_diagonal
     assert torch.equal(mask, d.abs() <= 5)
 
 
-# -- part 8: messages that name the fix ---------------------------------------------------------
+# -- messages that name the fix ----------------------------------------------------------------
 
 def test_integer_inputs_to_a_float_model_raise_a_typed_error_naming_the_cast():
     with pytest.raises(UnsupportedDtypeError, match=r"x\.float\(\)"):

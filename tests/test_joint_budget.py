@@ -1,4 +1,4 @@
-"""One budget for attention and weight sparsity (issues #3 and #7): ``sparsec.compile`` with
+"""One budget for attention and weight sparsity: ``sparsec.compile`` with
 ``weights=sparsec.WeightSparsity(...)``, alone and under a ``sparsec.Budget``, on a 2-layer
 planted Llama at N=256.
 

@@ -249,7 +249,7 @@ def test_unknown_mode_is_refused(tmp_path):
         export_onnx(None, (), {}, Plan(target="cpu"), tmp_path / "m.onnx", mode="sparse")
 
 
-# -- sparse linears (#7): compressed initializers, decompressed by standard ops --
+# -- sparse linears: compressed initializers, decompressed by standard ops --
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4", "block8"])
 def test_sparse_linear_runs_in_stock_onnxruntime(structure, tmp_path):

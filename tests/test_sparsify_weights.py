@@ -1,4 +1,4 @@
-"""Weight sparsity (issue #7): structures and masks, scores, OWL allocation, compressed
+"""Weight sparsity: structures and masks, scores, OWL allocation, compressed
 storage, the sparsify_weights pass, the sparse_linear op and its kernels."""
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def check_opset(opset: "int | None") -> None:
 
 def check_dtypes(graph_module: torch.fx.GraphModule, example_args: tuple, example_kwargs: dict) -> None:
     """Refuse bfloat16 weights or inputs: onnxruntime's CPU kernels (MatMul, Softmax, ...)
-    do not implement bfloat16, so such a file cannot be opened on CPU (issue #14)."""
+    do not implement bfloat16, so such a file cannot be opened on CPU."""
     from sparsec.errors import UnsupportedDtypeError
 
     tensors = [*graph_module.parameters(), *graph_module.buffers(),

@@ -7,7 +7,7 @@
 
 Without a budget every eligible linear is pruned for the global ``sparsity`` (OWL spreads
 the levels for unstructured and block weights; N:M levels are uniform). With an error or
-speedup budget the search of issue #3 chooses each linear's level in the same knapsack as
+speedup budget the layerwise search chooses each linear's level in the same knapsack as
 the attention levels, and ``sparsity`` is not used; a density budget caps attention only, so
 the linears then take the global ``sparsity`` as without a budget.
 """
