@@ -5,7 +5,7 @@
 For each case (a pattern family and parameters, or a mixed layer of several groups) at
 each length: medians of ``triton.testing.do_bench``, effective TFLOP/s and the ratios.
 Two FLOP counts: *blocks*, ``4 * D`` per (query, key) pair of every 128 x 128 block the
-FlexAttention ``BlockMask`` computes (the issue's "TFLOP/s on computed blocks"; for dense
+FlexAttention ``BlockMask`` computes ("TFLOP/s on computed blocks"; for dense
 causal attention, the ``N(N+1)/2`` pairs of the causal triangle), and *kept*, per pair
 the pattern keeps. ``sparsec/flex`` is FlexAttention's time over sparsec's (> 1: sparsec
 is faster). The dynamic ``vertical_slash`` row times sparsec's whole op (estimation, index
