@@ -5,8 +5,8 @@ calibration profiles (``ctx.attention_stats``, from ``calibrate``) and reports i
 the fraction of attention mass its mask keeps (lowest over the calibration lengths). The
 head takes the fastest candidate — by the target's cost model (:class:`sparsec.cost_model.CostModel`:
 exact pair counts at the dense or the sparse kernels' measured rate) at the longest
-calibration length — whose recall reaches ``ctx.options["recall"]`` (default 0.95); ties
-go to the simpler family, in :data:`FAMILIES` order. Otherwise it stays dense, and
+calibration length — whose recall reaches ``ctx.recall`` (default 0.95); ties
+go to the simpler family, in registration order (:func:`~sparsec.patterns.pattern_kinds`). Otherwise it stays dense, and
 ``reason`` says why. Every candidate is recorded in ``HeadPlan.candidates``.
 
 - ``skip`` keeps no mass (recall 0), so a recall threshold never selects it; it is
@@ -14,7 +14,7 @@ go to the simpler family, in :data:`FAMILIES` order. Otherwise it stays dense, a
 - ``vertical_slash`` is allowed: its recall and cost are estimates (it is chosen per
   input), and its cost includes the estimation, so it wins only where no static pattern
   does at a lower cost.
-- A sparse pattern must also save at least ``ctx.options["min_saving"]`` (default 0.2)
+- A sparse pattern must also save at least ``ctx.min_saving`` (default 0.2)
   of the dense head's predicted time. Ranking by time rather than FLOPs matters: sparse
   kernels run at about 70% of dense SDPA's rate on an H100, so a 70%-dense block layout
   is no faster than dense (seen in the 32k end-to-end benchmark, docs/benchmarks.md).
@@ -33,52 +33,52 @@ import torch
 
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.patterns import get_pattern
+from sparsec.patterns import get_pattern, pattern_kinds
 from sparsec.patterns.base import MODEL_WINDOW, baseline_pattern
 from sparsec.patterns.fitting import worst_recall
 from sparsec.plan import AttentionSite, HeadPlan
 
-# Candidate families, simplest first (the tie-break).
-FAMILIES = ("dense", "window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk",
-            "vertical_slash", "skip")
-DEFAULT_RECALL = 0.95
-DEFAULT_MIN_SAVING = 0.2
 
 
 def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, recall: float,
-                  min_saving: float, cost_model: CostModel, families: tuple[str, ...] = FAMILIES,
+                  min_saving: float, cost_model: CostModel, families: tuple[str, ...] | None = None,
                   seq_len: int | None = None) -> None:
-    """Fit every family to one head's profiles and write the choice into ``head``; costs
-    at ``seq_len`` (the serving length), default the longest calibration length."""
+    """Fit every family (default: every registered one that has a fit) to one head's
+    profiles and write the choice into ``head``; costs at ``seq_len`` (the serving length),
+    default the longest calibration length."""
     length = seq_len or profiles[-1].n_k
     candidates = []
-    for kind in families:
+    for kind in families or pattern_kinds():
         pattern = get_pattern(kind)
-        params, reached = pattern.fit(profiles, recall)
+        try:
+            params, reached = pattern.fit(profiles, recall)
+        except NotImplementedError:         # a family without a fit is never a candidate
+            continue
         candidates.append({
             "pattern": kind, "params": params, "recall": round(float(reached), 6),
             "density": round(float(pattern.density(params, length, causal)), 6),
             "cost": pattern.cost(params, length, causal, head_dim),
             "seconds": cost_model.head_seconds(kind, params, length, causal, head_dim),
         })
-    dense_seconds = next(c["seconds"] for c in candidates if c["pattern"] == "dense")
-    meeting = [c for c in candidates if c["recall"] >= recall and c["pattern"] != "dense"]
+    baseline = next(c for c in candidates if get_pattern(c["pattern"]).computes_all)
+    dense_seconds = baseline["seconds"]
+    meeting = [c for c in candidates if c["recall"] >= recall and c is not baseline]
     cheapest = min(meeting, key=lambda c: c["seconds"], default=None)      # min keeps the first tie
     if cheapest is not None and cheapest["seconds"] <= (1 - min_saving) * dense_seconds:
         chosen, reason = cheapest, f"fastest pattern with recall >= {recall} on {cost_model.target.name}"
     else:
-        chosen = next(c for c in candidates if c["pattern"] == "dense")
+        chosen = baseline
         if cheapest is None:
-            best = max((c for c in candidates if c["pattern"] != "dense"), key=lambda c: c["recall"])
+            best = max((c for c in candidates if c is not baseline), key=lambda c: c["recall"])
             reason = (f"no sparse pattern reaches recall {recall}: best is {best['pattern']} "
                       f"at {best['recall']:.3f}")
         else:
             reason = (f"fastest pattern with recall >= {recall} ({cheapest['pattern']}, density "
                       f"{cheapest['density']:.3f}) saves less than {min_saving:.0%} of dense time "
                       f"on {cost_model.target.name}")
-    head.pattern, head.params = chosen["pattern"], chosen["params"]
+    head.assign(chosen["pattern"], chosen["params"], reason)
     head.recall, head.density = chosen["recall"], chosen["density"]
-    head.candidates, head.reason = candidates, reason
+    head.candidates = candidates
 
 
 class ClassifyHeads:
@@ -87,11 +87,9 @@ class ClassifyHeads:
     name = "classify_heads"
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        recall = float(ctx.options.get("recall", DEFAULT_RECALL))
-        min_saving = float(ctx.options.get("min_saving", DEFAULT_MIN_SAVING))
-        families = tuple(ctx.options.get("patterns", FAMILIES))
-        if "dense" not in families:
-            families = ("dense", *families)
+        recall, min_saving = float(ctx.recall), float(ctx.min_saving)
+        everything = [kind for kind in pattern_kinds() if get_pattern(kind).computes_all]
+        families = (*everything, *(kind for kind in ctx.patterns or pattern_kinds() if kind not in everything))
         ctx.plan.recall_threshold = recall
         kinds: Counter = Counter()
         cost_model = CostModel(ctx.target)
@@ -114,13 +112,13 @@ class ClassifyHeads:
             return
         if stats is None or not stats.profiles:
             for head in site.heads:
-                head.pattern, head.params, head.reason = "dense", {}, "no calibration statistics for this site"
-            site.groups = site.group_heads_by_pattern()
+                head.assign("dense", {}, "no calibration statistics for this site")
+            site.regroup()
             return
         for head in site.heads:
             classify_head(head, stats.head(head.head), stats.causal, site.head_dim, recall, min_saving,
                           cost_model, families, ctx.seq_len)
-        site.groups = site.group_heads_by_pattern()
+        site.regroup()
 
 
 def _keep_model_window(site: AttentionSite, stats) -> None:
@@ -129,12 +127,11 @@ def _keep_model_window(site: AttentionSite, stats) -> None:
     pattern = get_pattern(kind)
     width = site.extra[MODEL_WINDOW]
     for head in site.heads:
-        head.pattern, head.params = kind, dict(params)
+        head.assign(kind, params, f"the model's own sliding window ({width} keys), fixed: its mask was replaced by "
+                                  f"causal=True, so a denser pattern would attend outside it")
         if stats is not None and stats.profiles:
             profiles = stats.head(head.head)
             head.recall = round(float(worst_recall(pattern, profiles, params)), 6)
             head.density = round(float(pattern.density(params, profiles[-1].n_k, True)), 6)
         head.candidates = [{"pattern": kind, "params": dict(params), "recall": head.recall, "density": head.density}]
-        head.reason = (f"the model's own sliding window ({width} keys), fixed: its mask was replaced by "
-                       f"causal=True, so a denser pattern would attend outside it")
-    site.groups = site.group_heads_by_pattern()
+    site.regroup()

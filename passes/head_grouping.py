@@ -16,7 +16,7 @@ from typing import Callable
 
 import networkx as nx
 
-from sparsec.patterns import Elastic, canonical_params, get_pattern, instance_key
+from sparsec.patterns import canonical_params, get_pattern, instance_key, pattern_kinds
 from sparsec.plan import HeadGroup
 
 # The time of one group: (pattern kind, params, number of heads) -> seconds.
@@ -28,48 +28,38 @@ def group_by_instance(heads) -> list[HeadGroup]:
     groups: dict[str, HeadGroup] = {}
     for head in heads:
         key = instance_key(head.pattern, head.params)
-        groups.setdefault(key, HeadGroup(head.pattern, canonical_params(head.params), []))
+        groups.setdefault(key, HeadGroup(head.pattern, canonical_params(head.pattern, head.params), []))
         groups[key].heads.append(head.head)
     return list(groups.values())
 
 
 # -- covering patterns ------------------------------------------------------------------------
 
-def _fixed_tokens(size) -> int | None:
-    """A length-independent size in tokens, or None."""
-    size = Elastic.from_json(size)
-    return size.at(0) if size.b == 0 else None
-
-
 def covering(kind_a: str, params_a: dict, kind_b: str, params_b: dict) -> tuple[str, dict]:
-    """The cheapest pattern sparsec knows whose mask contains both masks (``dense`` at worst)."""
+    """The cheapest pattern sparsec knows whose mask contains both masks (``dense`` at worst):
+    the same instance, the family's own union (:meth:`Pattern.merge`), or a family's rule for
+    holding another's (:meth:`Pattern.cover`, either way round)."""
     if instance_key(kind_a, params_a) == instance_key(kind_b, params_b):
-        return kind_a, canonical_params(params_a)
+        return kind_a, canonical_params(kind_a, params_a)
     for (ka, pa), (kb, pb) in (((kind_a, params_a), (kind_b, params_b)), ((kind_b, params_b), (kind_a, params_a))):
         cover = _cover_ordered(ka, pa, kb, pb)
         if cover is not None:
-            return cover[0], canonical_params(cover[1])
-    return "dense", {}
+            return ka, canonical_params(ka, cover)
+    return _everything(), {}
 
 
-def _cover_ordered(ka: str, pa: dict, kb: str, pb: dict) -> tuple[str, dict] | None:
-    if ka == "dense" or kb == "skip":
-        return ka, pa
+def _everything() -> str:
+    """The family that computes every pair (``dense``)."""
+    return next(kind for kind in pattern_kinds() if get_pattern(kind).computes_all)
+
+
+def _cover_ordered(ka: str, pa: dict, kb: str, pb: dict) -> dict | None:
+    """Parameters of family ``ka`` holding both masks, or None."""
+    if get_pattern(kb).computes_none:
+        return pa
     if ka == kb:
-        merged = get_pattern(ka).merge(pa, pb)       # the family's own union (Pattern.merge)
-        return None if merged is None else (ka, merged)
-    # Across families: a sink + window holds a window; stripes hold a window or fixed sinks.
-    if ka == "sink_window" and kb == "window":
-        return "sink_window", {"sink": pa["sink"], "window": Elastic.widest(pa["window"], pb["window"])}
-    if ka == "vertical_stripe" and kb in ("window", "sink_window"):
-        columns = set(pa["columns"])
-        if kb == "sink_window":
-            sink = _fixed_tokens(pb["sink"])
-            if sink is None:
-                return None
-            columns |= set(range(sink))
-        return "vertical_stripe", {"columns": sorted(columns), "window": Elastic.widest(pa["window"], pb["window"])}
-    return None
+        return get_pattern(ka).merge(pa, pb)
+    return get_pattern(ka).cover(pa, kb, pb)
 
 
 # -- merging -------------------------------------------------------------------------------------

@@ -29,12 +29,12 @@ by :meth:`CostModel.linear_speedup` at ``seq_len`` tokens, with the end-to-end s
 of pruning that linear alone (suffix runs from the linear, its weight replaced by the
 pruned one). Back-off re-densifies attention layers and linears alike, and a
 ``target_speedup`` then counts attention and linear time together. The search writes the
-chosen levels to ``ctx.options["weight_levels"]`` and each linear's ``search`` record to
+chosen levels to ``ctx.weight_levels`` and each linear's ``search`` record to
 its plan entry; ``sparsify_weights``, after ``fuse_heads``, applies them. Scores are
 calibrated on the fitting batches only, so held-out batches stay held out.
 
-The plan gets each head's pattern and ``site.extra["search"]`` (levels with sensitivity and
-time, the ladder, the chosen level); ``plan.extra["search"]`` holds the budget, predicted and
+The plan gets each head's pattern and ``site.search`` (levels with sensitivity and
+time, the ladder, the chosen level); ``plan.search`` holds the budget, predicted and
 measured error, predicted speedup, the solver's choices and the back-off steps. The
 sensitivity table and the allocation are the pass's dump decisions.
 
@@ -49,10 +49,8 @@ activation.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import warnings
-from collections import ChainMap
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -63,13 +61,12 @@ from sparsec.budget import Budget
 from sparsec.cost_model import CostModel
 from sparsec.knapsack import Option, limited_options, solve
 from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.patterns import get_pattern, pattern_kinds
-from sparsec.plan import AttentionSite, HeadGroup
-from sparsec.runtime import block_sparse, reference
+from sparsec.patterns import get_pattern, instance_key, pattern_kinds
+from sparsec.plan import AttentionSite, HeadGroup, SearchRecord, SiteSearchRecord
 
 from .attention_sites import ATTENTION
-from .calibrate import _flat_inputs
 from .search_linears import LinearItem, LinearLevel, analyze_linears, linear_items, searchable
+from .suffix_runs import SuffixRunner
 
 
 @dataclass(frozen=True)
@@ -86,8 +83,8 @@ class Rung:
 
     @property
     def key(self) -> str:
-        """Equal keys mean one head group (as ``AttentionSite.group_heads_by_pattern``)."""
-        return self.pattern + json.dumps(self.params, sort_keys=True)
+        """Equal keys mean one head group (:func:`sparsec.patterns.instance_key`)."""
+        return instance_key(self.pattern, self.params)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +106,8 @@ def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: Co
         return [[None] * len(levels) for _ in site.heads]
     dense_seconds = dense_rung(site, cost, n).seconds
     causal = site.effective_causal()
-    kinds = [kind for kind in pattern_kinds() if kind not in ("dense", "skip")]
+    kinds = [kind for kind in pattern_kinds()
+             if not (get_pattern(kind).computes_all or get_pattern(kind).computes_none)]
     ladder = []
     for head in range(site.num_heads):
         profiles = stats.head(head)
@@ -132,69 +130,6 @@ def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: Co
                               seconds, cost.crossover_length(kind, params, causal, site.head_dim)))
         ladder.append(rungs)
     return ladder
-
-
-# -- running the graph with some sites sparse ----------------------------------------------------
-
-# An override of one node: an attention site's head groups, or a linear's replacement weight.
-Override = list[HeadGroup] | torch.Tensor
-
-
-class SuffixRunner:
-    """Runs a captured graph node by node with chosen attention sites computed by the
-    sparse attention (block-sparse on CPU, else the reference) and chosen linears with
-    replaced (pruned) weights. A dense
-    run caches the values that cross any of ``site_nodes``, so a later run with some of
-    them changed re-runs only the nodes from the first changed one on."""
-
-    def __init__(self, gm: torch.fx.GraphModule, site_nodes: list[torch.fx.Node]):
-        self.gm = gm
-        self.nodes = list(gm.graph.nodes)
-        self.position = {node: index for index, node in enumerate(self.nodes)}
-        starts = sorted(self.position[node] for node in site_nodes)
-        self.kept = set()
-        for node in self.nodes:
-            last_use = max((self.position[user] for user in node.users), default=-1)
-            if any(self.position[node] < start <= last_use for start in starts):
-                self.kept.add(node)
-        self.interpreter = torch.fx.Interpreter(gm)
-
-    @torch.no_grad()
-    def dense(self, call: tuple[tuple, dict]) -> tuple[dict, Any]:
-        """Cached values and the output of a dense run of one ``(args, kwargs)`` call."""
-        env: dict = {}
-        output = self._execute(0, env, {}, iter(_flat_inputs(self.gm, *call)))
-        return {node: env[node] for node in self.kept}, output
-
-    @torch.no_grad()
-    def run(self, cache: dict, overrides: dict[torch.fx.Node, Override], observe: Callable | None = None) -> Any:
-        """The output with each ``overrides`` site computed with its head groups, and each
-        overridden linear with its replacement weight. ``observe(node, args, output)`` sees
-        every overridden attention site's inputs and sparse output."""
-        start = min(self.position[node] for node in overrides)
-        return self._execute(start, ChainMap({}, cache), overrides, iter(()), observe)
-
-    def _execute(self, start: int, env, overrides: dict, inputs, observe: Callable | None = None) -> Any:
-        interpreter = self.interpreter
-        interpreter.env, interpreter.args_iter = env, inputs
-        for node in self.nodes[start:]:
-            if node.op == "output":
-                return self.gm.graph._codegen.process_outputs(interpreter.run_node(node))
-            override = overrides.get(node)
-            if override is None:
-                env[node] = interpreter.run_node(node)
-            elif isinstance(override, torch.Tensor):
-                args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
-                env[node] = node.target(args[0], override, *args[2:], **kwargs)
-            else:
-                args, _ = interpreter.fetch_args_kwargs_from_env(node)
-                # CPU tensors: the block-sparse path the compiled model runs there (the reference
-                # computes every score; equal up to rounding, tests/test_cpu_sparse_attention.py).
-                attend = block_sparse.sparse_attention if args[0].device.type == "cpu" else reference.sparse_attention
-                env[node] = attend(*args[:6], override)
-                if observe is not None:
-                    observe(node, args, env[node])
-        raise RuntimeError("the graph has no output node")
 
 
 # -- levels and options --------------------------------------------------------------------------
@@ -262,7 +197,7 @@ class _Site:
 
 
 class Search:
-    """The search pass. ``budget`` defaults to ``ctx.options["budget"]``; ``ladder`` builds
+    """The search pass. ``budget`` defaults to ``ctx.budget``; ``ladder`` builds
     each site's candidates (default :func:`fit_ladder`)."""
 
     name = "search"
@@ -272,9 +207,9 @@ class Search:
         self.ladder = ladder or fit_ladder
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
-        budget = self.budget or ctx.options.get("budget")
+        budget = self.budget or ctx.budget
         if budget is None:
-            raise ValueError("the search pass needs a budget: Search(Budget(...)) or ctx.options['budget']")
+            raise ValueError("the search pass needs a budget: Search(Budget(...)) or ctx.budget")
         cost = CostModel(ctx.target)
         nodes = {node.name: node for node in gm.graph.nodes}
         sites = [s for s in ctx.plan.attention if s.node in nodes and nodes[s.node].target == ATTENTION]
@@ -298,8 +233,8 @@ class Search:
         record = _write_plan(ctx, searched, linears, allocation, backoff, measured, contributions, budget, cost, n,
                              held_out_batches=len(held_out_calls))
         if not allocation.sparse():
-            record["all_dense_reason"] = _all_dense_reason(searched, budget, backoff, n)
-            warnings.warn(f"sparsec: the search kept every layer dense: {record['all_dense_reason']}", stacklevel=2)
+            record.all_dense_reason = _all_dense_reason(searched, budget, backoff, n)
+            warnings.warn(f"sparsec: the search kept every layer dense: {record.all_dense_reason}", stacklevel=2)
         table = [{"site": s.site.name, "layer": s.site.layer, "levels": s.levels_record(budget.per_head)}
                  for s in searched]
         table += [{"linear": item.name, "levels": [option.record() for option in item.options]} for item in linears]
@@ -308,8 +243,8 @@ class Search:
                  "heads_sparse": sum(r.pattern != "dense" for rungs in allocation.rungs.values() for r in rungs),
                  "linears_searched": len(linears), "linears_sparse": len(sparse & allocation.linears.keys()),
                  "suffix_runs": runs, "backoff_steps": len(backoff),
-                 "predicted_speedup": record["predicted_speedup"], "measured_error": measured}
-        return PassResult(gm, False, stats, {"sensitivity": table, "allocation": record})
+                 "predicted_speedup": record.predicted_speedup, "measured_error": measured}
+        return PassResult(gm, False, stats, {"sensitivity": table, "allocation": record.to_dict()})
 
     def _site(self, site, node, ctx, budget, cost, n, total_heads) -> _Site:
         dense = dense_rung(site, cost, n)
@@ -539,7 +474,7 @@ def _verify(searched: list[_Site], linears: list[LinearItem], allocation: _Alloc
 
 def _write_plan(ctx: CompileContext, searched: list[_Site], linears: list[LinearItem], allocation: _Allocation,
                 backoff: list, measured: float, contributions: dict[str, float], budget: Budget, cost: CostModel,
-                n: int, held_out_batches: int) -> dict:
+                n: int, held_out_batches: int) -> SearchRecord:
     attention_dense = sum(s.dense_seconds for s in searched)
     attention_total = 0.0
     densified = {step["densified"] for step in backoff}
@@ -548,23 +483,24 @@ def _write_plan(ctx: CompileContext, searched: list[_Site], linears: list[Linear
         seconds = s.seconds(cost, rungs, n)
         attention_total += seconds
         for head, rung in zip(s.site.heads, rungs):
-            head.pattern, head.params, head.density = rung.pattern, rung.params, rung.density
-            head.recall = rung.recall if rung.pattern != "dense" else 1.0
             if rung.pattern != "dense":
-                head.reason = f"search: recall level {rung.target}"
+                reason = f"search: recall level {rung.target}"
             elif any(r is not None for r in s.ladder[head.head]):
-                head.reason = ("search: made dense again, measured error over budget" if name in densified
-                               else "search: kept dense within the budget")
+                reason = ("search: made dense again, measured error over budget" if name in densified
+                          else "search: kept dense within the budget")
             else:
-                head.reason = f"search: no candidate faster than dense at length {n}"
-        s.site.groups = s.site.group_heads_by_pattern()
-        s.site.extra["search"] = {
-            "levels": s.levels_record(budget.per_head),
-            "ladder": [[r.to_dict() if r else None for r in head] for head in s.ladder],
-            "chosen_level": max((c.level for c in allocation.picked[name]), default=0),
-            "chosen_recall": min((r.target for r in rungs if r.pattern != "dense"), default=1.0),
-            "sensitivity": allocation.predicted(name), "measured_contribution": contributions.get(name),
-            "seconds": seconds, "dense_seconds": s.dense_seconds, "densified_by_backoff": name in densified}
+                reason = f"search: no candidate faster than dense at length {n}"
+            head.assign(rung.pattern, rung.params, reason)
+            head.density = rung.density
+            head.recall = rung.recall if rung.pattern != "dense" else 1.0
+        s.site.regroup()
+        s.site.search = SiteSearchRecord(
+            levels=s.levels_record(budget.per_head),
+            ladder=[[r.to_dict() if r else None for r in head] for head in s.ladder],
+            chosen_level=max((c.level for c in allocation.picked[name]), default=0),
+            chosen_recall=min((r.target for r in rungs if r.pattern != "dense"), default=1.0),
+            sensitivity=allocation.predicted(name), measured_contribution=contributions.get(name),
+            seconds=seconds, dense_seconds=s.dense_seconds, densified_by_backoff=name in densified)
     linear_total = linear_dense = 0.0
     for item in linears:
         chosen = allocation.linears[item.name]
@@ -578,20 +514,21 @@ def _write_plan(ctx: CompileContext, searched: list[_Site], linears: list[Linear
             "levels": [option.record() for option in item.options], "densified_by_backoff": item.name in densified}
     if linears:
         # sparsify_weights applies these after fuse_heads (every searched linear, dense ones at 0).
-        ctx.options["weight_levels"] = {item.name: allocation.linears[item.name].level for item in linears}
-        ctx.options["weight_levels_by"] = "search"
+        ctx.weight_levels = {item.name: allocation.linears[item.name].level for item in linears}
+        ctx.weight_levels_by = "search"
     total, dense_total = attention_total + linear_total, attention_dense + linear_dense
-    record = {"budget": budget.to_dict(), "mode": budget.mode, "seq_len": n, "target": cost.target.name,
-              "cost_profile": cost.profile.to_dict(),
-              "predicted_error": sum(allocation.predicted(name)
-                                     for name in [s.site.name for s in searched] + [i.name for i in linears]),
-              "measured_error": measured, "held_out_batches": held_out_batches,
-              "predicted_seconds": total, "dense_seconds": dense_total,
-              "predicted_speedup": dense_total / total if total > 0 else math.inf,
-              "attention_seconds": attention_total, "attention_dense_seconds": attention_dense,
-              "linears": {"searched": len(linears), "sparse": sum(allocation.linears[i.name].level > 0 for i in linears),
-                          "seconds": linear_total, "dense_seconds": linear_dense},
-              "solver": allocation.solver, "backoff": backoff,
-              "within_budget": budget.mode != "error" or measured <= budget.max_error}
-    ctx.plan.extra["search"] = record
+    record = SearchRecord(
+        budget=budget.to_dict(), mode=budget.mode, seq_len=n, target=cost.target.name,
+        cost_profile=cost.profile.to_dict(),
+        predicted_error=sum(allocation.predicted(name)
+                            for name in [s.site.name for s in searched] + [i.name for i in linears]),
+        measured_error=measured, held_out_batches=held_out_batches,
+        predicted_seconds=total, dense_seconds=dense_total,
+        predicted_speedup=dense_total / total if total > 0 else math.inf,
+        attention_seconds=attention_total, attention_dense_seconds=attention_dense,
+        linears={"searched": len(linears), "sparse": sum(allocation.linears[i.name].level > 0 for i in linears),
+                 "seconds": linear_total, "dense_seconds": linear_dense},
+        solver=allocation.solver, backoff=backoff,
+        within_budget=budget.mode != "error" or measured <= budget.max_error)
+    ctx.plan.search = record
     return record

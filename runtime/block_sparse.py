@@ -177,16 +177,16 @@ def block_sparse_attention(q, k, v, bias, scale: float, plan: GatherPlan, worker
 def group_attention(q, k, v, bias, scale: float, causal: bool, pattern: str, params: dict,
                     block: int, workers: int = 1) -> torch.Tensor:
     """One head group's attention: block-sparse for sparse patterns, SDPA for ``dense``."""
-    if pattern == "skip":
+    family = get_pattern(pattern)
+    if family.computes_none:
         return q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-    if pattern == "dense":
+    if family.computes_all:
         if bias is not None and causal:
             # SDPA takes a mask or is_causal, not both: fold the (top-left) triangle in.
             n_q, n_k = q.shape[2], k.shape[2]
             triangle = torch.ones(n_q, n_k, dtype=torch.bool).tril()
             bias, causal = bias.masked_fill(~triangle, float("-inf")), False
         return reference.dense_attention(q, k, v, bias, scale, causal)
-    family = get_pattern(pattern)
     n_q, n_k = q.shape[2], k.shape[2]
     if family.dynamic:
         per_kv = q.shape[1] // k.shape[1]
@@ -251,7 +251,7 @@ def sparse_attention(q, k, v, mask, scale: float, causal: bool, groups: list, bl
     tasks = []
     for group in groups:
         heads = torch.tensor(group.heads, dtype=torch.long)
-        if group.pattern == "dense":
+        if get_pattern(group.pattern).computes_all:
             # exactly the reference's dense path (SDPA takes the mask as given)
             kv_index = heads // per_kv
             result = reference.dense_attention(q.index_select(1, heads), k.index_select(1, kv_index),

@@ -19,6 +19,7 @@ kernel. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the te
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import tempfile
@@ -35,12 +36,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsec import config
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
-from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KERNEL_FAMILIES, KernelSpec, file_lock,
-                                              generate, padded_head_dim, write_atomic, write_if_different)
+from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
+                                              padded_head_dim, write_atomic, write_if_different)
 from sparsec.ops import check_attention_inputs, check_causal_alignment
 from sparsec.patterns import get_pattern
 from sparsec.plan import HeadGroup, decode_groups, encode_groups
-from sparsec.runtime import reference, sparse_tables
+from sparsec.runtime import fa4, reference, sparse_tables
+from sparsec.targets import running_target
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _LOG2E = 1.4426950408889634
@@ -127,8 +129,17 @@ def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(heads, dtype=torch.int32, device=device)
 
 
+def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The op's mask as a 4-D view ``[B | 1, Hq | 1, n_q | 1, n_k]``, so its head dim is dim 1.
+
+    The op takes any mask broadcastable to ``[B, Hq, n_q, n_k]`` (as SDPA does): 2-D
+    ``[n_q, n_k]``, 3-D per head ``[Hq | 1, n_q, n_k]`` or 4-D; the missing leading dims
+    become size 1 (no copy)."""
+    return None if mask is None else mask[(None,) * (4 - mask.dim())]
+
+
 def _user_mask(mask: torch.Tensor | None, shape: tuple, device: torch.device):
-    """(tensor, kind, 4 strides) of the op's mask broadcast to ``[B, Hq, n_q, n_k]`` without a copy."""
+    """(tensor, kind, 4 strides) of the 4-D mask broadcast to ``[B, Hq, n_q, n_k]`` without a copy."""
     if mask is None:
         return _dummy(device), 0, (0, 0, 0, 0)
     mask = mask.expand(shape)
@@ -154,22 +165,21 @@ def _lead_strides(table: torch.Tensor, leading: int, trailing: int) -> tuple[int
     return (0,) * (leading - len(own)) + tuple(own)
 
 
-def estimate_vertical_slash(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: float,
-                            causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's estimated columns and diagonals: the reference's own estimate
-    (``VerticalSlash.estimate_indices``, same ops on the same values, the site's user mask
-    included). Only the last queries are read, so only they (and their mask rows) are
+def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: float,
+                     causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dynamic group's estimated columns and diagonals: the reference's own estimate
+    (``estimate_indices`` of the family, same ops on the same values, the site's user mask
+    included). Only the estimating queries are read, so only they (and their mask rows) are
     gathered."""
+    family = get_pattern(group.pattern)
     heads = _head_index(tuple(group.heads), q.device).long()
-    last_q = min(int(group.params.get("last_q", 64)), q.shape[2])
+    last_q = family.estimating_queries(group.params, q.shape[2])
     q_last = q[:, :, q.shape[2] - last_q:].index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
     if mask is not None:
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        mask = _mask_heads(mask, heads)
+        mask = _mask_heads(mask_4d(mask), heads)
         mask = mask if mask.shape[2] == 1 else mask[:, :, mask.shape[2] - last_q:]
-    return get_pattern("vertical_slash").estimate_indices(group.params, q_last, k_group, scale, causal, mask)
+    return family.estimate_indices(group.params, q_last, k_group, scale, causal, mask)
 
 
 class _Group:
@@ -192,12 +202,17 @@ class _Group:
         return KernelSpec.make(self.group.pattern, self.group.params, self.q.shape[-1],
                                _DTYPE_NAMES[self.q.dtype], self.causal, kernel_config, self.arch)
 
-    def bucket(self) -> str:
-        """The autotune key: everything but the config, lengths and head count by power of 2."""
+    def autotune_key(self, candidates: tuple[KernelConfig, ...]) -> str:
+        """The autotune key: everything but the config, lengths and head count by power of 2,
+        and a hash of the candidates' generated kernels (their file names end in a content
+        hash), so a changed template or candidate list never reuses a choice timed for other
+        kernels, whether or not ``GENERATOR_VERSION`` was bumped."""
         q, k = self.q, self.k
-        return (f"{self.group.pattern}|{self.params}|d{q.shape[-1]}|{_DTYPE_NAMES[q.dtype]}|"
+        names = "|".join(_generate(self.spec(candidate)).filename for candidate in candidates)
+        return (f"{self.arch}|{self.group.pattern}|{self.params}|d{q.shape[-1]}|{_DTYPE_NAMES[q.dtype]}|"
                 f"causal{int(self.causal)}|mask{self.mask_kind}|q{_pow2(q.shape[2])}|k{_pow2(k.shape[2])}|"
-                f"bh{_pow2(q.shape[0] * len(self.group.heads))}")
+                f"bh{_pow2(q.shape[0] * len(self.group.heads))}|"
+                f"kernels{hashlib.sha256(names.encode()).hexdigest()[:12]}")
 
     def prepare(self, kernel_config: KernelConfig) -> Callable[..., None]:
         """``launch(q, k, v, out, mask)``: the group's kernel at ``kernel_config``. Everything
@@ -217,6 +232,7 @@ class _Group:
             meta["FP32_DOT"] = True       # the CPU interpreter's tl.dot misreads bf16 operands (Triton 3.9)
         kernel = module._sparse_attention_fwd
         heads, group, causal, scale = self.heads, self.group, self.causal, self.scale
+        dynamic = get_pattern(group.pattern).dynamic
         bm, bn = kernel_config.block_m, kernel_config.block_n
 
         def tables_args(tables: sparse_tables.LutTables) -> tuple:
@@ -228,22 +244,23 @@ class _Group:
                     *_lead_strides(tables.offmap, 2, 1))
 
         if spec.template == "index":
-            index = sparse_tables.index_arguments(spec.pattern, spec.params, n_q, n_k, q.device)
+            index = sparse_tables.index_arguments(spec.params, n_q, n_k, q.device)
             before, after = (index.colmap, index.columns), (*common, *sizes, *index.scalars())
+        elif dynamic:
+            meta["UNIFORM_TILES"] = False
         else:
-            # block_topk tiles inside one layout block each are kept whole (see _lut_keep).
-            block = int(group.params["block"]) if group.pattern == "block_topk" else 0
-            meta["UNIFORM_TILES"] = bool(block) and block % bm == 0 and block % bn == 0 and (n_k - n_q) % block == 0
-        if group.pattern == "block_topk":
-            tables = sparse_tables.block_topk_tables(spec.params, n_q, n_k, causal, bm, bn, q.device)
+            tables = sparse_tables.grid_tables(spec.pattern, spec.params, n_q, n_k, causal, bm, bn, q.device)
             before = tables_args(tables)
             after = (*common, *tables_strides(tables), *sizes, *tables.layout_shape)
+            # Tiles inside one cell of the kept-cell grid each are kept whole (see _lut_keep).
+            block = tables.layout_shape[0]
+            meta["UNIFORM_TILES"] = block % bm == 0 and block % bn == 0 and (n_k - n_q) % block == 0
 
         def launch(q, k, v, out, mask) -> None:
             nonlocal before, after
-            if group.pattern == "vertical_slash":           # dynamic: estimated per input
+            if dynamic:                                     # estimated per input
                 tables = sparse_tables.vertical_slash_tables(
-                    *estimate_vertical_slash(q, k, group, scale, causal, mask), n_q, n_k, causal, bm, bn)
+                    *estimate_dynamic(q, k, group, scale, causal, mask), n_q, n_k, causal, bm, bn)
                 before = tables_args(tables)
                 after = (*common, *tables_strides(tables), *sizes, *tables.layout_shape)
             descriptors = _kv_descriptors(k, v, bn) if kernel_config.tma else None
@@ -266,12 +283,14 @@ tuning_log: list[dict] = []        # every autotune of this process: bucket, cho
 
 
 def _choose_config(group: _Group, autotune: bool) -> KernelConfig:
-    """The group's config: the arch default, or the fastest candidate for its shape bucket."""
+    """The group's config: the default of the arch (or of the running target, see
+    :func:`sparsec.targets.running_for`), or the fastest candidate for its shape bucket."""
     q = group.q
-    candidates = candidate_configs(group.arch, _DTYPE_NAMES[q.dtype], padded_head_dim(q.shape[-1]))
+    candidates = candidate_configs(group.arch, _DTYPE_NAMES[q.dtype], padded_head_dim(q.shape[-1]),
+                                   running_target())
     if len(candidates) == 1 or not autotune:
         return candidates[0]
-    key = f"{group.arch}|{group.bucket()}"
+    key = group.autotune_key(candidates)
     if key in _TUNED:
         return _TUNED[key]
     directory = kernel_dir(group.arch)
@@ -343,17 +362,19 @@ def chosen_config(q, k, v, mask, scale: float, causal: bool, group: HeadGroup) -
 # -- groups ---------------------------------------------------------------------------------
 
 def _mask_heads(mask: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    if mask is None or mask.dim() < 4 or mask.shape[1] == 1:
+    """A 4-D mask's (:func:`mask_4d`) rows of the query heads ``index``."""
+    if mask is None or mask.shape[1] == 1:
         return mask
     return mask.index_select(1, index.to(mask.device))
 
 
 def _dense_group(q, k, v, out, mask, scale, causal, heads: list[int]) -> None:
-    """``dense`` heads: SDPA on a head slice where the slice is whole KV groups, else gathered."""
+    """``dense`` heads: SDPA on a head slice where the slice is whole KV groups, else gathered.
+    ``mask`` is 4-D (:func:`mask_4d`)."""
     per_kv = q.shape[1] // k.shape[1]
     first, end = heads[0], heads[-1] + 1
     if heads == list(range(first, end)) and first % per_kv == 0 and end % per_kv == 0:
-        sliced_mask = mask if mask is None or mask.dim() < 4 or mask.shape[1] == 1 else mask[:, first:end]
+        sliced_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, first:end]
         out[:, first:end] = reference.dense_attention(
             q[:, first:end], k[:, first // per_kv:end // per_kv], v[:, first // per_kv:end // per_kv],
             sliced_mask, scale, causal)
@@ -366,7 +387,7 @@ def _dense_group(q, k, v, out, mask, scale, causal, heads: list[int]) -> None:
 
 
 def _kernel_unsupported(q, k, v, group: HeadGroup) -> str:
-    if group.pattern not in KERNEL_FAMILIES:
+    if not has_kernel(group.pattern):
         return f"no kernel family for pattern {group.pattern!r}"
     if k.shape[-1] != v.shape[-1] or q.shape[-1] != k.shape[-1]:
         return "q/k and v head dims differ"
@@ -374,10 +395,10 @@ def _kernel_unsupported(q, k, v, group: HeadGroup) -> str:
         return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
     if not (q.dtype == k.dtype == v.dtype):
         return "q, k and v dtypes differ"
-    if group.pattern == "vertical_slash" and q.shape[-2] > k.shape[-2]:
+    if get_pattern(group.pattern).dynamic and q.shape[-2] > k.shape[-2]:
         # The kernel's offset map spans d in [-(n_k - 1), n_k - 1]; more queries than keys
         # (cross-attention) reach further below.
-        return "vertical_slash with more queries than keys"
+        return f"{group.pattern} with more queries than keys"
     return ""
 
 
@@ -395,10 +416,11 @@ def _reference_group(q, k, v, out, mask, scale, causal, group: HeadGroup, reason
 
 def _group_launch(q, k, v, mask, scale: float, causal: bool, group: HeadGroup, autotune: bool):
     """``launch(q, k, v, out, mask)`` of one group for this input signature."""
-    if group.pattern == "skip":
+    family = get_pattern(group.pattern)
+    if family.computes_none:
         index = _head_index(tuple(group.heads), q.device).long()
         return lambda q, k, v, out, mask: out.index_fill_(1, index, 0)
-    if group.pattern == "dense":
+    if family.computes_all:
         return lambda q, k, v, out, mask: _dense_group(q, k, v, out, mask, scale, causal, group.heads)
     if reason := _kernel_unsupported(q, k, v, group):
         return lambda q, k, v, out, mask: _reference_group(q, k, v, out, mask, scale, causal, group, reason)
@@ -429,12 +451,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     elif not out.is_contiguous() or out.shape != q.shape[:-1] + (v.shape[-1],):
         raise ValueError(f"out must be a contiguous {tuple(q.shape[:-1]) + (v.shape[-1],)} tensor")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    mask = mask_4d(mask)             # every group below indexes the mask's heads at dim 1
+    target = running_target()        # its kernel configs pick the launches' configs
     signature = (table, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
                  v.dtype, q.device, None if mask is None else (mask.shape, mask.stride(), mask.dtype),
-                 scale, causal, autotune, config.triton_interpret())
+                 scale, causal, autotune, config.triton_interpret(),
+                 None if target is None else (target.arch, json.dumps(target.kernel_configs.get("attention"))))
     launches = _CALL_PLANS.get(signature)
     if launches is None:
-        launches = [_group_launch(q, k, v, mask, scale, causal, group, autotune) for group in _decoded(table)]
+        # sm90+: the groups FlashAttention-4 serves run first, as one launch (runtime/fa4.py).
+        launches, rest = fa4.site_launches(q, k, v, mask, scale, causal, _decoded(table))
+        launches += [_group_launch(q, k, v, mask, scale, causal, group, autotune) for group in rest]
         if len(_CALL_PLANS) >= _MAX_CALL_PLANS:
             _CALL_PLANS.pop(next(iter(_CALL_PLANS)))
         _CALL_PLANS[signature] = launches

@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from sparsec import config
 from sparsec.codegen.onnx.schema import DOMAIN, OP_VERSION, SPARSE_ATTENTION
 from sparsec.errors import ArtifactVersionError, UnservableInputError
+from sparsec.patterns import get_pattern
 from sparsec.runtime.block_sparse import group_attention
 
 KNOWN_OP_VERSIONS = (OP_VERSION,)
@@ -53,7 +54,7 @@ def _sparse_attention(q, k, v, attn_bias, layout, pattern, params, scale, causal
         torch.set_num_threads(1)      # parallel work runs on the kernel's own workers
         params = json.loads(params)
         if layout.size:
-            params["blocks"] = np.argwhere(layout).tolist()
+            params = get_pattern(pattern).join_initializer(params, layout)
         bias = torch.from_numpy(attn_bias) if attn_bias.size else None
         out = group_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), bias, scale,
                               bool(causal), pattern, params, config.ort_block(), config.ort_op_threads())

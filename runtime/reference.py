@@ -71,9 +71,10 @@ def sparse_attention(q, k, v, mask, scale: float, causal: bool, groups: list[Hea
         k_g = k.index_select(1, kv_heads)
         v_g = v.index_select(1, kv_heads)
         mask_g = _heads_of(mask, heads)
-        if group.pattern == "dense":
+        family = get_pattern(group.pattern)
+        if family.computes_all:
             result = dense_attention(q_g, k_g, v_g, mask_g, scale, causal)
-        elif group.pattern == "skip":
+        elif family.computes_none:
             result = torch.zeros_like(q_g[..., : v.shape[-1]])
         else:
             result = _pattern_group(q_g, k_g, v_g, mask_g, scale, causal, group)

@@ -2,9 +2,11 @@
 kernel's device.
 
 - :func:`index_arguments`: the sizes of an index-arithmetic family at a length (elastic
-  sizes resolved at ``N = n_k``), and the stripe column list and bitmap;
-- :func:`block_topk_tables`: a ``block_topk`` layout's lookup table per length, built once
-  and cached;
+  sizes resolved at ``N = n_k``), and the stripe column list and bitmap; the template's
+  arguments are named as the families' parameters (``sink``, ``window``, ``period``,
+  ``width``, ``count``, ``columns``);
+- :func:`grid_tables`: a static family's lookup table per length, with its kept-cell grid
+  (``Pattern.keep_grid``), built once and cached;
 - :func:`vertical_slash_tables`: per input, the block table and column lists of the
   estimated columns and diagonals (the index build of MInference's vertical-slash kernel).
 
@@ -21,9 +23,6 @@ from functools import lru_cache
 import torch
 
 from sparsec.patterns import Elastic, get_pattern
-
-_MASK_CHUNK = 1 << 24          # token-mask elements evaluated at once when classifying tiles
-
 
 @dataclass
 class IndexArguments:
@@ -42,7 +41,7 @@ class IndexArguments:
 
 
 @lru_cache(maxsize=256)
-def index_arguments(pattern: str, params_json: str, n_q: int, n_k: int, device: torch.device) -> IndexArguments:
+def index_arguments(params_json: str, n_q: int, n_k: int, device: torch.device) -> IndexArguments:
     """Runtime arguments of the index-arithmetic template for one pattern at one length."""
     params = json.loads(params_json)
 
@@ -82,57 +81,33 @@ class LutTables:
     lut: torch.Tensor          # int32 [..., n_query_blocks, n_key_blocks]
     counts: torch.Tensor       # int32 [..., n_query_blocks, 3]
     columns: torch.Tensor      # int32 [..., n_query_blocks, n_columns] (or a 1-element dummy)
-    layout: torch.Tensor       # int8 calibration layout (block_topk) or a 1-element dummy
+    layout: torch.Tensor       # int8 kept-cell grid (static families) or a 1-element dummy
     colmap: torch.Tensor       # int8 [..., n_k] (vertical_slash) or a 1-element dummy
     offmap: torch.Tensor       # int8 [..., 2 n_k - 1] (vertical_slash) or a 1-element dummy
     layout_shape: tuple = (1, 1, 1, 1, 1)   # block, grid_q, grid_k, blocks_q, blocks_k
 
 
-def tile_classes(pattern: str, params: dict, n_q: int, n_k: int, causal: bool, block_m: int,
-                  block_n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(any kept, all kept and in range) per (query block, key block), from the token mask."""
-    family = get_pattern(pattern)
-    n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
-    rows_per_chunk = block_m * max(1, _MASK_CHUNK // (block_m * n_kb * block_n))
-    any_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
-    all_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
-    for start in range(0, n_q, rows_per_chunk):
-        rows = torch.arange(start, min(start + rows_per_chunk, n_q), device=device)
-        kept = family.mask(params, n_q, n_k, causal, rows=rows)
-        blocks = math.ceil(len(rows) / block_m)
-        padded = torch.zeros(blocks * block_m, n_kb * block_n, dtype=torch.bool, device=device)
-        padded[: len(rows), :n_k] = kept
-        tiles = padded.view(blocks, block_m, n_kb, block_n)
-        qb = slice(start // block_m, start // block_m + blocks)
-        any_kept[qb] = tiles.any(dim=3).any(dim=1)
-        padded[len(rows):] = True                     # rows past n_q never spoil a full tile
-        all_kept[qb] = tiles.all(dim=3).all(dim=1)
-    return any_kept, all_kept
-
-
 @lru_cache(maxsize=64)
-def block_topk_tables(params_json: str, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
-                      device: torch.device) -> LutTables:
-    """The lookup table of a ``block_topk`` layout at one length, shared by every head."""
-    params = json.loads(params_json)
-    any_kept, all_kept = tile_classes("block_topk", params, n_q, n_k, causal, block_m, block_n, device)
+def grid_tables(pattern: str, params_json: str, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
+                device: torch.device) -> LutTables:
+    """The lookup table of a static family at one length, shared by every head: its blocks
+    classified full / partial (``Pattern.block_classes``) and its kept-cell grid
+    (``Pattern.keep_grid``) for the partial blocks' mask."""
+    family, params = get_pattern(pattern), json.loads(params_json)
+    any_kept, all_kept = family.block_classes(params, n_q, n_k, causal, block_m, block_n, device)
     key_blocks = torch.arange(any_kept.shape[-1], device=device)
     lut, n_full, n_blocks = _compact(key_blocks, all_kept, any_kept)
     counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1).contiguous()
-    grid_q, grid_k = params["grid"]
-    layout = torch.zeros(grid_q, grid_k, dtype=torch.int8)
-    if params["blocks"]:
-        qb, kb = torch.tensor(params["blocks"], dtype=torch.long).T
-        layout[qb, kb] = 1
-    block = int(params["block"])
+    grid, block = family.keep_grid(params, n_q, n_k)
     dummy = torch.zeros(1, dtype=torch.int8, device=device)
-    return LutTables(lut, counts, dummy.int(), layout.to(device), dummy, dummy,
-                     (block, grid_q, grid_k, math.ceil(n_q / block), math.ceil(n_k / block)))
+    return LutTables(lut, counts, dummy.int(), grid.to(device=device, dtype=torch.int8).contiguous(), dummy, dummy,
+                     (block, *grid.shape, math.ceil(n_q / block), math.ceil(n_k / block)))
 
 
 def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: int, n_k: int, causal: bool,
                           block_m: int, block_n: int) -> LutTables:
-    """Per input: key-block tables of the estimated diagonals and the column lists.
+    """Per input (a dynamic family's estimate): key-block tables of the estimated diagonals
+    and the column lists.
 
     ``columns`` ``[B, G, V]`` and ``diagonals`` ``[B, G, S]`` come from
     ``VerticalSlash.estimate_indices``. A key block is listed for a query block when one

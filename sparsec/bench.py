@@ -21,9 +21,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sparsec.patterns import Elastic
+from sparsec.patterns import get_pattern
 from sparsec.plan import HeadGroup, encode_groups
-from sparsec.runtime.sparse_tables import tile_classes
 
 FLEX_BLOCK = 128
 
@@ -66,45 +65,13 @@ CASES = ["window-512", "window-N/4", "sink_window", "vertical_stripe", "multi_di
 # -- FlexAttention mask_mods of the same patterns ------------------------------------------
 
 def _flex_keep(group: HeadGroup, n: int, device, estimate=None):
-    """``keep(b, h, q, kv)`` of one group at length ``n`` (n_q = n_k, causal), as FlexAttention
-    mask_mod code: the pattern's mask from sparsec/patterns in tensor index arithmetic."""
-    params = group.params
-    size = {key: Elastic.from_json(params[key]).at(n) for key in ("sink", "window", "period", "width")
-            if key in params}
-    if group.pattern == "window":
-        return lambda b, h, q, kv: (q - kv) < size["window"]
-    if group.pattern == "sink_window":
-        return lambda b, h, q, kv: (kv < size["sink"]) | ((q - kv) < size["window"])
-    if group.pattern == "vertical_stripe":
-        colmap = torch.zeros(n, dtype=torch.bool, device=device)
-        colmap[[c for c in params["columns"] if c < n]] = True
-        return lambda b, h, q, kv: colmap[kv] | ((q - kv) < size["window"])
-    if group.pattern == "multi_diagonal":
-        period, width = size["period"], size["width"]
-
-        count = int(params.get("count", 0))
-
-        def keep(b, h, q, kv):
-            d = q - kv
-            # nearest = round(d / period), halves to even (torch.round), in integer arithmetic
-            floor = torch.div(d, period, rounding_mode="floor")
-            twice_r = 2 * (d - floor * period)
-            nearest = floor + ((twice_r > period) | ((twice_r == period) & (floor % 2 == 1))).to(d.dtype)
-            kept = (d - nearest * period).abs() < width
-            return kept & (nearest.abs() < count) if count > 0 else kept
-        return keep
-    if group.pattern == "block_topk":
-        # Square blocks of the layout's own size are all kept or all dropped (before the causal cut).
-        block = params["block"]
-        layout, _ = tile_classes("block_topk", params, n, n, False, block, block, device)
-        return lambda b, h, q, kv: layout[q // block, kv // block]
-    if group.pattern == "vertical_slash":
-        columns, diagonals = estimate
-        colmap = torch.zeros(*columns.shape[:2], n, dtype=torch.bool, device=device).scatter_(-1, columns, True)
-        offmap = torch.zeros(*columns.shape[:2], 2 * n - 1, dtype=torch.bool, device=device)
-        offmap.scatter_(-1, diagonals + n - 1, True)
-        return lambda b, h, q, kv: colmap[b, h, kv] | offmap[b, h, q - kv + n - 1]
-    raise ValueError(group.pattern)
+    """``keep(b, h, q, kv)`` of one group at length ``n`` (n_q = n_k), before the causal cut:
+    the family's FlexAttention mask_mod (``Pattern.mask_mod``, its one index-arithmetic
+    mask), or a dynamic family's mask_mod of its ``estimate``."""
+    family = get_pattern(group.pattern)
+    if family.dynamic:
+        return family.dynamic_mask_mod(*estimate, n, n, causal=False)
+    return family.mask_mod(group.params, n, n, causal=False, device=device)
 
 
 def _flex_mask_mod(groups: list[HeadGroup], n: int, num_heads: int, device, estimates: dict):
@@ -145,6 +112,7 @@ def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: i
     """One row: sparsec, dense SDPA and FlexAttention times on fresh random inputs."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    from sparsec.codegen.triton.generator import has_kernel
     from sparsec.runtime import kernels
 
     device = torch.device("cuda")
@@ -170,10 +138,10 @@ def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: i
     dense_pairs = batch * num_heads * n * (n + 1) // 2
     row["dense_tflops"] = 4 * head_dim * dense_pairs / dense_ms * 1e-9
 
-    estimates = {i: kernels.estimate_vertical_slash(q, k, group, scale, True)
-                 for i, group in enumerate(groups) if group.pattern == "vertical_slash"}
+    estimates = {i: kernels.estimate_dynamic(q, k, group, scale, True)
+                 for i, group in enumerate(groups) if get_pattern(group.pattern).dynamic}
     row["config"] = " ".join(kernels.chosen_config(q, k, v, None, scale, True, g).tag for g in groups
-                             if g.pattern not in ("dense", "skip"))
+                             if has_kernel(g.pattern))
     mask_mod = _flex_mask_mod(groups, n, num_heads, device, estimates)
     per_head = len(groups) > 1 or bool(estimates)
     block_mask = create_block_mask(mask_mod, batch if estimates else None, num_heads if per_head else None,

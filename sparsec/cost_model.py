@@ -127,11 +127,11 @@ class CostModel:
         self.profile = cost_profile(self.target)
 
     def _rates(self, kind: str) -> KernelRates:
-        return self.profile.dense if kind == "dense" else self.profile.sparse
+        return self.profile.dense if get_pattern(kind).computes_all else self.profile.sparse
 
     def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
         """One head of one sequence, without the launch."""
-        if kind == "skip":
+        if get_pattern(kind).computes_none:
             return 0.0
         rates = self._rates(kind)
         rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
@@ -139,13 +139,13 @@ class CostModel:
         return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
 
     def launch_seconds(self, kind: str) -> float:
-        return 0.0 if kind == "skip" else self._rates(kind).launch_us * 1e-6
+        return 0.0 if get_pattern(kind).computes_none else self._rates(kind).launch_us * 1e-6
 
     def site_seconds(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
                      batch: int = 1) -> float:
         """A site whose head groups are ``(kind, params, number of heads)``: one dense launch
         when every head is dense, else one launch per group."""
-        if all(kind == "dense" for kind, _, _ in groups):
+        if all(get_pattern(kind).computes_all for kind, _, _ in groups):
             heads = sum(count for _, _, count in groups)
             return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
         return sum(self.launch_seconds(kind) + batch * count * self.head_seconds(kind, params, n, causal, head_dim)
@@ -156,7 +156,7 @@ class CostModel:
         against the same sites dense: what the plan summary and the report quote."""
         seconds = dense = 0.0
         for site in sites:
-            groups = [(g.pattern, g.params, len(g.heads)) for g in site.group_heads_by_pattern()]
+            groups = [(g.pattern, g.params, len(g.heads)) for g in site.instance_groups()]
             causal = site.effective_causal()
             seconds += self.site_seconds(groups, n, causal, site.head_dim)
             dense += self.site_seconds([("dense", {}, site.num_heads)], n, causal, site.head_dim)
@@ -207,3 +207,22 @@ class CostModel:
             middle = (low + high) // 2
             low, high = (low, middle) if faster(middle) else (middle, high)
         return high
+
+
+# -- attention backend per group (issue #13) --------------------------------------------------
+
+FA4_HEAD_DIMS = (64, 128, 256)
+
+
+def attention_backend(arch: str, kind: str, head_dim: int) -> str:
+    """The kernel a head group of ``kind`` runs on a GPU of ``arch`` (``"sm90"``): ``"fa4"``
+    (FlashAttention-4 block-sparse, :mod:`sparsec.runtime.fa4`) or ``"triton"``.
+
+    A documented rule until FA4 has its own calibrated rates: FA4 for static families at
+    head dims 64, 128 and 256 on sm90 and newer, where it measured faster than the Triton
+    kernels on every single-pattern case (docs/benchmarks.md, "FlashAttention-4 backend");
+    Triton for dynamic families (``vertical_slash``: per-input tables and column gathers),
+    other head dims and older chips."""
+    newer = arch.startswith("sm") and arch[2:].isdigit() and int(arch[2:]) >= 90
+    static = not get_pattern(kind).dynamic
+    return "fa4" if newer and static and head_dim in FA4_HEAD_DIMS else "triton"

@@ -189,11 +189,11 @@ def test_llama_style_fused_equals_unfused(heads, kv_heads):
     # Any order is realisable when there is one KV head or one query head per KV head;
     # otherwise KV units mix patterns and some group keeps scattered heads.
     assert (stats["groups_split_by_gqa"] > 0) == (1 < per_kv < heads)
-    assert mixed_site.extra["fuse_strategy"] == "weights"
+    assert mixed_site.fusion.strategy == "weights"
     if not stats["groups_split_by_gqa"]:
         assert_contiguous(mixed_site.groups)
     assert_one_call_per_site(fused, ctx)
-    order = mixed_site.extra["head_permutation"]
+    order = mixed_site.fusion.head_permutation
     for unit in range(kv_heads):      # KV heads moved as units with their query heads
         assert len({h // per_kv for h in order[unit * per_kv:(unit + 1) * per_kv]}) == 1
     assert [h.pattern for h in mixed_site.heads] == [mixed[h][0] for h in order]
@@ -208,7 +208,7 @@ def test_gqa_split_into_contiguous_subgroups():
     site = ctx.plan.attention[0]
     assert ctx.pass_stats["fuse_heads"]["groups_split_by_gqa"] >= 1
     assert ctx.pass_stats["fuse_heads"]["launches_after"] == [4]      # see test_arrange_heads_keeps_kv_units
-    assert site.extra["fuse_heads"]["gqa_split"] == "subgroups"
+    assert site.fusion.gqa_split == "subgroups"
     assert_contiguous(site.groups)
     assert sorted(h for g in site.groups for h in g.heads) == list(range(8))
 
@@ -219,7 +219,7 @@ def test_packed_qkv_projection():
     fused, unfused, ctx = fused_and_unfused(PackedQKV().eval(), (torch.randn(2, 20, 32),), layers=layers)
     record = ctx.pass_stats["fuse_heads"]
     assert record["sites_weights"] == 1 and record["launches_after"] == [2]
-    assert ctx.plan.attention[0].extra["fuse_heads"]["permuted_parameters"] == \
+    assert ctx.plan.attention[0].fusion.permuted_parameters == \
         {"qkv.weight": 0, "qkv.bias": 0, "out.weight": 1}
     assert_same_outputs(fused, unfused, ((torch.randn(3, 25, 32),), {}))
 
@@ -232,17 +232,17 @@ def test_fallback_without_projections(fallback):
     fused, unfused, ctx = fused_and_unfused(NoProjection().eval(), (torch.randn(2, 20, 32),),
                                             layers=[GQA_MIXED], fallback=fallback, gqa_split="subgroups")
     site = ctx.plan.attention[0]
-    assert site.extra["fuse_strategy"] == fallback
-    assert site.extra["fuse_heads"]["reason"].startswith("weights not permuted")
+    assert site.fusion.strategy == fallback
+    assert site.fusion.reason.startswith("weights not permuted")
     gathers = sum(n.target is torch.ops.aten.index_select.default for n in fused.graph.nodes)
     if fallback == "gather":                             # q, the output, and k, v if KV heads move
-        kv_moved = site.extra["kv_head_permutation"] != [0, 1]
+        kv_moved = site.fusion.kv_head_permutation != [0, 1]
         assert gathers == 2 + 2 * kv_moved
         assert_contiguous(site.groups)
     else:
         assert gathers == 0
         assert ctx.pass_stats["fuse_heads"]["launches_after"] == [3]    # one launch per pattern
-        assert site.extra["head_permutation"] == list(range(8))
+        assert site.fusion.head_permutation == list(range(8))
     assert_same_outputs(fused, unfused, ((torch.randn(3, 26, 32),), {}))
 
 
@@ -251,9 +251,9 @@ def test_shared_weights_fall_back():
     model = LlamaStyle(layers=2, shared=True).eval()
     fused, unfused, ctx = fused_and_unfused(model, (torch.randn(2, 20, 32),), layers=[GQA_MIXED])
     for site in ctx.plan.attention:
-        assert site.extra["fuse_strategy"] == "head_index"
-        assert "outside this attention" in site.extra["fuse_heads"]["reason"] or \
-            "shared" in site.extra["fuse_heads"]["reason"]
+        assert site.fusion.strategy == "head_index"
+        assert "outside this attention" in site.fusion.reason or \
+            "shared" in site.fusion.reason
     assert_same_outputs(fused, unfused, ((torch.randn(2, 23, 32),), {}))
 
 
@@ -295,7 +295,7 @@ def test_instances_and_covers():
     assert instance_key("window", {"window": [5, 0]}) == instance_key("window", {"window": [5.2, 0.0]})
     assert instance_key("window", {"window": 5}) == instance_key("window", {"window": [5, 0]})
     assert instance_key("window", {"window": [5, 0.01]}) != instance_key("window", {"window": [5, 0]})
-    assert canonical_params({"columns": [7, 0, 7], "window": [3.0, 0]}) == {"columns": [0, 7], "window": [3, 0]}
+    assert canonical_params("vertical_stripe", {"columns": [7, 0, 7], "window": [3.0, 0]}) == {"columns": [0, 7], "window": [3, 0]}
     assert covering(*W5, *SINK) == ("sink_window", {"sink": [2, 0], "window": [5, 0]})
     assert covering(*SINK, *STRIPE) == ("vertical_stripe", {"columns": [0, 1, 7], "window": [4, 0]})
     assert covering(*W5, *DIAG) == ("dense", {})
@@ -368,7 +368,7 @@ def test_compile_save_load_and_dump(tmp_path):
     y = torch.randn(3, 41, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(y), cm(y), rtol=1e-6, atol=1e-6)
-    assert loaded.plan.attention[0].extra["head_permutation"] == cm.plan.attention[0].extra["head_permutation"]
+    assert loaded.plan.attention[0].fusion.head_permutation == cm.plan.attention[0].fusion.head_permutation
 
     dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
     before = next(p for p in dumps if p.endswith("plant_patterns.py"))

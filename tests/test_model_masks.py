@@ -204,12 +204,12 @@ def test_gpu_path_estimate_matches_the_reference_with_a_mask():
     the reference estimate on the full tensors."""
     from sparsec.patterns import get_pattern
     from sparsec.plan import HeadGroup
-    from sparsec.runtime.kernels import estimate_vertical_slash
+    from sparsec.runtime.kernels import estimate_dynamic
     q, k, mask = _padded_slash_inputs(seed=2)
     q4 = torch.cat([q, q.flip(1)], 1)                      # 4 query heads on 2 KV heads
     mask4 = mask.expand(2, 4, 48, 48)
     group = HeadGroup("vertical_slash", {"vertical": [5, 0], "slash": [3, 0], "last_q": 16}, [1, 3])
-    got = estimate_vertical_slash(q4, k, group, 0.25, True, mask4)
+    got = estimate_dynamic(q4, k, group, 0.25, True, mask4)
     heads = torch.tensor([1, 3])
     expected = get_pattern("vertical_slash").estimate_indices(group.params, q4[:, heads], k[:, heads // 2], 0.25,
                                                               True, mask4[:, heads])

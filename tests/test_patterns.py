@@ -9,7 +9,7 @@ from sparsec.passes.calibrate import profile_from_probabilities
 from sparsec.patterns import Elastic, get_pattern
 from sparsec.patterns import fitting
 from sparsec.patterns.base import N, full_pairs
-from sparsec.patterns.static import positional_columns
+from sparsec.patterns.vertical_stripe import positional_columns
 
 STATIC_CASES = [
     ("dense", {}),

@@ -11,9 +11,9 @@ import torch
 
 from sparsec.cost_model import CostModel
 from sparsec.passes.calibrate import profile_from_probabilities
-from sparsec.passes.classify_heads import FAMILIES, classify_head
-from sparsec.patterns import get_pattern
-from sparsec.patterns.static import MAX_STRIPES, positional_columns
+from sparsec.passes.classify_heads import classify_head
+from sparsec.patterns import get_pattern, pattern_kinds
+from sparsec.patterns.vertical_stripe import MAX_STRIPES, positional_columns
 from sparsec.plan import HeadPlan
 from sparsec.targets import get_target
 
@@ -47,7 +47,7 @@ def _profiles(batches_per_length: dict[int, list[list[int]]], causal: bool, seed
     return profiles
 
 
-def _classify(profiles, causal: bool, recall: float = 0.95, families=FAMILIES) -> HeadPlan:
+def _classify(profiles, causal: bool, recall: float = 0.95, families=None) -> HeadPlan:
     head = HeadPlan(head=0)
     classify_head(head, profiles, causal, 64, recall, 0.2, CostModel(get_target("h100")), families)
     return head
@@ -76,7 +76,7 @@ def test_positional_stripes_stay_vertical_stripe(sink, period, phase, causal):
     cheaper by its estimate)."""
     columns = positional_columns(sink, period, phase)
     batches = {n: [columns, columns] for n in (320, 640)}
-    static = tuple(kind for kind in FAMILIES if kind != "vertical_slash")
+    static = tuple(kind for kind in pattern_kinds() if not get_pattern(kind).dynamic)
     head = _classify(_profiles(batches, causal, seed=2), causal, recall=0.99, families=static)
     assert head.pattern == "vertical_stripe", head.reason
     assert head.params["columns"] == columns

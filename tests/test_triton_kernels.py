@@ -277,7 +277,7 @@ def test_bench_flex_masks_are_the_pattern_masks(case):
     n, num_heads, scale = 300, 8, 0.125
     groups = bench_groups(case, n, num_heads)
     q, k = torch.randn(1, num_heads, n, 32), torch.randn(1, num_heads // 2, n, 32)
-    estimates = {i: kernels.estimate_vertical_slash(q, k, g, scale, True)
+    estimates = {i: kernels.estimate_dynamic(q, k, g, scale, True)
                  for i, g in enumerate(groups) if g.pattern == "vertical_slash"}
     mask_mod = _flex_mask_mod(groups, n, num_heads, "cpu", estimates)
     positions = torch.arange(n)
@@ -300,3 +300,88 @@ def test_vertical_slash_with_more_queries_than_keys_falls_back_to_the_reference(
     group = HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [2, 0], "last_q": 4}, [0, 1])
     assert _kernel_unsupported(q, k, k, group) == "vertical_slash with more queries than keys"
     assert _kernel_unsupported(k, q, q, group) == ""
+
+
+# -- masks of every shape, and the running target's kernel configs ---------------------------
+
+def _per_head_mask_case(mask_dtype: torch.dtype, dense_heads: list[int]):
+    """Every family, dense and (where a head is left) skip, one head each, under a 3-D per-head
+    mask (boolean ``[H, n, n]`` or additive ``[H, 1, n]``); dense heads gathered or sliced."""
+    rng = random.Random(11)
+    generator = torch.Generator().manual_seed(11)
+    batch, kv_heads, ratio, n, head_dim = 2, 4, 2, 45, 16
+    q = torch.randn(batch, kv_heads * ratio, n, head_dim, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, n, head_dim, generator=generator) for _ in range(2))
+    if mask_dtype == torch.bool:
+        mask = torch.rand(kv_heads * ratio, n, n, generator=generator) > 0.3
+        mask[..., 0] = True                # no empty row: SDPA (the dense heads) would give NaN there
+    else:
+        mask = torch.randn(kv_heads * ratio, 1, n, generator=generator) * 2
+    groups = [HeadGroup(p, random_params(p, rng, n), [h]) for h, p in enumerate(FAMILIES)]
+    groups.append(HeadGroup("dense", {}, dense_heads))
+    if len(FAMILIES) + len(dense_heads) < kv_heads * ratio:
+        groups.append(HeadGroup("skip", {}, [kv_heads * ratio - 1]))
+    return q, k, v, mask, head_dim ** -0.5, False, groups      # SDPA refuses a mask with is_causal
+
+
+@pytest.mark.parametrize("mask_dtype,dense_heads", [(torch.bool, [6]), (torch.float32, [6, 7])])
+def test_per_head_3d_masks_reach_every_group_interpreted(interpreter, mask_dtype, dense_heads):
+    assert_matches(*interpreter[0].apply(_interpreted, (_per_head_mask_case(mask_dtype, dense_heads),)))
+
+
+def _interpreted_for_target(case, target):
+    """In the interpreter worker: the kernel output under ``running_for(target)``, the
+    reference, and the file names of the kernels loaded."""
+    from sparsec.targets import running_for
+
+    kernels._MODULES.clear()
+    with running_for(target):
+        out = _run_poisoned(*case)
+    return out, reference.sparse_attention(*case), [Path(path).name for path, _ in kernels._MODULES]
+
+
+def test_running_targets_kernel_config_is_the_one_launched_interpreted(interpreter):
+    from sparsec.targets import Target
+
+    config = KernelConfig(32, 16, 2, 1)
+    target = Target("one-config", "cpu", "cpu", peak_tflops=1.0, bandwidth_gbs=1.0, launch_overhead_us=1.0,
+                    kernel_configs={"attention": [config.to_dict()]})
+    q = torch.randn(1, 2, 50, 16, generator=torch.Generator().manual_seed(4))
+    case = (q, q[:, :1], q[:, :1], None, 0.25, True, [HeadGroup("window", {"window": [9, 0]}, [0, 1])])
+    interpreter[0].apply(_interpreted, (case,))                  # the same signature, run first without it
+    out, expected, loaded = interpreter[0].apply(_interpreted_for_target, (case, target))
+    assert_matches(out, expected)
+    assert loaded and all(f"_{config.tag}_cpu_" in name for name in loaded)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mask_dtype,dense_heads", [(torch.bool, [6]), (torch.float32, [6, 7])])
+def test_per_head_3d_masks_reach_every_group_gpu(mask_dtype, dense_heads):
+    q, k, v, mask, scale, causal, groups = _per_head_mask_case(mask_dtype, dense_heads)
+    case = (*(t.cuda() for t in (q, k, v, mask)), scale, causal, groups)
+    through_op = torch.ops.sparsec.sparse_attention(*case[:-1], encode_groups(groups))
+    assert_matches(through_op, reference.sparse_attention(*case))
+
+
+@pytest.mark.gpu
+@gpu
+def test_compiled_model_launches_its_targets_kernel_config_gpu(monkeypatch):
+    import sys
+
+    import sparsec
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_compile import TinyAttention, compile_tiny
+
+    config = KernelConfig(32, 32, 4, 2)
+    arch = kernels.device_arch(torch.device("cuda"))
+    target = sparsec.register_target(sparsec.Target(
+        f"{arch}-one-config", arch, "cuda", peak_tflops=1.0, bandwidth_gbs=1.0, launch_overhead_us=1.0,
+        kernel_configs={"attention": [config.to_dict()]}))
+    monkeypatch.setattr(kernels, "_MODULES", {})
+    model = TinyAttention().eval().cuda()
+    compiled = compile_tiny(model, torch.randn(2, 20, 32, device="cuda"), target=target)
+    with torch.no_grad():
+        compiled(torch.randn(2, 300, 32, device="cuda"))
+    loaded = [Path(path).name for path, _ in kernels._MODULES]
+    assert loaded and all(f"_{config.tag}_{arch}_" in name for name in loaded)

@@ -17,11 +17,10 @@ from onnx import TensorProto
 from onnxscript import ir
 from onnxscript import opset18 as op
 
-from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns import Elastic, MaskOps, backend_piece, get_pattern, register_piece
 from sparsec.patterns.base import MASKED_ADDITIVE
 from sparsec.plan import HeadGroup, decode_groups, encode_groups
 
-from .custom import block_topk_layout
 from .heads import additive_bias, const_i64, group_inputs, merge_heads
 
 _INF = float("inf")
@@ -57,63 +56,92 @@ class _Positions:
         return op.Max(const_i64([minimum]), op.Cast(op.Round(tokens), to=TensorProto.INT64))
 
 
-def _floor_div(x, divisor: int):
+def _floor_div(x, divisor):
     # ONNX Div truncates integers toward zero; Mod(fmod=0) takes the divisor's sign, so
     # subtracting it first gives Python's floor division for negative x too.
-    divisor = const_i64(divisor)
     return op.Div(op.Sub(x, op.Mod(x, divisor)), divisor)
 
 
-def _band(d, width):
-    return op.Less(op.Abs(d), width)
+def _graph(value) -> "op.Value":
+    """A graph value of ``value`` (a Python int or bool becomes an int64 / bool constant)."""
+    if isinstance(value, _Int):
+        return value.value
+    if isinstance(value, bool):
+        return op.Constant(value=ir.tensor(np.asarray(value)))
+    if isinstance(value, int):
+        return const_i64(value)
+    return value
+
+
+def _operator(node, swap: bool = False):
+    """A binary operator of :class:`_Int` emitting ``node`` (operands swapped for ``__r*__``)."""
+    def apply(self, other):
+        a, b = _graph(self), _graph(other)
+        return _Int(node(b, a) if swap else node(a, b))
+    return apply
+
+
+def _not_equal(a, b):
+    return op.Not(op.Equal(a, b))
+
+
+class _Int:
+    """A graph value with Python's operators, so a family's ``index_keep`` (written for
+    torch tensors and ints) emits ONNX ops; ``//`` and ``%`` floor as in Python."""
+
+    def __init__(self, value):
+        self.value = value
+
+    __add__, __radd__ = _operator(op.Add), _operator(op.Add, swap=True)
+    __sub__, __rsub__ = _operator(op.Sub), _operator(op.Sub, swap=True)
+    __mul__, __rmul__ = _operator(op.Mul), _operator(op.Mul, swap=True)
+    __floordiv__, __rfloordiv__ = _operator(_floor_div), _operator(_floor_div, swap=True)
+    __mod__, __rmod__ = _operator(op.Mod), _operator(op.Mod, swap=True)
+    __and__, __rand__ = _operator(op.And), _operator(op.And, swap=True)
+    __or__, __ror__ = _operator(op.Or), _operator(op.Or, swap=True)
+    __lt__, __le__ = _operator(op.Less), _operator(op.LessOrEqual)
+    __gt__, __ge__ = _operator(op.Greater), _operator(op.GreaterOrEqual)
+    __eq__, __ne__ = _operator(op.Equal), _operator(_not_equal)
+    __hash__ = None
+
+    def __invert__(self):
+        return _Int(op.Not(self.value))
+
+    def __neg__(self):
+        return _Int(op.Neg(self.value))
+
+
+class _OnnxOps(MaskOps):
+    """:class:`~sparsec.patterns.MaskOps` emitting ONNX ops on the run-time lengths."""
+
+    def __init__(self, pos: _Positions):
+        self.pos = pos
+        self.n_q, self.n_k = _Int(pos.n_q), _Int(pos.n_k)
+
+    def size(self, value, minimum=1):
+        return _Int(self.pos.elastic(value, minimum))
+
+    def where(self, condition, if_true, if_false):
+        if isinstance(condition, bool):
+            return if_true if condition else if_false
+        return _Int(op.Where(_graph(condition), _graph(if_true), _graph(if_false)))
+
+    def lookup(self, table, index):
+        table = np.asarray(table)
+        return _Int(op.Gather(op.Constant(value=ir.tensor(table if table.dtype == bool else table.astype(np.int64))),
+                              _graph(index), axis=0))
+
+    def full(self, like, value):
+        return _Int(op.Expand(_graph(bool(value)), op.Shape(_graph(like))))
 
 
 def _static_keep(group: HeadGroup, pos: _Positions):
-    """The boolean ``[Nq, Nk]`` mask of a static family, before the causal cut."""
-    params, kind = group.params, group.pattern
-    if kind == "window":
-        return _band(pos.d, pos.elastic(params["window"]))
-    if kind == "sink_window":
-        sink = op.Less(op.Unsqueeze(pos.cols, const_i64([0])), pos.elastic(params["sink"]))
-        return op.Or(sink, _band(pos.d, pos.elastic(params["window"])))
-    if kind == "vertical_stripe":
-        band = _band(pos.d, pos.elastic(params["window"]))
-        if not params["columns"]:
-            return band
-        hits = op.Equal(op.Unsqueeze(pos.cols, const_i64([1])), const_i64(list(params["columns"])))
-        stripe = op.Cast(op.ReduceMax(op.Cast(hits, to=TensorProto.INT32), const_i64([1]), keepdims=0),
-                         to=TensorProto.BOOL)
-        return op.Or(op.Unsqueeze(stripe, const_i64([0])), band)
-    if kind == "multi_diagonal":
-        period, width = pos.elastic(params["period"]), pos.elastic(params["width"])
-        ratio = op.Div(op.Cast(pos.d, to=TensorProto.DOUBLE), op.Cast(period, to=TensorProto.DOUBLE))
-        nearest = op.Cast(op.Round(ratio), to=TensorProto.INT64)
-        count = int(params.get("count", 0))
-        if count > 0:        # as MultiDiagonal.keep: the nearest kept diagonal, |m| < count
-            nearest = op.Clip(nearest, const_i64(1 - count), const_i64(count - 1))
-        return op.Less(op.Abs(op.Sub(pos.d, op.Mul(nearest, period))), width)
-    if kind == "block_topk":
-        return _block_topk_keep(params, pos)
-    raise ValueError(f"pattern {kind!r} has no decomposition; known: dense, skip, window, sink_window, "
-                     "vertical_stripe, multi_diagonal, block_topk, vertical_slash")
-
-
-def _block_topk_keep(params: dict, pos: _Positions):
-    # As BlockTopk.keep: each block of this length maps to its position on the
-    # calibration grid (nearest-grid stretch); blocks holding the diagonal are kept.
-    block = int(params["block"])
-    grid_q, grid_k = params["grid"]
-    layout = op.Constant(value=ir.tensor(block_topk_layout(params)))
-    blocks_q = op.Div(op.Add(pos.n_q, const_i64(block - 1)), const_i64(block))
-    blocks_k = op.Div(op.Add(pos.n_k, const_i64(block - 1)), const_i64(block))
-    row_block = op.Div(pos.rows, const_i64(block))
-    col_block = op.Div(pos.cols, const_i64(block))
-    grid_row = op.Min(op.Div(op.Mul(row_block, const_i64(grid_q)), blocks_q), const_i64(grid_q - 1))
-    grid_col = op.Min(op.Div(op.Mul(col_block, const_i64(grid_k)), blocks_k), const_i64(grid_k - 1))
-    kept = op.Gather(op.Gather(layout, grid_row, axis=0), grid_col, axis=1)
-    diagonal_block = _floor_div(op.Add(pos.rows, op.Sub(pos.n_k, pos.n_q)), block)
-    on_diagonal = op.Equal(op.Unsqueeze(col_block, const_i64([0])), op.Unsqueeze(diagonal_block, const_i64([1])))
-    return op.Or(kept, on_diagonal)
+    """The boolean ``[Nq, Nk]`` mask of a static family, before the causal cut: the
+    family's own ``index_keep``, emitted as ONNX ops."""
+    rows = _Int(op.Unsqueeze(pos.rows, const_i64([1])))
+    cols = _Int(op.Unsqueeze(pos.cols, const_i64([0])))
+    keep = get_pattern(group.pattern).index_keep(group.params, rows, cols, _Int(pos.d), _OnnxOps(pos))
+    return op.Expand(_graph(keep), op.Shape(pos.d))
 
 
 def _scatter_flags(length_shape, indices):
@@ -123,6 +151,7 @@ def _scatter_flags(length_shape, indices):
     return op.Cast(op.ScatterElements(zeros, indices, ones, axis=-1), to=TensorProto.BOOL)
 
 
+@register_piece("onnx", "vertical_slash")
 def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions, bias=None):
     """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX;
     ``bias`` (the group's additive mask, or None) enters the estimate as it does there."""
@@ -215,16 +244,20 @@ def _group_attention(group: HeadGroup, inputs, scale: float, causal: bool,
     """One group's attention (fp32 inputs); static masks are initializers when
     ``fixed_lengths`` is given."""
     q, k, v = inputs.q, inputs.k, inputs.v
-    if group.pattern == "skip":
+    family = get_pattern(group.pattern)
+    if family.computes_none:
         shape = op.Concat(op.Shape(q, start=0, end=3), op.Shape(v, start=3, end=4), axis=0)
         return op.Expand(op.CastLike(_const(0.0, np.float32), q), shape)
     pos = _Positions(q, k)
-    if group.pattern == "dense":
+    if family.computes_all:
         # scaled_dot_product_attention's is_causal: the top-left aligned triangle.
         keep = op.GreaterOrEqual(op.Unsqueeze(pos.rows, const_i64([1])),
                                  op.Unsqueeze(pos.cols, const_i64([0]))) if causal else None
-    elif group.pattern == "vertical_slash":
-        keep = _vertical_slash_keep(group.params, q, k, scale, causal, pos, inputs.bias)
+    elif family.dynamic:
+        estimate = backend_piece("onnx", group.pattern)
+        if estimate is None:
+            raise ValueError(f"dynamic pattern {group.pattern!r} has no ONNX estimate (register_piece)")
+        keep = estimate(group.params, q, k, scale, causal, pos, inputs.bias)
     elif fixed_lengths is not None:
         mask = get_pattern(group.pattern).mask(group.params, *fixed_lengths, causal)
         keep = op.Constant(value=ir.tensor(mask.numpy()))

@@ -1,6 +1,6 @@
 """Index-arithmetic template: sparse flash attention whose key ranges are computed from the
 program id, with no lookup table. Serves ``window``, ``sink_window``, ``vertical_stripe``
-and ``multi_diagonal`` (see sparsec/patterns/static.py for their masks).
+and ``multi_diagonal`` (their masks: ``index_keep`` in sparsec/patterns/<family>.py).
 
 For query block ``[r0, r1)`` (aligned key positions ``p = i + n_k - n_q``), in order:
 

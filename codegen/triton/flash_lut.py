@@ -1,5 +1,6 @@
 """Lookup-table template: block-sparse flash attention driven by a per-query-block list of key
-blocks. Serves ``block_topk`` (one static table per length, shared by every head) and
+blocks. Serves ``block_topk`` and any static family without a template of its own (one
+static table per length, shared by every head) and
 the block part of the dynamic ``vertical_slash`` (one table per batch and head, built per
 input), plus ``vertical_slash``'s column part.
 
@@ -12,9 +13,10 @@ Tables, built on the host (sparsec/runtime/sparse_tables.py), indexed by
 - ``Columns`` (``HAS_COLUMNS``): the key columns to gather that lie outside every listed
   block and at or before the block's last query position, ``BLOCK_N`` at a time.
 
-``KEEP_KIND`` picks the elementwise mask of partial blocks: 1 for ``block_topk`` (the
-calibration layout stretched to this length, plus the diagonal's block), 2 for
-``vertical_slash`` (estimated column and offset maps).
+``KEEP_KIND`` picks the elementwise mask of partial blocks: 1 for a kept-cell grid
+stretched to this length, plus the diagonal's block (``block_topk``'s calibration layout;
+any other static family's own token mask, ``Pattern.keep_grid``), 2 for ``vertical_slash``
+(estimated column and offset maps).
 """
 import triton
 import triton.language as tl
@@ -39,7 +41,8 @@ def _lut_keep(p, rows, cols, n_k, Layout, block, grid_q, grid_k, blocks_q, block
             keep = keep & (d >= 0)
         return keep
     if KEEP_KIND == 1:
-        # block_topk: nearest cell of the calibration grid, or the diagonal's block.
+        # A kept-cell grid stretched to this length (block_topk's calibration layout, or any
+        # static family's token mask with block 1), or the diagonal's block.
         grid_row = tl.minimum((rows // block) * grid_q // blocks_q, grid_q - 1)
         col_block = cols // block
         grid_col = tl.minimum(col_block * grid_k // blocks_k, grid_k - 1)

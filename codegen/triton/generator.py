@@ -29,20 +29,7 @@ from sparsec.targets import Target, get_target
 from . import flash_common, flash_index, flash_lut
 from .configs import KernelConfig, candidate_configs
 
-GENERATOR_VERSION = 2
-
-# Compile-time switches of each family's template.
-INDEX_FAMILIES = {
-    "window": {"HAS_SINK": False, "HAS_COLUMNS": False, "MULTI_DIAGONAL": False},
-    "sink_window": {"HAS_SINK": True, "HAS_COLUMNS": False, "MULTI_DIAGONAL": False},
-    "vertical_stripe": {"HAS_SINK": False, "HAS_COLUMNS": True, "MULTI_DIAGONAL": False},
-    "multi_diagonal": {"HAS_SINK": False, "HAS_COLUMNS": False, "MULTI_DIAGONAL": True},
-}
-LUT_FAMILIES = {
-    "block_topk": {"KEEP_KIND": 1, "HAS_COLUMNS": False},
-    "vertical_slash": {"KEEP_KIND": 2, "HAS_COLUMNS": True},
-}
-KERNEL_FAMILIES = (*INDEX_FAMILIES, *LUT_FAMILIES)
+GENERATOR_VERSION = 3
 
 _TEMPLATES = {
     "index": (flash_index, "index arithmetic: key-block ranges computed from the program id, no lookup table"),
@@ -56,13 +43,15 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-_ELASTIC_KEYS = {"sink", "window", "period", "width", "vertical", "slash"}
+def has_kernel(pattern: str) -> bool:
+    """Whether a generated Triton kernel serves ``pattern`` (the family names a template)."""
+    return get_pattern(pattern).triton_template is not None
 
 
-def _slug(key: str, value) -> str:
+def _slug(pattern: str, key: str, value) -> str:
     """A short file-name rendering of one parameter: sizes as ``a`` or ``a+bN``, lists as
     their values (or their length when they hold lists, e.g. block_topk's ``blocks``)."""
-    if key in _ELASTIC_KEYS:
+    if key in get_pattern(pattern).elastic_params:
         return str(Elastic.from_json(value))
     if isinstance(value, list):
         if any(isinstance(item, list) for item in value) or len(value) > 8:
@@ -86,22 +75,21 @@ class KernelSpec:
     @staticmethod
     def make(pattern: str, params: dict, head_dim: int, dtype: str, causal: bool,
              config: KernelConfig, arch: str) -> "KernelSpec":
-        if pattern not in KERNEL_FAMILIES:
+        if not has_kernel(pattern):
             raise ValueError(f"no generated kernel for pattern {pattern!r}: dense runs "
-                             "scaled_dot_product_attention and skip writes zeros; "
-                             f"kernel families are {list(KERNEL_FAMILIES)}")
+                             "scaled_dot_product_attention and skip writes zeros")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}; generated kernels take {list(_DTYPES)}")
         return KernelSpec(pattern, json.dumps(params, sort_keys=True), head_dim, dtype, causal, config, arch)
 
     @property
     def template(self) -> str:
-        return "index" if self.pattern in INDEX_FAMILIES else "lut"
+        return get_pattern(self.pattern).triton_template
 
     @property
     def constexprs(self) -> dict:
         """The template's compile-time constants, except ``MASK_KIND`` (chosen per call)."""
-        family = INDEX_FAMILIES.get(self.pattern) or LUT_FAMILIES[self.pattern]
+        family = get_pattern(self.pattern).triton_flags
         return {"HEAD_DIM": self.head_dim, "D_PAD": padded_head_dim(self.head_dim),
                 "BLOCK_M": self.config.block_m, "BLOCK_N": self.config.block_n,
                 "CAUSAL": self.causal, **family, "FP32_DOT": self.dtype == "float32", "TMA": self.config.tma}
@@ -109,7 +97,7 @@ class KernelSpec:
     @property
     def stem(self) -> str:
         """File-name stem spelling out the parameters."""
-        slug = "_".join(f"{key}{_slug(key, value)}" for key, value in json.loads(self.params).items())
+        slug = "_".join(f"{key}{_slug(self.pattern, key, value)}" for key, value in json.loads(self.params).items())
         slug = re.sub(r"[^A-Za-z0-9.+_-]+", "-", slug)[:60]
         return (f"{self.pattern}_{slug}_d{self.head_dim}_{_DTYPES[self.dtype]}_"
                 f"{'causal' if self.causal else 'full'}_{self.config.tag}_{self.arch}")
@@ -238,7 +226,7 @@ def site_kernels(site: AttentionSite, target: "str | Target", dtype: str = "bflo
     target = get_target(target)
     kernels = []
     for group in site.groups:
-        if group.pattern not in KERNEL_FAMILIES:
+        if not has_kernel(group.pattern):
             continue
         config = candidate_configs(target.arch, dtype, padded_head_dim(site.head_dim), target)[0]
         spec = KernelSpec.make(group.pattern, group.params, site.head_dim, dtype, site.causal, config,

@@ -22,6 +22,8 @@ import sympy
 import torch
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .fitting import AttentionProfile
 
 # The sequence length of symbolic costs (``n_q = n_k = N``).
@@ -75,6 +77,9 @@ class Elastic:
 # this site (written by fold_causal_mask when it replaces that mask by ``causal=True``).
 MODEL_WINDOW = "model_window"
 
+# Token-mask elements evaluated at once when classifying blocks.
+_MASK_CHUNK = 1 << 24
+
 # Additive mask values at or below this count as masked (``finfo.min``-style padding masks):
 # calibration's padding rows, the vertical_slash estimate and the mask probes all read it.
 MASKED_ADDITIVE = -1e4
@@ -107,43 +112,163 @@ def offsets(rows: torch.Tensor, cols: torch.Tensor, n_q: int, n_k: int) -> torch
     return rows[:, None] + (n_k - n_q) - cols[None, :]
 
 
-class Pattern:
-    """One pattern family. Subclasses set ``kind`` and implement ``keep``.
+class MaskOps:
+    """What a family's :meth:`Pattern.index_keep` may use besides the operators ``& | ~ < <=
+    > >= == != + - * // %`` (``//`` and ``%`` floor, as Python's) on the values it is given.
 
-    ``keep(params, d, rows, cols, n_q, n_k)`` returns the boolean mask of kept pairs for
-    the query ``rows`` and key ``cols`` (``d`` is their offset matrix), *before* the causal
-    restriction, which :meth:`mask` applies.
+    Each backend subclasses it: :class:`TorchOps` (the reference mask and FlexAttention's
+    mask_mod), the ONNX decomposition's graph values, FlashAttention-4's CuTe DSL values.
+    ``n_q`` and ``n_k`` are the lengths as backend values; :meth:`size` resolves an elastic
+    size at ``N = n_k``.
+    """
+
+    n_q: Any
+    n_k: Any
+
+    def size(self, value: Any, minimum: int = 1) -> Any:
+        """``Elastic.from_json(value, minimum).at(n_k)`` as a backend value."""
+        raise NotImplementedError
+
+    def where(self, condition, if_true, if_false):
+        raise NotImplementedError
+
+    def lookup(self, table: "list | torch.Tensor", index):
+        """``table[index]`` of a constant 1-D table (bool or int); ``index`` is in range."""
+        raise NotImplementedError
+
+    def full(self, like, value: bool):
+        """A boolean of ``like``'s shape, every element ``value`` (dense and skip)."""
+        raise NotImplementedError
+
+    def abs(self, x):
+        return self.where(x < 0, 0 - x, x)
+
+    def minimum(self, a, b):
+        return self.where(a < b, a, b)
+
+    def maximum(self, a, b):
+        return self.where(a < b, b, a)
+
+
+class TorchOps(MaskOps):
+    """:class:`MaskOps` on torch integer tensors (and Python ints, for sizes)."""
+
+    def __init__(self, n_q: int, n_k: int, device: "torch.device | str" = "cpu"):
+        self.n_q, self.n_k, self.device = n_q, n_k, torch.device(device)
+
+    def size(self, value, minimum=1):
+        return Elastic.from_json(value, minimum).at(self.n_k)
+
+    def where(self, condition, if_true, if_false):
+        if not isinstance(condition, torch.Tensor):
+            return if_true if condition else if_false
+        return torch.where(condition, if_true, if_false)
+
+    def lookup(self, table, index):
+        return torch.as_tensor(table, device=self.device)[index]
+
+    def full(self, like, value):
+        return torch.full_like(like, value, dtype=torch.bool)
+
+
+class Pattern:
+    """One pattern family. Subclasses set ``kind`` and spell their mask once, in
+    :meth:`index_keep`; every backend evaluates that one spelling (see
+    docs/pattern_families.md).
+
+    Roles are properties, never name checks: ``computes_all`` (``dense``: plain attention),
+    ``computes_none`` (``skip``: zeros), ``dynamic`` (the mask is estimated per input).
+    ``elastic_params`` and ``index_list_params`` name the parameters that are elastic sizes
+    and order-free index lists, for :func:`canonical_params`.
     """
 
     kind: str = ""
-    dynamic: bool = False          # True when the mask depends on the input (vertical_slash)
+    dynamic: bool = False          # the mask depends on the input (vertical_slash)
+    computes_all: bool = False     # every pair: runs plain attention (dense)
+    computes_none: bool = False    # no pair: the heads' output is zero (skip)
+    elastic_params: frozenset = frozenset()
+    index_list_params: frozenset = frozenset()
+    # The Triton template serving the family ("index", "lut", or None for no kernel) and its
+    # compile-time flags. The default: the lookup-table template with the family's own token
+    # mask as the kept-cell grid (see keep_grid), which serves any static family.
+    triton_template: "str | None" = "lut"
+    triton_flags: dict = {"KEEP_KIND": 1, "HAS_COLUMNS": False}
 
-    def keep(self, params: dict, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-             n_q: int, n_k: int) -> torch.Tensor:
-        raise NotImplementedError
+    def index_keep(self, params: dict, i, j, d, ops: MaskOps):
+        """The kept pairs *before* the causal cut, as index arithmetic on query index ``i``,
+        key index ``j`` and offset ``d = i + (n_k - n_q) - j`` (broadcastable backend values)
+        with :class:`MaskOps` ``ops``. The one spelling of the family's mask."""
+        raise NotImplementedError(f"{self.kind} has no index mask")
 
     def mask(self, params: dict, n_q: int, n_k: int, causal: bool,
              rows: torch.Tensor | None = None, device: "torch.device | str" = "cpu") -> torch.Tensor:
-        """Boolean ``[len(rows), n_k]`` mask of the pairs this pattern computes."""
+        """Boolean ``[len(rows), n_k]`` mask of the pairs this pattern computes (the reference)."""
         if rows is None:
             rows = torch.arange(n_q, device=device)
         cols = torch.arange(n_k, device=rows.device)
         d = offsets(rows, cols, n_q, n_k)
-        kept = self.keep(params, d, rows, cols, n_q, n_k)
+        kept = self.index_keep(params, rows[:, None], cols[None, :], d, TorchOps(n_q, n_k, rows.device))
+        kept = kept.expand(d.shape)
         return kept & (d >= 0) if causal else kept
+
+    def mask_mod(self, params: dict, n_q: int, n_k: int, causal: bool,
+                 device: "torch.device | str" = "cpu"):
+        """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of this pattern at ``(n_q, n_k)``."""
+        ops = TorchOps(n_q, n_k, device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx + (n_k - n_q) - kv_idx
+            kept = self.index_keep(params, q_idx, kv_idx, d, ops)
+            return kept & (d >= 0) if causal else kept
+        return mask_mod
 
     def block_layout(self, params: dict, n_q: int, n_k: int, causal: bool,
                      block_m: int, block_n: int) -> torch.Tensor:
         """Boolean ``[ceil(n_q/block_m), ceil(n_k/block_n)]``: blocks holding any kept pair."""
-        nbq, nbk = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
-        layout = torch.zeros(nbq, nbk, dtype=torch.bool)
-        for qb in range(nbq):
-            rows = torch.arange(qb * block_m, min((qb + 1) * block_m, n_q))
-            m = self.mask(params, n_q, n_k, causal, rows=rows)
-            pad = nbk * block_n - n_k
-            m = torch.nn.functional.pad(m, (0, pad)).view(len(rows), nbk, block_n)
-            layout[qb] = m.any(dim=2).any(dim=0)
-        return layout
+        return self.block_classes(params, n_q, n_k, causal, block_m, block_n)[0]
+
+    def block_classes(self, params: dict, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
+                      device: "torch.device | str" = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(partial or full, full)`` per (query block, key block): any pair kept, and every
+        pair kept with every key in range (a full block needs no mask), from the token mask
+        in row chunks."""
+        n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+        rows_per_chunk = block_m * max(1, _MASK_CHUNK // (block_m * n_kb * block_n))
+        any_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
+        all_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
+        for start in range(0, n_q, rows_per_chunk):
+            rows = torch.arange(start, min(start + rows_per_chunk, n_q), device=device)
+            kept = self.mask(params, n_q, n_k, causal, rows=rows)
+            blocks = math.ceil(len(rows) / block_m)
+            padded = torch.zeros(blocks * block_m, n_kb * block_n, dtype=torch.bool, device=device)
+            padded[: len(rows), :n_k] = kept
+            tiles = padded.view(blocks, block_m, n_kb, block_n)
+            qb = slice(start // block_m, start // block_m + blocks)
+            any_kept[qb] = tiles.any(dim=3).any(dim=1)
+            padded[len(rows):] = True                     # rows past n_q never spoil a full tile
+            all_kept[qb] = tiles.all(dim=3).all(dim=1)
+        return any_kept, all_kept
+
+    def keep_grid(self, params: dict, n_q: int, n_k: int) -> tuple[torch.Tensor, int]:
+        """``(grid, block)`` for the Triton lookup-table template's ``KEEP_KIND 1``: a pair is
+        kept when its cell of ``grid`` (``block``-token cells, the grid stretched to this
+        length) is, or its key block holds the diagonal. The default is the token mask
+        itself (``block = 1``), exact for any family that keeps the diagonal."""
+        return self.mask(params, n_q, n_k, causal=False), 1
+
+    def split_initializer(self, params: dict) -> tuple[dict, "np.ndarray | None"]:
+        """Parameters for an ONNX attribute and a bulky part that travels as an initializer
+        (None when the family has none); :meth:`join_initializer` undoes it."""
+        return params, None
+
+    def join_initializer(self, params: dict, initializer: "np.ndarray") -> dict:
+        return params
+
+    def cover(self, params: dict, other_kind: str, other_params: dict) -> dict | None:
+        """Parameters of this family whose mask holds ``other_kind``'s mask (another family)
+        and this one's at every length, or None: the cross-family rules of head merging live
+        in the family that covers."""
+        return None
 
     def kept_pairs(self, params: dict, n_q: int, n_k: int, causal: bool, chunk: int = 1024) -> int:
         """Number of (query, key) pairs the pattern computes, counted in query chunks."""
@@ -219,53 +344,61 @@ def _fmt(value: Any) -> str:
 
 # -- pattern instances: equal canonical parameters mean equal masks at every length --
 
-_ELASTIC = {"window", "sink", "vertical", "slash", "period", "width"}
-_INDEX_LISTS = {"columns", "blocks"}
-
-
 def _number(x):
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return x
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _canonical_value(key: str, value):
-    if key in _ELASTIC and isinstance(value, (int, float, list)):
+def _canonical_value(value, family: Pattern | None = None, key: str = ""):
+    if family is not None and key in family.elastic_params and isinstance(value, (int, float, list)):
         size = Elastic.from_json(value)
         a = round(size.a) if size.b == 0 else size.a       # as Elastic.at rounds: same mask
         return [_number(a), _number(size.b)]
-    if key in _INDEX_LISTS and isinstance(value, list):
-        items = {json.dumps(_canonical_value("", v)) for v in value}
+    if family is not None and key in family.index_list_params and isinstance(value, list):
+        items = {json.dumps(_canonical_value(v)) for v in value}
         return sorted((json.loads(v) for v in items), key=lambda v: (v if isinstance(v, list) else [v]))
     if isinstance(value, list):
-        return [_canonical_value("", v) for v in value]
+        return [_canonical_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _canonical_value(k, v) for k, v in value.items()}
+        return {k: _canonical_value(v) for k, v in value.items()}
     return _number(value)
 
 
-def canonical_params(params: dict) -> dict:
-    """Parameters in a normal form (numbers normalised, a length-independent size rounded to
-    whole tokens as :meth:`Elastic.at` does, index lists sorted): equal normal forms mean
-    equal masks."""
-    return {k: _canonical_value(k, v) for k, v in sorted(params.items())}
+def canonical_params(kind: str, params: dict) -> dict:
+    """``kind``'s parameters in a normal form (numbers normalised; the family's elastic sizes
+    that do not grow with the length rounded to whole tokens as :meth:`Elastic.at` does;
+    its index lists sorted): equal normal forms mean equal masks."""
+    family = get_pattern(kind)
+    return {k: _canonical_value(v, family, k) for k, v in sorted(params.items())}
 
 
 def instance_key(kind: str, params: dict) -> str:
     """The one key for "same pattern instance": heads with equal keys run as one group."""
-    return kind + json.dumps(canonical_params(params), sort_keys=True)
+    return kind + json.dumps(canonical_params(kind, params), sort_keys=True)
 
 
+# -- the registry ------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, Pattern] = {}
 
 
 def register(pattern_cls: type[Pattern]) -> type[Pattern]:
+    """Class decorator: make ``pattern_cls`` (a :class:`Pattern` subclass) the family of its
+    ``kind``. Every consumer (passes, backends, plan) finds it through :func:`get_pattern`."""
+    if not pattern_cls.kind:
+        raise ValueError(f"{pattern_cls.__name__} has no kind")
     _REGISTRY[pattern_cls.kind] = pattern_cls()
     return pattern_cls
 
 
+def unregister(kind: str) -> None:
+    """Remove the family ``kind`` (families defined for a test register and leave)."""
+    _REGISTRY.pop(kind, None)
+
+
 def get_pattern(kind: str) -> Pattern:
+    """The registered family ``kind``; ValueError naming the known kinds otherwise."""
     try:
         return _REGISTRY[kind]
     except KeyError:
@@ -273,4 +406,24 @@ def get_pattern(kind: str) -> Pattern:
 
 
 def pattern_kinds() -> list[str]:
+    """Every registered kind, in registration order (simplest first: the classification tie-break)."""
     return list(_REGISTRY)
+
+
+# -- backend pieces that cannot be spelled in MaskOps (e.g. a dynamic family's estimate in ONNX) --
+
+_PIECES: dict[tuple[str, str], Any] = {}
+
+
+def register_piece(backend: str, kind: str):
+    """Decorator: ``obj`` is family ``kind``'s piece of ``backend`` (``"onnx"``, ``"fa4"``, ...),
+    for what a family cannot express through :meth:`Pattern.index_keep`."""
+    def decorate(obj):
+        _PIECES[(backend, kind)] = obj
+        return obj
+    return decorate
+
+
+def backend_piece(backend: str, kind: str, default: Any = None) -> Any:
+    """The piece registered for ``(backend, kind)``, or ``default``."""
+    return _PIECES.get((backend, kind), default)

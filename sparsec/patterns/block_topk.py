@@ -15,6 +15,7 @@ divisor of the target's ``block_m`` and ``block_n``, so it tiles the kernels' bl
 """
 from __future__ import annotations
 
+import numpy as np
 import sympy
 import torch
 
@@ -28,6 +29,10 @@ MIN_GRID = 4
 @register
 class BlockTopk(Pattern):
     kind = "block_topk"
+    index_list_params = frozenset({"blocks"})
+    # Lookup-table template, KEEP_KIND 1 with the calibration layout as the grid (keep_grid).
+    triton_template = "lut"
+    triton_flags = {"KEEP_KIND": 1, "HAS_COLUMNS": False}
 
     def merge(self, first, second):
         """Both layouts' blocks, when they share a block size and grid."""
@@ -36,14 +41,35 @@ class BlockTopk(Pattern):
         blocks = sorted({tuple(b) for b in first["blocks"]} | {tuple(b) for b in second["blocks"]})
         return {**first, "blocks": [list(b) for b in blocks]}
 
-    def keep(self, params, d, rows, cols, n_q, n_k):
+    def index_keep(self, params, i, j, d, ops):
+        """The calibration layout stretched to this length (nearest grid cell), or the key
+        block that holds the query's diagonal position ``i + (n_k - n_q) = d + j``."""
         block = int(params["block"])
-        stretched = self._stretched(params, n_q, n_k).to(rows.device)
-        col_block = cols // block
-        kept = stretched[(rows // block)[:, None], col_block[None, :]]
-        # A block that holds the diagonal: its key block is the aligned query's key block.
-        diagonal_block = (rows + (n_k - n_q)) // block
-        return kept | (col_block[None, :] == diagonal_block[:, None])
+        grid_q, grid_k = params["grid"]
+        blocks_q, blocks_k = (ops.n_q + block - 1) // block, (ops.n_k + block - 1) // block
+        grid_row = ops.minimum((i // block) * grid_q // blocks_q, grid_q - 1)
+        grid_col = ops.minimum((j // block) * grid_k // blocks_k, grid_k - 1)
+        layout = self.layout(params).flatten().tolist()
+        kept = ops.lookup(layout, grid_row * grid_k + grid_col)
+        return kept | ((j // block) == ((d + j) // block))
+
+    def layout(self, params) -> np.ndarray:
+        """The kept blocks as a boolean ``[grid_q, grid_k]`` array (the calibration grid)."""
+        grid_q, grid_k = params["grid"]
+        layout = np.zeros((grid_q, grid_k), dtype=bool)
+        for query_block, key_block in params["blocks"]:
+            layout[query_block, key_block] = True
+        return layout
+
+    def keep_grid(self, params, n_q, n_k):
+        return torch.from_numpy(self.layout(params)), int(params["block"])
+
+    def split_initializer(self, params):
+        """The layout travels as a boolean initializer, not inside the JSON attribute."""
+        return {k: v for k, v in params.items() if k != "blocks"}, self.layout(params)
+
+    def join_initializer(self, params, initializer):
+        return {**params, "blocks": np.argwhere(initializer).tolist()}
 
     def describe(self, params):
         grid_q, grid_k = params["grid"]

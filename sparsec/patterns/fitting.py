@@ -230,3 +230,24 @@ def cheapest(candidates: list[tuple[float, float, object]], recall: float) -> ob
     if meeting:
         return min(meeting, key=lambda c: c[1])[2]
     return max(candidates, key=lambda c: (c[0], -c[1]))[2]
+
+
+def period_candidates(mass: torch.Tensor, limit: int = 4) -> list[int]:
+    """Candidate periods of a ``|d|`` mass profile: the strongest local maxima of its
+    autocorrelation (FFT) and of the profile itself, and their neighbours (peaks are
+    integer-rounded)."""
+    length = len(mass)
+    if length < 6:
+        return []
+    spectrum = torch.fft.rfft(mass, n=2 * length)
+    autocorrelation = torch.fft.irfft(spectrum * spectrum.conj(), n=2 * length)[:length]
+    found = set()
+    for signal in (autocorrelation, mass):
+        lags = torch.arange(2, length // 2)
+        if len(lags) == 0:
+            continue
+        peak = (signal[lags] > signal[lags - 1]) & (signal[lags] >= signal[lags + 1])
+        strongest = lags[peak][signal[lags[peak]].argsort(descending=True)[:limit]]
+        for lag in strongest.tolist():
+            found.update({lag - 1, lag, lag + 1})
+    return sorted(p for p in found if p >= 2)

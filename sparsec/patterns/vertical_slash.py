@@ -29,6 +29,10 @@ MAX_LINES = 1024
 class VerticalSlash(Pattern):
     kind = "vertical_slash"
     dynamic = True
+    elastic_params = frozenset({"vertical", "slash"})
+    # Lookup-table template, KEEP_KIND 2: estimated column and offset maps, gathered columns.
+    triton_template = "lut"
+    triton_flags = {"KEEP_KIND": 2, "HAS_COLUMNS": True}
 
     def merge(self, first, second):
         """More columns and diagonals from the same estimate (same ``last_q``): the top
@@ -38,11 +42,15 @@ class VerticalSlash(Pattern):
         return {**first, "vertical": Elastic.widest(first["vertical"], second["vertical"]),
                 "slash": Elastic.widest(first["slash"], second["slash"])}
 
-    def keep(self, params, d, rows, cols, n_q, n_k):
+    def index_keep(self, params, i, j, d, ops):
         raise TypeError("vertical_slash is dynamic: use estimate_indices() and dynamic_mask()")
 
-    def block_layout(self, params, n_q, n_k, causal, block_m, block_n):
+    def block_classes(self, params, n_q, n_k, causal, block_m, block_n, device="cpu"):
         raise TypeError("vertical_slash has no static block layout; it is estimated per input")
+
+    def estimating_queries(self, params: dict, n_q: int) -> int:
+        """How many of the last queries the estimate reads."""
+        return max(1, min(int(params.get("last_q", 64)), n_q))
 
     def estimate_indices(self, params: dict, q: torch.Tensor, k: torch.Tensor, scale: float,
                          causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +65,7 @@ class VerticalSlash(Pattern):
         are always among them unless the mask removes them there.
         """
         n_q, n_k = q.shape[-2], k.shape[-2]
-        last_q = max(1, min(int(params.get("last_q", 64)), n_q))
+        last_q = self.estimating_queries(params, n_q)
         rows = torch.arange(n_q - last_q, n_q, device=q.device)
         cols = torch.arange(n_k, device=q.device)
         d = offsets(rows, cols, n_q, n_k)
@@ -78,7 +86,7 @@ class VerticalSlash(Pattern):
         column_score = probs.sum(dim=-2)                               # [B, H, n_k]
         # Slash scores: attention summed along each offset d in [-shift, n_k-1]. The estimating
         # queries see offsets down to 1 - last_q, below -(n_k-1) when they outnumber the keys
-        # (cross-attention, issue #14).
+        # (cross-attention).
         shift = _slash_shift(last_q, n_k)
         span = shift + n_k
         batch_heads = probs.shape[:-2]
@@ -118,6 +126,22 @@ class VerticalSlash(Pattern):
         slash = offset_mask[..., d + shift]
         mask = column_mask[..., None, :] | slash
         return mask & (d >= 0) if causal else mask
+
+    def dynamic_mask_mod(self, columns: torch.Tensor, diagonals: torch.Tensor, n_q: int, n_k: int,
+                         causal: bool):
+        """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of estimated columns and diagonals
+        (``[B, H, V]`` and ``[B, H, S]``, from :meth:`estimate_indices`)."""
+        shift = max(n_q, n_k) - 1
+        column_map = torch.zeros(*columns.shape[:2], n_k, dtype=torch.bool, device=columns.device)
+        column_map.scatter_(-1, columns, True)
+        offset_map = torch.zeros(*columns.shape[:2], shift + n_k, dtype=torch.bool, device=columns.device)
+        offset_map.scatter_(-1, diagonals + shift, True)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx + (n_k - n_q) - kv_idx
+            kept = column_map[b, h, kv_idx] | offset_map[b, h, d + shift]
+            return kept & (d >= 0) if causal else kept
+        return mask_mod
 
     def pairs(self, params, n, causal):
         lines = Elastic.from_json(params["vertical"]).at(n) + Elastic.from_json(params["slash"]).at(n)

@@ -1,0 +1,203 @@
+"""``vertical_stripe``: key columns every query sees plus a local window (vertical stripes /
+global tokens: BigBird, MInference).
+
+params: ``columns`` (key positions; those past the sequence end are dropped) and ``window``
+(Elastic, a local band that keeps the diagonal).
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from . import fitting
+from .base import N, Elastic, Pattern, register
+from .shared import SYMBOLIC, band, column_pairs, size_at, window_pairs
+
+# Most stripe columns a vertical_stripe fit keeps.
+MAX_STRIPES = 64
+
+
+def _fixed_tokens(size) -> int | None:
+    """A length-independent size in tokens, or None."""
+    size = Elastic.from_json(size)
+    return size.at(0) if size.b == 0 else None
+
+
+@register
+class VerticalStripe(Pattern):
+    """params: ``columns`` (key positions every query sees; those past the sequence end are
+    dropped) and ``window`` (Elastic, a local band that keeps the diagonal).
+
+    Columns are *positional*: a fit only ever keeps a leading prefix of sink keys
+    ``0 .. sink - 1`` and/or the periodic keys ``phase + k * period`` (every ``period``-th
+    key, as many as :data:`MAX_STRIPES` allows, so the rule carries over to longer
+    inputs). Which tokens matter by content (a separator, a name) moves with the input, so
+    absolute positions taken from calibration text would mean nothing on another input; a
+    head whose stripes follow content has its mass spread over many positions in the
+    calibration profiles, no positional rule reaches the recall, and it takes another
+    pattern. ``columns`` stays a list, the form the kernels, ONNX and Triton paths read."""
+
+    kind = "vertical_stripe"
+    elastic_params = frozenset({"window"})
+    index_list_params = frozenset({"columns"})
+    triton_template = "index"
+    triton_flags = {"HAS_SINK": False, "HAS_COLUMNS": True, "MULTI_DIAGONAL": False}
+
+    def index_keep(self, params, i, j, d, ops):
+        kept = band(d, ops.size(params["window"]), ops)
+        columns = sorted({int(c) for c in params["columns"]})
+        if not columns:
+            return kept
+        table = [False] * (columns[-1] + 1)           # a flag per key position up to the last column
+        for c in columns:
+            table[c] = True
+        stripe = (j < len(table)) & ops.lookup(table, ops.minimum(j, len(table) - 1))
+        return kept | stripe
+
+    def cover(self, params, other_kind, other_params):
+        """Stripes hold a window, and a sink + window whose sink is a fixed number of keys."""
+        if other_kind not in ("window", "sink_window"):
+            return None
+        columns = set(params["columns"])
+        if other_kind == "sink_window":
+            sink = _fixed_tokens(other_params["sink"])
+            if sink is None:
+                return None
+            columns |= set(range(sink))
+        return {"columns": sorted(columns), "window": Elastic.widest(params["window"], other_params["window"])}
+
+    def merge(self, first, second):
+        """Both rules' columns (positional too) and the wider window."""
+        columns = sorted(set(first["columns"]) | set(second["columns"]))
+        return {"columns": columns, "window": Elastic.widest(first["window"], second["window"])}
+
+    def pairs(self, params, n, causal):
+        w = size_at(params, "window", n)
+        columns = {c for c in params["columns"] if c < n}
+        return window_pairs(n, w, causal) + sum(column_pairs(n, c, w, causal) for c in columns)
+
+    def pairs_expr(self, params, causal):
+        """Exact for ``N`` past the last column."""
+        w = Elastic.from_json(params["window"]).expr()
+        return window_pairs(N, w, causal, lo=sympy.Min) + sum(
+            column_pairs(N, c, w, causal, **SYMBOLIC) for c in set(params["columns"]))
+
+    def describe(self, params):
+        return f"columns={params['columns']}, window={Elastic.from_json(params['window'])}"
+
+    def _recall_at(self, profile, columns: torch.Tensor, widths: torch.Tensor,
+                   overlaps: torch.Tensor | None = None) -> torch.Tensor:
+        """Recall of the stripes ``columns`` with each window width; the stripes' overlap
+        with the window is :func:`~fitting.column_window_mass`'s estimate (its rows for
+        ``columns``, ``overlaps``, when the caller has them)."""
+        window = fitting.window_mass(profile)
+        stripes = profile.column_mass[columns].sum()
+        if overlaps is None:
+            overlaps = fitting.column_window_mass(profile, columns, widths)
+        return fitting.union_recall(stripes, window[widths.clamp(max=len(window) - 1)], overlaps.sum(0),
+                                    profile.total)
+
+    def recall(self, profile, params):
+        columns = torch.tensor(sorted({c for c in params["columns"] if c < profile.n_k}), dtype=torch.long)
+        return float(self._recall_at(profile, columns, torch.tensor([size_at(params, "window", profile.n_k)]))[0])
+
+    def _stripe_widths(self, profiles, columns: list[int], recall: float,
+                       tables: list[tuple]) -> tuple[float, list[tuple[int, int]]]:
+        """The smallest window meeting ``recall`` at each length with these columns, and the
+        lowest recall reached (the recall of the widest window where none meets it).
+        ``tables[i]``: profile ``i``'s ``(row of each key column, column_window_mass at every
+        width)`` for the columns the fit's rules use."""
+        sizes, worst = [], 1.0
+        for p, table in zip(profiles, tables):
+            kept = torch.tensor([c for c in columns if c < p.n_k], dtype=torch.long)
+            widths = torch.arange(len(fitting.window_mass(p)))
+            row_of, overlaps = table
+            reached = self._recall_at(p, kept, widths, overlaps[row_of[kept]]).cummax(0).values
+            w = fitting.smallest_meeting(reached, recall)
+            sizes.append((p.n_k, w))
+            worst = min(worst, float(reached[w]))
+        return worst, sizes
+
+    def fit(self, profiles, recall):
+        """The cheapest positional rule (see the class docstring) meeting ``recall`` at every
+        calibration length: sink prefixes up to :data:`~fitting.SINK_COLUMNS`, with or
+        without the periodic keys of a period found in the column mass (its phase the
+        residue holding the most mass); the window is the smallest per length, made elastic.
+        """
+        longest, shortest = profiles[-1], profiles[0]
+        rules = [positional_columns(sink, *(periodic or (0, 0)))
+                 for periodic in [None, *_periodic_candidates(profiles)]
+                 # fewer than 3 periods at the shortest length: no evidence of a period
+                 if periodic is None or periodic[1] + 2 * periodic[0] < shortest.n_k
+                 for sink in range(fitting.SINK_COLUMNS + 1)]
+        # Each profile's column_window_mass rows for every column some rule keeps, computed
+        # once: the table, not the rules, is what costs.
+        used = torch.tensor(sorted(set().union(*rules)), dtype=torch.long)
+        tables = []
+        for p in profiles:
+            rows = used[used < p.n_k]
+            row_of = torch.full((p.n_k,), -1, dtype=torch.long)
+            row_of[rows] = torch.arange(len(rows))
+            widths = torch.arange(len(fitting.window_mass(p)))
+            tables.append((row_of, fitting.column_window_mass(p, rows, widths)))
+        candidates = []
+        for columns in rules:
+            reached, sizes = self._stripe_widths(profiles, columns, recall, tables)
+            w = sizes[-1][1]
+            cost = window_pairs(longest.n_k, w, longest.causal) + sum(
+                column_pairs(longest.n_k, c, w, longest.causal) for c in columns if c < longest.n_k)
+            candidates.append((reached, cost, (columns, sizes)))
+        columns, sizes = fitting.cheapest(candidates, recall)
+        params = {"columns": columns, "window": fitting.fit_elastic(sizes).to_json()}
+        return params, fitting.worst_recall(self, profiles, params)
+
+
+def positional_columns(sink: int, period: int, phase: int) -> list[int]:
+    """The sink prefix ``0 .. sink - 1`` and (``period > 0``) the periodic keys
+    ``phase + k * period``, sorted, at most :data:`MAX_STRIPES` in all."""
+    columns, position = set(range(sink)), phase
+    while period > 0 and len(columns) < MAX_STRIPES:
+        columns.add(position)
+        position += period
+    return sorted(columns)
+
+
+def _periodic_candidates(profiles) -> list[tuple[int, int]]:
+    """``(period, phase)`` pairs to try: periods from the column mass's autocorrelation at
+    every length, each with the phase whose keys hold the most mass past the sinks (summed
+    over the lengths, so one phase serves all of them), kept when the rule is supported
+    at every length (:func:`_supports_period`) and fits in :data:`MAX_STRIPES` columns."""
+    periods = set()
+    for p in profiles:
+        periods.update(fitting.period_candidates(p.column_mass))
+    found = []
+    for period in sorted(periods):
+        if profiles[-1].n_k / period > MAX_STRIPES:
+            continue
+        mass = torch.zeros(period, dtype=torch.float64)
+        for p in profiles:
+            keys = torch.arange(fitting.SINK_COLUMNS, p.n_k)
+            mass.index_add_(0, keys % period, p.column_mass[fitting.SINK_COLUMNS:].double())
+        phase = int(mass.argmax())
+        if all(_supports_period(p, period, phase) for p in profiles):
+            found.append((period, phase))
+    return found
+
+
+# A periodic key is a stripe when its mass exceeds this multiple of the median mass of the
+# keys up to the next one; a period is kept when this fraction of its keys are stripes.
+STRIPE_CONTRAST = 1.5
+STRIPE_SUPPORT = 0.75
+
+
+def _supports_period(profile, period: int, phase: int) -> bool:
+    """Whether most keys ``phase + k * period`` of one profile stand out from the keys
+    between them: a period that merely passes through a few content stripes (any two
+    columns share many periods) is not a positional rule."""
+    mass = profile.column_mass
+    stripes = total = 0
+    for column in range(phase, profile.n_k - 1, period):
+        between = mass[column + 1:min(column + period, profile.n_k)]
+        total += 1
+        stripes += bool(mass[column] > STRIPE_CONTRAST * between.median())
+    return total > 0 and stripes >= STRIPE_SUPPORT * total

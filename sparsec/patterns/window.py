@@ -1,0 +1,41 @@
+"""``window``: keys within ``window`` positions of the diagonal (sliding window, Longformer).
+
+params: ``window`` (Elastic).
+"""
+from __future__ import annotations
+
+import sympy
+
+from . import fitting
+from .base import N, Elastic, Pattern, register
+from .shared import band, size_at, window_pairs
+
+
+@register
+class Window(Pattern):
+    kind = "window"
+    elastic_params = frozenset({"window"})
+    triton_template = "index"
+    triton_flags = {"HAS_SINK": False, "HAS_COLUMNS": False, "MULTI_DIAGONAL": False}
+
+    def index_keep(self, params, i, j, d, ops):
+        return band(d, ops.size(params["window"]), ops)
+
+    def merge(self, first, second):
+        return {"window": Elastic.widest(first["window"], second["window"])}
+
+    def pairs(self, params, n, causal):
+        return window_pairs(n, size_at(params, "window", n), causal)
+
+    def pairs_expr(self, params, causal):
+        return window_pairs(N, Elastic.from_json(params["window"]).expr(), causal, lo=sympy.Min)
+
+    def recall(self, profile, params):
+        mass = fitting.window_mass(profile)
+        return float(mass[min(size_at(params, "window", profile.n_k), len(mass) - 1)])
+
+    def fit(self, profiles, recall):
+        """Exact: the smallest window whose diagonal mass reaches ``recall``, per length."""
+        sizes = [(p.n_k, fitting.smallest_meeting(fitting.window_mass(p), recall)) for p in profiles]
+        params = {"window": fitting.fit_elastic(sizes).to_json()}
+        return params, fitting.worst_recall(self, profiles, params)
