@@ -14,8 +14,6 @@ from sparsec.errors import PlanError
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.plan import Plan
 
-from .fuse_heads import FUSE_RECORDS, heads_in_model_order
-
 
 class ApplyPlan:
     name = "apply_plan"
@@ -35,9 +33,11 @@ class ApplyPlan:
                 raise PlanError(
                     f"plan site {site.name} has {source.num_heads} heads / {source.num_kv_heads} KV heads, "
                     f"the model has {site.num_heads} / {site.num_kv_heads}; the plan belongs to another model")
-            site.heads = heads_in_model_order(source)     # a fused plan numbers heads as permuted
-            site.groups = site.group_heads_by_pattern()
-            site.extra.update({k: copy.deepcopy(v) for k, v in source.extra.items() if k not in FUSE_RECORDS})
+            site.heads = source.heads_in_model_order()     # a fused plan numbers heads as permuted
+            site.regroup()
+            # Records of the decisions taken over; fusion's is redone for this capture.
+            site.extra.update(copy.deepcopy(source.extra))
+            site.search, site.merge = copy.deepcopy(source.search), copy.deepcopy(source.merge)
             applied += 1
         ctx.plan.recall_threshold = self.given.recall_threshold
         return PassResult(gm, False, {"sites_applied": applied})

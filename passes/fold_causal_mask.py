@@ -33,7 +33,6 @@ from torch.fx.node import map_arg
 
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MASKED_ADDITIVE, MODEL_WINDOW, baseline_pattern, offsets
-from sparsec.plan import HeadGroup
 
 from .lower import lower_site
 
@@ -266,8 +265,7 @@ class FoldCausalMask:
         single group runs the model's window on every head."""
         kind, params = baseline_pattern(site)
         for head in site.heads:
-            head.pattern, head.params = kind, dict(params)
-            head.reason = f"the model's own sliding window ({site.extra[MODEL_WINDOW]} keys): fixed"
-        site.groups = [HeadGroup(kind, dict(params), [h.head for h in site.heads])]
+            head.assign(kind, params, f"the model's own sliding window ({site.extra[MODEL_WINDOW]} keys): fixed")
+        site.regroup()
         lower_site(gm, node, site)
         site.extra["lowered"] = f"sparse_attention, the model's window({site.extra[MODEL_WINDOW]}), 1 launch"

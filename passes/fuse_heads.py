@@ -20,14 +20,15 @@ Per-head patterns are only fast when heads with the same pattern run in one laun
    movement: the group table lists each group's original heads; the kernels index heads
    through it) or ``"gather"`` (one ``index_select`` on q/k/v and one on the output).
 
-The site records ``extra["fuse_strategy"]`` ("weights", "gather", "head_index" or "none"),
-``extra["head_permutation"]`` (head ``i`` of the site is original head ``perm[i]``) and why.
+The site records ``site.fusion`` (:class:`~sparsec.plan.FuseRecord`): the strategy
+("weights", "gather", "head_index" or "none"), the head order (head ``i`` of the site is
+original head ``head_permutation[i]``; read it with :meth:`AttentionSite.head_permutation`)
+and why.
 ``lower`` then emits one ``sparse_attention`` per site whose group table has one entry —
 one launch — per group.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
@@ -35,29 +36,16 @@ import torch
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns import instance_key
-from sparsec.plan import AttentionSite, HeadGroup, HeadPlan
+from sparsec.plan import AttentionSite, FuseRecord, HeadGroup
 
 from .attention_sites import ATTENTION
-from .head_grouping import group_by_instance, merge_groups
+from .head_grouping import merge_groups
 from .head_permutation import (NotPermutable, find_head_moves, mask_is_per_head, parameter_indices,
                                permute_parameters)
 
 aten = torch.ops.aten
 
 STRATEGIES = ("weights", "gather", "head_index", "none")
-# Site records this pass writes; a plan applied to a fresh capture must not carry them over.
-FUSE_RECORDS = ("fuse_strategy", "head_permutation", "kv_head_permutation", "fuse_heads")
-
-
-def heads_in_model_order(site: AttentionSite) -> list[HeadPlan]:
-    """The site's heads numbered as in the unpermuted model (undoes ``head_permutation``)."""
-    order = site.extra.get("head_permutation")
-    if not order:
-        return copy.deepcopy(site.heads)
-    heads = [None] * len(order)
-    for position, original in enumerate(order):
-        heads[original] = replace(copy.deepcopy(site.heads[position]), head=original)
-    return heads
 
 
 # -- head order ------------------------------------------------------------------------------
@@ -206,20 +194,20 @@ class FuseHeads:
                 continue
             record, changed = self._fuse_site(gm, node, site, cost_model)
             graph_changed |= changed
-            decisions[site.name] = record
-            stats["launches_before"].append(record["launches_before"])
-            stats["launches_after"].append(record["launches_after"])
-            stats[f"sites_{record['strategy']}"] += 1
-            stats["heads_moved"] += sum(p != h for h, p in enumerate(site.extra["head_permutation"]))
-            stats["groups_merged"] += len(record["merges"])
-            stats["groups_split_by_gqa"] += record["groups_split_by_gqa"]
+            decisions[site.name] = {**record.to_dict(), "groups": [vars(g) for g in site.groups]}
+            stats["launches_before"].append(record.launches_before)
+            stats["launches_after"].append(record.launches_after)
+            stats[f"sites_{record.strategy}"] += 1
+            stats["heads_moved"] += sum(p != h for h, p in enumerate(site.head_permutation()))
+            stats["groups_merged"] += len(record.merges)
+            stats["groups_split_by_gqa"] += record.groups_split_by_gqa
         if graph_changed:
             gm.graph.lint()
             gm.recompile()
         modified = graph_changed or any(r["strategy"] == "weights" for r in decisions.values())
         return PassResult(gm, modified, stats, decisions)
 
-    def _fuse_site(self, gm, node, site: AttentionSite, cost_model: CostModel) -> tuple[dict, bool]:
+    def _fuse_site(self, gm, node, site: AttentionSite, cost_model: CostModel) -> tuple[FuseRecord, bool]:
         """Group, order and permute one site; returns its record and whether the graph changed."""
         per_kv = site.num_heads // site.num_kv_heads
         sparse = any(h.pattern != "dense" for h in site.heads)
@@ -227,7 +215,7 @@ class FuseHeads:
         def cost(kind: str, params: dict, count: int) -> float:
             return cost_model.site_seconds([(kind, params, count)], self.length, site.effective_causal(), site.head_dim)
 
-        groups, merges = merge_groups(group_by_instance(site.heads), cost, self.merge_threshold, self.max_groups)
+        groups, merges = merge_groups(site.instance_groups(), cost, self.merge_threshold, self.max_groups)
         self._record_merges(site, groups)
         group_of = [0] * site.num_heads
         for index, group in enumerate(groups):
@@ -243,20 +231,16 @@ class FuseHeads:
         final, split = _final_groups(groups, order, split_mode)
         split = 0 if strategy == "head_index" else split
         site.heads = [replace(site.heads[old], head=new) for new, old in enumerate(order)]
-        site.groups = final
-        site.extra["head_permutation"] = order
-        site.extra["kv_head_permutation"] = [order[u * per_kv] // per_kv for u in range(site.num_kv_heads)]
-        site.extra["fuse_strategy"] = strategy
-        record = {"strategy": strategy, "reason": reason,
-                  "launches_before": site.num_heads if sparse else 1,     # unfused: one launch per head
-                  "launches_after": len(final) if sparse else 1,
-                  "groups_split_by_gqa": split, "gqa_split": split_mode if split else None,
-                  "groups": [{"pattern": g.pattern, "params": g.params, "heads": g.heads} for g in final],
-                  "head_permutation": order, "permuted_parameters": parameters,
-                  "merges": [vars(m) for m in merges]}
-        site.extra["fuse_heads"] = {k: v for k, v in record.items() if k not in ("groups", "head_permutation")}
+        site.set_groups(final, "fuse_heads")
+        site.fusion = FuseRecord(
+            strategy=strategy, reason=reason, head_permutation=order,
+            kv_head_permutation=[order[u * per_kv] // per_kv for u in range(site.num_kv_heads)],
+            launches_before=site.num_heads if sparse else 1,     # unfused: one launch per head
+            launches_after=len(final) if sparse else 1,
+            groups_split_by_gqa=split, gqa_split=split_mode if split else None,
+            permuted_parameters=parameters, merges=[vars(m) for m in merges])
         graph_changed = strategy == "gather" or (strategy == "weights" and mask_is_per_head(node.args[3]))
-        return record, graph_changed
+        return site.fusion, graph_changed
 
     def _realise(self, gm, node, site: AttentionSite, order: list[int], per_kv: int):
         """Put the heads in ``order`` by permuting weights, else by the fallback; returns
@@ -283,7 +267,8 @@ class FuseHeads:
         for group in groups:
             for h in group.heads:
                 head = site.heads[h]
+                reason = head.reason
                 if instance_key(head.pattern, head.params) != instance_key(group.pattern, group.params):
-                    head.reason += (f"{'; ' if head.reason else ''}fuse_heads: runs as {group.pattern} "
-                                    f"{group.params} (was {head.pattern} {head.params}) with heads {group.heads}")
-                head.pattern, head.params = group.pattern, group.params
+                    reason += (f"{'; ' if head.reason else ''}fuse_heads: runs as {group.pattern} "
+                               f"{group.params} (was {head.pattern} {head.params}) with heads {group.heads}")
+                head.assign(group.pattern, group.params, reason)        # the group's canonical params

@@ -39,7 +39,7 @@ class Lower:
             if node is None or node.target != ATTENTION:
                 continue
             if not site.groups:
-                site.groups = site.group_heads_by_pattern()
+                site.regroup()
             if all(group.pattern == "dense" for group in site.groups):
                 site.extra["lowered"] = "dense attention (scaled_dot_product_attention)"
                 decisions[site.name] = "dense"

@@ -13,7 +13,7 @@ the one dense launch it replaced. Per site, greedily and while the site's predic
   group, which is one launch for all of them).
 
 A site still predicted no faster than all-dense becomes all-dense. Each changed head's
-``reason`` says what happened; ``site.extra["merge"]`` records the site's predicted time
+``reason`` says what happened; ``site.merge`` (:class:`~sparsec.plan.MergeRecord`) records the site's predicted time
 before and after. The length is ``compile(seq_len=...)`` (the serving length) or the
 longest calibration length.
 """
@@ -26,7 +26,7 @@ from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern
 from sparsec.patterns.base import baseline_pattern
 from sparsec.patterns.fitting import worst_recall
-from sparsec.plan import AttentionSite
+from sparsec.plan import AttentionSite, MergeRecord
 
 from .attention_sites import ATTENTION
 from .head_grouping import covering
@@ -48,16 +48,16 @@ class MergeHeadGroups:
             if not n or all(h.pattern == "dense" for h in site.heads):
                 continue
             record = _merge_site(site, cost, n, stats)
-            merged += record["merges"]
-            densified += record["heads_densified"]
-            decisions[site.name] = record
-            site.extra["merge"] = record
+            merged += record.merges
+            densified += record.heads_densified
+            decisions[site.name] = record.to_dict()
+            site.merge = record
         return PassResult(gm, bool(decisions), {"merges": merged, "heads_densified": densified}, decisions)
 
 
-def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> dict:
+def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeRecord:
     causal = site.effective_causal()
-    groups = [(g.pattern, g.params, list(g.heads)) for g in site.group_heads_by_pattern() if g.pattern != "dense"]
+    groups = [(g.pattern, g.params, list(g.heads)) for g in site.instance_groups() if g.pattern != "dense"]
     dense_heads = [h.head for h in site.heads if h.pattern == "dense"]
 
     def seconds(sparse, dense):
@@ -86,10 +86,10 @@ def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> dict:
     all_dense = seconds([], [h.head for h in site.heads])
     if current >= all_dense:
         groups, dense_heads, current = [], [h.head for h in site.heads], all_dense
+    densified = sum(h.head in dense_heads and h.pattern != "dense" for h in site.heads)
     _write(site, groups, dense_heads, cost, n, stats)
-    return {"seq_len": n, "seconds_before": before, "seconds_after": current, "dense_seconds": all_dense,
-            "merges": merges, "groups": len(groups) + bool(dense_heads),
-            "heads_densified": sum(h.head in dense_heads and h.pattern != "dense" for h in site.heads)}
+    return MergeRecord(seq_len=n, seconds_before=before, seconds_after=current, dense_seconds=all_dense,
+                       merges=merges, groups=len(groups) + bool(dense_heads), heads_densified=densified)
 
 
 def _write(site: AttentionSite, groups: list, dense_heads: list, cost: CostModel, n: int, stats) -> None:
@@ -101,15 +101,15 @@ def _write(site: AttentionSite, groups: list, dense_heads: list, cost: CostModel
             head = by_head[index]
             if (head.pattern, head.params) == (kind, params):
                 continue
-            head.pattern, head.params = kind, params
+            head.assign(kind, params, head.reason + f"; widened to share one launch with heads {sorted(heads)} "
+                                                    f"(cost model at N={n})")
             if stats is not None and stats.profiles:
                 head.recall = round(worst_recall(pattern, stats.head(index), params), 6)
             head.density = round(float(pattern.density(params, n, site.effective_causal())), 6)
-            head.reason += f"; widened to share one launch with heads {sorted(heads)} (cost model at N={n})"
     for index in dense_heads:
         head = by_head[index]
         if head.pattern != "dense":
-            head.reason = (f"{head.pattern} saved less than its launch costs at N={n} on {cost.target.name} "
-                           f"(cost model): dense")
-            head.pattern, head.params, head.recall, head.density = "dense", {}, 1.0, 1.0
-    site.groups = site.group_heads_by_pattern()
+            head.assign("dense", {}, f"{head.pattern} saved less than its launch costs at N={n} on "
+                                     f"{cost.target.name} (cost model): dense")
+            head.recall, head.density = 1.0, 1.0
+    site.regroup()

@@ -61,13 +61,12 @@ class LinearItem:
 
 def searchable(ctx: CompileContext, mode: str) -> bool:
     """Weight sparsity was asked for, with levels left to a time-minimising search."""
-    options = ctx.options
-    return bool(options.get("weight_sparsity")) and not options.get("weight_levels") and mode != "density"
+    return bool(ctx.weights and ctx.weights.sparsity) and not ctx.weight_levels and mode != "density"
 
 
 def analyze_linears(gm: torch.fx.GraphModule, ctx: CompileContext, fitting_batches: int) -> SparsifyWeights:
     """Calibrate and score the linears on the fitting batches only (``ctx.plan.linears``)."""
-    ctx.options["weight_calibration_batches"] = fitting_batches
+    ctx.weight_calibration_batches = fitting_batches
     analysis = SparsifyWeights()
     analysis.analyze(gm, ctx)
     return analysis

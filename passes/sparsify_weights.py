@@ -10,24 +10,15 @@ other node (``nn.Linear`` and Hugging Face linears capture this way). For each o
    (the layer's *sensitivity*) and the FLOPs per token left;
 3. allocate levels for the global target: OWL (more outliers, less pruning) for
    unstructured and block structures, uniform for N:M; or levels given by a search
-   (``options["weight_levels"]`` / :meth:`SparsifyWeights.apply_levels`);
+   (``ctx.weight_levels`` / :meth:`SparsifyWeights.apply_levels`);
 4. rewrite: the dense weight is replaced by its compressed form (kept values + bit mask,
    :mod:`sparsec.weights.storage`) registered as buffers, and the node by
    ``sparse_linear(x, values, mask, bias, layout)``, so a saved program shrinks.
 
-Options (``ctx.options``): ``weight_sparsity`` (fraction of the eligible weights to prune;
-the pass does nothing without it or ``weight_levels``), ``weight_structure``
-(``unstructured``, ``2:4``, ``4:8``, ``block32``, ``block64``; default ``2:4``),
-``weight_score`` (``wanda`` | ``magnitude``), ``weight_allocation`` (``owl`` |
-``uniform``), ``owl_lambda`` (0.08), ``owl_threshold`` (5.0), ``exclude`` (module-path
-globs; default: the LM head / classifier), ``weight_levels`` ({name: level}),
-``weight_levels_by`` (who chose them: ``given`` or ``search``), ``weight_calibration_batches``
-(calibrate on the first this many calibration batches; default all: the search sets it
-to its fitting batches, so the masks it verified on held-out batches are the ones
-applied), ``weight_calibration_rows`` (512), ``weight_measure_each`` (True: one extra forward per
-pruned linear to measure its own contribution to the output error),
-``weight_candidate_model_error`` (False: one forward per candidate level and linear to add
-each candidate's error of the whole model's outputs, the unit attention sensitivities use).
+Configuration: ``ctx.weights`` (:class:`sparsec.WeightSparsity`: structure, sparsity, score,
+exclude and the tuning knobs; the pass does nothing without a sparsity or levels),
+``ctx.weight_levels`` / ``ctx.weight_levels_by`` (each linear's level, given or chosen by
+the search) and ``ctx.weight_calibration_batches`` (see :class:`~sparsec.pass_manager.CompileContext`).
 
 Each linear's plan entry (``ctx.plan.linears``) records structure, level, score,
 ``candidates`` [{level, error, cost[, model_error]}] for a budgeted search (``error``: the
@@ -52,7 +43,7 @@ from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.runtime.sparse_linear_gpu import plan_lowering
 from sparsec.weights import (COMPARISON_GROUP, Layout, compress, outlier_ratio, owl_levels, parse_structure,
                              score_weight, storage_bytes, uniform_levels)
-from sparsec.weights.config import DEFAULT_EXCLUDE
+from sparsec.weights.config import WeightSparsity
 
 from .attention_sites import module_path
 
@@ -70,21 +61,21 @@ class LinearInputs:
 
 
 def _options(ctx: CompileContext) -> dict:
-    opts = ctx.options
+    weights = ctx.weights or WeightSparsity(sparsity=0.0)
     return {
-        "sparsity": opts.get("weight_sparsity"),
-        "structure": parse_structure(opts.get("weight_structure", "2:4")),
-        "score": opts.get("weight_score", "wanda"),
-        "allocation": opts.get("weight_allocation"),
-        "lam": float(opts.get("owl_lambda", 0.08)),
-        "threshold": float(opts.get("owl_threshold", 5.0)),
-        "exclude": tuple(opts.get("exclude", DEFAULT_EXCLUDE)),
-        "levels": dict(opts.get("weight_levels") or {}),
-        "levels_by": opts.get("weight_levels_by", "given"),
-        "batches": opts.get("weight_calibration_batches"),
-        "rows": int(opts.get("weight_calibration_rows", 512)),
-        "measure_each": bool(opts.get("weight_measure_each", True)),
-        "model_error": bool(opts.get("weight_candidate_model_error", False)),
+        "sparsity": weights.sparsity,
+        "structure": parse_structure(weights.structure),
+        "score": weights.score,
+        "allocation": weights.allocation,
+        "lam": weights.owl_lambda,
+        "threshold": weights.owl_threshold,
+        "exclude": weights.exclude,
+        "levels": dict(ctx.weight_levels or {}),
+        "levels_by": ctx.weight_levels_by,
+        "batches": ctx.weight_calibration_batches,
+        "rows": weights.calibration_rows,
+        "measure_each": weights.measure_each,
+        "model_error": weights.candidate_model_error,
     }
 
 

@@ -11,7 +11,7 @@ site's mean head) are made dense, the worst half of the local error at a time, a
 model is measured again. With enforcement off (``tolerance=None``, a speed or density
 budget) nothing is undone; an error above the tolerance is warned about.
 
-``plan.error["verification"]`` records the metric, tolerance, measured error (and top-1
+``plan.verification`` (:class:`~sparsec.plan.VerificationRecord`) records the metric, tolerance, measured error (and top-1
 agreement), the input lengths it holds for, and every head made dense here, with why. The
 plan holds for the lengths it was verified at; patterns are elastic in the length, so
 longer inputs run, but their error is only measured if verification inputs that long are
@@ -30,12 +30,12 @@ import torch
 
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import baseline_pattern
-from sparsec.plan import AttentionSite
+from sparsec.plan import AttentionSite, VerificationRecord
 from sparsec.runtime import reference
 from sparsec.tolerance import Tolerance, logits_of, top1_agreement
 
 from .attention_sites import ATTENTION
-from .search import SuffixRunner
+from .suffix_runs import SuffixRunner
 
 
 class Verify:
@@ -52,45 +52,44 @@ class Verify:
         sites = {nodes[site.node]: site for site in ctx.plan.attention
                  if site.node in nodes and any(_reducible(site, head) for head in site.heads)}
         calls = ctx.verification or ctx.calibration
-        record = {**self.tolerance.to_dict(), "enforced": self.enforce, "batches": len(calls),
-                  "densified": [], "rounds": 0}
+        record = VerificationRecord(**self.tolerance.to_dict(), enforced=self.enforce, batches=len(calls))
         runner = SuffixRunner(gm, list(sites)) if sites else None
         batches = [runner.dense(call) for call in calls] if runner else []
-        record["lengths"] = sorted({int(cache[node.args[1]].shape[-2]) for cache, _ in batches for node in sites}
-                                   or {n for stats in ctx.attention_stats.values() for n in stats.lengths})
+        record.lengths = sorted({int(cache[node.args[1]].shape[-2]) for cache, _ in batches for node in sites}
+                                or {n for stats in ctx.attention_stats.values() for n in stats.lengths})
         while True:
             error, top1, local = self._measure(runner, batches, sites)
-            record.update(measured=error, top1_agreement=top1)
+            record.measured, record.top1_agreement = error, top1
             within = self.tolerance.holds(error, top1)
             if within or not self.enforce or not local:
                 break
-            record["rounds"] += 1
+            record.rounds += 1
             by_name = {site.name: site for site in sites.values()}
             for name, head in _worst(local):
                 site = by_name[name]
-                record["densified"].append({"site": name, "head": head, "pattern": _head(site, head).pattern,
-                                            "local_error": local[name, head], "model_error_before": error})
+                record.densified.append({"site": name, "head": head, "pattern": _head(site, head).pattern,
+                                         "local_error": local[name, head], "model_error_before": error})
                 _densify(site, head, f"verify: made dense, the model's {self.tolerance.metric_name} was "
                                      f"{error:.3g} over tolerance {self.tolerance.describe()}")
-        record["within_tolerance"] = within
-        ctx.plan.error["verification"] = record
+        record.within_tolerance = within
+        ctx.plan.verification = record
         if not within:
             warnings.warn(_warning(record, self.tolerance, self.enforce), stacklevel=2)
-        if sites and ctx.seq_len and max(record["lengths"], default=0) < ctx.seq_len:
+        if sites and ctx.seq_len and max(record.lengths, default=0) < ctx.seq_len:
             # Costed for a length nothing was measured at: say so (a plan calibrated and
             # verified at 2k measured rel. L2 0.68 against dense at 32k on SmolLM2).
-            record["unverified_at_seq_len"] = ctx.seq_len
+            record.unverified_at_seq_len = ctx.seq_len
             warnings.warn(f"sparsec: the plan is costed for seq_len={ctx.seq_len} but verified only at lengths "
-                          f"{record['lengths']}; its error there is unknown: pass verification inputs of that "
+                          f"{record.lengths}; its error there is unknown: pass verification inputs of that "
                           "length (compile(verification=...))", stacklevel=2)
-        decisions = {"verification": record}
-        stats = {"heads_densified": len(record["densified"]), "rounds": record["rounds"]}
+        decisions = {"verification": record.to_dict()}
+        stats = {"heads_densified": len(record.densified), "rounds": record.rounds}
         return PassResult(gm, False, stats, decisions)
 
     def _measure(self, runner, batches, sites) -> tuple[float, float | None, dict]:
         """Mean model error, mean top-1 agreement (language models) and each sparse head's
         summed local error, with the plan as it is now."""
-        overrides = {node: site.group_heads_by_pattern() for node, site in sites.items()
+        overrides = {node: site.instance_groups() for node, site in sites.items()
                      if any(_reducible(site, h) for h in site.heads)}
         if not overrides:
             return 0.0, (1.0 if batches and logits_of(batches[0][1]) is not None else None), {}
@@ -139,17 +138,16 @@ def _head(site: AttentionSite, head: int):
 
 def _densify(site: AttentionSite, head: int, reason: str) -> None:
     plan = _head(site, head)
-    plan.pattern, plan.params = baseline_pattern(site)
+    plan.assign(*baseline_pattern(site), reason)
     plan.density, plan.recall = 1.0, 1.0
-    plan.reason = reason
-    site.groups = site.group_heads_by_pattern()
+    site.regroup()
 
 
-def _warning(record: dict, tolerance: Tolerance, enforced: bool) -> str:
-    top1 = "" if record["top1_agreement"] is None else f", top-1 agreement {record['top1_agreement']:.3f}"
+def _warning(record: VerificationRecord, tolerance: Tolerance, enforced: bool) -> str:
+    top1 = "" if record.top1_agreement is None else f", top-1 agreement {record.top1_agreement:.3f}"
     why = ("even with every head dense" if enforced else
            "and was left so (enforcement is off for tolerance=None, a speed or density budget and a given "
            "plan): densify heads, raise recall, or use Budget(max_error=...)")
-    return (f"sparsec: the compiled model's measured {tolerance.metric_name} is {record['measured']:.3g}{top1} "
-            f"on {record['batches']} verification batch(es) at lengths {record['lengths']}, over the tolerance "
+    return (f"sparsec: the compiled model's measured {tolerance.metric_name} is {record.measured:.3g}{top1} "
+            f"on {record.batches} verification batch(es) at lengths {record.lengths}, over the tolerance "
             f"{tolerance.describe()} {why}")

@@ -128,9 +128,10 @@ def attention_flops(plan, n: int) -> dict:
 
     planned = dense = 0.0
     for site in plan.attention:
-        for group in site.groups or site.group_heads_by_pattern():
-            planned += len(group.heads) * head_flops(group.pattern, group.params, n, site.causal, site.head_dim)
-        dense += site.num_heads * head_flops("dense", {}, n, site.causal, site.head_dim)
+        causal = site.effective_causal()
+        for group in site.groups or site.instance_groups():
+            planned += len(group.heads) * head_flops(group.pattern, group.params, n, causal, site.head_dim)
+        dense += site.num_heads * head_flops("dense", {}, n, causal, site.head_dim)
     return {"plan": planned, "dense": dense, "cut": 1.0 - planned / dense if dense else 0.0}
 
 

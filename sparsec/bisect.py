@@ -56,10 +56,9 @@ def make_dense(plan: Plan, heads: Iterable[Head]) -> Plan:
     edited = Plan.from_dict(plan.to_dict())
     for name, index in heads:
         head = edited.site(name).heads[index]
-        head.pattern, head.params, head.recall, head.density = "dense", {}, 1.0, 1.0
-        head.reason = "made dense by sparsec.bisect"
-    for site in edited.attention:
-        site.groups = site.group_heads_by_pattern()
+        head.assign("dense", {}, "made dense by sparsec.bisect")
+        head.recall, head.density = 1.0, 1.0
+    edited.regroup()
     return edited
 
 

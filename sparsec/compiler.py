@@ -15,8 +15,8 @@ from .dump import DumpWriter
 from .errors import InvalidArgumentError, UnservableInputError, UnsupportedDtypeError
 from .inputs import as_call, calibration_calls, leaf_signature, relative_l2
 from .pass_manager import CompileContext, PassManager
-from .plan import Plan
-from .targets import Target, get_target
+from .plan import CostRecord, Plan
+from .targets import Target, get_target, running_for
 
 
 def default_passes(verify=None) -> list:
@@ -77,14 +77,14 @@ def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any)
     return budget_passes(budget, verify) if budget is not None else recall_passes(verify)
 
 
-def _cost_record(plan: Plan, target: Target, seq_len: int | None) -> dict:
+def _cost_record(plan: Plan, target: Target, seq_len: int | None) -> CostRecord | None:
     """The cost model's predicted attention speedup of the final plan, at the serving length
     (``seq_len``, ``Budget.seq_len``) or the longest verified length."""
     from sparsec.cost_model import CostModel
 
-    lengths = plan.error.get("verification", {}).get("lengths") or [0]
+    lengths = (plan.verification.lengths if plan.verification else None) or [0]
     n = seq_len or max(lengths)
-    return CostModel(target).attention_record(plan.attention, n) if n else {}
+    return CostRecord.from_dict(CostModel(target).attention_record(plan.attention, n)) if n else None
 
 
 def _own_tensors(graph_module: torch.fx.GraphModule) -> None:
@@ -239,7 +239,8 @@ class CompiledModel:
         self._check(args, kwargs)
         self._warn_if_reference(args, kwargs)
         try:
-            return self.graph_module(*args, **kwargs)
+            with running_for(self._target):          # the run-time kernels take its kernel configs
+                return self.graph_module(*args, **kwargs)
         except (RuntimeError, AssertionError, ValueError) as error:
             if "Guard failed" in str(error) or "Expected input" in str(error):
                 raise UnservableInputError(
@@ -360,13 +361,12 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         with torch.no_grad():
             dense_reference = model(*example[0], **example[1])
     new_plan = Plan(target=target.name, recall_threshold=recall, capture=capture_record)
+    if weights is not None and budget is not None and weights.levels is not None:
+        raise ValueError("WeightSparsity(levels=...) fixes every linear's level, and a budget searches "
+                         "them: pass one of the two")
     ctx = CompileContext(plan=new_plan, target=target, example_args=example[0], example_kwargs=example[1],
-                         calibration=calls, options={"recall": recall, "budget": budget})
-    if weights is not None:
-        if budget is not None and weights.levels is not None:
-            raise ValueError("WeightSparsity(levels=...) fixes every linear's level, and a budget searches "
-                             "them: pass one of the two")
-        ctx.options.update(weights.options())
+                         calibration=calls, recall=recall, budget=budget, weights=weights,
+                         weight_levels=None if weights is None or weights.levels is None else dict(weights.levels))
     dump_path = dump_dir or config.dump_dir()
     if passes is None:
         passes = _pipeline(plan, budget, tolerance, dense_reference)
@@ -378,7 +378,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     gm = manager.run(gm, ctx)
     with torch.no_grad():
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
-    new_plan.extra["cost"] = _cost_record(new_plan, target, ctx.seq_len)
+    new_plan.cost = _cost_record(new_plan, target, ctx.seq_len)
     compiled = CompiledModel(gm, new_plan, example[0], example[1], ctx.attention_stats)
     if manager.dump:
         manager.dump.write_plan(new_plan)

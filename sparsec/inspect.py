@@ -18,7 +18,6 @@ from pathlib import Path
 from sparsec.errors import SparsecError
 from sparsec.patterns import get_pattern
 from sparsec.plan import AttentionSite, HeadPlan, Plan
-from sparsec.report import original_head
 
 _STEM = re.compile(r"^(\d{3})_(.+)\.json$")
 
@@ -136,18 +135,18 @@ def explain_head(plan: Plan, site: AttentionSite, head: HeadPlan) -> str:
     ladder, each with recall and cost, against the plan's recall threshold; then the verdict."""
     threshold = plan.recall_threshold
     describe = get_pattern(head.pattern).describe(head.params)
-    model_head = original_head(site, head.head)
+    model_head = site.head_permutation()[head.head]
     group = model_head // max(1, site.num_heads // max(1, site.num_kv_heads))
     moved = f", model head {model_head} before fuse_heads reordered the heads" if model_head != head.head else ""
     lines = [f"layer {site.layer} head {head.head}  (site {site.name}, "
-             f"{'causal' if site.causal else 'bidirectional'}, KV head {group}{moved})",
+             f"{'causal' if site.effective_causal() else 'bidirectional'}, KV head {group}{moved})",
              f"chosen: {head.pattern} {describe}  recall {_num(head.recall)}  density {_num(head.density)}",
              f"recall threshold: {threshold}  (a pattern must keep at least this fraction of the head's "
              "calibration attention mass)"]
     candidates = sorted(head.candidates, key=_cost)
     lines += _candidate_lines(head, candidates, threshold)
     lines += _search_lines(plan, site, head, model_head)
-    lines.append("why: " + _verdict(head, candidates, threshold, searched="search" in site.extra))
+    lines.append("why: " + _verdict(head, candidates, threshold, searched=site.search is not None))
     return "\n".join(lines)
 
 
@@ -186,17 +185,17 @@ def _candidate_lines(head: HeadPlan, candidates: list[dict], threshold: float) -
 
 def _search_lines(plan: Plan, site: AttentionSite, head: HeadPlan, model_head: int) -> list[str]:
     """The search's ladder for this head: per recall level, the cheapest fitted pattern that
-    is faster than dense (``site.extra["search"]``, indexed by the model's head order)."""
-    record, search = site.extra.get("search"), plan.extra.get("search")
+    is faster than dense (``site.search``, indexed by the model's head order)."""
+    record, search = site.search, plan.search
     if not record or not search:
         return []
-    levels = search["budget"]["recall_levels"]
-    backoff = ", then back-off made it dense" if record.get("densified_by_backoff") else ""
-    lines = [f"search ladder (costs at N={search['seq_len']}; the layer took level {record['chosen_level']}, "
-             f"sensitivity {record['sensitivity']:.3g}{backoff}):",
+    levels = search.budget["recall_levels"]
+    backoff = ", then back-off made it dense" if record.densified_by_backoff else ""
+    lines = [f"search ladder (costs at N={search.seq_len}; the layer took level {record.chosen_level}, "
+             f"sensitivity {record.sensitivity:.3g}{backoff}):",
              f"    {'level':>5} {'recall>=':>8}  {'pattern':<16} {'params':<30} {'recall':>7} {'density':>8} "
              f"{'time us':>9}"]
-    for level, (target, rung) in enumerate(zip(levels, record["ladder"][model_head]), start=1):
+    for level, (target, rung) in enumerate(zip(levels, record.ladder[model_head]), start=1):
         if rung is None:
             lines.append(f"    {level:>5} {target:>8}  (no pattern reaches it faster than dense: dense)")
             continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch.fx
 
@@ -16,6 +16,10 @@ from . import config
 from .dump import DumpWriter
 from .plan import Plan
 from .targets import Target
+
+if TYPE_CHECKING:
+    from .budget import Budget
+    from .weights.config import WeightSparsity
 
 log = logging.getLogger("sparsec")
 
@@ -31,7 +35,8 @@ class PassResult:
 
 @dataclass
 class CompileContext:
-    """What passes share: the plan they write, the target, inputs and options."""
+    """What passes share: the plan they write, the target, the inputs, and what compile was
+    asked for (recall, budget, weight sparsity)."""
 
     plan: Plan
     target: Target
@@ -43,7 +48,20 @@ class CompileContext:
     # The serving length costs are predicted at (classification, merging); None: the
     # longest calibration length.
     seq_len: int | None = None
-    options: dict = field(default_factory=dict)  # e.g. {"recall": 0.95}
+    # Classification: the recall a sparse pattern must reach, the share of dense time it must
+    # save, and the families tried (None: every family classify_heads knows).
+    recall: float = 0.95
+    min_saving: float = 0.2
+    patterns: tuple[str, ...] | None = None
+    budget: Budget | None = None                  # the search's budget
+    weights: WeightSparsity | None = None         # weight sparsity asked for (None: none)
+    # Each linear's level {module path: level}, and who chose them: "given"
+    # (WeightSparsity.levels) or "search"; sparsify_weights applies them.
+    weight_levels: dict[str, float] | None = None
+    weight_levels_by: str = "given"
+    # Linears calibrate on the first this many calibration batches (None: all); the search
+    # sets its fitting batches, so the masks it verified on held-out batches are the ones applied.
+    weight_calibration_batches: int | None = None
     # Per attention site (plan name): calibration statistics, written by `calibrate`.
     attention_stats: dict = field(default_factory=dict)
     pass_stats: dict = field(default_factory=dict)   # pass name -> its PassResult.stats

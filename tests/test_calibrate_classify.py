@@ -10,7 +10,7 @@ from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.capture import capture
 from sparsec.passes.classify_heads import ClassifyHeads
-from sparsec.patterns import get_pattern
+from sparsec.patterns import get_pattern, instance_key
 from sparsec.patterns.fitting import offset_bucket
 from sparsec.plan import Plan
 from sparsec.targets import get_target
@@ -44,11 +44,11 @@ class MaskedAttention(torch.nn.Module):
 close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-6)
 
 
-def run_passes(model, example, calibration, passes, target="cpu", options=None):
+def run_passes(model, example, calibration, passes, target="cpu", **asked):
+    """Run ``passes`` after canonicalize; ``asked`` sets CompileContext fields (recall, min_saving, patterns)."""
     gm, _record = capture(model, example, {})
     ctx = CompileContext(plan=Plan(target=target), target=get_target(target), example_args=example,
-                         example_kwargs={}, calibration=[(batch, {}) for batch in calibration],
-                         options={"recall": 0.95, **(options or {})})
+                         example_kwargs={}, calibration=[(batch, {}) for batch in calibration], **asked)
     PassManager([Canonicalize(), *passes]).run(gm, ctx)
     return ctx
 
@@ -207,7 +207,7 @@ def test_classification_recovers_planted_heads(causal):
     # Pattern recovery, not speed: any pattern no slower than dense, on a GPU target. (On the
     # cpu target's measured costs block_topk heads of density 0.44-0.5 at N = 512 lose to SDPA.)
     ctx = run_passes(model, (torch.randn(2, 64, 32),), [(torch.randn(1, 512, 32),)],
-                     [Calibrate(), ClassifyHeads()], target="h100", options={"min_saving": 0.0})
+                     [Calibrate(), ClassifyHeads()], target="h100", min_saving=0.0)
     planted = [kind for layer in PLANTED_LAYERS for kind, _ in layer]
     found = [head.pattern for site in ctx.plan.attention for head in site.heads]
     assert sum(p == f for p, f in zip(planted, found)) >= 0.95 * len(planted), list(zip(planted, found))
@@ -215,7 +215,7 @@ def test_classification_recovers_planted_heads(causal):
     assert stats["heads_classified"] == 12 and stats["sparse_heads"] == 11 and stats["window"] == 3
     for site in ctx.plan.attention:
         assert sorted(h for g in site.groups for h in g.heads) == list(range(6))
-        assert all((site.heads[h].pattern, site.heads[h].params) == (g.pattern, g.params)
+        assert all(instance_key(site.heads[h].pattern, site.heads[h].params) == instance_key(g.pattern, g.params)
                    for g in site.groups for h in g.heads)
         for head in site.heads:
             assert head.reason
@@ -231,14 +231,14 @@ def test_classification_options():
     torch.manual_seed(4)
     model = PlantedAttention(PLANTED_LAYERS[:1], causal=True)
     example, calibration = (torch.randn(2, 64, 32),), [(torch.randn(1, 256, 32),)]
-    strict = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()], options={"recall": 0.999})
+    strict = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()], recall=0.999)
     assert strict.plan.recall_threshold == 0.999
     assert all(h.recall >= 0.999 for h in strict.plan.attention[0].heads)
     only_window = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()],
-                             options={"patterns": ["window"]})
+                             patterns=("window",))
     assert {h.pattern for h in only_window.plan.attention[0].heads} <= {"window", "dense"}
     no_gain = run_passes(model, example, calibration, [Calibrate(), ClassifyHeads()],
-                         options={"min_saving": 0.9999})
+                         min_saving=0.9999)
     heads = no_gain.plan.attention[0].heads
     assert all(h.pattern == "dense" for h in heads) and "saves less" in heads[0].reason
 

@@ -199,7 +199,7 @@ def test_recompile_with_edited_plan():
     torch.manual_seed(3)
     model = TinyAttention().eval()
     plan = compile_tiny(model, torch.randn(1, 16, 32)).plan
-    plan.attention[0].heads[2].pattern, plan.attention[0].heads[2].params = "dense", {}
+    plan.attention[0].heads[2].assign("dense", {}, "edited by the test")
     cm = sparsec.compile(model, (torch.randn(2, 16, 32),), plan=plan)
     x = torch.randn(2, 30, 32)
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_bert_compiled_at_batch_2_serves_batch_1_on_the_cpu_path(monkeypatch):
     plan = copy.deepcopy(sparsec.compile(model, inputs, tolerance=None).plan)
     for site in plan.attention:
         for head in site.heads[:2]:
-            head.pattern, head.params = "window", {"window": [6, 0]}
+            head.assign("window", {"window": [6, 0]}, "edited by the test")
     cm = sparsec.compile(model, inputs, plan=plan, tolerance=None)
     calls = []
     original = block_sparse.group_attention

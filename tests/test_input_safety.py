@@ -67,7 +67,7 @@ def test_changing_the_original_after_compile_does_not_reach_the_compiled_model(t
     with torch.no_grad():
         original_output = model(x)
     compiled = _planted(model, x)
-    assert {s.extra["fuse_strategy"] for s in compiled.plan.attention} == {"weights"}
+    assert {s.fusion.strategy for s in compiled.plan.attention} == {"weights"}
     with torch.no_grad():
         before = compiled(x)
         # compile did not touch the user's model
@@ -134,8 +134,8 @@ def test_learned_per_key_bias_with_sparse_heads_compiles_and_matches_the_referen
     plan = compiled.plan
     for site in plan.attention:
         for head in site.heads:
-            head.pattern, head.params = "window", {"window": [64, 0]}        # wider than N: dense-equal
-        site.groups = site.group_heads_by_pattern()
+            head.assign("window", {"window": [64, 0]}, "edited: wider than N, dense-equal")
+        site.regroup()
     sparse = sparsec.compile(model, (x,), plan=plan, tolerance=None)
     assert all(h.pattern == "window" for s in sparse.plan.attention for h in s.heads)
     with torch.no_grad():

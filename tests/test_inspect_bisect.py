@@ -15,7 +15,6 @@ from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.lower import Lower
 from sparsec.plan import AttentionSite, HeadPlan, Plan
-from sparsec.report import original_head
 from sparsec.targets import Target, register_target
 from sparsec.testing import planted_llama, planted_llama_inputs
 
@@ -173,7 +172,7 @@ def test_inspect_head_on_a_classified_planted_llama(tmp_path, capsys):
     cm = sparsec.compile(model, (planted_llama_inputs(2, 96, vocab=64),), target=tiny_blocks,
                          passes=default_passes(), dump_dir=tmp_path / "dump")   # classification as decided
     site = cm.plan.attention[0]
-    planted = next(h for h in range(4) if original_head(site, h) == 0)
+    planted = next(h for h in range(4) if site.head_permutation()[h] == 0)
     assert main(["inspect", str(tmp_path / "dump"), "--head", f"0.{planted}"]) == 0
     out = capsys.readouterr().out
     chosen = site.heads[planted]

@@ -82,10 +82,10 @@ def error(model, cm, ids) -> float:
 
 def test_loose_budget_makes_heads_and_linears_sparse(loose):
     assert sparse_heads(loose) > 0 and sparse_linears(loose)
-    record = loose.plan.extra["search"]
-    assert record["linears"]["searched"] == 14 and record["linears"]["sparse"] == len(sparse_linears(loose))
-    assert record["predicted_error"] <= LOOSE + 1e-9 and record["solver"]["feasible"]
-    assert record["predicted_seconds"] < record["dense_seconds"]
+    record = loose.plan.search
+    assert record.linears["searched"] == 14 and record.linears["sparse"] == len(sparse_linears(loose))
+    assert record.predicted_error <= LOOSE + 1e-9 and record.solver["feasible"]
+    assert record.predicted_seconds < record.dense_seconds
     nodes = [n.target for n in loose.graph_module.graph.nodes if n.op == "call_function"]
     assert nodes.count(SPARSE_LINEAR) == len(sparse_linears(loose))
     assert torch.ops.sparsec.sparse_attention.default in nodes
@@ -109,12 +109,12 @@ def test_loose_budget_makes_heads_and_linears_sparse(loose):
 def test_joint_budget_holds_on_held_out_and_fresh_inputs(bf16_model, loose, tight):
     held_out = calibration(1)[-1][0]          # the batch the search kept back (one of four)
     for cm, budget in ((loose, LOOSE), (tight, TIGHT)):
-        record = cm.plan.extra["search"]
-        assert record["held_out_batches"] == 1 and record["within_budget"]
-        assert record["measured_error"] <= budget
+        record = cm.plan.search
+        assert record.held_out_batches == 1 and record.within_budget
+        assert record.measured_error <= budget
         # The compiled model (fused heads, compressed linears) computes what the search verified.
         final = error(bf16_model, cm, held_out)
-        assert final == pytest.approx(record["measured_error"], rel=0.05, abs=2e-3)
+        assert final == pytest.approx(record.measured_error, rel=0.05, abs=2e-3)
         assert final <= budget * 1.01
         fresh = [error(bf16_model, cm, planted_llama_inputs(1, length, seed=100 + length))
                  for length in (N, 200)]
@@ -124,11 +124,11 @@ def test_joint_budget_holds_on_held_out_and_fresh_inputs(bf16_model, loose, tigh
 def test_tighter_budget_gives_fewer_or_lower_levels(loose, tight):
     loose_levels, tight_levels = sparse_linears(loose), sparse_linears(tight)
     assert sum(tight_levels.values()) <= sum(loose_levels.values())
-    attention = [[s.extra["search"]["chosen_level"] for s in cm.plan.attention] for cm in (loose, tight)]
+    attention = [[s.search.chosen_level for s in cm.plan.attention] for cm in (loose, tight)]
     assert sum(attention[1]) <= sum(attention[0])
     assert (sum(tight_levels.values()), sum(attention[1])) != (sum(loose_levels.values()), sum(attention[0]))
-    assert tight.plan.extra["search"]["measured_error"] < loose.plan.extra["search"]["measured_error"]
-    assert tight.plan.extra["search"]["predicted_speedup"] < loose.plan.extra["search"]["predicted_speedup"]
+    assert tight.plan.search.measured_error < loose.plan.search.measured_error
+    assert tight.plan.search.predicted_speedup < loose.plan.search.predicted_speedup
 
 
 def test_lm_head_is_excluded_and_untouched(bf16_model, loose):
@@ -252,17 +252,17 @@ def test_backoff_redensifies_linears_when_sensitivities_do_not_add():
 
     # compile() needs attention; the passes run directly on an attention-free model.
     gm, _ = capture(model, batches[0], {})
-    options = {"budget": Budget(max_error=1e-9, metric=thresholded, seq_len=SEQ_LEN),
-               **sparsec.WeightSparsity("2:4").options()}
     ctx = CompileContext(plan=Plan("h100"), target=get_target("h100"), example_args=batches[0], example_kwargs={},
-                         calibration=[(b, {}) for b in batches], options=options)
+                         calibration=[(b, {}) for b in batches],
+                         budget=Budget(max_error=1e-9, metric=thresholded, seq_len=SEQ_LEN),
+                         weights=sparsec.WeightSparsity("2:4"))
     gm = PassManager([Search(), SparsifyWeights()]).run(gm, ctx)
     cm = CompiledModel(gm, ctx.plan, batches[0], {})
-    record = cm.plan.extra["search"]
-    assert record["linears"]["searched"] == 3 and ctx.pass_stats["sparsify_weights"]["linears_sparse"] >= 1
-    assert record["backoff"] and all(step["kind"] == "linear" for step in record["backoff"])
-    assert record["measured_error"] <= 1e-9 and record["within_budget"]
-    densified = {step["densified"] for step in record["backoff"]}
+    record = cm.plan.search
+    assert record.linears["searched"] == 3 and ctx.pass_stats["sparsify_weights"]["linears_sparse"] >= 1
+    assert record.backoff and all(step["kind"] == "linear" for step in record.backoff)
+    assert record.measured_error <= 1e-9 and record.within_budget
+    densified = {step["densified"] for step in record.backoff}
     for entry in cm.plan.linears:
         if entry["name"] in densified:
             assert entry["level"] == 0 and entry["search"]["densified_by_backoff"]
@@ -282,7 +282,7 @@ def test_weight_sparsity_options_are_validated():
     with pytest.raises(ValueError, match="sequence"):
         sparsec.WeightSparsity(exclude="lm_head")
     config = sparsec.WeightSparsity("block32", exclude=["lm_head", "mix"])
-    assert config.exclude == ("lm_head", "mix") and config.options()["weight_structure"] == "block32"
+    assert config.exclude == ("lm_head", "mix") and config.structure == "block32"
     with pytest.raises(ValueError, match="one of the two"):
         sparsec.compile(_MLP().eval(), (torch.randn(2, 8, 256),), budget=Budget(max_error=0.1),
                         weights=sparsec.WeightSparsity(levels={"up": 0.5}))

@@ -10,7 +10,7 @@ from sparsec.plan import AttentionSite, HeadPlan
 def _site(patterns):
     heads = [HeadPlan(h, kind, params, 0.96, None, [], "fastest pattern") for h, (kind, params) in enumerate(patterns)]
     site = AttentionSite("layers.0.attn", 0, len(heads), len(heads), 64, True, heads)
-    site.groups = site.group_heads_by_pattern()
+    site.regroup()
     return site
 
 
@@ -20,7 +20,7 @@ WINDOWS = [("window", {"window": [w, 0]}) for w in (60, 61, 62, 64)]
 def test_near_equal_windows_become_one_launch_at_length():
     site = _site([*WINDOWS, ("dense", {})])
     record = _merge_site(site, CostModel("h100"), 16384, None)
-    assert record["merges"] == 3 and record["seconds_after"] < record["seconds_before"]
+    assert record.merges == 3 and record.seconds_after < record.seconds_before
     assert [(g.pattern, g.params, g.heads) for g in site.groups] == [
         ("window", {"window": [64, 0]}, [0, 1, 2, 3]), ("dense", {}, [4])]
     assert "share one launch" in site.heads[0].reason and site.heads[3].reason == "fastest pattern"
@@ -29,7 +29,7 @@ def test_near_equal_windows_become_one_launch_at_length():
 def test_sparse_that_does_not_pay_for_its_launches_goes_dense():
     site = _site([*WINDOWS, ("sink_window", {"sink": [4, 0], "window": [100, 0]})])
     record = _merge_site(site, CostModel("h100"), 256, None)
-    assert record["seconds_after"] == record["dense_seconds"] <= record["seconds_before"]
+    assert record.seconds_after == record.dense_seconds <= record.seconds_before
     assert all(h.pattern == "dense" and "launch" in h.reason for h in site.heads)
 
 

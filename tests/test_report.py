@@ -21,8 +21,8 @@ from sparsec.passes.fuse_heads import FuseHeads
 from sparsec.passes.lower import Lower
 from sparsec.passes.search import Search
 from sparsec.patterns import get_pattern
-from sparsec.plan import AttentionSite, HeadPlan, Plan
-from sparsec.report import block_maps, original_head, render_report, write_report
+from sparsec.plan import AttentionSite, FuseRecord, HeadPlan, Plan
+from sparsec.report import block_maps, render_report, write_report
 from sparsec.report.figures import HEATMAP_PIXELS, MAX_CELLS, OUTLINE_RGB, head_heatmap
 from sparsec.targets import Target, register_target
 from sparsec.testing import planted_llama, planted_llama_inputs
@@ -160,14 +160,14 @@ def test_report_shows_every_head_of_the_plan(compiled):
     # Self-contained: nothing fetched from anywhere.
     assert not [a for _t, a in tags.tags for key in ("src", "href") if key in a and not a[key].startswith("data:")]
     assert "http" not in text.replace("http-equiv", "")
-    search = cm.plan.extra["search"]
-    assert f"{search['predicted_speedup']:.2f}x (cost model, attention at N=8192)" in text
-    assert f"measured {search['measured_error']:.4g} on 1 held-out batches" in text
+    search = cm.plan.search
+    assert f"{search.predicted_speedup:.2f}x (cost model, attention at N=8192)" in text
+    assert f"measured {search.measured_error:.4g} on 1 held-out batches" in text
     assert f"{cm.plan.error['rel_l2_vs_dense_on_example']:.4g}" in text
     sparse = sum(head.pattern != "dense" for _layer, head in heads)
     assert f"sparse heads</td><td>{sparse} / 8" in text
     for site in cm.plan.attention:
-        assert f"chosen level {site.extra['search']['chosen_level']}" in text
+        assert f"chosen level {site.search.chosen_level}" in text
         launches = len(site.groups)
         assert f"fused groups ({launches} launch{'es' if launches != 1 else ''})" in text
     assert "No sensitivity curve" not in text
@@ -180,7 +180,7 @@ def test_inspect_explains_a_searched_head(compiled, capsys):
     assert main(["inspect", str(path.parent.parent / "dump"), "--head", "1.0"]) == 0
     out = capsys.readouterr().out
     assert f"chosen: {head.pattern}" in out and "recall threshold: 0.95" in out
-    assert f"the layer took level {site.extra['search']['chosen_level']}" in out
+    assert f"the layer took level {site.search.chosen_level}" in out
     ladder = [line for line in out.splitlines() if line[4:9].strip() in ("1", "2")]
     assert [line.split()[1 if line.startswith("  *") else 0] for line in ladder] == ["1", "2"]
     assert sum(line.startswith("  *") for line in ladder) == (head.pattern != "dense")
@@ -219,7 +219,7 @@ def test_heatmaps_show_the_calibration_maps(compiled):
     with_stats, without = render_report(cm.plan, stats), render_report(cm.plan, None)
     assert "no calibration maps: pattern masks at N=1024" in without
     # The model's head 0 of layer 0 (the planted 8-token window), wherever fuse_heads put it.
-    cell = next(h for h in range(4) if original_head(site, h) == 0)
+    cell = next(h for h in range(4) if site.head_permutation()[h] == 0)
     image = _decode([attrs["src"] for tag, attrs in _Tags(with_stats).tags if tag == "img"][cell])
     scale = HEATMAP_PIXELS // 12
     assert image.shape[:2] == (12 * scale,) * 2
@@ -235,7 +235,10 @@ def test_report_of_a_hand_made_plan(tmp_path):
     heads reordered by fuse_heads (the maps keep the model's head order)."""
     heads = [HeadPlan(0, "vertical_slash", {"vertical": [4, 0], "slash": [4, 0], "last_q": 8}, 0.97, 0.3),
              HeadPlan(1)]
-    reordered = AttentionSite("layers.0", 0, 2, 2, 8, True, heads, extra={"head_permutation": [1, 0]})
+    swapped = FuseRecord(strategy="weights", reason="", head_permutation=[1, 0], kv_head_permutation=[1, 0],
+                         launches_before=2, launches_after=2, groups_split_by_gqa=0, gqa_split=None,
+                         permuted_parameters={}, merges=[])
+    reordered = AttentionSite("layers.0", 0, 2, 2, 8, True, heads, fusion=swapped)
     plain = AttentionSite("layers.1", 1, 2, 2, 8, False, [HeadPlan(0, "window", {"window": [0, 0.1]}, 0.99, 0.2),
                                                           HeadPlan(1)])
     plan = Plan(target="custom-target-not-registered-here", attention=[reordered, plain])

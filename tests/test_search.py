@@ -16,7 +16,8 @@ from sparsec.passes.capture import capture
 from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.lower import Lower
-from sparsec.passes.search import Rung, Search, SuffixRunner, dense_rung
+from sparsec.passes.search import Rung, Search, dense_rung
+from sparsec.passes.suffix_runs import SuffixRunner
 from sparsec.plan import HeadGroup, Plan
 from sparsec.runtime import reference
 from sparsec.targets import get_target
@@ -84,7 +85,7 @@ _CAPTURED = {}
 
 def search(model, budget, calibration=None, target="h100", dump_dir=None, ladder=window_ladder):
     """``sparsec.compile`` with the search, capturing each model once (export dominates).
-    The budget reaches the pass through ``ctx.options`` as compile passes it; ``ladder=None``
+    The budget reaches the pass through ``ctx.budget`` as compile passes it; ``ladder=None``
     calibrates and fits the real candidate ladder."""
     calibration = calibration or batches(5, seed=1)
     if id(model) not in _CAPTURED:
@@ -92,7 +93,7 @@ def search(model, budget, calibration=None, target="h100", dump_dir=None, ladder
     _model, (gm, record) = _CAPTURED[id(model)]
     plan = Plan(target=target, capture=record)
     ctx = CompileContext(plan=plan, target=get_target(target), example_args=calibration[0], example_kwargs={},
-                         calibration=[(call, {}) for call in calibration], options={"budget": budget})
+                         calibration=[(call, {}) for call in calibration], budget=budget)
     passes = [Canonicalize(), Search(ladder=ladder), Lower()] if ladder else \
         [Canonicalize(), Calibrate(), Search(), Lower()]
     gm = PassManager(passes, DumpWriter(dump_dir) if dump_dir else None).run(copy.deepcopy(gm), ctx)
@@ -100,7 +101,7 @@ def search(model, budget, calibration=None, target="h100", dump_dir=None, ladder
 
 
 def chosen_levels(plan):
-    return [site.extra["search"]["chosen_level"] for site in plan.attention]
+    return [site.search.chosen_level for site in plan.attention]
 
 
 CRITICAL_MIDDLE = [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
@@ -126,26 +127,26 @@ def test_critical_layer_stays_dense_and_the_rest_go_sparse(tight):
     assert all(level > 0 for i, level in enumerate(levels) if i != 1), levels
     assert all(h.pattern == "dense" for h in tight.plan.attention[1].heads)
     assert all(h.pattern == "window" for i in (0, 2, 3) for h in tight.plan.attention[i].heads)
-    record = tight.plan.extra["search"]
-    assert record["predicted_error"] <= 0.02 + 1e-12 and record["solver"]["exact"]
-    assert record["predicted_speedup"] > 1.0
+    record = tight.plan.search
+    assert record.predicted_error <= 0.02 + 1e-12 and record.solver["exact"]
+    assert record.predicted_speedup > 1.0
     # The critical layer's cheapest level costs far more error than the budget.
-    critical = tight.plan.attention[1].extra["search"]["levels"]
+    critical = tight.plan.attention[1].search.levels
     assert min(level["sensitivity"] for level in critical[1:]) > 0.02
 
 
 def test_looser_budget_sparsifies_more(planted, tight):
     loose = search(planted, budget(max_error=0.5))
-    tight_record, loose_record = tight.plan.extra["search"], loose.plan.extra["search"]
-    assert loose_record["predicted_seconds"] < tight_record["predicted_seconds"]
+    tight_record, loose_record = tight.plan.search, loose.plan.search
+    assert loose_record.predicted_seconds < tight_record.predicted_seconds
     assert sum(chosen_levels(loose.plan)) > sum(chosen_levels(tight.plan))
-    assert loose_record["measured_error"] > tight_record["measured_error"]
+    assert loose_record.measured_error > tight_record.measured_error
 
 
 def test_budget_holds_on_held_out_and_fresh_inputs(planted, tight):
-    record = tight.plan.extra["search"]
-    assert record["held_out_batches"] == 2
-    assert record["measured_error"] <= 0.02
+    record = tight.plan.search
+    assert record.held_out_batches == 2
+    assert record.measured_error <= 0.02
     with torch.no_grad():
         for (x,) in batches(3, seed=99, batch=3, length=64):
             assert relative_l2(planted(x), tight(x)) <= 0.02
@@ -174,20 +175,20 @@ def test_backoff_redensifies_when_sensitivities_do_not_add(planted):
         return max(0.0, relative_l2(dense, sparse) - 0.025)
 
     cm = search(planted, budget(max_error=1e-9, metric=thresholded))
-    record = cm.plan.extra["search"]
-    assert record["predicted_error"] == 0.0
-    assert record["backoff"], "the plan should have been backed off"
-    assert record["measured_error"] <= 1e-9 and record["within_budget"]
-    for step in record["backoff"]:
+    record = cm.plan.search
+    assert record.predicted_error == 0.0
+    assert record.backoff, "the plan should have been backed off"
+    assert record.measured_error <= 1e-9 and record.within_budget
+    for step in record.backoff:
         site = cm.plan.site(step["densified"])
-        assert all(h.pattern == "dense" for h in site.heads) and site.extra["search"]["densified_by_backoff"]
+        assert all(h.pattern == "dense" for h in site.heads) and site.search.densified_by_backoff
         assert step["measured_after"] < step["measured_before"]
 
 
 def test_target_speedup_and_max_density_are_met(planted):
     fast = search(planted, budget(target_speedup=2.0))
-    assert fast.plan.extra["search"]["predicted_speedup"] >= 2.0 - 1e-9
-    assert fast.plan.extra["search"]["solver"]["feasible"]
+    assert fast.plan.search.predicted_speedup >= 2.0 - 1e-9
+    assert fast.plan.search.solver["feasible"]
     sparse = search(planted, budget(max_density=0.3))
     densities = [h.density for site in sparse.plan.attention for h in site.heads]
     assert sum(densities) / len(densities) <= 0.3 + 1e-9
@@ -203,7 +204,7 @@ def test_per_head_keeps_the_critical_head_dense_with_a_pattern_limit():
     assert mixed.heads[1].pattern == "dense" and mixed.heads[0].pattern == "window"
     for site in cm.plan.attention:
         assert len(site.groups) <= 2
-    assert cm.plan.extra["search"]["measured_error"] <= 0.03
+    assert cm.plan.search.measured_error <= 0.03
 
 
 def test_fitted_ladder_from_calibration(planted):
@@ -211,11 +212,11 @@ def test_fitted_ladder_from_calibration(planted):
     critical, local = cm.plan.attention[1], cm.plan.attention[0]
     assert all(h.pattern == "dense" for h in critical.heads)
     assert all(h.pattern != "dense" and h.recall >= 0.8 for h in local.heads)
-    ladder = local.extra["search"]["ladder"][0]
+    ladder = local.search.ladder[0]
     recalls = [rung["recall"] for rung in ladder if rung]
     assert recalls and all(r >= t - 1e-9 for r, t in zip(recalls, [rung["target"] for rung in ladder if rung]))
-    assert all(rung["seconds"] < local.extra["search"]["dense_seconds"] for rung in ladder if rung)
-    assert cm.plan.extra["search"]["measured_error"] <= 0.02
+    assert all(rung["seconds"] < local.search.dense_seconds for rung in ladder if rung)
+    assert cm.plan.search.measured_error <= 0.02
 
 
 def test_suffix_run_equals_full_run_with_the_same_groups():
@@ -297,7 +298,7 @@ def test_cost_model_dense_crossover_and_calibration():
 def test_an_all_dense_result_says_which_constraint_bound(planted):
     with pytest.warns(UserWarning, match="kept every layer dense: the least sensitive sparse level costs"):
         strict = search(planted, budget(max_error=1e-9))
-    assert "raise max_error" in strict.plan.extra["search"]["all_dense_reason"]
+    assert "raise max_error" in strict.plan.search.all_dense_reason
     short = Budget(seq_len=64, recall_levels=LEVELS, max_error=0.5)
     with pytest.warns(UserWarning, match="no head has a pattern predicted faster than dense at N=64"):
         search(planted, short)

@@ -21,6 +21,7 @@ from sparsec.runtime import sparse_linear_gpu
 from sparsec.targets import get_target
 from sparsec.weights import (Layout, block_csr, compress, decompress, outlier_ratio, owl_levels, parse_structure,
                              round_levels, score_weight)
+from sparsec.weights.config import WeightSparsity
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -177,11 +178,12 @@ class _TinyClassifier(torch.nn.Module):
         return self.classifier(self.down(h))
 
 
-def _context(options: dict, example: tuple, batches: int = 3, seed: int = 1, make=None) -> CompileContext:
+def _context(weights: WeightSparsity | None, example: tuple, batches: int = 3, seed: int = 1,
+             make=None) -> CompileContext:
     torch.manual_seed(seed)
     make = make or (lambda: (tuple(torch.randn_like(a) for a in example), {}))
     return CompileContext(plan=Plan("h100"), target=get_target("h100"), example_args=example, example_kwargs={},
-                          calibration=[make() for _ in range(batches)], options=options)
+                          calibration=[make() for _ in range(batches)], weights=weights)
 
 
 def _masked_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, plan_linears: list[dict]) -> torch.nn.Module:
@@ -207,7 +209,7 @@ def test_pass_rewrites_and_matches_masked_dense(structure, score):
     example = (torch.randn(2, 9, 64),)
     gm, _ = capture(model, example, {})
     classifier_weight = gm.classifier.weight
-    ctx = _context({"weight_sparsity": 0.5, "weight_structure": structure, "weight_score": score}, example)
+    ctx = _context(WeightSparsity(structure, 0.5, score=score), example)
     result = SparsifyWeights().run(gm, ctx)
     gm = result.graph_module
     assert result.modified and result.stats["linears_sparse"] == 3
@@ -237,11 +239,10 @@ def test_pass_exclude_option_and_not_requested():
     model = _TinyClassifier().eval()
     example = (torch.randn(2, 9, 64),)
     gm, _ = capture(model, example, {})
-    untouched = SparsifyWeights().run(gm, _context({}, example))
+    untouched = SparsifyWeights().run(gm, _context(None, example))
     assert not untouched.modified
     mid_weight = gm.mid.weight
-    ctx = _context({"weight_sparsity": 0.5, "weight_structure": "unstructured", "exclude": ["mid", "classifier"],
-                    "weight_measure_each": False}, example)
+    ctx = _context(WeightSparsity("unstructured", 0.5, exclude=("mid", "classifier"), measure_each=False), example)
     SparsifyWeights().run(gm, ctx)
     assert gm.mid.weight is mid_weight and hasattr(gm.classifier, "weight")
     levels = {e["name"]: e["level"] for e in ctx.plan.linears}
@@ -253,8 +254,7 @@ def test_apply_levels_from_a_search():
     model = _TinyClassifier().eval()
     example = (torch.randn(2, 9, 64),)
     gm, _ = capture(model, example, {})
-    ctx = _context({"weight_structure": "4:8", "weight_measure_each": False, "weight_candidate_model_error": True},
-                   example)
+    ctx = _context(WeightSparsity("4:8", 0.0, measure_each=False, candidate_model_error=True), example)
     sparsify = SparsifyWeights()
     entries = sparsify.analyze(gm, ctx)
     errors = {e["name"]: [c["error"] for c in e["candidates"]] for e in entries if e["candidates"]}
@@ -267,19 +267,19 @@ def test_apply_levels_from_a_search():
     assert by_name["down"]["level"] == 0 and result.stats["linears_sparse"] == 2
 
 
-def _llama_context(options: dict):
+def _llama_context(weights: WeightSparsity):
     from models import build_llama_gqa, llama_inputs
 
     model, example = build_llama_gqa()
     gm, _ = capture(model, (), example)
     torch.manual_seed(3)
     ctx = CompileContext(plan=Plan("h100"), target=get_target("h100"), example_args=(), example_kwargs=example,
-                         calibration=[((), llama_inputs(2, 24)) for _ in range(4)], options=options)
+                         calibration=[((), llama_inputs(2, 24)) for _ in range(4)], weights=weights)
     return model, gm, ctx, llama_inputs
 
 
 def test_llama_owl_unstructured_budget_holds_on_held_out_inputs():
-    model, gm, ctx, llama_inputs = _llama_context({"weight_sparsity": 0.5, "weight_structure": "unstructured"})
+    model, gm, ctx, llama_inputs = _llama_context(WeightSparsity("unstructured", 0.5))
     reference = copy.deepcopy(gm)
     result = SparsifyWeights().run(gm, ctx)
     entries = [e for e in ctx.plan.linears if not e["reason"]]
@@ -303,7 +303,7 @@ def test_saved_program_keeps_the_compressed_form_and_shrinks(tmp_path):
     gm, _ = capture(model, example, {})
     dense_path, sparse_path = tmp_path / "dense.pt2", tmp_path / "sparse.pt2"
     torch.export.save(torch.export.export(gm, example, strict=False, dynamic_shapes=dims), dense_path)
-    ctx = _context({"weight_sparsity": 0.5, "weight_structure": "2:4", "weight_measure_each": False}, example)
+    ctx = _context(WeightSparsity("2:4", 0.5, measure_each=False), example)
     gm = SparsifyWeights().run(gm, ctx).graph_module
     torch.export.save(torch.export.export(gm, example, strict=False, dynamic_shapes=dims), sparse_path)
     summary = ctx.plan.extra["weights"]
@@ -403,7 +403,7 @@ def test_rewritten_model_runs_on_cuda():
     model = _TinyClassifier(width=256).eval().to(torch.bfloat16)
     example = (torch.randn(2, 9, 64, dtype=torch.bfloat16),)
     gm, _ = capture(model, example, {})
-    ctx = _context({"weight_sparsity": 0.5, "weight_structure": "2:4", "weight_measure_each": False}, example)
+    ctx = _context(WeightSparsity("2:4", 0.5, measure_each=False), example)
     gm = SparsifyWeights().run(gm, ctx).graph_module
     x = torch.randn(4, 33, 64, dtype=torch.bfloat16)
     expected = gm(x).float()

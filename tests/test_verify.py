@@ -24,36 +24,36 @@ def _sparse_heads(plan):
 def test_low_recall_is_densified_until_within_tolerance():
     model, ids = _planted()
     loose = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3, tolerance=None)
-    assert loose.plan.error["verification"]["measured"] > 0.05        # the unverified plan is wrong
+    assert loose.plan.verification.measured > 0.05        # the unverified plan is wrong
     checked = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3)
-    record = checked.plan.error["verification"]
-    assert record["within_tolerance"] and record["metric"] == "rel_l2"
-    assert record["measured"] <= 0.05 and record["densified"]
+    record = checked.plan.verification
+    assert record.within_tolerance and record.metric == "rel_l2"
+    assert record.measured <= 0.05 and record.densified
     assert _sparse_heads(checked.plan) < _sparse_heads(loose.plan)
-    densified = record["densified"][0]
+    densified = record.densified[0]
     head = next(h for h in checked.plan.site(densified["site"]).heads if h.head == densified["head"])
     assert head.pattern == "dense" and head.reason.startswith("verify: made dense")
     with torch.no_grad():
         assert relative_l2(model(ids), checked(ids)) <= 0.05            # the compiled model itself
     summary = checked.plan.summary()
-    assert f"{len(record['densified'])} head(s) made dense by verification" in summary
-    cost = checked.plan.extra["cost"]
-    assert cost["seq_len"] == 16384 and f"predicted attention speedup {cost['predicted_attention_speedup']:.2f}x" in summary
+    assert f"{len(record.densified)} head(s) made dense by verification" in summary
+    cost = checked.plan.cost
+    assert cost.seq_len == 16384 and f"predicted attention speedup {cost.predicted_attention_speedup:.2f}x" in summary
 
 
 def test_tolerance_none_warns_with_the_measured_error():
     model, ids = _planted()
     with pytest.warns(UserWarning, match=r"measured rel_l2 is [0-9.e-]+ .*over the tolerance"):
         compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384, recall=0.3, tolerance=None)
-    assert not compiled.plan.error["verification"]["densified"]
+    assert not compiled.plan.verification.densified
 
 
 def test_verification_inputs_at_another_length_are_used():
     model, ids = _planted(length=128)
     longer = planted_llama_inputs(batch=1, length=320, seed=5)
     compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384, verification=[(longer,)])
-    record = compiled.plan.error["verification"]
-    assert record["lengths"] == [320] and record["within_tolerance"]
+    record = compiled.plan.verification
+    assert record.lengths == [320] and record.within_tolerance
     with torch.no_grad():
         assert relative_l2(model(longer), compiled(longer)) <= 0.05
 
@@ -65,9 +65,9 @@ def test_language_models_are_verified_by_kl_and_top1():
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 256, (2, 96))
     compiled = sparsec.compile(model, {"input_ids": ids}, target="h100", seq_len=16384, recall=0.2)
-    record = compiled.plan.error["verification"]
-    assert record["metric"] == "kl" and record["min_top1"] == 0.98
-    assert record["within_tolerance"] and record["top1_agreement"] >= 0.98 and record["measured"] <= 0.02
+    record = compiled.plan.verification
+    assert record.metric == "kl" and record.min_top1 == 0.98
+    assert record.within_tolerance and record.top1_agreement >= 0.98 and record.measured <= 0.02
 
 
 def test_given_plan_is_measured_not_changed():
@@ -77,7 +77,7 @@ def test_given_plan_is_measured_not_changed():
         warnings.simplefilter("always")
         again = sparsec.compile(model, (ids,), target="h100", plan=loose.plan)
     assert _sparse_heads(again.plan) == _sparse_heads(loose.plan)
-    assert not again.plan.error["verification"]["within_tolerance"]
+    assert not again.plan.verification.within_tolerance
     assert any("over the tolerance" in str(w.message) for w in caught)
 
 
@@ -98,4 +98,4 @@ def test_a_plan_costed_past_its_verified_lengths_says_so():
     model, ids = _planted(length=128)
     with pytest.warns(UserWarning, match=r"costed for seq_len=16384 but verified only at lengths \[128\]"):
         compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384)
-    assert compiled.plan.error["verification"]["unverified_at_seq_len"] == 16384
+    assert compiled.plan.verification.unverified_at_seq_len == 16384

@@ -3,7 +3,7 @@
 Per attention site, a grid of heads (each a heatmap of its block-pooled calibration
 attention with the chosen pattern's blocks outlined, and its pattern, params, recall and
 density), the layer's sensitivity curve and chosen level when the search ran
-(``site.extra["search"]``), the fused groups; and for the model the predicted speedup and
+(``site.search``), the fused groups; and for the model the predicted speedup and
 the verified error. Written at the end of a dumped compile and by ``CompiledModel.report``.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from sparsec.plan import Plan
 
-from .page import BlockMaps, block_maps, original_head, predicted_speedup, render_report
+from .page import BlockMaps, block_maps, predicted_speedup, render_report
 
-__all__ = ["BlockMaps", "block_maps", "original_head", "predicted_speedup", "render_report", "write_report"]
+__all__ = ["BlockMaps", "block_maps", "predicted_speedup", "render_report", "write_report"]
 
 
 def write_report(plan: Plan, attention_stats: dict | None, path: "str | Path") -> Path:

@@ -74,13 +74,13 @@ def _esc(value) -> str:
 
 
 def predicted_speedup(plan: Plan) -> tuple[float | None, str]:
-    """The search's cost-model speedup of attention (``plan.extra["search"]``) when it ran,
-    else the attention FLOP ratio from head densities (an upper bound: no launch overhead)."""
-    cost, search = plan.extra.get("cost"), plan.extra.get("search")
+    """The cost model's speedup of attention (``plan.cost``, else ``plan.search``), else the
+    attention FLOP ratio from head densities (an upper bound: no launch overhead)."""
+    cost, search = plan.cost, plan.search
     if cost:
-        return float(cost["predicted_attention_speedup"]), f"cost model, attention at N={cost['seq_len']}"
+        return float(cost.predicted_attention_speedup), f"cost model, attention at N={cost.seq_len}"
     if search:
-        return float(search["predicted_speedup"]), f"cost model, attention at N={search['seq_len']}"
+        return float(search.predicted_speedup), f"cost model, attention at N={search.seq_len}"
     densities = [1.0 if h.density is None or h.pattern == "dense" else h.density
                  for site in plan.attention for h in site.heads]
     if not densities:
@@ -101,23 +101,21 @@ def _summary(plan: Plan) -> str:
             ("recall threshold", plan.recall_threshold), ("attention sites", len(plan.attention)),
             ("sparse heads", f"{sparse} / {len(heads)}"),
             ("predicted speedup", "-" if speedup is None else f"{speedup:.2f}x ({source})")]
-    cost, search = plan.extra.get("cost"), plan.extra.get("search")
-    if cost:
-        return float(cost["predicted_attention_speedup"]), f"cost model, attention at N={cost['seq_len']}"
+    search = plan.search
     if search:
-        budget = ", ".join(f"{k}={_number(search['budget'][k])}" for k in _BUDGET_SHOWN
-                           if search["budget"].get(k) is not None)
-        rows += [("search budget", f"{search['mode']}: {budget}"),
-                 ("search error", f"predicted {_number(search['predicted_error'])}, measured "
-                                  f"{_number(search['measured_error'])} on {search['held_out_batches']} "
-                                  f"held-out batches ({'within' if search['within_budget'] else 'over'} budget)")]
-    rows += [(f"verified error: {key}", _number(value)) for key, value in plan.error.items()
-             if not isinstance(value, dict)] or [("verified error", "not measured")]
-    verification = plan.error.get("verification")
+        budget = ", ".join(f"{k}={_number(search.budget[k])}" for k in _BUDGET_SHOWN
+                           if search.budget.get(k) is not None)
+        rows += [("search budget", f"{search.mode}: {budget}"),
+                 ("search error", f"predicted {_number(search.predicted_error)}, measured "
+                                  f"{_number(search.measured_error)} on {search.held_out_batches} "
+                                  f"held-out batches ({'within' if search.within_budget else 'over'} budget)")]
+    rows += [(f"verified error: {key}", _number(value)) for key, value in plan.error.items()] \
+        or [("verified error", "not measured")]
+    verification = plan.verification
     if verification:
-        rows += [("verification", f"{verification['metric']} {_number(verification['measured'])} "
-                  f"(tolerance {_number(verification['max_error'])}), top-1 {verification.get('top1_agreement')}, "
-                  f"lengths {verification['lengths']}, {len(verification['densified'])} heads made dense")]
+        rows += [("verification", f"{verification.metric} {_number(verification.measured)} "
+                  f"(tolerance {_number(verification.max_error)}), top-1 {verification.top1_agreement}, "
+                  f"lengths {verification.lengths}, {len(verification.densified)} heads made dense")]
     body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
     unmatched = "".join(f"<li>{_esc(m.get('node', '?'))}: {_esc(m.get('reason', ''))}</li>"
                         for m in plan.unmatched)
@@ -139,16 +137,9 @@ def _layout(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> torch.Tenso
                          site.effective_causal(), maps.block_m, maps.block_n)
 
 
-def original_head(site: AttentionSite, head: int) -> int:
-    """The model's head that is head ``head`` of the site after ``fuse_heads`` reordered them
-    (calibration statistics keep the model's order)."""
-    permutation = site.extra.get("head_permutation")
-    return permutation[head] if permutation else head
-
-
 def _head_cell(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> str:
     layout = _layout(site, head, maps)
-    original = original_head(site, head.head)
+    original = site.head_permutation()[head.head]    # calibration maps keep the model's order
     mass = None if maps.mass is None else maps.mass[original]
     if layout is None:
         layout = torch.zeros(maps.grid, dtype=torch.bool)
@@ -170,30 +161,30 @@ def _head_cell(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> str:
 
 
 def _sensitivity(site: AttentionSite, metric: str) -> str:
-    """The search's per-level record (``site.extra["search"]``): sensitivity against level."""
-    record = site.extra.get("search")
+    """The search's per-level record (``site.search``): sensitivity against level."""
+    record = site.search
     if not record:
         return '<p class="note">No sensitivity curve: the layerwise search has not run.</p>'
-    per_head = bool(record["levels"]) and isinstance(record["levels"][0], list)
+    per_head = bool(record.levels) and isinstance(record.levels[0], list)
     curves = [tuple(zip(*sorted((level["level"], level["sensitivity"]) for level in levels)))
-              for levels in (record["levels"] if per_head else [record["levels"]])]
-    chosen = None if per_head else next(((level["level"], level["sensitivity"]) for level in record["levels"]
-                                         if level["level"] == record["chosen_level"]), None)
+              for levels in (record.levels if per_head else [record.levels])]
+    chosen = None if per_head else next(((level["level"], level["sensitivity"]) for level in record.levels
+                                         if level["level"] == record.chosen_level), None)
     image = sensitivity_plot(curves, chosen, "search level (0 = dense, higher = sparser)", f"sensitivity ({metric})")
-    caption = f"chosen level {record['chosen_level']}"
+    caption = f"chosen level {record.chosen_level}"
     if chosen is not None:
-        density = next(level["density"] for level in record["levels"] if level["level"] == record["chosen_level"])
+        density = next(level["density"] for level in record.levels if level["level"] == record.chosen_level)
         caption += f": sensitivity {chosen[1]:.3g}, attention density {density:.3g}"
     if per_head:
         caption += " (per-head search: one curve per head)"
-    if record.get("densified_by_backoff"):
+    if record.densified_by_backoff:
         caption += "; made dense again by the back-off"
     return (f'<figure class="sensitivity"><img alt="sensitivity of layer {site.layer}" src="{image}">'
             f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
 
 def _groups(site: AttentionSite) -> str:
-    groups = site.groups or site.group_heads_by_pattern()
+    groups = site.groups or site.instance_groups()
     rows = "".join(f"<tr><td>{_esc(g.pattern)}</td><td>{_esc(get_pattern(g.pattern).describe(g.params))}</td>"
                    f"<td>{_esc(', '.join(map(str, g.heads)))}</td></tr>" for g in groups)
     lowered = site.extra.get("lowered", "")
@@ -234,7 +225,7 @@ def render_report(plan: Plan, attention_stats: dict | None = None) -> str:
     """The report as one HTML string (see :func:`sparsec.report.write_report`)."""
     block_m, block_n = _target_blocks(plan)
     attention_stats = attention_stats or {}
-    metric = plan.extra.get("search", {}).get("budget", {}).get("metric", "error")
+    metric = plan.search.budget["metric"] if plan.search else "error"
     sites = "".join(_site(site, attention_stats.get(site.name), block_m, block_n, metric) for site in plan.attention)
     legend = ("Each head: block-pooled calibration attention mass (brighter = more), the blocks its "
               "chosen pattern computes outlined in red.")

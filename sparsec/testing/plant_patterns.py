@@ -4,7 +4,6 @@ Tests and benchmarks use it to compile a model with a known plan without calibra
 """
 from __future__ import annotations
 
-import copy
 
 from sparsec.pass_manager import PassResult
 
@@ -28,7 +27,7 @@ class PlantPatterns:
             for head in site.heads:
                 pattern = chosen.get(head.head, self.default)
                 if pattern is not None:
-                    head.pattern, head.params = pattern[0], copy.deepcopy(pattern[1])
+                    head.assign(pattern[0], pattern[1], "planted by a test")
                     planted += 1
-            site.groups = site.group_heads_by_pattern()
+            site.regroup()
         return PassResult(gm, False, {"planted": planted})

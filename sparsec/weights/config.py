@@ -37,6 +37,19 @@ class WeightSparsity:
             classifier names in :data:`DEFAULT_EXCLUDE`).
         levels: ``{module path: level}`` fixing each linear's level (others stay dense);
             not combined with a budget, which chooses the levels itself.
+
+    Tuning of the ``sparsify_weights`` pass (defaults suit most models):
+
+    Args:
+        allocation: ``"owl"`` or ``"uniform"`` levels for the global ``sparsity`` (None: OWL
+            for unstructured and block structures, uniform for N:M).
+        owl_lambda: OWL's spread of levels around the target (0.08).
+        owl_threshold: OWL's outlier threshold, in multiples of the mean score (5.0).
+        calibration_rows: input rows sampled per linear to measure candidate errors (512).
+        measure_each: one extra forward per pruned linear to measure its own contribution
+            to the output error.
+        candidate_model_error: one forward per candidate level and linear to add each
+            candidate's error of the whole model's outputs (the unit attention sensitivities use).
     """
 
     structure: str = "2:4"
@@ -44,6 +57,12 @@ class WeightSparsity:
     score: str = "wanda"
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     levels: dict | None = field(default=None, hash=False)
+    allocation: str | None = None
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    calibration_rows: int = 512
+    measure_each: bool = True
+    candidate_model_error: bool = False
 
     def __post_init__(self):
         parsed = parse_structure(self.structure)
@@ -57,14 +76,8 @@ class WeightSparsity:
             raise ValueError(f"unknown score {self.score!r}; use one of {sorted(COMPARISON_GROUP)}")
         if self.levels is not None and not all(0 <= level <= parsed.max_level for level in self.levels.values()):
             raise ValueError(f"levels must be in [0, {parsed.max_level}] for {parsed}, got {self.levels}")
-
-    def options(self) -> dict:
-        """The ``ctx.options`` the ``sparsify_weights`` pass and the search read."""
-        options = {"weight_structure": self.structure, "weight_sparsity": self.sparsity,
-                   "weight_score": self.score, "exclude": self.exclude}
-        if self.levels is not None:
-            options["weight_levels"] = dict(self.levels)
-        return options
+        if self.allocation not in (None, "owl", "uniform"):
+            raise ValueError(f"allocation must be 'owl', 'uniform' or None, got {self.allocation!r}")
 
     def to_dict(self) -> dict:
         return {"structure": self.structure, "sparsity": self.sparsity, "score": self.score,
