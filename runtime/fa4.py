@@ -291,9 +291,18 @@ def _interface():
             "BlockSparseTensorsTorch": BlockSparseTensorsTorch}
 
 
+def interface():
+    """``flash_attn.cute.interface`` (FA4 must be available)."""
+    return _interface()["interface"]
+
+
+# Off: every group runs sparsec's Triton kernels (the benchmark's per-backend columns).
+ENABLED = True
+
+
 def available(device: torch.device) -> bool:
-    """FA4 serves this device: CUDA, compute capability 9.0 or newer, FA4 importable."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """FA4 serves this device: enabled, CUDA, compute capability 9.0 or newer, FA4 importable."""
+    return (ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
             and _interface() is not None)
 
 

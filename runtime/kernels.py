@@ -470,6 +470,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out
 
 
+def clear_call_plans() -> None:
+    """Forget every prepared signature (after switching a backend on or off)."""
+    _CALL_PLANS.clear()
+
+
 @lru_cache(maxsize=256)
 def _decoded(groups: str) -> list[HeadGroup]:
     return decode_groups(groups)

@@ -21,7 +21,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sparsec.patterns import get_pattern
+from sparsec.patterns import Elastic, get_pattern
 from sparsec.plan import HeadGroup, encode_groups
 
 FLEX_BLOCK = 128
@@ -158,19 +158,56 @@ def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: i
         row["flex_ms"] = _median_ms(flex_call)
         row["flex_tflops"] = 4 * head_dim * pairs / row["flex_ms"] * 1e-9
         row["sparsec_vs_flex"] = row["flex_ms"] / row["sparsec_ms"]
+        row["flex_flash_ms"] = _try_median(lambda: flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                                                        kernel_options={"BACKEND": "FLASH"}))
+    row.update(_fa4_rows(q, k, v, scale, groups, table, sparse))
     return row
 
 
+def _try_median(fn) -> float:
+    """The median time of ``fn``, or NaN (with the reason printed) when it cannot run."""
+    try:
+        fn()
+        return _median_ms(fn)
+    except Exception as error:             # a backend that refuses the case: a gap in the table
+        print(f"# skipped: {type(error).__name__}: {str(error)[:160]}", flush=True)
+        return math.nan
+
+
+def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse) -> dict:
+    """sparsec's Triton kernels alone (FA4 off) and FlashAttention-4 called directly, where
+    the pattern has a direct FA4 spelling (dense causal; a plain window: native window_size)."""
+    from sparsec.runtime import fa4, kernels
+    if not fa4.available(q.device):
+        return {}
+    fa4.ENABLED = False
+    kernels.clear_call_plans()
+    triton_ms = _try_median(sparse)
+    fa4.ENABLED = True
+    kernels.clear_call_plans()
+    interface = fa4.interface()
+    direct = math.nan
+    if len(groups) == 1 and groups[0].pattern == "window":
+        width = Elastic.from_json(groups[0].params["window"]).at(k.shape[2])
+        direct = _try_median(lambda: interface.flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
+            window_size=(width - 1, 0)))
+    return {"sparsec_triton_ms": triton_ms, "fa4_direct_ms": direct}
+
+
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'case':<16} {'N':>6} {'H:Hkv':>6} {'dens':>5} {'sparsec ms':>10} {'TF/s':>5} {'dense ms':>9} "
-              f"{'TF/s':>5} {'flex ms':>8} {'TF/s':>5} {'vs dense':>8} {'vs flex':>7} {'maxdiff':>7} config")
+    header = (f"{'case':<16} {'N':>6} {'H:Hkv':>6} {'dens':>5} {'sparsec ms':>10} {'TF/s':>5} {'triton ms':>9} "
+              f"{'dense ms':>9} {'TF/s':>5} {'flex ms':>8} {'flash ms':>8} {'fa4 ms':>7} {'vs dense':>8} "
+              f"{'vs flex':>7} {'vs flash':>8} {'maxdiff':>7} config")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['case']:<16} {r['n']:>6} {r['heads']:>6} {r['density']:>5.3f} {r['sparsec_ms']:>10.3f} "
-            f"{r['sparsec_tflops']:>5.0f} {r['dense_ms']:>9.3f} {r['dense_tflops']:>5.0f} "
-            f"{r.get('flex_ms', math.nan):>8.3f} {r.get('flex_tflops', math.nan):>5.0f} "
-            f"{r['sparsec_vs_dense']:>8.2f} {r.get('sparsec_vs_flex', math.nan):>7.2f} "
+            f"{r['sparsec_tflops']:>5.0f} {r.get('sparsec_triton_ms', math.nan):>9.3f} {r['dense_ms']:>9.3f} "
+            f"{r['dense_tflops']:>5.0f} {r.get('flex_ms', math.nan):>8.3f} {r.get('flex_flash_ms', math.nan):>8.3f} "
+            f"{r.get('fa4_direct_ms', math.nan):>7.3f} {r['sparsec_vs_dense']:>8.2f} "
+            f"{r.get('sparsec_vs_flex', math.nan):>7.2f} "
+            f"{r.get('flex_flash_ms', math.nan) / r['sparsec_ms']:>8.2f} "
             f"{r.get('max_abs_diff_vs_flex', math.nan):>7.3f} {r.get('config', '')}")
     return "\n".join(lines)
 
