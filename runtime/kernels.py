@@ -4,9 +4,10 @@
 - Cache: a kernel's source is generated from its :class:`KernelSpec`, written (only if
   different, under a file lock) to ``cache_dir()/attention-v<generator>/<arch>/`` and
   imported once per process.
-- Configs: the arch's candidates (:mod:`sparsec.codegen.triton.configs`) are timed at
-  first use per shape bucket, a bounded autotune; the choice is kept in ``autotune.json``
-  beside the kernels, so later processes reuse it.
+- Configs: the arch's candidates (:mod:`sparsec.codegen.triton.configs`), or the running
+  target's (:func:`sparsec.targets.running_for`), are timed at first use per shape bucket,
+  a bounded autotune; the choice is kept in ``autotune.json`` beside the kernels, keyed
+  also by the candidates' kernel hashes, so later processes reuse it until a kernel changes.
 - Launch: one launch per head group. The group's query heads are gathered in-kernel
   through a head-index array, so q/k/v are never copied and GQA never repeats K/V.
   ``dense`` groups run ``F.scaled_dot_product_attention`` (FlashAttention on a GPU),

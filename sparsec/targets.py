@@ -1,9 +1,13 @@
 """Hardware profiles: cost-model constants, default block sizes and kernel configs.
 
 Compiling needs no GPU: a plan and kernel sources for ``a100`` can be produced anywhere.
+A compiled model runs its calls under :func:`running_for` its target, so the run-time
+kernels see the target's ``kernel_configs``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 
@@ -17,7 +21,7 @@ class Target:
     launch_overhead_us: float      # fixed cost of one kernel launch
     block_m: int = 64              # query block of sparse layouts and kernels
     block_n: int = 64              # key block
-    kernel_configs: dict = field(default_factory=dict)
+    kernel_configs: dict = field(default_factory=dict)   # {"attention": [KernelConfig fields, ...]}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "arch": self.arch, "device_type": self.device_type,
@@ -43,6 +47,26 @@ def get_target(target: "str | Target") -> Target:
             f"unknown target {target!r}; choose one of {sorted(_TARGETS)} "
             "or register a profile with sparsec.register_target(Target(...))"
         ) from None
+
+
+_RUNNING: ContextVar[Target | None] = ContextVar("sparsec_running_target", default=None)
+
+
+@contextmanager
+def running_for(target: "str | Target"):
+    """Run the enclosed calls for ``target``: the run-time kernels take their configs from its
+    ``kernel_configs`` (where its arch matches the device's) instead of the arch's defaults.
+    A compiled model wraps each call in it; wrap a direct ``graph_module`` call likewise."""
+    token = _RUNNING.set(get_target(target))
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
+
+
+def running_target() -> Target | None:
+    """The target of the enclosing :func:`running_for`, if any."""
+    return _RUNNING.get()
 
 
 # Datasheet-level constants; later cost-model work replaces h100's with measured ones.

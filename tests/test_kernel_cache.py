@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from sparsec.codegen.triton.configs import KernelConfig
+from sparsec.codegen.triton import generator
 from sparsec.codegen.triton.generator import KernelSpec
+from sparsec.plan import HeadGroup
 from sparsec.runtime import kernels
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,8 +102,8 @@ def window_spec(window: int) -> KernelSpec:
 # -- autotune.json --------------------------------------------------------------------------
 
 def fake_group(q):
-    """What _choose_config reads of a group: arch, tensors, bucket, and prepare(config)."""
-    return types.SimpleNamespace(arch="cpu", q=q, k=q, v=q, mask=None, bucket=lambda: "window|d16",
+    """What _choose_config reads of a group: arch, tensors, autotune key, and prepare(config)."""
+    return types.SimpleNamespace(arch="cpu", q=q, k=q, v=q, mask=None, autotune_key=lambda candidates: "cpu|window|d16",
                                  prepare=lambda config: (lambda *args: None))
 
 
@@ -136,6 +138,43 @@ def test_unwritable_cache_keeps_the_autotune_choice_in_process_with_one_warning(
         assert kernels._choose_config(fake_group(q), autotune=True) == CONFIGS[1]
     messages = [str(w.message) for w in caught if "not writable" in str(w.message)]
     assert len(messages) == 1 and str(cache) in messages[0]
+
+
+def window_group(monkeypatch) -> kernels._Group:
+    """A real group (its autotune key generates the candidates' sources), launching nothing."""
+    q = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(1))
+    group = kernels._Group(q, q[:, :1], q[:, :1], None, 0.25, True, HeadGroup("window", {"window": [6, 0]}, [0, 1]))
+    monkeypatch.setattr(group, "prepare", lambda config: (lambda *args: None))
+    return group
+
+
+def changed_template(monkeypatch) -> None:
+    """A template change that keeps GENERATOR_VERSION (as three past changes did)."""
+    monkeypatch.setattr(generator, "_HEADER", generator._HEADER + "# the template changed\n")
+    monkeypatch.setattr(kernels, "_generate", generator.generate)          # not the cached sources
+
+
+def test_autotune_key_follows_the_generated_kernels(cache, monkeypatch):
+    group = window_group(monkeypatch)
+    key = group.autotune_key(tuple(CONFIGS))
+    assert key == group.autotune_key(tuple(CONFIGS))
+    assert key != group.autotune_key(tuple(CONFIGS[:1]))                  # another candidate list
+    changed_template(monkeypatch)
+    assert key != group.autotune_key(tuple(CONFIGS))
+
+
+def test_stored_choice_is_not_reused_after_a_template_change(cache, monkeypatch):
+    monkeypatch.setattr(kernels, "candidate_configs", lambda *args: tuple(CONFIGS))
+    timings = iter([2.0, 1.0])                                             # the second config wins
+    monkeypatch.setattr(kernels.triton.testing, "do_bench", lambda *args, **kwargs: next(timings))
+    assert kernels._choose_config(window_group(monkeypatch), autotune=True) == CONFIGS[1]
+    kernels._TUNED.clear()                                                 # a later process, same kernels:
+    assert kernels._choose_config(window_group(monkeypatch), autotune=True) == CONFIGS[1]   # stored, not timed
+    changed_template(monkeypatch)
+    kernels._TUNED.clear()                                                 # a later process, changed kernels:
+    timings = iter([1.0, 2.0])                                             # now the first config wins
+    assert kernels._choose_config(window_group(monkeypatch), autotune=True) == CONFIGS[0]
+    assert len(json.loads((kernels.kernel_dir("cpu") / "autotune.json").read_text())) == 2
 
 
 # -- kernel files ---------------------------------------------------------------------------

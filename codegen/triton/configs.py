@@ -3,7 +3,8 @@
 Each architecture lists a few candidates, the default first; the runtime times them on
 first use per shape bucket (a bounded autotune) and caches the choice on disk. A target
 profile can replace the list through ``Target.kernel_configs["attention"]`` (a list of
-``{"block_m", "block_n", "num_warps", "num_stages"}``), and ``SPARSEC_ATTENTION_CONFIGS``
+``{"block_m", "block_n", "num_warps", "num_stages"}``; at run time, the target a compiled
+model runs for, :func:`sparsec.targets.running_for`), and ``SPARSEC_ATTENTION_CONFIGS``
 (config tags) replaces both, to sweep configs on a new GPU with ``sparsec bench attention``.
 """
 from __future__ import annotations
@@ -73,10 +74,12 @@ def arch_key(arch: str) -> str:
 def candidate_configs(arch: str, dtype_name: str, padded_head_dim: int,
                       target: Target | None = None) -> tuple[KernelConfig, ...]:
     """Configs worth timing for this arch, dtype and (padded) head dim; the default first.
-    ``SPARSEC_ATTENTION_CONFIGS`` replaces them (tags), then a target profile's list."""
+    ``SPARSEC_ATTENTION_CONFIGS`` replaces them (tags), then a target profile's list where
+    the target is of this arch family (an sm90 target's TMA configs do not run on sm80)."""
     if config.attention_configs():
         return tuple(KernelConfig.from_tag(tag) for tag in config.attention_configs())
-    if target is not None and target.kernel_configs.get("attention"):
+    if (target is not None and target.kernel_configs.get("attention")
+            and arch_key(target.arch) == arch_key(arch)):
         return tuple(KernelConfig(**c) for c in target.kernel_configs["attention"])
     wide = dtype_name == "float32" or padded_head_dim > 128
     return (_WIDE if wide else _HALF)[arch_key(arch)]
