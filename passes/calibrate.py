@@ -1,10 +1,11 @@
 """calibrate: run the calibration inputs and measure where every head's attention goes.
 
-The canonical graph runs under a :class:`torch.fx.Interpreter` that stops at each
-``sparsec.attention`` site of the plan, measures the attention probabilities of every head
-(:class:`~sparsec.patterns.fitting.AttentionProfile`: block-pooled, per key column, per
-diagonal offset, per column and ``|offset|`` bucket; sink mass is the first columns'),
-then returns the real attention output, so later layers see true activations.
+The canonical graph runs under :class:`sparsec.analysis.graph_runner.GraphRunner`, which
+shows each ``sparsec.attention`` site of the plan its inputs; the pass measures the
+attention probabilities of every head (:class:`~sparsec.patterns.fitting.AttentionProfile`:
+block-pooled, per key column, per diagonal offset, per column and ``|offset|`` bucket; sink
+mass is the first columns'), and the site computes its real output, so later layers see
+true activations.
 
 Statistics follow the reference semantics (runtime/reference.py): the user mask (boolean,
 True = attend, or additive) and the causal flag, queries aligned bottom-right. Each valid
@@ -31,10 +32,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx._pytree as fx_pytree
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MASKED_ADDITIVE, offsets
 from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bucket, offset_buckets
@@ -193,28 +193,6 @@ def profile_from_probabilities(probs: torch.Tensor, causal: bool, block: int) ->
     return sums.profile(causal)
 
 
-def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The graph's placeholders for a call ``(args, kwargs)``, as the module's forward flattens them."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is not None and info.in_spec is not None:
-        return fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), info.in_spec)
-    return pytree.arg_tree_leaves(*args, **kwargs)
-
-
-class _CalibrationInterpreter(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, recorder: _Recorder, progress):
-        super().__init__(gm)
-        self.recorder, self.progress = recorder, progress
-
-    def run_node(self, n: torch.fx.Node):
-        result = super().run_node(n)
-        if n.op == "call_function" and n.target == ATTENTION and n.name in self.recorder.sites:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            self.recorder.record(n.name, *args[:2], *args[3:6])
-            self.progress.update(1)
-        return result
-
-
 class Calibrate:
     """Measure per-head attention statistics into ``ctx.attention_stats[site.name]``.
 
@@ -236,10 +214,17 @@ class Calibrate:
         recorder = _Recorder(sites, block, self.chunk_elements)
         steps = len(batches) * len(sites)
         with tqdm(total=steps, desc="sparsec calibrate", unit="site",
-                  disable=True if steps < PROGRESS_MIN_STEPS else None) as progress, torch.no_grad():
-            interpreter = _CalibrationInterpreter(gm, recorder, progress)
+                  disable=True if steps < PROGRESS_MIN_STEPS else None) as progress:
+
+            def record(node, args, kwargs, output):
+                recorder.record(node.name, *args[:2], *args[3:6])
+                progress.update(1)
+
+            nodes = [node for node in gm.graph.nodes
+                     if node.op == "call_function" and node.target == ATTENTION and node.name in sites]
+            runner = GraphRunner(gm)
             for args, kwargs in batches:
-                interpreter.run(*_flat_inputs(gm, args, kwargs), enable_io_processing=False)
+                runner.run(args, kwargs, observe=dict.fromkeys(nodes, record))
         ctx.attention_stats = recorder.finish({node: site.causal for node, site in sites.items()})
         for site in ctx.plan.attention:
             mask_is_causal = ctx.attention_stats[site.name].mask_is_causal
