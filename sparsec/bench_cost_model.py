@@ -5,6 +5,7 @@ result; ``docs/benchmarks.md`` records each calibration and its fit)::
 
     sparsec bench cost-model --json calibration.json     # measure here (a CUDA GPU), then fit
     sparsec bench cost-model --refit                     # fit the packaged h100 measurements again
+    sparsec bench cost-model --refit h200                # ... or another packaged target's
     sparsec bench cost-model --refit calibration.json    # fit an earlier --json file (no GPU needed)
 
 What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``):
@@ -35,12 +36,13 @@ BLOCK = 128
 DENSE_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 SPARSE_LENGTHS = [4096, 16384]
 WINDOWS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
-PACKAGED_MEASUREMENTS = "attention_calibration_h100.json"
 
 
-def packaged_measurements() -> dict:
-    """The h100 measurements the ``h100`` profile of :mod:`sparsec.cost_model` was fitted to."""
-    return json.loads(resources.files("sparsec").joinpath("data", PACKAGED_MEASUREMENTS).read_text())
+def packaged_measurements(target: str = "h100") -> dict | None:
+    """The measurements shipped for ``target`` (``sparsec/data/attention_calibration_<target>.json``;
+    the ``h100`` profile of :mod:`sparsec.cost_model` is fitted to h100's), or None."""
+    file = resources.files("sparsec").joinpath("data", f"attention_calibration_{target}.json")
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def _qkv(n: int, heads: int = HEADS, batch: int = 1):
@@ -203,18 +205,18 @@ def measure() -> dict:
 
 
 def add_bench_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refit", nargs="?", const="packaged", metavar="FILE",
-                        help="fit earlier measurements instead of measuring: a --json file, or none for "
-                             "the packaged h100 measurements")
+    parser.add_argument("--refit", nargs="?", const="h100", metavar="FILE|TARGET",
+                        help="fit earlier measurements instead of measuring: a --json file, or the "
+                             "measurements packaged for a target (h100, h200; default h100)")
     parser.add_argument("--json", help="write the measurements and the fit here")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.refit == "packaged":
-        data = packaged_measurements()
-    elif args.refit:
-        with open(args.refit) as f:
-            data = json.load(f)
+    if args.refit:
+        data = packaged_measurements(args.refit)
+        if data is None:
+            with open(args.refit) as f:
+                data = json.load(f)
     else:
         data = measure()
     data["fit"] = fit(data)

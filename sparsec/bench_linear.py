@@ -19,6 +19,7 @@ against the masked dense product. Prints the speedup table (eager times) in the 
 
     sparsec bench linear --json sparse_linear.json    # measure (a CUDA GPU)
     sparsec bench linear --report                     # the tables of the packaged h100 run
+    sparsec bench linear --report h200                # ... or another packaged target's
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_feat
 TOKENS = [1, 16, 256, 4096, 16384]
 VARIANTS = ["dense", "2:4", "2:4-cslt", "block64@0.5", "block64@0.75", "block32@0.5", "block32@0.75"]
 COPIES = 4
-PACKAGED_MEASUREMENTS = "sparse_linear_h100.json"
 
 
-def packaged_measurements() -> dict:
-    """The h100 run that ``MEASURED_SPEEDUP`` in :mod:`sparsec.runtime.sparse_linear_gpu` holds."""
-    return json.loads(resources.files("sparsec").joinpath("data", PACKAGED_MEASUREMENTS).read_text())
+def packaged_measurements(target: str = "h100") -> dict | None:
+    """The run shipped for ``target`` (``sparsec/data/sparse_linear_<target>.json``; h100's is
+    the table ``MEASURED_SPEEDUP`` in :mod:`sparsec.runtime.sparse_linear_gpu` holds), or None."""
+    file = resources.files("sparsec").joinpath("data", f"sparse_linear_{target}.json")
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -183,19 +185,19 @@ def report(data: dict) -> None:
 
 
 def add_bench_linear_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", nargs="?", const="packaged", metavar="FILE",
-                        help="print the tables of an earlier --json file instead of measuring "
-                             "(none: the packaged h100 run)")
+    parser.add_argument("--report", nargs="?", const="h100", metavar="FILE|TARGET",
+                        help="print the tables of an earlier run instead of measuring: a --json file, or "
+                             "the run packaged for a target (h100, h200; default h100)")
     parser.add_argument("--json", help="write every measurement and the speedup table here")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.report:
-        if args.report == "packaged":
-            report(packaged_measurements())
-        else:
+        data = packaged_measurements(args.report)
+        if data is None:
             with open(args.report) as f:
-                report(json.load(f))
+                data = json.load(f)
+        report(data)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("sparsec bench linear needs a CUDA GPU to measure (--report prints saved measurements)")

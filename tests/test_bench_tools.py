@@ -36,6 +36,8 @@ def test_refit_and_report_print_without_a_gpu(capsys, tmp_path):
     assert json.loads(record.read_text())["fit"]["sparse"]["tflops"] == pytest.approx(429.15, abs=0.01)
     assert main(["bench", "cost-model", "--refit", str(record)]) == 0
     assert "429.2 TFLOP/s" in capsys.readouterr().out
+    assert main(["bench", "cost-model", "--refit", "h200"]) == 0
+    assert "dense        rate   601.1 TFLOP/s" in capsys.readouterr().out
     assert main(["bench", "linear", "--report"]) == 0
     out = capsys.readouterr().out
     assert "MEASURED_SPEEDUP" in out and "4096->11008" in out
@@ -44,9 +46,14 @@ def test_refit_and_report_print_without_a_gpu(capsys, tmp_path):
 def test_packaged_measurements_are_found_from_another_directory(tmp_path):
     code = ("from sparsec.bench_cost_model import packaged_measurements as a; "
             "from sparsec.bench_linear import packaged_measurements as b; "
-            "print(a()['device'], len(b()['rows']))")
+            "print(a('h200')['device'], len(b('h100')['rows']), a('no_such_target'))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert done.stdout.split()[-1] == "105"
+    assert done.stdout.split()[-3:] == ["H200", "105", "None"]
+
+
+def test_a_missing_measurement_file_is_one_line(capsys, tmp_path):
+    assert main(["bench", "linear", "--report", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
 
 
 def test_onnx_benchmark_runs_at_a_tiny_size(capsys):
