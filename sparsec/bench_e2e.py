@@ -11,6 +11,11 @@ and windows cycling across heads and layers; the last head of each group stays d
 sparsec calibrates at a short length, where a single length gives pattern sizes that do
 not grow with N (``Elastic(a, 0)``), so the plan stays sparse at the benchmark length.
 
+``--generate T`` (SmolLM2 only: the planted model is no Hugging Face model) also times
+``model.generate()`` of ``T`` tokens after the ``--n`` prompt, dense and with the plan
+attached (:func:`sparsec.attach`: sparse prefill, dense decode, the model's KV cache): time
+to first token and decode tokens/s, and whether the generated tokens agree.
+
 A fourth variant runs sparsec's rewritten graph through ``torch.compile`` (the sparse
 attention op stays opaque; Inductor fuses the rest), as a user would deploy it.
 Each variant is timed at batch 1 with CUDA events (``--reps`` calls after ``--warmup``,
@@ -221,6 +226,36 @@ def _planted(args, device: torch.device, dtype: torch.dtype):
                            "heads": args.layers * args.heads}
 
 
+def _generate_row(hf_model, ids: torch.Tensor, tokens: int, device: torch.device, args) -> tuple[dict, torch.Tensor]:
+    """Time to first token (``generate`` of one token: the prefill) and decode tokens/s (the
+    rest of a ``tokens``-token ``generate``), medians over ``--reps``; and the tokens."""
+    def generate(count: int) -> torch.Tensor:
+        return hf_model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, use_cache=True,
+                                 pad_token_id=hf_model.config.eos_token_id)
+
+    with torch.no_grad():
+        generated = generate(tokens)                     # first call: kernels compile / autotune, untimed
+        first_token_ms = statistics.median(time_ms(lambda: generate(1), device, args.reps, args.warmup))
+        total_ms = statistics.median(time_ms(lambda: generate(tokens), device, args.reps, args.warmup))
+    decode_s = max(total_ms - first_token_ms, 1e-9) / 1e3
+    return ({"time_to_first_token_ms": first_token_ms, "generate_ms": total_ms, "new_tokens": tokens,
+             "decode_tokens_per_s": (tokens - 1) / decode_s}, generated[:, ids.shape[1]:])
+
+
+def bench_generate(results: "_Results", hf_model, compiled, ids: torch.Tensor, device: torch.device, args) -> None:
+    """The ``generate`` variant: dense ``generate()`` against the same model with the plan attached."""
+    import sparsec
+
+    rows = results.data.setdefault("generate", {})
+    rows["dense"], dense_tokens = _generate_row(hf_model, ids, args.generate, device, args)
+    with sparsec.attach(hf_model, compiled):
+        rows["sparsec"], sparse_tokens = _generate_row(hf_model, ids, args.generate, device, args)
+    rows["sparsec"]["tokens_equal_to_dense"] = float((sparse_tokens == dense_tokens).float().mean())
+    for name, row in rows.items():
+        print(f"[generate {name}] time to first token {row['time_to_first_token_ms']:.1f} ms, "
+              f"decode {row['decode_tokens_per_s']:.1f} tokens/s", flush=True)
+
+
 def bench_e2e(args: argparse.Namespace) -> dict:
     """Run the end-to-end benchmark described by parsed ``args``; print a table, return the record."""
     import sparsec
@@ -292,6 +327,11 @@ def bench_e2e(args: argparse.Namespace) -> dict:
                 results.data["errors"][f"sparsec_vs_eager_at_{args.check_n}"] = error
             results.step("sparsec check", check)
         results.save()
+    if args.generate and compiled is not None:
+        if args.model == "smollm2":
+            results.step("generate", lambda: bench_generate(results, model.model, compiled, ids, device, args))
+        else:
+            print("[generate] skipped: the planted model has no generate()", flush=True)
     if not args.no_torch_compile:
         def torch_compiled(name: str, module):
             fast = torch.compile(module, dynamic=False)
@@ -338,6 +378,11 @@ def format_table(data: dict) -> str:
                                   for key in ("peak_gib", "peak_above_baseline_gib", "compile_s"))
         lines.append(f"{name:<14} {row['median_ms']:>10.2f} {ratio:>8.2f} {peak:>9.2f} {above:>10.2f} "
                      f"{compile_s:>9.1f} {row['first_call_s']:>12.1f}")
+    for name, row in data.get("generate", {}).items():
+        agreement = row.get("tokens_equal_to_dense")
+        lines.append(f"generate {name:<8} time to first token {row['time_to_first_token_ms']:>9.1f} ms, decode "
+                     f"{row['decode_tokens_per_s']:>8.1f} tokens/s over {row['new_tokens']} tokens"
+                     + ("" if agreement is None else f", tokens equal to dense {agreement:.0%}"))
     for name, value in data["errors"].items():
         lines.append(f"rel. L2 error of logits, {name}: {value:.3e}")
     floor = next((value for name, value in data["errors"].items() if name.startswith("dense_")), None)
@@ -372,6 +417,9 @@ def add_bench_e2e_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--generate", type=int, default=32, metavar="TOKENS",
+                        help="also time generate() of this many tokens after the prompt, dense vs sparsec.attach "
+                             "(time to first token, decode tokens/s; smollm2 only; 0 skips)")
     parser.add_argument("--tiny", action="store_true",
                         help="2 layers, 4 heads, N=256, fp32 on the CPU: checks the script, times nothing useful")
     parser.add_argument("--verbose", action="store_true", help="print the plan summary")
