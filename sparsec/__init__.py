@@ -11,10 +11,11 @@ from .bisect import bisect  # noqa: E402
 from .budget import Budget  # noqa: E402
 from .compiler import CompiledModel, compile, load  # noqa: E402
 from .errors import SparsecError  # noqa: E402
+from .generation import attach  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .targets import Target, get_target, register_target  # noqa: E402
 from .tolerance import Tolerance  # noqa: E402
 from .weights.config import WeightSparsity  # noqa: E402
 
-__all__ = ["Budget", "bisect", "CompiledModel", "Plan", "SparsecError", "Target", "compile", "get_target", "load",
+__all__ = ["attach", "Budget", "bisect", "CompiledModel", "Plan", "SparsecError", "Target", "compile", "get_target", "load",
            "register_target", "Tolerance", "WeightSparsity"]
