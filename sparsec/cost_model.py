@@ -209,7 +209,7 @@ class CostModel:
         return high
 
 
-# -- attention backend per group (issue #13) --------------------------------------------------
+# -- attention backend per group ------------------------------------------------------------
 
 FA4_HEAD_DIMS = (64, 128, 256)
 

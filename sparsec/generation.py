@@ -1,4 +1,4 @@
-"""Sparse prefill inside Hugging Face generation (issue #15): ``sparsec.attach(model, plan)``.
+"""Sparse prefill inside Hugging Face generation: ``sparsec.attach(model, plan)``.
 
 ``model.generate()`` prefills a prompt once, then decodes one token at a time against the KV
 cache. Hugging Face models built on the ``AttentionInterface`` registry call

@@ -1,4 +1,4 @@
-"""``sparsec.attach``: sparse prefill inside Hugging Face ``generate()`` (issue #15).
+"""``sparsec.attach``: sparse prefill inside Hugging Face ``generate()``.
 
 Tiny random models of each family (2 layers, hidden 64): with a plan at its baseline
 (dense, or the model's own window) greedy ``generate()`` is token-identical to the model;
