@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.pass_manager import CompileContext, PassResult
@@ -42,8 +41,6 @@ from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bu
 from .attention_sites import ATTENTION
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-# Progress bars only for calibrations of at least this many (batch, site) steps.
-PROGRESS_MIN_STEPS = 16
 
 
 class _ProfileSums:
@@ -197,8 +194,8 @@ class Calibrate:
     """Measure per-head attention statistics into ``ctx.attention_stats[site.name]``.
 
     ``chunk_elements`` bounds the scores held at once (see the module docstring). Runs on
-    ``ctx.calibration`` (the example inputs when empty), with a tqdm progress bar over
-    (batch, site) steps when there are at least ``PROGRESS_MIN_STEPS`` of them.
+    ``ctx.calibration`` (the example inputs when empty), with the manager's progress bar
+    over (batch, site) steps (:meth:`CompileContext.progress`).
     """
 
     name = "calibrate"
@@ -213,8 +210,7 @@ class Calibrate:
         block = math.gcd(ctx.target.block_m, ctx.target.block_n)
         recorder = _Recorder(sites, block, self.chunk_elements)
         steps = len(batches) * len(sites)
-        with tqdm(total=steps, desc="sparsec calibrate", unit="site",
-                  disable=True if steps < PROGRESS_MIN_STEPS else None) as progress:
+        with ctx.progress(steps, "calibrate", unit="site") as progress:
 
             def record(node, args, kwargs, output):
                 recorder.record(node.name, *args[:2], *args[3:6])

@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
+from sparsec.analysis.linear_sensitivity import LinearAnalysis
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext
 
-from .sparsify_weights import SparsifyWeights
+from . import sparsify_weights
 
 
 @dataclass
@@ -64,15 +65,14 @@ def searchable(ctx: CompileContext, mode: str) -> bool:
     return bool(ctx.weights and ctx.weights.sparsity) and not ctx.weight_levels and mode != "density"
 
 
-def analyze_linears(gm: torch.fx.GraphModule, ctx: CompileContext, fitting_batches: int) -> SparsifyWeights:
-    """Calibrate and score the linears on the fitting batches only (``ctx.plan.linears``)."""
+def analyze_linears(gm: torch.fx.GraphModule, ctx: CompileContext, fitting_batches: int) -> LinearAnalysis:
+    """Calibrate and score the linears on the fitting batches only (``ctx.plan.linears`` and
+    ``ctx.linear_analysis``, which sparsify_weights reuses while it is current)."""
     ctx.weight_calibration_batches = fitting_batches
-    analysis = SparsifyWeights()
-    analysis.analyze(gm, ctx)
-    return analysis
+    return sparsify_weights.analyze_linears(gm, ctx)
 
 
-def linear_items(gm: torch.fx.GraphModule, ctx: CompileContext, analysis: SparsifyWeights, cost: CostModel,
+def linear_items(gm: torch.fx.GraphModule, ctx: CompileContext, analysis: LinearAnalysis, cost: CostModel,
                  tokens: int) -> list[LinearItem]:
     """One item per eligible linear of ``ctx.plan.linears``, its levels timed at ``tokens``."""
     nodes = {node.name: node for node in gm.graph.nodes}
@@ -88,5 +88,5 @@ def linear_items(gm: torch.fx.GraphModule, ctx: CompileContext, analysis: Sparsi
             options.append(LinearLevel(candidate["level"], candidate["error"],
                                        cost.linear_seconds(*shape, tokens, speedup), speedup, why))
         items.append(LinearItem(entry, nodes[entry["node"]], options,
-                                functools.partial(analysis.pruned_weight, gm, ctx, entry)))
+                                functools.partial(analysis.pruned_weight, entry["node"])))
     return items

@@ -3,6 +3,9 @@
 - ``SPARSEC_DUMP=dir``      write pass dumps to ``dir`` (same as ``compile(dump_dir=...)``).
 - ``SPARSEC_DEBUG=0..3``    0 silent, 1 pass names and times, 2 + per-pass stats,
                             3 + the graph after every pass that changed it.
+- ``SPARSEC_DISABLE_PASSES=fuse_heads,merge_head_groups``  passes the pass manager skips
+                            (by name; the dump and ``plan.extra["disabled_passes"]`` say so),
+                            for bisecting a pass's effect.
 - ``SPARSEC_CACHE_DIR=dir`` generated-kernel cache (default ``~/.cache/sparsec``).
 - ``SPARSEC_ATTENTION_CONFIGS=m64n64w4s3tma,m128n64w8s3``  the attention kernel configs
                             the autotune times (tags as in the generated file names),
@@ -37,6 +40,11 @@ def dump_dir() -> Path | None:
 
 def debug_level() -> int:
     return _int("SPARSEC_DEBUG", 0, "set it to 0, 1, 2 or 3")
+
+
+def disabled_passes() -> frozenset[str]:
+    raw = os.environ.get("SPARSEC_DISABLE_PASSES", "")
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
 
 
 def cache_dir() -> Path:

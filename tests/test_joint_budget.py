@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsec
+from sparsec.analysis.linear_sensitivity import LINEAR
 from sparsec.budget import Budget
 from sparsec.inputs import relative_l2
 from sparsec.compiler import CompiledModel
@@ -19,7 +20,7 @@ from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassManager
 from sparsec.passes.capture import capture
 from sparsec.passes.search import Search
-from sparsec.passes.sparsify_weights import LINEAR, SPARSE_LINEAR, SparsifyWeights
+from sparsec.passes.sparsify_weights import SPARSE_LINEAR, SparsifyWeights
 from sparsec.plan import Plan
 from sparsec.targets import get_target
 from sparsec.testing.planted import planted_llama, planted_llama_inputs

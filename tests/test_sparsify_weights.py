@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import sparsec  # noqa: F401  (registers the ops)
-from sparsec.pass_manager import CompileContext
+from sparsec.analysis.graph_runner import GraphRunner
+from sparsec.analysis.linear_sensitivity import LINEAR, LinearAnalysis, output_error
+from sparsec.pass_manager import CompileContext, PassManager
 from sparsec.passes.capture import capture
-from sparsec.passes.sparsify_weights import LINEAR, SPARSE_LINEAR, SparsifyWeights, output_error, run_graph
+from sparsec.passes import sparsify_weights
+from sparsec.passes.sparsify_weights import SPARSE_LINEAR, SparsifyWeights, analyze_linears
 from sparsec.plan import Plan
 from sparsec.runtime import sparse_linear_gpu
 from sparsec.targets import get_target
@@ -210,9 +213,8 @@ def test_pass_rewrites_and_matches_masked_dense(structure, score):
     gm, _ = capture(model, example, {})
     classifier_weight = gm.classifier.weight
     ctx = _context(WeightSparsity(structure, 0.5, score=score), example)
-    result = SparsifyWeights().run(gm, ctx)
-    gm = result.graph_module
-    assert result.modified and result.stats["linears_sparse"] == 3
+    gm = PassManager([SparsifyWeights()]).run(gm, ctx)       # the manager recompiles the rewritten graph
+    assert ctx.pass_stats["sparsify_weights"]["linears_sparse"] == 3
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(SPARSE_LINEAR) == 3 and targets.count(LINEAR) == 1
     # the classifier is untouched: same node kind, same tensor
@@ -255,13 +257,14 @@ def test_apply_levels_from_a_search():
     example = (torch.randn(2, 9, 64),)
     gm, _ = capture(model, example, {})
     ctx = _context(WeightSparsity("4:8", 0.0, measure_each=False, candidate_model_error=True), example)
-    sparsify = SparsifyWeights()
-    entries = sparsify.analyze(gm, ctx)
+    analyze_linears(gm, ctx)
+    entries = ctx.plan.linears
     errors = {e["name"]: [c["error"] for c in e["candidates"]] for e in entries if e["candidates"]}
     assert all(err == sorted(err) for err in errors.values())   # nested masks: more pruning, more error
     model_errors = [c["model_error"] for e in entries for c in e["candidates"]]
     assert model_errors and min(model_errors) == 0 and max(model_errors) > 0
-    result = sparsify.apply_levels(gm, ctx, {"up": 0.75, "mid": 0.5})
+    ctx.weight_levels, ctx.weight_levels_by = {"up": 0.75, "mid": 0.5}, "search"
+    result = SparsifyWeights().run(gm, ctx)         # reuses the analysis: nothing changed since
     by_name = {e["name"]: e for e in ctx.plan.linears}
     assert by_name["up"]["level"] == 0.75 and by_name["up"]["allocated_by"] == "search"
     assert by_name["down"]["level"] == 0 and result.stats["linears_sparse"] == 2
@@ -289,8 +292,8 @@ def test_llama_owl_unstructured_budget_holds_on_held_out_inputs():
     # the error measured on calibration predicts the error on held-out inputs
     torch.manual_seed(11)
     held_out = [llama_inputs(3, 19) for _ in range(3)]
-    outputs = [run_graph(result.graph_module, (), kw) for kw in held_out]
-    references = [run_graph(reference, (), kw) for kw in held_out]
+    outputs = [GraphRunner(result.graph_module).run((), kw) for kw in held_out]
+    references = [GraphRunner(reference).run((), kw) for kw in held_out]
     calibrated = ctx.plan.extra["weights"]["measured_error"]
     assert 0 < output_error(outputs, references) < 1.5 * calibrated + 0.02
 
@@ -304,7 +307,7 @@ def test_saved_program_keeps_the_compressed_form_and_shrinks(tmp_path):
     dense_path, sparse_path = tmp_path / "dense.pt2", tmp_path / "sparse.pt2"
     torch.export.save(torch.export.export(gm, example, strict=False, dynamic_shapes=dims), dense_path)
     ctx = _context(WeightSparsity("2:4", 0.5, measure_each=False), example)
-    gm = SparsifyWeights().run(gm, ctx).graph_module
+    gm = PassManager([SparsifyWeights()]).run(gm, ctx)
     torch.export.save(torch.export.export(gm, example, strict=False, dynamic_shapes=dims), sparse_path)
     summary = ctx.plan.extra["weights"]
     saved = dense_path.stat().st_size - sparse_path.stat().st_size
@@ -404,8 +407,27 @@ def test_rewritten_model_runs_on_cuda():
     example = (torch.randn(2, 9, 64, dtype=torch.bfloat16),)
     gm, _ = capture(model, example, {})
     ctx = _context(WeightSparsity("2:4", 0.5, measure_each=False), example)
-    gm = SparsifyWeights().run(gm, ctx).graph_module
+    gm = PassManager([SparsifyWeights()]).run(gm, ctx)
     x = torch.randn(4, 33, 64, dtype=torch.bfloat16)
     expected = gm(x).float()
     out = gm.to("cuda")(x.cuda()).float().cpu()
     assert float((out - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_linears_are_analysed_once_while_the_analysis_is_current(monkeypatch):
+    torch.manual_seed(0)
+    model = _TinyClassifier().eval()
+    example = (torch.randn(2, 9, 64),)
+    gm, _ = capture(model, example, {})
+    permuted = copy.deepcopy(gm)
+    ctx = _context(WeightSparsity("2:4", 0.5, measure_each=False), example)
+    analysis = analyze_linears(gm, ctx)
+    recordings = []
+    monkeypatch.setattr(sparsify_weights, "LinearAnalysis",
+                        lambda *args, **kwargs: recordings.append(args) or LinearAnalysis(*args, **kwargs))
+    assert SparsifyWeights().run(gm, ctx).stats["linears_sparse"] == 3 and not recordings     # reused
+    up = permuted.get_submodule("up")
+    up.weight = torch.nn.Parameter(up.weight.detach()[torch.randperm(up.weight.shape[0])])   # as fusion permutes
+    ctx.linear_analysis = analysis
+    SparsifyWeights().run(permuted, ctx)
+    assert len(recordings) == 1 and recordings[0][0] is permuted
