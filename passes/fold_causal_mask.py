@@ -255,8 +255,6 @@ class FoldCausalMask:
             windows += 1
         if folded or windows:
             gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, folded + windows > 0, {"masks_folded": folded, "model_windows": windows}, decisions)
 
     @staticmethod

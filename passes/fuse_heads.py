@@ -201,9 +201,6 @@ class FuseHeads:
             stats["heads_moved"] += sum(p != h for h, p in enumerate(site.head_permutation()))
             stats["groups_merged"] += len(record.merges)
             stats["groups_split_by_gqa"] += record.groups_split_by_gqa
-        if graph_changed:
-            gm.graph.lint()
-            gm.recompile()
         modified = graph_changed or any(r["strategy"] == "weights" for r in decisions.values())
         return PassResult(gm, modified, stats, decisions)
 

@@ -48,8 +48,5 @@ class Lower:
             site.extra["lowered"] = f"sparse_attention, {len(site.groups)} launch(es)"
             decisions[site.name] = [f"{g.pattern}:{g.heads}" for g in site.groups]
             lowered += 1
-        if lowered:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, lowered > 0, {"sites_lowered_sparse": lowered,
                                             "sites_dense": len(ctx.plan.attention) - lowered}, decisions)
