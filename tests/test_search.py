@@ -16,7 +16,8 @@ from sparsec.passes.capture import capture
 from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.lower import Lower
-from sparsec.passes.search import Rung, Search, dense_rung
+from sparsec.passes.search import Search
+from sparsec.passes.search_ladder import Rung, dense_rung
 from sparsec.passes.suffix_runs import SuffixRunner
 from sparsec.plan import HeadGroup, Plan
 from sparsec.runtime import reference
