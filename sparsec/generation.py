@@ -78,7 +78,8 @@ def _decode_groups(groups: list[HeadGroup]) -> list[HeadGroup]:
 
 def _modules_by_site(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn.Module]:
     """Each plan site's module: the module at the path capture recorded, or the one module
-    whose path ends with it (a plan compiled on ``model.model`` attached to the LM)."""
+    whose path ends with it or ends it (a plan compiled on ``model.model``, or on a wrapper
+    of the model, attached to the model)."""
     modules = dict(model.named_modules())
     found = {}
     for site in plan.attention:
@@ -89,7 +90,8 @@ def _modules_by_site(model: torch.nn.Module, plan: Plan) -> dict[str, torch.nn.M
                 "each run one attention)")
         module = modules.get(site.name)
         if module is None:
-            matches = [m for path, m in modules.items() if path.endswith("." + site.name)]
+            matches = [m for path, m in modules.items()
+                       if path and (path.endswith("." + site.name) or site.name.endswith("." + path))]
             module = matches[0] if len(matches) == 1 else None
         if module is None:
             raise InvalidArgumentError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -222,3 +223,24 @@ def test_smollm2_baseline_plan_generates_the_models_tokens():
     expected = _generate(model, prompt)
     with sparsec.attach(model, _baseline_plan(compiled.plan)):
         assert torch.equal(_generate(model, prompt), expected)
+
+
+@pytest.mark.real
+def test_bench_e2e_generate_variant_times_dense_and_sparsec(tmp_path):
+    from sparsec.cli import main
+    from sparsec.testing.real_models import RealModelUnavailable, load_smollm2
+
+    try:
+        load_smollm2()
+    except RealModelUnavailable as error:
+        pytest.skip(str(error))
+    path = tmp_path / "e2e.json"
+    assert main(["bench", "e2e", "--n", "96", "--check-n", "0", "--calibration-length", "64", "--target", "cpu",
+                 "--dtype", "fp32", "--reps", "1", "--warmup", "0", "--no-torch-compile", "--generate", "3",
+                 "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["failures"] == {}
+    rows = data["generate"]
+    assert set(rows) == {"dense", "sparsec"}
+    assert all(row["time_to_first_token_ms"] > 0 and row["decode_tokens_per_s"] > 0 for row in rows.values())
+    assert 0.0 <= rows["sparsec"]["tokens_equal_to_dense"] <= 1.0
