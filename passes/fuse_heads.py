@@ -4,7 +4,7 @@ Per-head patterns are only fast when heads with the same pattern run in one laun
 (Sparse-vDiT fuses the heads of a layer that share a strategy). For every
 ``sparsec.attention`` site this pass
 
-1. groups the heads by pattern instance (:mod:`.head_grouping`), optionally merging groups
+1. groups the heads by pattern instance (:meth:`AttentionSite.instance_groups`), optionally merging groups
    into a covering pattern when the cost model says the saved launch pays for the added
    pairs, bounded by ``max_groups_per_layer``;
 2. chooses a head order in which each group is a contiguous slice. With GQA the key/value

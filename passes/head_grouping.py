@@ -23,16 +23,6 @@ from sparsec.plan import HeadGroup
 GroupCost = Callable[[str, dict, int], float]
 
 
-def group_by_instance(heads) -> list[HeadGroup]:
-    """One group per pattern instance, in order of each instance's first head."""
-    groups: dict[str, HeadGroup] = {}
-    for head in heads:
-        key = instance_key(head.pattern, head.params)
-        groups.setdefault(key, HeadGroup(head.pattern, canonical_params(head.pattern, head.params), []))
-        groups[key].heads.append(head.head)
-    return list(groups.values())
-
-
 # -- covering patterns ------------------------------------------------------------------------
 
 def covering(kind_a: str, params_a: dict, kind_b: str, params_b: dict) -> tuple[str, dict]:

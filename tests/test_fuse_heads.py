@@ -15,10 +15,10 @@ from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.capture import capture
 from sparsec.passes.fuse_heads import FuseHeads, arrange_heads, count_runs
-from sparsec.passes.head_grouping import covering, group_by_instance
+from sparsec.passes.head_grouping import covering
 from sparsec.patterns import canonical_params, instance_key
 from sparsec.passes.lower import Lower
-from sparsec.plan import HeadPlan, Plan, decode_groups
+from sparsec.plan import HeadPlan, Plan, decode_groups, group_heads
 from sparsec.targets import Target, get_target, register_target
 
 from models import TINY_MODELS, llama_inputs
@@ -301,7 +301,7 @@ def test_instances_and_covers():
     assert covering(*W5, *DIAG) == ("dense", {})
     assert covering("skip", {}, *W8) == W8
     heads = [HeadPlan(0, *W5), HeadPlan(1, "window", {"window": [5.0, 0.0]}), HeadPlan(2, *SINK)]
-    assert [g.heads for g in group_by_instance(heads)] == [[0, 1], [2]]
+    assert [g.heads for g in group_heads(heads)] == [[0, 1], [2]]
 
 
 @pytest.mark.parametrize("group_of,per_kv,runs", [
