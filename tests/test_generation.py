@@ -199,6 +199,22 @@ def test_static_cache_generates_as_the_dynamic_cache():
     assert torch.equal(static, dynamic)
 
 
+def test_soft_capped_gemma2_runs_its_own_attention():
+    """Soft-capped sites are left out of the plan (unmatched): attach keeps them on eager."""
+    torch.manual_seed(0)
+    config = _config("gemma2")
+    config.attn_logit_softcapping = 30.0
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with pytest.warns(UserWarning, match="soft-capping"):
+        compiled = sparsec.compile(model, {"input_ids": _ids(2, 24, 1)}, tolerance=None)
+    assert compiled.plan.attention == []
+    prompt = _ids(1, 21, 9)
+    expected = _generate(model, prompt)
+    with sparsec.attach(model, compiled) as attachment:
+        assert attachment.sites == [] and model.config._attn_implementation == "sparsec_eager"
+        assert torch.equal(_generate(model, prompt), expected)
+
+
 def test_attach_refuses_a_plan_of_another_model():
     _, compiled = _compiled("llama")
     plan = copy.deepcopy(compiled.plan)
