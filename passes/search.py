@@ -60,7 +60,7 @@ import torch
 from sparsec.budget import Budget
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.plan import SearchRecord, SiteSearchRecord
+from sparsec.plan import LinearSearchRecord, SearchRecord, SiteSearchRecord
 
 from .attention_sites import ATTENTION
 from .search_allocation import Allocation, Choice, SearchedSite, allocate
@@ -90,7 +90,7 @@ class Search:
         fitting_calls, held_out_calls = _split(ctx.calibration or [(ctx.example_args, ctx.example_kwargs)],
                                                budget.held_out)
         analysis = analyze_linears(gm, ctx, len(fitting_calls)) if searchable(ctx, budget.mode) else None
-        linear_nodes = [nodes[e["node"]] for e in ctx.plan.linears if not e["reason"]] if analysis else []
+        linear_nodes = [nodes[e.node] for e in ctx.plan.linears if e.eligible] if analysis else []
         if not sites and not linear_nodes:
             return PassResult(gm, False, {"sites": 0})
         runner = SuffixRunner(gm, [nodes[s.node] for s in sites] + linear_nodes)
@@ -224,12 +224,12 @@ def _write_plan(ctx: CompileContext, searched: list[SearchedSite], linears: list
         chosen = allocation.linears[item.name]
         linear_total += chosen.seconds
         linear_dense += item.dense_seconds
-        item.entry["level"], item.entry["allocated_by"] = chosen.level, "search"
-        item.entry["search"] = {
-            "level": chosen.level, "predicted_error": allocation.predicted(item.name),
-            "measured_error": contributions.get(item.name), "seconds": chosen.seconds,
-            "dense_seconds": item.dense_seconds, "speedup": chosen.speedup, "lowering": chosen.why,
-            "levels": [option.record() for option in item.options], "densified_by_backoff": item.name in densified}
+        item.entry.level, item.entry.allocated_by = chosen.level, "search"
+        item.entry.search = LinearSearchRecord(
+            level=chosen.level, predicted_error=allocation.predicted(item.name),
+            measured_error=contributions.get(item.name), seconds=chosen.seconds,
+            dense_seconds=item.dense_seconds, speedup=chosen.speedup, lowering=chosen.why,
+            levels=[option.record() for option in item.options], densified_by_backoff=item.name in densified)
     if linears:
         # sparsify_weights applies these after fuse_heads (every searched linear, dense ones at 0).
         ctx.weight_levels = {item.name: allocation.linears[item.name].level for item in linears}

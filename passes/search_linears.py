@@ -18,6 +18,7 @@ import torch
 from sparsec.analysis.linear_sensitivity import LinearAnalysis
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext
+from sparsec.plan import LinearPlan
 
 from . import sparsify_weights
 
@@ -42,14 +43,14 @@ class LinearLevel:
 class LinearItem:
     """What the search knows of one linear; ``options[0]`` is dense."""
 
-    entry: dict              # the plan entry (ctx.plan.linears)
+    entry: LinearPlan        # the plan entry (ctx.plan.linears)
     node: torch.fx.Node
     options: list[LinearLevel]
     pruned: Callable[[float], torch.Tensor]    # level -> the weight as sparsify_weights will prune it
 
     @property
     def name(self) -> str:
-        return self.entry["name"]
+        return self.entry.name
 
     @property
     def dense_seconds(self) -> float:
@@ -78,15 +79,15 @@ def linear_items(gm: torch.fx.GraphModule, ctx: CompileContext, analysis: Linear
     nodes = {node.name: node for node in gm.graph.nodes}
     items = []
     for entry in ctx.plan.linears:
-        if entry["reason"]:
+        if not entry.eligible:
             continue
-        dtype = operator.attrgetter(entry["weight"])(gm).dtype
-        shape = (entry["out_features"], entry["in_features"])
+        dtype = operator.attrgetter(entry.weight)(gm).dtype
+        shape = (entry.out_features, entry.in_features)
         options = []
-        for candidate in entry["candidates"]:
-            speedup, why = cost.linear_speedup(entry["structure"], *shape, candidate["level"], tokens, dtype)
+        for candidate in entry.candidates:
+            speedup, why = cost.linear_speedup(entry.structure, *shape, candidate["level"], tokens, dtype)
             options.append(LinearLevel(candidate["level"], candidate["error"],
                                        cost.linear_seconds(*shape, tokens, speedup), speedup, why))
-        items.append(LinearItem(entry, nodes[entry["node"]], options,
-                                functools.partial(analysis.pruned_weight, entry["node"])))
+        items.append(LinearItem(entry, nodes[entry.node], options,
+                                functools.partial(analysis.pruned_weight, entry.node)))
     return items

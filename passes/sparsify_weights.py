@@ -21,14 +21,14 @@ exclude and the tuning knobs; the pass does nothing without a sparsity or levels
 ``ctx.weight_levels`` / ``ctx.weight_levels_by`` (each linear's level, given or chosen by
 the search) and ``ctx.weight_calibration_batches`` (see :class:`~sparsec.pass_manager.CompileContext`).
 
-Each linear's plan entry (``ctx.plan.linears``) records structure, level, score,
+Each linear's plan entry (``ctx.plan.linears``, :class:`~sparsec.plan.LinearPlan`) records structure, level, score,
 ``candidates`` [{level, error, cost[, model_error]}] for a budgeted search (``error``: the
 relative L2 change of this linear's output on calibration activations; ``cost``: FLOPs per
 token left), the local error at the chosen level, the measured contribution to the model's
 output error, storage bytes and how the target will run it (``lowering``); an entry the
 search decided also keeps its ``search`` record when the linears are analysed again here
 (fusing heads by permuting weights replaces the weights the search analysed).
-``ctx.plan.extra["weights"]`` sums up: global sparsity, predicted and measured output
+``ctx.plan.weights`` (:class:`~sparsec.plan.WeightsRecord`) sums up: global sparsity, predicted and measured output
 error on the calibration batches, dense and compressed bytes.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.analysis.linear_sensitivity import (LinearAnalysis, find_linears, get_tensor, output_error,
                                                  weight_is_shared)
 from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.plan import LinearPlan, WeightsRecord
 from sparsec.runtime.sparse_linear_gpu import plan_lowering
 from sparsec.weights import COMPARISON_GROUP, Layout, compress, owl_levels, parse_structure, storage_bytes, uniform_levels
 from sparsec.weights.config import WeightSparsity
@@ -91,59 +92,56 @@ def analyze_linears(gm: torch.fx.GraphModule, ctx: CompileContext) -> LinearAnal
     for node in find_linears(gm):
         param = get_tensor(gm, node.args[1].target)
         out_features, in_features = param.shape
-        entry = {"name": module_path(node), "node": node.name, "weight": node.args[1].target,
-                 "in_features": int(in_features), "out_features": int(out_features),
-                 "structure": str(structure), "score": opts["score"],
-                 "comparison": COMPARISON_GROUP.get(opts["score"]), "level": 0.0, "density": 1.0,
-                 "allocated_by": None, "outlier_ratio": None, "candidates": [], "error": 0.0,
-                 "measured_contribution": None, "reason": ""}
-        if _excluded(entry["name"], opts["exclude"]):
-            entry["reason"] = f"excluded (matches one of {list(opts['exclude'])})"
+        entry = LinearPlan(name=module_path(node), node=node.name, weight=node.args[1].target,
+                           in_features=int(in_features), out_features=int(out_features),
+                           structure=str(structure), score=opts["score"],
+                           comparison=COMPARISON_GROUP.get(opts["score"]))
+        if _excluded(entry.name, opts["exclude"]):
+            entry.reason = f"excluded (matches one of {list(opts['exclude'])})"
         elif weight_is_shared(gm, node):
-            entry["reason"] = "weight is shared with another node (tied); left dense"
+            entry.reason = "weight is shared with another node (tied); left dense"
         elif not param.is_floating_point():
-            entry["reason"] = f"weight dtype {param.dtype} is not floating point"
+            entry.reason = f"weight dtype {param.dtype} is not floating point"
         elif misfit := structure.misfit(out_features, in_features):
-            entry["reason"] = f"{structure} does not fit: {misfit}"
+            entry.reason = f"{structure} does not fit: {misfit}"
         else:
             eligible.append(node)
         entries.append(entry)
     analysis = LinearAnalysis(gm, eligible, _batches(ctx), structure, opts["score"], opts["rows"])
     for entry in entries:
-        if not entry["reason"]:
-            entry["outlier_ratio"] = analysis.outlier_ratio(entry["node"], opts["threshold"])
-            entry["candidates"] = analysis.candidates(entry["node"], opts["model_error"])
+        if entry.eligible:
+            entry.outlier_ratio = analysis.outlier_ratio(entry.node, opts["threshold"])
+            entry.candidates = analysis.candidates(entry.node, opts["model_error"])
     # What the search recorded stays with its linear when the rewrite analyses again.
-    searched = {e["name"]: e["search"] for e in ctx.plan.linears if "search" in e}
+    searched = {e.name: e.search for e in ctx.plan.linears}
     for entry in entries:
-        if entry["name"] in searched:
-            entry["search"] = searched[entry["name"]]
+        entry.search = searched.get(entry.name)
     ctx.plan.linears = entries
     ctx.linear_analysis = analysis
     return analysis
 
 
-def allocate(entries: list[dict], opts: dict) -> None:
+def allocate(entries: list[LinearPlan], opts: dict) -> None:
     """Set ``level`` of every eligible entry: given levels, else OWL or uniform for ``sparsity``."""
-    eligible = [e for e in entries if not e["reason"]]
+    eligible = [e for e in entries if e.eligible]
     structure = opts["structure"]
     if opts["levels"]:
         for entry in eligible:
-            entry["level"] = structure.nearest_level(float(opts["levels"].get(entry["name"], 0.0)))
-            entry["allocated_by"] = opts["levels_by"]
+            entry.level = structure.nearest_level(float(opts["levels"].get(entry.name, 0.0)))
+            entry.allocated_by = opts["levels_by"]
         return
     target = float(opts["sparsity"])
     method = opts["allocation"] or ("uniform" if structure.discrete else "owl")
     if method == "owl":
-        levels = owl_levels([e["outlier_ratio"] for e in eligible],
-                            [e["in_features"] * e["out_features"] for e in eligible],
+        levels = owl_levels([e.outlier_ratio for e in eligible],
+                            [e.in_features * e.out_features for e in eligible],
                             target, structure, opts["lam"])
     elif method == "uniform":
         levels = uniform_levels(len(eligible), target, structure)
     else:
         raise ValueError(f"unknown weight_allocation {method!r}; use 'owl' or 'uniform'")
     for entry, level in zip(eligible, levels):
-        entry["level"], entry["allocated_by"] = float(level), method
+        entry.level, entry.allocated_by = float(level), method
 
 
 class SparsifyWeights:
@@ -164,49 +162,49 @@ class SparsifyWeights:
         return _rewrite_all(gm, ctx, analysis, entries, opts)
 
 
-def _rewrite_all(gm, ctx, analysis: LinearAnalysis, entries: list[dict], opts: dict) -> PassResult:
+def _rewrite_all(gm, ctx, analysis: LinearAnalysis, entries: list[LinearPlan], opts: dict) -> PassResult:
     nodes = {n.name: n for n in gm.graph.nodes}
-    chosen = [e for e in entries if not e["reason"] and e["level"] > 0]
-    masks = {e["node"]: analysis.keep_mask(e["node"], e["level"]) for e in chosen}
+    chosen = [e for e in entries if e.eligible and e.level > 0]
+    masks = {e.node: analysis.keep_mask(e.node, e.level) for e in chosen}
     for entry in chosen:
-        weight = get_tensor(gm, entry["weight"])
-        pruned = weight.detach() * masks[entry["node"]]
-        entry["error"] = analysis.local_error(entry["node"], pruned)
+        weight = get_tensor(gm, entry.weight)
+        pruned = weight.detach() * masks[entry.node]
+        entry.error = analysis.local_error(entry.node, pruned)
         if opts["measure_each"]:
-            entry["measured_contribution"] = analysis.model_error(entry["node"], pruned.to(weight.dtype))
+            entry.measured_contribution = analysis.model_error(entry.node, pruned.to(weight.dtype))
     dense_bytes = compressed_bytes = pruned_count = total = 0
     for entry in entries:
-        if entry["reason"]:
+        if not entry.eligible:
             continue
-        weight = get_tensor(gm, entry["weight"])
+        weight = get_tensor(gm, entry.weight)
         total += weight.numel()
         dense_bytes += weight.numel() * weight.element_size()
-        if entry["level"] <= 0:
+        if entry.level <= 0:
             compressed_bytes += weight.numel() * weight.element_size()
             continue
-        keep = masks[entry["node"]]
+        keep = masks[entry.node]
         values, mask, layout = compress(weight.detach(), keep, opts["structure"])
-        entry["density"] = values.numel() / weight.numel()
+        entry.density = values.numel() / weight.numel()
         pruned_count += weight.numel() - values.numel()
-        entry["dense_bytes"] = weight.numel() * weight.element_size()
-        entry["compressed_bytes"] = storage_bytes(values, mask)
-        compressed_bytes += entry["compressed_bytes"]
-        entry["lowering"] = plan_lowering(layout, 1 - entry["density"], ctx.target)
-        entry["node"] = _rewrite_linear(gm, nodes[entry["node"]], entry["weight"], values, mask, layout).name
+        entry.dense_bytes = weight.numel() * weight.element_size()
+        entry.compressed_bytes = storage_bytes(values, mask)
+        compressed_bytes += entry.compressed_bytes
+        entry.lowering = plan_lowering(layout, 1 - entry.density, ctx.target)
+        entry.node = _rewrite_linear(gm, nodes[entry.node], entry.weight, values, mask, layout).name
     ctx.linear_analysis = None          # its linears are rewritten
     runner = GraphRunner(gm)
     measured = output_error([runner.run(args, kwargs) for args, kwargs in analysis.batches], analysis.references)
-    contributions = [e["measured_contribution"] for e in chosen if e["measured_contribution"] is not None]
-    # Predicted: the per-linear contributions combined as independent errors.
-    summary = {"structure": str(opts["structure"]), "score": opts["score"], "target": opts["sparsity"],
-               "global_sparsity": pruned_count / total if total else 0.0,
-               "predicted_error": math.sqrt(sum(c * c for c in contributions)) if contributions else None,
-               "measured_error": measured, "dense_bytes": dense_bytes, "compressed_bytes": compressed_bytes}
-    ctx.plan.extra["weights"] = summary
+    contributions = [e.measured_contribution for e in chosen if e.measured_contribution is not None]
+    summary = WeightsRecord(
+        structure=str(opts["structure"]), score=opts["score"], target=opts["sparsity"],
+        global_sparsity=pruned_count / total if total else 0.0,
+        predicted_error=math.sqrt(sum(c * c for c in contributions)) if contributions else None,
+        measured_error=measured, dense_bytes=dense_bytes, compressed_bytes=compressed_bytes)
+    ctx.plan.weights = summary
     stats = {"linears_sparse": len(chosen), "linears_dense": len(entries) - len(chosen),
-             "global_sparsity": round(summary["global_sparsity"], 4), "measured_error": measured}
-    decisions = {e["name"]: (f"{e['structure']} level {e['level']:.3f}" if e["level"] > 0
-                             else f"dense: {e['reason'] or 'level 0'}") for e in entries}
+             "global_sparsity": round(summary.global_sparsity, 4), "measured_error": measured}
+    decisions = {e.name: (f"{e.structure} level {e.level:.3f}" if e.level > 0
+                          else f"dense: {e.reason or 'level 0'}") for e in entries}
     return PassResult(gm, bool(chosen), stats, decisions)
 
 

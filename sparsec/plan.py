@@ -11,7 +11,8 @@ order) are methods of the site. ``to_dict()`` has the shape other tools read::
      "attention": [{"name", "layer", "num_heads", "num_kv_heads", "head_dim", "causal",
        "heads": [{"head", "pattern", "params", "recall", "density", "candidates", "reason"}],
        "groups": [{"pattern", "params", "heads"}], ..., "search", "fusion", "merge"}],
-     "linears", "unmatched", "capture", "error", "verification", "search", "cost", "extra"}
+     "linears": [{"name", "node", "weight", ..., "level", "density", ..., "search"}],
+     "unmatched", "capture", "error", "verification", "search", "cost", "weights", "extra"}
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .errors import ArtifactVersionError, PlanError
 from .patterns import canonical_params, get_pattern, instance_key
 
 # 2: the passes' records moved from ``extra`` dicts to typed fields (search, fusion, merge,
-# verification, cost).
+# verification, cost, weights) and the linears' entries are typed (:class:`LinearPlan`).
 PLAN_VERSION = 2
 
 
@@ -258,19 +259,88 @@ class CostRecord(_Record):
 
 
 @dataclass
+class LinearSearchRecord(_Record):
+    """What the search (passes/search.py) decided for one linear."""
+
+    level: float
+    predicted_error: float
+    measured_error: float | None
+    seconds: float
+    dense_seconds: float
+    speedup: float
+    lowering: str                # how the target would run the chosen level
+    levels: list[dict]           # per candidate level: level, sensitivity, local_error, seconds, speedup, lowering
+    densified_by_backoff: bool
+
+
+@dataclass
+class LinearPlan(_Record):
+    """One linear of the model (passes/sparsify_weights.py): whether and how far it is pruned."""
+
+    name: str                    # module path
+    node: str                    # fx node name (of the sparse_linear once rewritten)
+    weight: str                  # get_attr target of the dense weight
+    in_features: int
+    out_features: int
+    structure: str
+    score: str
+    comparison: str | None
+    level: float = 0.0           # fraction of the weights pruned
+    density: float = 1.0
+    allocated_by: str | None = None     # "owl", "uniform", "given" or "search"
+    outlier_ratio: float | None = None
+    # Per level the structure allows: {level, error, cost[, model_error]}.
+    candidates: list[dict] = field(default_factory=list)
+    error: float = 0.0           # relative L2 change of the linear's output at the chosen level
+    measured_contribution: float | None = None
+    reason: str = ""             # why the linear is not eligible ("" when it is)
+    dense_bytes: int | None = None
+    compressed_bytes: int | None = None
+    lowering: dict | None = None        # how the target runs the pruned linear
+    search: LinearSearchRecord | None = None
+
+    @property
+    def eligible(self) -> bool:
+        """Whether the linear may be pruned (not excluded, not tied, the structure fits)."""
+        return not self.reason
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LinearPlan":
+        data = dict(data)
+        if data.get("search") is not None:
+            data["search"] = LinearSearchRecord.from_dict(data["search"])
+        return super().from_dict(data)
+
+
+@dataclass
+class WeightsRecord(_Record):
+    """sparsify_weights' model-wide record: sparsity, output error and bytes of the linears."""
+
+    structure: str
+    score: str
+    target: float                # the requested global sparsity
+    global_sparsity: float
+    predicted_error: float | None       # the per-linear contributions combined as independent errors
+    measured_error: float        # rel_l2 of the outputs with the weights alone pruned
+    dense_bytes: int
+    compressed_bytes: int
+
+
+@dataclass
 class Plan:
     target: str
     version: int = PLAN_VERSION
     recall_threshold: float = 0.95
     attention: list[AttentionSite] = field(default_factory=list)
-    linears: list[dict] = field(default_factory=list)
+    linears: list[LinearPlan] = field(default_factory=list)
     unmatched: list[dict] = field(default_factory=list)
     capture: dict = field(default_factory=dict)
     error: dict = field(default_factory=dict)     # measured errors of the final plan, by name
     verification: VerificationRecord | None = None
     search: SearchRecord | None = None
     cost: CostRecord | None = None
-    extra: dict = field(default_factory=dict)     # later passes' model-wide records (weights)
+    weights: WeightsRecord | None = None
+    extra: dict = field(default_factory=dict)     # small model-wide facts (disabled_passes)
 
     def site(self, name: str) -> AttentionSite:
         for site in self.attention:
@@ -298,7 +368,9 @@ class Plan:
                 "recompile the model with this sparsec, or install the sparsec that wrote it")
         data = dict(data)
         data["attention"] = [AttentionSite.from_dict(site) for site in data.get("attention", [])]
-        for name, record in (("verification", VerificationRecord), ("search", SearchRecord), ("cost", CostRecord)):
+        data["linears"] = [LinearPlan.from_dict(entry) for entry in data.get("linears", [])]
+        for name, record in (("verification", VerificationRecord), ("search", SearchRecord), ("cost", CostRecord),
+                             ("weights", WeightsRecord)):
             if data.get(name) is not None:
                 data[name] = record.from_dict(data[name])
         return Plan(**data)
@@ -387,15 +459,15 @@ def _search_summary(plan: Plan) -> list[str]:
                          f"{chosen.sensitivity:>11.3g} {chosen.seconds * 1e6:>9.1f} "
                          f"{chosen.dense_seconds * 1e6:>9.1f}"
                          + ("  (made dense by back-off)" if chosen.densified_by_backoff else ""))
-    searched = [entry for entry in plan.linears if "search" in entry]
+    searched = [entry for entry in plan.linears if entry.search is not None]
     if searched:
         lines.append(f"{'linear':<34} {'level':>5} {'sensitivity':>11} {'measured':>9} {'time us':>9} {'dense us':>9}")
     for entry in searched:
-        chosen = entry["search"]
-        measured = "-" if chosen["measured_error"] is None else f"{chosen['measured_error']:.3g}"
-        lines.append(f"{entry['name'][-34:]:<34} {chosen['level']:>5.3g} {chosen['predicted_error']:>11.3g} "
-                     f"{measured:>9} {chosen['seconds'] * 1e6:>9.2f} {chosen['dense_seconds'] * 1e6:>9.2f}"
-                     + ("  (made dense by back-off)" if chosen["densified_by_backoff"] else ""))
+        chosen = entry.search
+        measured = "-" if chosen.measured_error is None else f"{chosen.measured_error:.3g}"
+        lines.append(f"{entry.name[-34:]:<34} {chosen.level:>5.3g} {chosen.predicted_error:>11.3g} "
+                     f"{measured:>9} {chosen.seconds * 1e6:>9.2f} {chosen.dense_seconds * 1e6:>9.2f}"
+                     + ("  (made dense by back-off)" if chosen.densified_by_backoff else ""))
     lines.append(f"predicted error {record.predicted_error:.3g}, measured {record.measured_error:.3g} "
                  f"on {record.held_out_batches} held-out batches, predicted speedup "
                  f"{record.predicted_speedup:.2f}x, back-off steps {len(record.backoff)}")
@@ -403,13 +475,13 @@ def _search_summary(plan: Plan) -> list[str]:
 
 
 def _weights_summary(plan: Plan) -> list[str]:
-    record = plan.extra.get("weights")
-    if not record:
+    record = plan.weights
+    if record is None:
         return []
-    sparse = sum(entry["level"] > 0 for entry in plan.linears)
-    return [f"weights: {record['structure']} ({record['score']}), {sparse}/{len(plan.linears)} linears sparse, "
-            f"global sparsity {record['global_sparsity']:.3f}, rel_l2 of the weights alone "
-            f"{record['measured_error']:.3g}, {record['compressed_bytes']} of {record['dense_bytes']} bytes"]
+    sparse = sum(entry.level > 0 for entry in plan.linears)
+    return [f"weights: {record.structure} ({record.score}), {sparse}/{len(plan.linears)} linears sparse, "
+            f"global sparsity {record.global_sparsity:.3f}, rel_l2 of the weights alone "
+            f"{record.measured_error:.3g}, {record.compressed_bytes} of {record.dense_bytes} bytes"]
 
 
 def encode_groups(groups: list[HeadGroup]) -> str:

@@ -69,7 +69,7 @@ def tight(bf16_model):
 
 
 def sparse_linears(cm) -> dict[str, float]:
-    return {e["name"]: e["level"] for e in cm.plan.linears if e["level"] > 0}
+    return {e.name: e.level for e in cm.plan.linears if e.level > 0}
 
 
 def sparse_heads(cm) -> int:
@@ -91,18 +91,18 @@ def test_loose_budget_makes_heads_and_linears_sparse(loose):
     assert nodes.count(SPARSE_LINEAR) == len(sparse_linears(loose))
     assert torch.ops.sparsec.sparse_attention.default in nodes
     for entry in loose.plan.linears:
-        if entry["name"] == "lm_head":
+        if entry.name == "lm_head":
             continue
-        chosen = entry["search"]
-        assert entry["structure"] == "2:4" and entry["score"] == "wanda" and entry["allocated_by"] == "search"
-        assert entry["level"] == chosen["level"]
-        assert [option["level"] for option in chosen["levels"]] == [0.0, 0.5, 0.75]
-        if entry["level"] > 0:
-            assert chosen["speedup"] > 1 and "semi_structured" in chosen["lowering"]
-            assert chosen["predicted_error"] > 0 and chosen["measured_error"] is not None
-            assert chosen["seconds"] < chosen["dense_seconds"]
+        chosen = entry.search
+        assert entry.structure == "2:4" and entry.score == "wanda" and entry.allocated_by == "search"
+        assert entry.level == chosen.level
+        assert [option["level"] for option in chosen.levels] == [0.0, 0.5, 0.75]
+        if entry.level > 0:
+            assert chosen.speedup > 1 and "semi_structured" in chosen.lowering
+            assert chosen.predicted_error > 0 and chosen.measured_error is not None
+            assert chosen.seconds < chosen.dense_seconds
         # 1:4 runs on the 2:4 kernel at the same speed: more error for no time, never chosen.
-        assert entry["level"] != 0.75
+        assert entry.level != 0.75
     summary = loose.plan.summary()
     assert "layers.0.q_proj" in summary and "weights: 2:4" in summary
 
@@ -133,8 +133,8 @@ def test_tighter_budget_gives_fewer_or_lower_levels(loose, tight):
 
 
 def test_lm_head_is_excluded_and_untouched(bf16_model, loose):
-    head = next(e for e in loose.plan.linears if e["name"] == "lm_head")
-    assert head["level"] == 0 and "excluded" in head["reason"] and "search" not in head
+    head = next(e for e in loose.plan.linears if e.name == "lm_head")
+    assert head.level == 0 and "excluded" in head.reason and head.search is None
     lm_head = [n for n in loose.graph_module.graph.nodes if n.target == LINEAR]
     assert len(lm_head) == 1 + 14 - len(sparse_linears(loose))
     assert torch.equal(loose.graph_module.lm_head.weight, bf16_model.lm_head.weight)
@@ -164,19 +164,19 @@ def unbudgeted(fp32_model):
 
 
 def test_weights_without_budget_reach_the_global_sparsity(fp32_model, unbudgeted):
-    record = unbudgeted.plan.extra["weights"]
-    eligible = [e for e in unbudgeted.plan.linears if not e["reason"]]
+    record = unbudgeted.plan.weights
+    eligible = [e for e in unbudgeted.plan.linears if e.eligible]
     assert len(eligible) == 12
     for name in ("layers.0.down_proj", "layers.1.down_proj"):
-        entry = next(e for e in unbudgeted.plan.linears if e["name"] == name)
-        assert entry["level"] == 0 and "excluded" in entry["reason"]
+        entry = next(e for e in unbudgeted.plan.linears if e.name == name)
+        assert entry.level == 0 and "excluded" in entry.reason
         assert torch.equal(unbudgeted.graph_module.get_submodule(name).weight, fp32_model.get_submodule(name).weight)
-    assert record["global_sparsity"] == pytest.approx(0.6, abs=1 / 256)   # one entry per row of rounding
-    assert len({round(e["level"], 3) for e in eligible}) > 2               # OWL spreads the levels
-    assert all(e["allocated_by"] == "owl" and "search" not in e for e in eligible)
-    assert record["compressed_bytes"] < 0.6 * record["dense_bytes"]
-    head = next(e for e in unbudgeted.plan.linears if e["name"] == "lm_head")
-    assert head["level"] == 0 and hasattr(unbudgeted.graph_module.lm_head, "weight")
+    assert record.global_sparsity == pytest.approx(0.6, abs=1 / 256)   # one entry per row of rounding
+    assert len({round(e.level, 3) for e in eligible}) > 2               # OWL spreads the levels
+    assert all(e.allocated_by == "owl" and e.search is None for e in eligible)
+    assert record.compressed_bytes < 0.6 * record.dense_bytes
+    head = next(e for e in unbudgeted.plan.linears if e.name == "lm_head")
+    assert head.level == 0 and hasattr(unbudgeted.graph_module.lm_head, "weight")
 
 
 def test_save_load_keeps_compressed_linears(unbudgeted, tmp_path):
@@ -209,7 +209,7 @@ def test_given_levels_without_budget(fp32_model):
     cm = sparsec.compile(fp32_model, batches[0], calibration=batches,
                          weights=sparsec.WeightSparsity("2:4", levels={"layers.1.up_proj": 0.75, "layers.0.q_proj": 0.5}))
     assert sparse_linears(cm) == {"layers.1.up_proj": 0.75, "layers.0.q_proj": 0.5}
-    assert {e["allocated_by"] for e in cm.plan.linears if not e["reason"]} == {"given"}
+    assert {e.allocated_by for e in cm.plan.linears if e.eligible} == {"given"}
 
 
 def test_linear_cost_follows_the_kernel_the_runtime_picks():
@@ -265,8 +265,8 @@ def test_backoff_redensifies_linears_when_sensitivities_do_not_add():
     assert record.measured_error <= 1e-9 and record.within_budget
     densified = {step["densified"] for step in record.backoff}
     for entry in cm.plan.linears:
-        if entry["name"] in densified:
-            assert entry["level"] == 0 and entry["search"]["densified_by_backoff"]
+        if entry.name in densified:
+            assert entry.level == 0 and entry.search.densified_by_backoff
     assert sparse_linears(cm), "back-off should stop once within the budget"
     x = torch.randn(3, 40, 256, dtype=torch.bfloat16)
     with torch.no_grad():

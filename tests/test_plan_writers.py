@@ -7,8 +7,9 @@ import pytest
 
 from sparsec.errors import ArtifactVersionError, PlanError
 from sparsec.passes.fuse_heads import FuseHeads
-from sparsec.plan import (PLAN_VERSION, AttentionSite, CostRecord, FuseRecord, HeadGroup, HeadPlan, MergeRecord, Plan,
-                          SearchRecord, SiteSearchRecord, VerificationRecord)
+from sparsec.plan import (PLAN_VERSION, AttentionSite, CostRecord, FuseRecord, HeadGroup, HeadPlan, LinearPlan,
+                          LinearSearchRecord, MergeRecord, Plan, SearchRecord, SiteSearchRecord, VerificationRecord,
+                          WeightsRecord)
 
 
 def _site(patterns, causal=True, extra=None) -> AttentionSite:
@@ -134,6 +135,22 @@ def _full_plan() -> Plan:
                                all_dense_reason=None)
     plan.cost = CostRecord(target="h100", seq_len=16384, calibrated=True, attention_seconds=1.0,
                            dense_attention_seconds=2.0, predicted_attention_speedup=2.0)
+    searched = LinearSearchRecord(level=0.5, predicted_error=0.003, measured_error=None, seconds=1e-5,
+                                  dense_seconds=2e-5, speedup=1.6, lowering="semi_structured",
+                                  levels=[{"level": 0.0, "sensitivity": 0.0}, {"level": 0.5, "sensitivity": 0.003}],
+                                  densified_by_backoff=False)
+    plan.linears = [LinearPlan(name="layers.0.q_proj", node="sparse_linear", weight="layers.0.q_proj.weight",
+                               in_features=64, out_features=96, structure="2:4", score="wanda", comparison="row",
+                               level=0.5, density=0.5, allocated_by="search", outlier_ratio=0.01,
+                               candidates=[{"level": 0.0, "error": 0.0, "cost": 12288.0}], error=0.02,
+                               dense_bytes=12288, compressed_bytes=6912,
+                               lowering={"kernel": "semi_structured", "reason": "2:4"}, search=searched),
+                    LinearPlan(name="lm_head", node="linear", weight="lm_head.weight", in_features=64,
+                               out_features=100, structure="2:4", score="wanda", comparison="row",
+                               reason="excluded (matches one of ['lm_head'])")]
+    plan.weights = WeightsRecord(structure="2:4", score="wanda", target=0.5, global_sparsity=0.25,
+                                 predicted_error=None, measured_error=0.004, dense_bytes=25088,
+                                 compressed_bytes=19712)
     return plan
 
 
@@ -145,6 +162,10 @@ def test_records_round_trip_through_json():
     assert isinstance(site.search, SiteSearchRecord) and isinstance(site.fusion, FuseRecord)
     assert isinstance(site.merge, MergeRecord) and isinstance(again.verification, VerificationRecord)
     assert isinstance(again.search, SearchRecord) and isinstance(again.cost, CostRecord)
+    assert isinstance(again.weights, WeightsRecord) and all(isinstance(e, LinearPlan) for e in again.linears)
+    assert isinstance(again.linears[0].search, LinearSearchRecord) and again.linears[1].search is None
+    assert [e.eligible for e in again.linears] == [True, False]
+    assert "weights: 2:4 (wanda), 1/2 linears sparse" in again.summary()
     assert site.head_permutation() == [1, 0] and site.effective_causal()
     assert "verified: kl=0.011" in again.summary() and "predicted attention speedup 2.00x" in again.summary()
 
@@ -154,6 +175,12 @@ def test_from_dict_is_strict():
     data["attention"][0]["fusion"]["strategy_v2"] = "weights"
     with pytest.raises(PlanError, match="strategy_v2"):
         Plan.from_dict(data)
+    for place in ("linear", "linear search", "weights"):
+        data = _full_plan().to_dict()
+        {"linear": data["linears"][1], "linear search": data["linears"][0]["search"],
+         "weights": data["weights"]}[place]["levels_v2"] = []
+        with pytest.raises(PlanError, match="levels_v2"):
+            Plan.from_dict(data)
     old = _full_plan().to_dict() | {"version": PLAN_VERSION - 1}
     with pytest.raises(ArtifactVersionError):
         Plan.from_dict(old)

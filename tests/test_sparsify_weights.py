@@ -19,7 +19,7 @@ from sparsec.pass_manager import CompileContext, PassManager
 from sparsec.passes.capture import capture
 from sparsec.passes import sparsify_weights
 from sparsec.passes.sparsify_weights import SPARSE_LINEAR, SparsifyWeights, analyze_linears
-from sparsec.plan import Plan
+from sparsec.plan import LinearPlan, Plan
 from sparsec.runtime import sparse_linear_gpu
 from sparsec.targets import get_target
 from sparsec.weights import (Layout, block_csr, compress, decompress, outlier_ratio, owl_levels, parse_structure,
@@ -189,15 +189,15 @@ def _context(weights: WeightSparsity | None, example: tuple, batches: int = 3, s
                           calibration=[make() for _ in range(batches)], weights=weights)
 
 
-def _masked_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, plan_linears: list[dict]) -> torch.nn.Module:
+def _masked_reference(model: torch.nn.Module, gm: torch.fx.GraphModule, plan_linears: list[LinearPlan]) -> torch.nn.Module:
     """A copy of ``model`` whose pruned linears hold W * keep, keep read from the compressed buffers."""
     reference = copy.deepcopy(model)
     for entry in plan_linears:
-        if entry["level"] <= 0:
+        if entry.level <= 0:
             continue
-        owner, _, attr = entry["weight"].rpartition(".")
+        owner, _, attr = entry.weight.rpartition(".")
         module = gm.get_submodule(owner)
-        layout = Layout(entry["structure"], entry["out_features"], entry["in_features"])
+        layout = Layout(entry.structure, entry.out_features, entry.in_features)
         keep = decompress(torch.ones_like(getattr(module, f"{attr}_values")), getattr(module, f"{attr}_mask"), layout)
         target = reference.get_submodule(owner)
         target.weight.data = target.weight.data * keep.bool()
@@ -219,21 +219,21 @@ def test_pass_rewrites_and_matches_masked_dense(structure, score):
     assert targets.count(SPARSE_LINEAR) == 3 and targets.count(LINEAR) == 1
     # the classifier is untouched: same node kind, same tensor
     assert gm.classifier.weight is classifier_weight
-    head = next(e for e in ctx.plan.linears if e["name"] == "classifier")
-    assert head["level"] == 0 and "excluded" in head["reason"]
+    head = next(e for e in ctx.plan.linears if e.name == "classifier")
+    assert head.level == 0 and "excluded" in head.reason
     # dense weights of pruned layers are gone, compressed ones registered
     assert not hasattr(gm.up, "weight") and gm.up.weight_mask.dtype == torch.uint8
-    summary = ctx.plan.extra["weights"]
-    assert summary["global_sparsity"] == pytest.approx(0.5, abs=0.5 / 64)
-    assert summary["compressed_bytes"] < 0.6 * summary["dense_bytes"]
+    summary = ctx.plan.weights
+    assert summary.global_sparsity == pytest.approx(0.5, abs=0.5 / 64)
+    assert summary.compressed_bytes < 0.6 * summary.dense_bytes
     # outputs equal the masked dense model, on a fresh input of another shape
     x = torch.randn(3, 5, 64)
     reference = _masked_reference(model, gm, ctx.plan.linears)
     torch.testing.assert_close(gm(x), reference(x), rtol=1e-5, atol=1e-5)
     for entry in ctx.plan.linears[:3]:
-        assert entry["candidates"][0] == {"level": 0.0, "error": 0.0, "cost": entry["candidates"][0]["cost"]}
-        assert entry["error"] > 0 and entry["measured_contribution"] > 0
-        assert entry["lowering"]["kernel"] in ("dense", "semi_structured", "block_sparse")
+        assert entry.candidates[0] == {"level": 0.0, "error": 0.0, "cost": entry.candidates[0]["cost"]}
+        assert entry.error > 0 and entry.measured_contribution > 0
+        assert entry.lowering["kernel"] in ("dense", "semi_structured", "block_sparse")
 
 
 def test_pass_exclude_option_and_not_requested():
@@ -247,7 +247,7 @@ def test_pass_exclude_option_and_not_requested():
     ctx = _context(WeightSparsity("unstructured", 0.5, exclude=("mid", "classifier"), measure_each=False), example)
     SparsifyWeights().run(gm, ctx)
     assert gm.mid.weight is mid_weight and hasattr(gm.classifier, "weight")
-    levels = {e["name"]: e["level"] for e in ctx.plan.linears}
+    levels = {e.name: e.level for e in ctx.plan.linears}
     assert levels["mid"] == 0 and levels["classifier"] == 0 and levels["up"] > 0 and levels["down"] > 0
 
 
@@ -259,15 +259,15 @@ def test_apply_levels_from_a_search():
     ctx = _context(WeightSparsity("4:8", 0.0, measure_each=False, candidate_model_error=True), example)
     analyze_linears(gm, ctx)
     entries = ctx.plan.linears
-    errors = {e["name"]: [c["error"] for c in e["candidates"]] for e in entries if e["candidates"]}
+    errors = {e.name: [c["error"] for c in e.candidates] for e in entries if e.candidates}
     assert all(err == sorted(err) for err in errors.values())   # nested masks: more pruning, more error
-    model_errors = [c["model_error"] for e in entries for c in e["candidates"]]
+    model_errors = [c["model_error"] for e in entries for c in e.candidates]
     assert model_errors and min(model_errors) == 0 and max(model_errors) > 0
     ctx.weight_levels, ctx.weight_levels_by = {"up": 0.75, "mid": 0.5}, "search"
     result = SparsifyWeights().run(gm, ctx)         # reuses the analysis: nothing changed since
-    by_name = {e["name"]: e for e in ctx.plan.linears}
-    assert by_name["up"]["level"] == 0.75 and by_name["up"]["allocated_by"] == "search"
-    assert by_name["down"]["level"] == 0 and result.stats["linears_sparse"] == 2
+    by_name = {e.name: e for e in ctx.plan.linears}
+    assert by_name["up"].level == 0.75 and by_name["up"].allocated_by == "search"
+    assert by_name["down"].level == 0 and result.stats["linears_sparse"] == 2
 
 
 def _llama_context(weights: WeightSparsity):
@@ -285,16 +285,16 @@ def test_llama_owl_unstructured_budget_holds_on_held_out_inputs():
     model, gm, ctx, llama_inputs = _llama_context(WeightSparsity("unstructured", 0.5))
     reference = copy.deepcopy(gm)
     result = SparsifyWeights().run(gm, ctx)
-    entries = [e for e in ctx.plan.linears if not e["reason"]]
-    assert len(entries) == 14 and ctx.plan.linears[-1]["name"] == "lm_head" and ctx.plan.linears[-1]["level"] == 0
-    assert len({round(e["level"], 6) for e in entries}) > 1            # OWL spreads the levels
+    entries = [e for e in ctx.plan.linears if e.eligible]
+    assert len(entries) == 14 and ctx.plan.linears[-1].name == "lm_head" and ctx.plan.linears[-1].level == 0
+    assert len({round(e.level, 6) for e in entries}) > 1            # OWL spreads the levels
     assert result.stats["global_sparsity"] == pytest.approx(0.5, abs=1 / 64)
     # the error measured on calibration predicts the error on held-out inputs
     torch.manual_seed(11)
     held_out = [llama_inputs(3, 19) for _ in range(3)]
     outputs = [GraphRunner(result.graph_module).run((), kw) for kw in held_out]
     references = [GraphRunner(reference).run((), kw) for kw in held_out]
-    calibrated = ctx.plan.extra["weights"]["measured_error"]
+    calibrated = ctx.plan.weights.measured_error
     assert 0 < output_error(outputs, references) < 1.5 * calibrated + 0.02
 
 
@@ -309,9 +309,9 @@ def test_saved_program_keeps_the_compressed_form_and_shrinks(tmp_path):
     ctx = _context(WeightSparsity("2:4", 0.5, measure_each=False), example)
     gm = PassManager([SparsifyWeights()]).run(gm, ctx)
     torch.export.save(torch.export.export(gm, example, strict=False, dynamic_shapes=dims), sparse_path)
-    summary = ctx.plan.extra["weights"]
+    summary = ctx.plan.weights
     saved = dense_path.stat().st_size - sparse_path.stat().st_size
-    assert saved >= 0.9 * (summary["dense_bytes"] - summary["compressed_bytes"])
+    assert saved >= 0.9 * (summary.dense_bytes - summary.compressed_bytes)
     loaded = torch.export.load(sparse_path)
     assert sum(n.target == SPARSE_LINEAR for n in loaded.graph.nodes) == 3
     assert "mid.weight" not in loaded.state_dict and "mid.weight_values" in {**loaded.state_dict, **loaded.constants}
