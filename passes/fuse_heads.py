@@ -207,7 +207,7 @@ class FuseHeads:
     def _fuse_site(self, gm, node, site: AttentionSite, cost_model: CostModel) -> tuple[FuseRecord, bool]:
         """Group, order and permute one site; returns its record and whether the graph changed."""
         per_kv = site.num_heads // site.num_kv_heads
-        sparse = any(h.pattern != "dense" for h in site.heads)
+        sparse = any(not h.is_dense for h in site.heads)
 
         def cost(kind: str, params: dict, count: int) -> float:
             return cost_model.site_seconds([(kind, params, count)], self.length, site.effective_causal(), site.head_dim)

@@ -40,7 +40,7 @@ class Lower:
                 continue
             if not site.groups:
                 site.regroup()
-            if all(group.pattern == "dense" for group in site.groups):
+            if all(group.is_dense for group in site.groups):
                 site.extra["lowered"] = "dense attention (scaled_dot_product_attention)"
                 decisions[site.name] = "dense"
                 continue

@@ -41,11 +41,11 @@ class MergeHeadGroups:
         merged = densified = 0
         decisions = {}
         for site in ctx.plan.attention:
-            if site.node not in nodes or baseline_pattern(site) != ("dense", {}):
+            if site.node not in nodes or not get_pattern(baseline_pattern(site)[0]).computes_all:
                 continue
             stats = ctx.attention_stats.get(site.name)
             n = ctx.seq_len or (max(stats.lengths) if stats and stats.profiles else 0)
-            if not n or all(h.pattern == "dense" for h in site.heads):
+            if not n or all(h.is_dense for h in site.heads):
                 continue
             record = _merge_site(site, cost, n, stats)
             merged += record.merges
@@ -57,8 +57,8 @@ class MergeHeadGroups:
 
 def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeRecord:
     causal = site.effective_causal()
-    groups = [(g.pattern, g.params, list(g.heads)) for g in site.instance_groups() if g.pattern != "dense"]
-    dense_heads = [h.head for h in site.heads if h.pattern == "dense"]
+    groups = [(g.pattern, g.params, list(g.heads)) for g in site.instance_groups() if not g.is_dense]
+    dense_heads = [h.head for h in site.heads if h.is_dense]
 
     def seconds(sparse, dense):
         shapes = [(kind, params, len(heads)) for kind, params, heads in sparse]
@@ -74,7 +74,7 @@ def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeRec
             for j in range(i + 1, len(groups)):
                 other_kind, other_params, other_heads = groups[j]
                 union_kind, union = covering(kind, params, other_kind, other_params)
-                if union_kind != "dense":
+                if not get_pattern(union_kind).computes_all:
                     joined = [g for k, g in enumerate(groups) if k not in (i, j)] + [
                         (union_kind, union, heads + other_heads)]
                     options.append((seconds(joined, dense_heads), "merge", joined, dense_heads))
@@ -86,7 +86,7 @@ def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeRec
     all_dense = seconds([], [h.head for h in site.heads])
     if current >= all_dense:
         groups, dense_heads, current = [], [h.head for h in site.heads], all_dense
-    densified = sum(h.head in dense_heads and h.pattern != "dense" for h in site.heads)
+    densified = sum(h.head in dense_heads and not h.is_dense for h in site.heads)
     _write(site, groups, dense_heads, cost, n, stats)
     return MergeRecord(seq_len=n, seconds_before=before, seconds_after=current, dense_seconds=all_dense,
                        merges=merges, groups=len(groups) + bool(dense_heads), heads_densified=densified)
@@ -108,7 +108,7 @@ def _write(site: AttentionSite, groups: list, dense_heads: list, cost: CostModel
             head.density = round(float(pattern.density(params, n, site.effective_causal())), 6)
     for index in dense_heads:
         head = by_head[index]
-        if head.pattern != "dense":
+        if not head.is_dense:
             head.assign("dense", {}, f"{head.pattern} saved less than its launch costs at N={n} on "
                                      f"{cost.target.name} (cost model): dense")
             head.recall, head.density = 1.0, 1.0

@@ -114,7 +114,7 @@ class Search:
         table += [{"linear": item.name, "levels": [option.record() for option in item.options]} for item in linears]
         sparse = allocation.sparse()
         stats = {"sites": len(searched), "sites_sparse": len(sparse & allocation.rungs.keys()),
-                 "heads_sparse": sum(r.pattern != "dense" for rungs in allocation.rungs.values() for r in rungs),
+                 "heads_sparse": sum(not r.is_dense for rungs in allocation.rungs.values() for r in rungs),
                  "linears_searched": len(linears), "linears_sparse": len(sparse & allocation.linears.keys()),
                  "suffix_runs": runs, "backoff_steps": len(backoff),
                  "predicted_speedup": record.predicted_speedup, "measured_error": measured}
@@ -201,7 +201,7 @@ def _write_plan(ctx: CompileContext, searched: list[SearchedSite], linears: list
         seconds = s.seconds(cost, rungs, n)
         attention_total += seconds
         for head, rung in zip(s.site.heads, rungs):
-            if rung.pattern != "dense":
+            if not rung.is_dense:
                 reason = f"search: recall level {rung.target}"
             elif any(r is not None for r in s.ladder[head.head]):
                 reason = ("search: made dense again, measured error over budget" if name in densified
@@ -210,13 +210,13 @@ def _write_plan(ctx: CompileContext, searched: list[SearchedSite], linears: list
                 reason = f"search: no candidate faster than dense at length {n}"
             head.assign(rung.pattern, rung.params, reason)
             head.density = rung.density
-            head.recall = rung.recall if rung.pattern != "dense" else 1.0
+            head.recall = rung.recall if not rung.is_dense else 1.0
         s.site.regroup()
         s.site.search = SiteSearchRecord(
             levels=s.levels_record(budget.per_head),
             ladder=[[r.to_dict() if r else None for r in head] for head in s.ladder],
             chosen_level=max((c.level for c in allocation.picked[name]), default=0),
-            chosen_recall=min((r.target for r in rungs if r.pattern != "dense"), default=1.0),
+            chosen_recall=min((r.target for r in rungs if not r.is_dense), default=1.0),
             sensitivity=allocation.predicted(name), measured_contribution=contributions.get(name),
             seconds=seconds, dense_seconds=s.dense_seconds, densified_by_backoff=name in densified)
     linear_total = linear_dense = 0.0

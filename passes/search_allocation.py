@@ -77,7 +77,7 @@ class Allocation:
 
     def sparse(self) -> set[str]:
         """Names of the sparse attention sites and linears."""
-        return ({name for name, rungs in self.rungs.items() if any(r.pattern != "dense" for r in rungs)}
+        return ({name for name, rungs in self.rungs.items() if any(not r.is_dense for r in rungs)}
                 | {name for name, option in self.linears.items() if option.level > 0})
 
     def densify(self, item: "SearchedSite | LinearItem") -> None:

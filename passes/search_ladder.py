@@ -11,11 +11,11 @@ from typing import Callable
 from sparsec.cost_model import CostModel
 from sparsec.pass_manager import CompileContext
 from sparsec.patterns import get_pattern, instance_key, pattern_kinds
-from sparsec.plan import AttentionSite, HeadGroup
+from sparsec.plan import AttentionSite, HeadGroup, RunsPattern
 
 
 @dataclass(frozen=True)
-class Rung:
+class Rung(RunsPattern):
     """One candidate of one head: a pattern instance and what it is predicted to cost."""
 
     pattern: str

@@ -23,7 +23,7 @@ def mean_error(runner: SuffixRunner, batches: list, overrides: dict, budget: Bud
 
 
 def site_override(searched: SearchedSite, rungs) -> dict:
-    return {} if all(r.pattern == "dense" for r in rungs) else {searched.node: rung_groups(rungs)}
+    return {} if all(r.is_dense for r in rungs) else {searched.node: rung_groups(rungs)}
 
 
 def measure_sensitivity(searched: list[SearchedSite], linears: list[LinearItem], runner: SuffixRunner, fitting: list,

@@ -120,7 +120,7 @@ def bisect(model: torch.nn.Module, plan: Plan, inputs: Any,
     args, kwargs = as_call(inputs)
     with torch.no_grad():
         reference = model.eval()(*args, **kwargs)
-    sparse = [(site.name, head.head) for site in plan.attention for head in site.heads if head.pattern != "dense"]
+    sparse = [(site.name, head.head) for site in plan.attention for head in site.heads if not head.is_dense]
     errors: dict[frozenset, float] = {}
 
     def error_with_sparse(kept: Iterable[Head]) -> float:

@@ -297,7 +297,7 @@ class CompiledModel:
         return None
 
     def __repr__(self) -> str:
-        sparse = sum(h.pattern != "dense" for s in self.plan.attention for h in s.heads)
+        sparse = sum(not h.is_dense for s in self.plan.attention for h in s.heads)
         total = sum(len(s.heads) for s in self.plan.attention)
         linears = sum(entry.level > 0 for entry in self.plan.linears)
         return (f"CompiledModel(target={self.plan.target}, attention sites={len(self.plan.attention)}, "

@@ -150,12 +150,17 @@ def explain_head(plan: Plan, site: AttentionSite, head: HeadPlan) -> str:
     return "\n".join(lines)
 
 
+def _is_dense(candidate: dict) -> bool:
+    """Whether a recorded candidate runs plain attention (its family ``computes_all``)."""
+    return get_pattern(candidate["pattern"]).computes_all
+
+
 def _candidate_lines(head: HeadPlan, candidates: list[dict], threshold: float) -> list[str]:
     if not candidates:
         return []
     chosen = next((c for c in candidates if _same(c, head)), None)
     has_cost = any("cost" in c for c in candidates)
-    dense_cost = next((c.get("cost") for c in candidates if c["pattern"] == "dense"), None)
+    dense_cost = next((c.get("cost") for c in candidates if _is_dense(c)), None)
     lines = ["candidates, cheapest first:",
              f"    {'pattern':<16} {'params':<30} {'recall':>7} {'density':>8}"
              f"{' ' + format('cost' if not dense_cost else 'cost/dense', '>10') if has_cost else ''}  verdict"]
@@ -214,10 +219,10 @@ def _verdict(head: HeadPlan, candidates: list[dict], threshold: float, searched:
         return ("no candidates recorded (the plan was given, not classified, or classification "
                 f"did not run); recall threshold {threshold}.{reason}")
     passing = [c for c in candidates if c.get("recall") is not None and c["recall"] >= threshold]
-    sparse_passing = [c for c in passing if c["pattern"] != "dense"]
-    if head.pattern == "dense":
+    sparse_passing = [c for c in passing if not _is_dense(c)]
+    if head.is_dense:
         if not sparse_passing:
-            best = max((c for c in candidates if c["pattern"] != "dense" and c.get("recall") is not None),
+            best = max((c for c in candidates if not _is_dense(c) and c.get("recall") is not None),
                        key=lambda c: c["recall"], default=None)
             best_text = f" (best: {best['pattern']} at recall {best['recall']:.3f})" if best else ""
             return (f"stayed dense: no sparse candidate reached the recall threshold {threshold}"

@@ -43,8 +43,20 @@ class _Record:
         return cls(**data)
 
 
+class RunsPattern:
+    """Something that runs one pattern instance; ``pattern`` names its family. Roles are read
+    from the family (:class:`sparsec.patterns.base.Pattern`), never from its name."""
+
+    pattern: str
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether it runs plain attention (the family ``computes_all``)."""
+        return get_pattern(self.pattern).computes_all
+
+
 @dataclass
-class HeadPlan:
+class HeadPlan(RunsPattern):
     head: int
     pattern: str = "dense"
     params: dict = field(default_factory=dict)
@@ -63,7 +75,7 @@ class HeadPlan:
 
 
 @dataclass
-class HeadGroup:
+class HeadGroup(RunsPattern):
     """Heads of one attention site that run one pattern instance in one launch."""
 
     pattern: str

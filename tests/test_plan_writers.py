@@ -184,3 +184,9 @@ def test_from_dict_is_strict():
     old = _full_plan().to_dict() | {"version": PLAN_VERSION - 1}
     with pytest.raises(ArtifactVersionError):
         Plan.from_dict(old)
+
+
+def test_dense_is_a_role_of_the_family():
+    assert HeadPlan(0).is_dense and HeadGroup("dense", {}, [0]).is_dense
+    assert not HeadPlan(1, "window", {"window": [4, 0]}).is_dense
+    assert not HeadGroup("skip", {}, [2]).is_dense          # computes nothing: not plain attention

@@ -81,7 +81,7 @@ def predicted_speedup(plan: Plan) -> tuple[float | None, str]:
         return float(cost.predicted_attention_speedup), f"cost model, attention at N={cost.seq_len}"
     if search:
         return float(search.predicted_speedup), f"cost model, attention at N={search.seq_len}"
-    densities = [1.0 if h.density is None or h.pattern == "dense" else h.density
+    densities = [1.0 if h.density is None or h.is_dense else h.density
                  for site in plan.attention for h in site.heads]
     if not densities:
         return None, ""
@@ -95,7 +95,7 @@ def _number(value) -> str:
 
 def _summary(plan: Plan) -> str:
     heads = [h for site in plan.attention for h in site.heads]
-    sparse = sum(h.pattern != "dense" for h in heads)
+    sparse = sum(not h.is_dense for h in heads)
     speedup, source = predicted_speedup(plan)
     rows = [("target", plan.target), ("plan version", plan.version),
             ("recall threshold", plan.recall_threshold), ("attention sites", len(plan.attention)),
@@ -147,7 +147,7 @@ def _head_cell(site: AttentionSite, head: HeadPlan, maps: BlockMaps) -> str:
     else:
         note = ""
     image = head_heatmap(mass, layout)
-    kind = "dense" if head.pattern == "dense" else "sparse"
+    kind = "dense" if head.is_dense else "sparse"
     params = get_pattern(head.pattern).describe(head.params)
     title = head.reason or f"{head.pattern} {params}"
     return (f'<figure class="head-cell {kind}" data-layer="{site.layer}" data-head="{head.head}" '
