@@ -108,8 +108,6 @@ class Canonicalize:
             sites.append(_describe(match, node))
         if sites:
             gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
         ctx.plan.unmatched.extend(near_misses)
         ctx.plan.attention = register_sites(gm, sources)
         folded = {site["node"]: site["folded"] for site in sites}

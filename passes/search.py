@@ -101,7 +101,7 @@ class Search:
         searched = [self._site(site, nodes[site.node], ctx, budget, cost, n, total_heads) for site in sites]
         linears = linear_items(gm, ctx, analysis, cost, n) if analysis else []
 
-        runs = measure_sensitivity(searched, linears, runner, fitting, budget)
+        runs = measure_sensitivity(searched, linears, runner, fitting, budget, ctx.progress)
         allocation = allocate(searched, linears, budget, cost)
         backoff, measured, contributions = verify_and_back_off(searched, linears, allocation, runner, held_out, budget)
         record = _write_plan(ctx, searched, linears, allocation, backoff, measured, contributions, budget, cost, n,

@@ -3,10 +3,9 @@ plan's error on the held-out batches with back-off (suffix runs of :mod:`.suffix
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from sparsec.budget import Budget
 
@@ -27,8 +26,9 @@ def site_override(searched: SearchedSite, rungs) -> dict:
 
 
 def measure_sensitivity(searched: list[SearchedSite], linears: list[LinearItem], runner: SuffixRunner, fitting: list,
-                         budget: Budget) -> int:
-    """Fill every option's sensitivity; returns the number of suffix runs."""
+                        budget: Budget, progress: Callable) -> int:
+    """Fill every option's sensitivity; returns the number of suffix runs. ``progress`` makes
+    the progress bar (:meth:`CompileContext.progress`)."""
     jobs = []       # (option, its overrides: built when run, so one pruned weight is held at a time)
     for s in searched:
         dense = [s.dense] * s.site.num_heads
@@ -42,11 +42,10 @@ def measure_sensitivity(searched: list[SearchedSite], linears: list[LinearItem],
             jobs.extend((choice, functools.partial(site_override, s, choice.rungs)) for choice in s.options[1:])
     for item in linears:
         jobs.extend((option, functools.partial(item.override, option.level)) for option in item.options[1:])
-    with tqdm(total=len(jobs) * len(fitting), desc="sparsec search: sensitivity", unit="run",
-              disable=None) as progress:
+    with progress(len(jobs) * len(fitting), "search: sensitivity", unit="run") as bar:
         for choice, overrides in jobs:
             choice.sensitivity = mean_error(runner, fitting, overrides(), budget)
-            progress.update(len(fitting))
+            bar.update(len(fitting))
     return len(jobs) * len(fitting)
 
 

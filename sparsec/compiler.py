@@ -308,7 +308,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             target: "str | Target" = "cpu", budget: Any = None, weights: Any = None, recall: float = 0.95,
             tolerance: Any = "auto", verification: Iterable | None = None, seq_len: int | None = None,
             dump_dir: "str | Path | None" = None, plan: Plan | None = None,
-            passes: list | None = None) -> CompiledModel:
+            passes: list | None = None, disable_passes: Iterable[str] = ()) -> CompiledModel:
     """Compile ``model`` into a sparse model.
 
     Args:
@@ -342,6 +342,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         dump_dir: write pass dumps here (or set ``SPARSEC_DUMP``).
         plan: reuse this plan's head patterns (e.g. an edited one) instead of calibrating.
         passes: override the pass pipeline (advanced; defaults to :func:`default_passes`).
+        disable_passes: names of pipeline passes to skip (e.g. ``["merge_head_groups"]``),
+            with those of ``SPARSEC_DISABLE_PASSES``; an unknown name raises ``ValueError``.
+            ``plan.extra["disabled_passes"]`` lists the skipped ones.
     """
     from sparsec.inputs import check_finite, check_recall
     from sparsec.passes.capture import capture, capture_mode
@@ -373,8 +376,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     if verification is not None:
         ctx.verification = calibration_calls(verification, example)
     ctx.seq_len = seq_len or getattr(budget, "seq_len", None)
-    manager = PassManager(passes,
-                          DumpWriter(dump_path) if dump_path else None)
+    manager = PassManager(passes, DumpWriter(dump_path) if dump_path else None, disabled=tuple(disable_passes))
     gm = manager.run(gm, ctx)
     with torch.no_grad():
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))

@@ -12,7 +12,7 @@ from torch import nn
 
 from models import TINY_MODELS
 from sparsec.errors import NoAttentionError
-from sparsec.pass_manager import CompileContext
+from sparsec.pass_manager import CompileContext, PassManager, PassResult
 from sparsec.passes.attention_match import SOFTMAX
 from sparsec.passes.attention_sites import attention_nodes
 from sparsec.passes.canonicalize import Canonicalize
@@ -21,11 +21,26 @@ from sparsec.plan import Plan
 from sparsec.targets import get_target
 
 
+class _KeepResult:
+    """A pass instrument keeping the last pass's result."""
+
+    result: PassResult | None = None
+
+    def before_pass(self, name, gm, ctx) -> None:
+        pass
+
+    def after_pass(self, name, result, seconds, ctx) -> None:
+        self.result = result
+
+
 def _run(model, kwargs):
+    """Canonicalize through the pass manager (which lints and recompiles the rewritten graph)."""
     gm, _record = capture(model, (), kwargs)
     ctx = CompileContext(plan=Plan(target="cpu"), target=get_target("cpu"), example_args=(),
                          example_kwargs=kwargs, calibration=[])
-    return gm, ctx, Canonicalize().run(gm, ctx)
+    kept = _KeepResult()
+    gm = PassManager([Canonicalize()], instruments=(kept,)).run(gm, ctx)
+    return gm, ctx, kept.result
 
 
 def _first(output):

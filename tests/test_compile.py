@@ -215,3 +215,18 @@ def test_reference_accepts_three_dimensional_per_head_mask():
     out = reference.sparse_attention(q, k, v, mask, 0.3, False, groups)
     dense = reference.dense_attention(q, k, v, mask, 0.3, False)
     torch.testing.assert_close(out[:, [0, 2]], dense[:, [0, 2]])
+
+
+def test_disable_passes_skips_a_pass_by_name():
+    torch.manual_seed(5)
+    model = TinyAttention().eval()
+    x = torch.randn(2, 20, 32)
+    cm = compile_tiny(model, x, disable_passes=["lower"])
+    assert cm.plan.extra["disabled_passes"] == ["lower"]
+    targets = {n.target for n in cm.graph_module.graph.nodes}
+    assert torch.ops.sparsec.sparse_attention.default not in targets     # planned, never lowered
+    assert [h.pattern for h in cm.plan.attention[0].heads] == ["dense", "window", "sink_window", "dense"]
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot disable"):
+        compile_tiny(model, x, disable_passes=["no_such_pass"])
