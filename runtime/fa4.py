@@ -162,8 +162,8 @@ class SiteTables:
     """Everything one FA4 call of a site needs besides q, k, v (built once per signature)."""
 
     table: torch.Tensor                  # int32 [heads, TABLE_COLUMNS]
-    columns: torch.Tensor                # int32 [stripe rows, n_k] (1 x 1 when no head has stripes)
-    layouts: torch.Tensor                # int32 [layout rows, blocks_q, blocks_k] (1 x 1 x 1 when none)
+    columns: torch.Tensor                # int32 [stripe rows, n_k] (1 x 2 when no head has stripes)
+    layouts: torch.Tensor                # int32 [layout rows, blocks_q, blocks_k] (1 x 1 x 2 when none)
     partial_count: torch.Tensor          # int32 [1, heads or 1, query blocks]
     partial_index: torch.Tensor          # int32 [1, heads or 1, query blocks, key blocks]
     full_count: torch.Tensor
@@ -209,7 +209,8 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
             block, layout = terms.layout
             table[heads, BLOCK], table[heads, LAYOUT_ROW], table[heads, HAS_LAYOUT] = block, len(layout_rows), 1
             layout_rows.append(layout)
-    columns = torch.stack(stripe_rows) if stripe_rows else torch.zeros(1, 1, dtype=torch.int32)
+    # Unused lookups get a 1 x 2 placeholder: FA4 needs one unique stride-1 dim per aux tensor.
+    columns = torch.stack(stripe_rows) if stripe_rows else torch.zeros(1, 2, dtype=torch.int32)
     layouts = _stack_padded(layout_rows)
 
     shared = len(groups) == 1 and sorted(groups[0].heads) == list(range(num_heads))
@@ -228,7 +229,7 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
 
 def _stack_padded(layouts: list[torch.Tensor]) -> torch.Tensor:
     if not layouts:
-        return torch.zeros(1, 1, 1, dtype=torch.int32)
+        return torch.zeros(1, 1, 2, dtype=torch.int32)
     rows = max(t.shape[0] for t in layouts)
     cols = max(t.shape[1] for t in layouts)
     stacked = torch.zeros(len(layouts), rows, cols, dtype=torch.int32)

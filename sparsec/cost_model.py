@@ -212,17 +212,21 @@ class CostModel:
 # -- attention backend per group ------------------------------------------------------------
 
 FA4_HEAD_DIMS = (64, 128, 256)
+# Families whose FA4 mask_mod reads a lookup aux tensor (stripe columns, block layout): on the
+# H200 with flash-attn-4 4.0.0b36 those lookups gave wrong outputs (rel. error 0.16-0.83,
+# while the arithmetic-only families matched the reference to 2e-3), so they stay on Triton.
+FA4_UNVERIFIED = frozenset({"vertical_stripe", "block_topk"})
 
 
 def attention_backend(arch: str, kind: str, head_dim: int) -> str:
     """The kernel a head group of ``kind`` runs on a GPU of ``arch`` (``"sm90"``): ``"fa4"``
     (FlashAttention-4 block-sparse, :mod:`sparsec.runtime.fa4`) or ``"triton"``.
 
-    A documented rule until FA4 has its own calibrated rates: FA4 for static families at
-    head dims 64, 128 and 256 on sm90 and newer, where it measured faster than the Triton
-    kernels on every single-pattern case (docs/benchmarks.md, "FlashAttention-4 backend");
-    Triton for dynamic families (``vertical_slash``: per-input tables and column gathers),
-    other head dims and older chips."""
+    A documented rule until FA4 has its own calibrated rates: FA4 for the static families
+    whose mask is index arithmetic (dense, skip, window, sink_window, multi_diagonal) at head
+    dims 64, 128 and 256 on sm90 and newer (docs/benchmarks.md, "FlashAttention-4 backend");
+    Triton for dynamic families (``vertical_slash``), for :data:`FA4_UNVERIFIED`, other head
+    dims and older chips."""
     newer = arch.startswith("sm") and arch[2:].isdigit() and int(arch[2:]) >= 90
-    static = not get_pattern(kind).dynamic
+    static = not get_pattern(kind).dynamic and kind not in FA4_UNVERIFIED
     return "fa4" if newer and static and head_dim in FA4_HEAD_DIMS else "triton"
