@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 
 from sparsec.analysis.graph_runner import GraphRunner, NodeReplacement, replace_argument
-from sparsec.plan import HeadGroup
-from sparsec.runtime import block_sparse, reference
+from sparsec.plan import HeadGroup, encode_groups
+from sparsec.runtime import reference
 
 # An override of one node: an attention site's head groups, or a linear's replacement weight.
 Override = list[HeadGroup] | torch.Tensor
@@ -23,10 +23,12 @@ def sparse_site(groups: list[HeadGroup]) -> NodeReplacement:
     """A replacement computing an attention site with ``groups`` by sparse attention."""
 
     def compute(node: torch.fx.Node, args: tuple, kwargs: dict) -> torch.Tensor:
-        # CPU tensors: the block-sparse path the compiled model runs there (the reference
-        # computes every score; equal up to rounding, tests/test_cpu_sparse_attention.py).
-        attend = block_sparse.sparse_attention if args[0].device.type == "cpu" else reference.sparse_attention
-        return attend(*args[:6], groups)
+        # CPU tensors: the op, i.e. the block-sparse kernel the compiled model runs there
+        # (equal to the reference up to rounding, tests/test_cpu_sparse_attention.py); other
+        # devices: the reference, so that a search compiles no kernels.
+        if args[0].device.type == "cpu":
+            return torch.ops.sparsec.sparse_attention(*args[:6], encode_groups(groups))
+        return reference.sparse_attention(*args[:6], groups)
 
     return compute
 

@@ -190,7 +190,7 @@ def write_artifact(directory: "str | Path", program: torch.export.ExportedProgra
                    extra_files: dict[str, str] | None = None, example_inputs: tuple | None = None) -> Path:
     """Write the program, plan and ``extra_files`` (relative path → text, e.g. kernels) plus a
     manifest, atomically replacing any previous artifact at ``directory``."""
-    from sparsec import __version__
+    from sparsec.version import __version__
 
     plan_bytes = plan_json.encode()
     plan_sha256 = _sha256_bytes(plan_bytes)

@@ -39,7 +39,6 @@ from sparsec import config
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
                                               padded_head_dim, write_atomic, write_if_different)
-from sparsec.ops import check_attention_inputs, check_causal_alignment
 from sparsec.patterns import get_pattern
 from sparsec.plan import HeadGroup, decode_groups, encode_groups
 from sparsec.runtime import fa4, reference, sparse_tables
@@ -479,10 +478,3 @@ def clear_call_plans() -> None:
 @lru_cache(maxsize=256)
 def _decoded(groups: str) -> list[HeadGroup]:
     return decode_groups(groups)
-
-
-@torch.library.register_kernel("sparsec::sparse_attention", "cuda")
-def _sparse_attention_cuda(q, k, v, mask, scale, causal, groups):
-    check_attention_inputs(q, k, v)
-    check_causal_alignment(q, k, causal)
-    return sparse_attention(q, k, v, mask, scale, causal, groups)

@@ -103,7 +103,7 @@ def bind_python_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose sparsec nodes call the registered Python op."""
     version = sparsec_op_version(model)
     if version not in KNOWN_OP_VERSIONS:
-        from sparsec import __version__
+        from sparsec.version import __version__
 
         raise ArtifactVersionError(
             f"the model uses {DOMAIN} operator set version {version}; sparsec {__version__} runs "

@@ -170,8 +170,7 @@ def _prepare(values: torch.Tensor, mask: torch.Tensor, layout: Layout, kernel: s
     return prepared
 
 
-@torch.library.register_kernel("sparsec::sparse_linear", "cuda")
-def _sparse_linear_cuda(x, values, mask, bias, layout):
+def sparse_linear_cuda(x, values, mask, bias, layout):
     parsed = decode_layout(layout)
     tokens = x.numel() // x.shape[-1]
     level = 1 - values.numel() / (parsed.out_features * parsed.in_features)

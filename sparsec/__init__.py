@@ -3,10 +3,10 @@
     cm = sparsec.compile(model, example_inputs=(ids,), calibration=batches, target="a100")
     y = cm(ids); print(cm.plan.summary()); cm.save("artifact/"); cm2 = sparsec.load("artifact/")
 """
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from . import ops  # noqa: F401,E402  (registers torch.ops.sparsec.*)
 from . import linear_ops  # noqa: F401,E402  (registers torch.ops.sparsec.sparse_linear)
+from .runtime import device_kernels  # noqa: F401,E402  (the ops' CPU and CUDA kernels)
 from .bisect import bisect  # noqa: E402
 from .budget import Budget  # noqa: E402
 from .compiler import CompiledModel, compile, load  # noqa: E402

@@ -4,8 +4,8 @@ weight is stored compressed (kept ``values`` + packed bit ``mask``, see
 (structure, out_features, in_features). Because the graph holds only the compressed
 tensors, a saved program is smaller than the dense one.
 
-The default (CPU) kernel is the reference: decompress, then a dense matmul. The CUDA
-kernel (:mod:`sparsec.runtime.sparse_linear_gpu`) runs 2:4 weights on sparse tensor
+The default kernel is the reference: decompress, then a dense matmul. The CUDA kernel
+(:mod:`sparsec.runtime.sparse_linear_gpu`, registered by :mod:`sparsec.runtime.device_kernels`) runs 2:4 weights on sparse tensor
 cores and block weights with a Triton block-sparse matmul where that beats cuBLAS.
 """
 from __future__ import annotations
@@ -27,6 +27,3 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, bia
 @sparse_linear.register_fake
 def _sparse_linear_fake(x, values, mask, bias, layout):
     return x.new_empty(x.shape[:-1] + (decode_layout(layout).out_features,))
-
-
-from sparsec.runtime import sparse_linear_gpu  # noqa: E402,F401  (registers the CUDA kernel)

@@ -10,7 +10,9 @@ them stay exportable, and reference implementations in pure torch.
   ``groups`` is a JSON group table (:func:`sparsec.plan.encode_groups`) giving each head
   group's pattern and parameters.
 
-Device kernels (Triton) register themselves for ``cuda`` on top of these.
+The bodies here are the pure-torch reference, the default on every device;
+:mod:`sparsec.runtime.device_kernels` registers the faster kernels per device type
+(block-sparse on CPU, Triton / FlashAttention-4 on CUDA) when ``sparsec`` is imported.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 
 from sparsec.errors import UnservableInputError, UnsupportedDtypeError
 from sparsec.plan import decode_groups
-from sparsec.runtime import block_sparse, reference
+from sparsec.runtime import reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,16 +71,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
                      scale: float, causal: bool, groups: str) -> torch.Tensor:
     check_attention_inputs(q, k, v)
     check_causal_alignment(q, k, causal)
-    if q.device.type == "cpu":
-        # CPU tensors: block-sparse, only the kept key blocks (the reference, the oracle,
-        # computes full scores and then masks them: slower than dense SDPA).
-        return block_sparse.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
     return reference.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, mask, scale, causal, groups):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
-
-
-from sparsec.runtime import kernels  # noqa: E402,F401  (registers the Triton kernels for CUDA tensors)

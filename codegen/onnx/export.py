@@ -111,7 +111,7 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
             length, batch) symbolic. ``False`` exports at the example's shapes; in
             decomposed mode static masks are then stored as initializers.
     """
-    from sparsec import __version__
+    from sparsec.version import __version__
     from sparsec.passes.capture import export_program
 
     table = translation_table(mode, materialize=not dynamic_length)

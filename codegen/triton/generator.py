@@ -140,7 +140,7 @@ def _function_sources(functions) -> str:
 
 def generate(spec: KernelSpec, plan_entry: str = "") -> GeneratedKernel:
     """The kernel source for ``spec``; ``plan_entry`` names the plan site and heads it serves."""
-    from sparsec import __version__
+    from sparsec.version import __version__
 
     module, summary = _TEMPLATES[spec.template]
     params = json.loads(spec.params)

@@ -1,0 +1,43 @@
+"""Registers sparsec's device kernels behind its ops (:mod:`sparsec.ops`,
+:mod:`sparsec.linear_ops`), whose own bodies are the pure-torch reference.
+
+- CPU tensors: block-sparse attention (:mod:`sparsec.runtime.block_sparse`): only the kept
+  key blocks are computed, where the reference computes every score and then masks.
+- CUDA tensors: the Triton and FlashAttention-4 attention kernels
+  (:mod:`sparsec.runtime.kernels`) and the sparse linear kernels
+  (:mod:`sparsec.runtime.sparse_linear_gpu`), imported at their first call, so that
+  ``import sparsec`` loads no Triton.
+
+The ``sparsec`` package imports this module, so the kernels are in place whenever any part
+of sparsec is.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsec.ops import check_attention_inputs, check_causal_alignment
+from sparsec.plan import decode_groups
+from sparsec.runtime import block_sparse
+
+
+@torch.library.register_kernel("sparsec::sparse_attention", "cpu")
+def _sparse_attention_cpu(q, k, v, mask, scale, causal, groups):
+    check_attention_inputs(q, k, v)
+    check_causal_alignment(q, k, causal)
+    return block_sparse.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
+
+
+@torch.library.register_kernel("sparsec::sparse_attention", "cuda")
+def _sparse_attention_cuda(q, k, v, mask, scale, causal, groups):
+    from sparsec.runtime import kernels
+
+    check_attention_inputs(q, k, v)
+    check_causal_alignment(q, k, causal)
+    return kernels.sparse_attention(q, k, v, mask, scale, causal, groups)
+
+
+@torch.library.register_kernel("sparsec::sparse_linear", "cuda")
+def _sparse_linear_cuda(x, values, mask, bias, layout):
+    from sparsec.runtime import sparse_linear_gpu
+
+    return sparse_linear_gpu.sparse_linear_cuda(x, values, mask, bias, layout)
