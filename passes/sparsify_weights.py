@@ -44,7 +44,7 @@ from sparsec.analysis.linear_sensitivity import (LinearAnalysis, find_linears, g
                                                  weight_is_shared)
 from sparsec.pass_manager import CompileContext, PassResult
 from sparsec.plan import LinearPlan, WeightsRecord
-from sparsec.runtime.sparse_linear_gpu import plan_lowering
+from sparsec.analysis.linear_costs import plan_lowering
 from sparsec.weights import COMPARISON_GROUP, Layout, compress, owl_levels, parse_structure, storage_bytes, uniform_levels
 from sparsec.weights.config import WeightSparsity
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 
 import torch
+
+from sparsec.analysis.measurements import packaged
 
 HEAD_DIM = 128
 HEADS = 32
@@ -41,8 +42,7 @@ WINDOWS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 def packaged_measurements(target: str = "h100") -> dict | None:
     """The measurements shipped for ``target`` (``sparsec/data/attention_calibration_<target>.json``;
     the ``h100`` profile of :mod:`sparsec.cost_model` is fitted to h100's), or None."""
-    file = resources.files("sparsec").joinpath("data", f"attention_calibration_{target}.json")
-    return json.loads(file.read_text()) if file.is_file() else None
+    return packaged("attention_calibration", target)
 
 
 def _qkv(n: int, heads: int = HEADS, batch: int = 1):

@@ -15,7 +15,7 @@ counts where the host is slower than the GPU: what an eager model sees); ``graph
 the same calls replayed from a CUDA graph (GPU time alone). Weights and inputs rotate over
 ``COPIES`` sets so that no run reads its weight from L2. Every variant is first checked
 against the masked dense product. Prints the speedup table (eager times) in the form of
-``MEASURED_SPEEDUP`` in :mod:`sparsec.runtime.sparse_linear_gpu`, then the time tables::
+``MEASURED_SPEEDUP`` in :mod:`sparsec.analysis.linear_costs`, then the time tables::
 
     sparsec bench linear --json sparse_linear.json    # measure (a CUDA GPU)
     sparsec bench linear --report                     # the tables of the packaged h100 run
@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from importlib import resources
 
 import torch
 import torch.nn.functional as F
+
+from sparsec.analysis.measurements import packaged
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
 TOKENS = [1, 16, 256, 4096, 16384]
@@ -39,9 +40,8 @@ COPIES = 4
 
 def packaged_measurements(target: str = "h100") -> dict | None:
     """The run shipped for ``target`` (``sparsec/data/sparse_linear_<target>.json``; h100's is
-    the table ``MEASURED_SPEEDUP`` in :mod:`sparsec.runtime.sparse_linear_gpu` holds), or None."""
-    file = resources.files("sparsec").joinpath("data", f"sparse_linear_{target}.json")
-    return json.loads(file.read_text()) if file.is_file() else None
+    the table ``MEASURED_SPEEDUP`` in :mod:`sparsec.analysis.linear_costs` holds), or None."""
+    return packaged("sparse_linear", target)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ overhead.
 
 Linears (weight sparsity): ``2 * tokens * in * out`` FLOPs at the dense kernel's
 rate, divided by the speedup of the ``sparse_linear`` kernel the runtime would pick
-(:mod:`sparsec.runtime.sparse_linear_gpu`: its H100-measured table, nearest shape). A sparse
+(:mod:`sparsec.analysis.linear_costs`: its H100-measured table, nearest shape). A sparse
 weight gets no speed benefit where the runtime runs it dense: on CPU targets, for
 structures without a GPU kernel (``4:8``, unstructured), for fp32 weights (the kernels run
 fp16 / bf16), and where the table says the sparse kernel is not ``MIN_SPEEDUP`` faster
@@ -41,6 +41,8 @@ from functools import lru_cache
 
 import sympy
 import torch
+
+from sparsec.analysis.measurements import packaged, packaged_targets
 
 from .patterns import get_pattern
 from .patterns.base import N
@@ -73,14 +75,17 @@ class CostProfile:
                 "dynamic_layout_ns": self.dynamic_layout_ns}
 
 
-# Fitted to measurements: `sparsec bench cost-model` (h100), by hand (cpu); docs/benchmarks.md.
-CALIBRATED = {
-    "h100": CostProfile("h100", dense=KernelRates(611.6, 0.0395, 9.6),
-                        sparse=KernelRates(429.2, 0.0417, 20.2), calibrated=True),
-    # fp32, head_dim 64, 2 threads; sparse = runtime.block_sparse.sparse_attention (see above)
-    "cpu": CostProfile("cpu", dense=KernelRates(0.0382, 0.0, 11024.0),
-                       sparse=KernelRates(0.0245, 112.9, 0.0), calibrated=True, dynamic_layout_ns=21.0),
-}
+def _calibrated(target: str) -> CostProfile:
+    """The profile fitted to ``sparsec/data/attention_calibration_<target>.json``."""
+    run = packaged("attention_calibration", target)
+    fit = run["fit"]
+    return CostProfile(target, dense=KernelRates(**fit["dense"]), sparse=KernelRates(**fit["sparse"]),
+                       calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0))
+
+
+# Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
+# (docs/benchmarks.md says how each was measured).
+CALIBRATED = {target: _calibrated(target) for target in packaged_targets("attention_calibration")}
 _REFERENCE = get_target("h100")
 
 
@@ -167,7 +172,7 @@ class CostModel:
     def linear_speedup(self, structure: str, out_features: int, in_features: int, level: float, tokens: int,
                        dtype: torch.dtype) -> tuple[float, str]:
         """Predicted speedup over dense of one linear pruned to ``level``, and why."""
-        from sparsec.runtime.sparse_linear_gpu import MIN_SPEEDUP, predicted_speedup, sparse_kernel
+        from sparsec.analysis.linear_costs import MIN_SPEEDUP, predicted_speedup, sparse_kernel
         from sparsec.weights.storage import Layout
 
         layout = Layout(structure, out_features, in_features)

@@ -5,8 +5,9 @@ weight is stored compressed (kept ``values`` + packed bit ``mask``, see
 tensors, a saved program is smaller than the dense one.
 
 The default kernel is the reference: decompress, then a dense matmul. The CUDA kernel
-(:mod:`sparsec.runtime.sparse_linear_gpu`, registered by :mod:`sparsec.runtime.device_kernels`) runs 2:4 weights on sparse tensor
-cores and block weights with a Triton block-sparse matmul where that beats cuBLAS.
+(:mod:`sparsec.runtime.sparse_linear_gpu`, registered by :mod:`sparsec.runtime.device_kernels`)
+runs 2:4 weights on sparse tensor cores and block weights with a Triton block-sparse matmul
+where that beats cuBLAS.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from sparsec.bench_cost_model import fit, packaged_measurements as attention_mea
 from sparsec.bench_linear import packaged_measurements as linear_measurements, speedup_table
 from sparsec.cli import main
 from sparsec.cost_model import cost_profile
-from sparsec.runtime.sparse_linear_gpu import MEASURED_SPEEDUP
+from sparsec.analysis.linear_costs import MEASURED_SPEEDUP
 
 
 def test_packaged_attention_measurements_refit_to_the_h100_profile():

@@ -20,6 +20,7 @@ from sparsec.passes.capture import capture
 from sparsec.passes import sparsify_weights
 from sparsec.passes.sparsify_weights import SPARSE_LINEAR, SparsifyWeights, analyze_linears
 from sparsec.plan import LinearPlan, Plan
+from sparsec.analysis import linear_costs
 from sparsec.runtime import sparse_linear_gpu
 from sparsec.targets import get_target
 from sparsec.weights import (Layout, block_csr, compress, decompress, outlier_ratio, owl_levels, parse_structure,
@@ -323,9 +324,9 @@ def test_saved_program_keeps_the_compressed_form_and_shrinks(tmp_path):
 
 def test_plan_lowering_and_kernel_choice(monkeypatch):
     layout_24 = Layout("2:4", 4096, 4096)
-    assert "CPU" in sparse_linear_gpu.plan_lowering(layout_24, 0.5, get_target("cpu"))["reason"]
-    assert sparse_linear_gpu.plan_lowering(Layout("4:8", 4096, 4096), 0.5, get_target("h100"))["kernel"] == "dense"
-    assert sparse_linear_gpu.sparse_kernel(Layout("2:4", 4096, 100)) is None       # not a 64-multiple
+    assert "CPU" in linear_costs.plan_lowering(layout_24, 0.5, get_target("cpu"))["reason"]
+    assert linear_costs.plan_lowering(Layout("4:8", 4096, 4096), 0.5, get_target("h100"))["kernel"] == "dense"
+    assert linear_costs.sparse_kernel(Layout("2:4", 4096, 100)) is None       # not a 64-multiple
     assert sparse_linear_gpu.choose_kernel(layout_24, 0.5, 16, torch.float32) == "dense"
     monkeypatch.setenv("SPARSEC_SPARSE_LINEAR", "sparse")
     assert sparse_linear_gpu.choose_kernel(layout_24, 0.5, 16, torch.bfloat16) == "semi_structured"
@@ -334,14 +335,14 @@ def test_plan_lowering_and_kernel_choice(monkeypatch):
     assert sparse_linear_gpu.choose_kernel(layout_24, 0.5, 16, torch.bfloat16) == "dense"
     monkeypatch.setenv("SPARSEC_SPARSE_LINEAR", "auto")
     # the plan follows the measured table at every measured point, and interpolates between
-    table = sparse_linear_gpu.MEASURED_SPEEDUP
+    table = linear_costs.MEASURED_SPEEDUP
     for kernel, level in (("2:4", 0.5), ("block64@0.75", 0.75), ("block32@0.50", 0.5)):
         for shape, by_tokens in table[kernel].items():
             layout = Layout(kernel.partition("@")[0], *shape)
-            record = sparse_linear_gpu.plan_lowering(layout, level, get_target("h100"), tokens=tuple(by_tokens))
-            assert record["sparse_at_tokens"] == [m for m, s in by_tokens.items() if s >= sparse_linear_gpu.MIN_SPEEDUP]
+            record = linear_costs.plan_lowering(layout, level, get_target("h100"), tokens=tuple(by_tokens))
+            assert record["sparse_at_tokens"] == [m for m, s in by_tokens.items() if s >= linear_costs.MIN_SPEEDUP]
     block = Layout("block64", 11008, 4096)
-    between = sparse_linear_gpu.predicted_speedup(block, 0.6, 16384)
+    between = linear_costs.predicted_speedup(block, 0.6, 16384)
     assert table["block64@0.50"][(11008, 4096)][16384] < between < table["block64@0.75"][(11008, 4096)][16384]
     assert sparse_linear_gpu.choose_kernel(block, 0.75, 4096, torch.bfloat16) == "block_sparse"
     assert sparse_linear_gpu.choose_kernel(Layout("block32", 4096, 4096), 0.5, 4096, torch.bfloat16) == "dense"
