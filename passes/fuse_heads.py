@@ -256,7 +256,8 @@ class FuseHeads:
         permute_parameters(gm, indices)
         if moves.mask_per_head:
             _mask_heads(gm, node, order)
-        return order, "weights", "", {target: axis for target, (axis, _) in indices.items()}
+        return order, "weights", "", {target: {"axis": axis, "index": index.tolist()}
+                                      for target, (axis, index) in indices.items()}
 
     @staticmethod
     def _record_merges(site: AttentionSite, groups: list[HeadGroup]) -> None:

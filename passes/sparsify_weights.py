@@ -27,7 +27,7 @@ relative L2 change of this linear's output on calibration activations; ``cost``:
 token left), the local error at the chosen level, the measured contribution to the model's
 output error, storage bytes and how the target will run it (``lowering``); an entry the
 search decided also keeps its ``search`` record when the linears are analysed again here
-(fusing heads by permuting weights replaces the weights the search analysed).
+(when fusing heads changed the graph; weights it only permuted are followed, not analysed again).
 ``ctx.plan.weights`` (:class:`~sparsec.plan.WeightsRecord`) sums up: global sparsity, predicted and measured output
 error on the calibration batches, dense and compressed bytes.
 """
@@ -144,9 +144,16 @@ def allocate(entries: list[LinearPlan], opts: dict) -> None:
         entry.level, entry.allocated_by = float(level), method
 
 
+def _permuted_parameters(ctx: CompileContext) -> dict[str, tuple[int, list[int]]]:
+    """The parameters fuse_heads permuted (its :class:`~sparsec.plan.FuseRecord`): name -> (axis, index)."""
+    return {target: (moved["axis"], moved["index"]) for site in ctx.plan.attention if site.fusion
+            for target, moved in site.fusion.permuted_parameters.items()}
+
+
 class SparsifyWeights:
-    """The pass: analyse the linears (or reuse ``ctx.linear_analysis`` while it is current),
-    allocate levels (``ctx.weight_levels`` when given or searched) and rewrite."""
+    """The pass: analyse the linears (or reuse ``ctx.linear_analysis`` while it is current,
+    following fuse_heads' weight permutations), allocate levels (``ctx.weight_levels`` when
+    given or searched) and rewrite."""
 
     name = "sparsify_weights"
 
@@ -155,7 +162,8 @@ class SparsifyWeights:
         if not opts["sparsity"] and not opts["levels"]:
             return PassResult(gm, False, {"linears_sparse": 0}, {"skipped": "weight sparsity not requested"})
         analysis = ctx.linear_analysis
-        if analysis is None or not analysis.is_current(gm):
+        if analysis is None or not (analysis.is_current(gm)
+                                    or analysis.follow_permutations(gm, _permuted_parameters(ctx))):
             analysis = analyze_linears(gm, ctx)
         entries = ctx.plan.linears
         allocate(entries, opts)

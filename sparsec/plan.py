@@ -121,7 +121,9 @@ class FuseRecord(_Record):
     launches_after: int
     groups_split_by_gqa: int
     gqa_split: str | None
-    permuted_parameters: dict    # parameter name -> permuted axis
+    # parameter name -> {"axis", "index"}: the parameter became ``index_select(axis, index)``
+    # of itself (so sparsify_weights follows the permutation instead of calibrating again).
+    permuted_parameters: dict
     merges: list[dict]           # head_grouping.Merge records: pattern, params, heads, added_cost
 
 

@@ -219,8 +219,12 @@ def test_packed_qkv_projection():
     fused, unfused, ctx = fused_and_unfused(PackedQKV().eval(), (torch.randn(2, 20, 32),), layers=layers)
     record = ctx.pass_stats["fuse_heads"]
     assert record["sites_weights"] == 1 and record["launches_after"] == [2]
-    assert ctx.plan.attention[0].fusion.permuted_parameters == \
-        {"qkv.weight": 0, "qkv.bias": 0, "out.weight": 1}
+    permuted = ctx.plan.attention[0].fusion.permuted_parameters
+    assert {target: p["axis"] for target, p in permuted.items()} == {"qkv.weight": 0, "qkv.bias": 0, "out.weight": 1}
+    for target, p in permuted.items():         # the recorded index is how the parameter was permuted
+        original = unfused.get_parameter(target).detach()
+        assert torch.equal(fused.get_parameter(target), original.index_select(p["axis"], torch.tensor(p["index"])))
+    assert sorted(permuted["out.weight"]["index"]) == list(range(32)) and permuted["out.weight"]["index"] != list(range(32))
     assert_same_outputs(fused, unfused, ((torch.randn(3, 25, 32),), {}))
 
 

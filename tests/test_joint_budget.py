@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsec
-from sparsec.analysis.linear_sensitivity import LINEAR
+from sparsec.analysis.linear_sensitivity import LINEAR, LinearAnalysis
 from sparsec.budget import Budget
 from sparsec.inputs import relative_l2
 from sparsec.compiler import CompiledModel
@@ -287,3 +287,37 @@ def test_weight_sparsity_options_are_validated():
     with pytest.raises(ValueError, match="one of the two"):
         sparsec.compile(_MLP().eval(), (torch.randn(2, 8, 256),), budget=Budget(max_error=0.1),
                         weights=sparsec.WeightSparsity(levels={"up": 0.5}))
+
+
+def _compile_counting_calibrations(model, monkeypatch) -> tuple[CompiledModel, int]:
+    calibrations = []
+    init = LinearAnalysis.__init__
+
+    def counting(self, *args, **kwargs):
+        calibrations.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LinearAnalysis, "__init__", counting)
+    return budgeted(model, LOOSE), len(calibrations)
+
+
+def test_linears_calibrated_once_across_a_head_permutation(bf16_model, monkeypatch):
+    """The search's analysis follows fuse_heads' weight permutation instead of calibrating
+    the linears again, and the plan and weights come out as when they are calibrated again."""
+    followed, once = _compile_counting_calibrations(bf16_model, monkeypatch)
+    assert once == 1
+    assert {site.fusion.strategy for site in followed.plan.attention} == {"weights"}
+    monkeypatch.setattr(LinearAnalysis, "follow_permutations", lambda self, gm, permuted: False)
+    again, twice = _compile_counting_calibrations(bf16_model, monkeypatch)
+    assert twice == 2
+    assert [(e.name, e.node, e.level) for e in followed.plan.linears] == \
+        [(e.name, e.node, e.level) for e in again.plan.linears]
+    assert any(e.level > 0 for e in followed.plan.linears)
+    buffers = dict(again.graph_module.named_buffers())
+    for name, buffer in followed.graph_module.named_buffers():
+        if name.endswith(("weight_values", "weight_mask")):
+            assert torch.equal(buffer, buffers[name]), name
+    for mine, other in zip(followed.plan.linears, again.plan.linears):
+        assert mine.error == pytest.approx(other.error, rel=1e-4, abs=1e-7)
+    x = planted_llama_inputs(1, 40, seed=9)
+    torch.testing.assert_close(followed(x), again(x))

@@ -106,7 +106,7 @@ def test_head_order_is_one_method_of_the_site():
 def _fusion(order) -> FuseRecord:
     return FuseRecord(strategy="weights", reason="", head_permutation=order, kv_head_permutation=order,
                       launches_before=3, launches_after=2, groups_split_by_gqa=0, gqa_split=None,
-                      permuted_parameters={"q_proj.weight": 0}, merges=[{"pattern": "window", "params": {"window": [6, 0]},
+                      permuted_parameters={"q_proj.weight": {"axis": 0, "index": [4, 5, 0, 1, 2, 3]}}, merges=[{"pattern": "window", "params": {"window": [6, 0]},
                                                                          "heads": [0, 1], "added_cost": -0.1}])
 
 

@@ -432,3 +432,38 @@ def test_linears_are_analysed_once_while_the_analysis_is_current(monkeypatch):
     ctx.linear_analysis = analysis
     SparsifyWeights().run(permuted, ctx)
     assert len(recordings) == 1 and recordings[0][0] is permuted
+
+
+class _UpDown(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(48, 96)
+        self.down = torch.nn.Linear(96, 40)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("structure,score", [("unstructured", "wanda"), ("2:4", "wanda"), ("block8", "magnitude")])
+def test_analysis_follows_permuted_weights(structure, score):
+    """Rows of ``up`` and columns of ``down`` permuted alike (as fuse_heads permutes q/k/v and
+    o): the followed analysis prunes as an analysis of the permuted model does."""
+    from sparsec.passes.head_permutation import permute_parameters
+
+    torch.manual_seed(4)
+    example = (torch.randn(2, 7, 48),)
+    gm, _ = capture(_UpDown().eval(), example, {})
+    ctx = _context(WeightSparsity(structure, 0.5, score=score, measure_each=False), example)
+    analysis = analyze_linears(gm, ctx)
+    order = torch.cat([torch.arange(8) + 8 * block for block in torch.randperm(12).tolist()])   # whole blocks
+    indices = {"up.weight": (0, order), "up.bias": (0, order), "down.weight": (1, order)}
+    untouched = dict(analysis.weights)
+    permute_parameters(gm, indices)
+    recorded = {target: (axis, index.tolist()) for target, (axis, index) in indices.items()}
+    partial = {target: moved for target, moved in recorded.items() if target != "down.weight"}
+    assert not analysis.follow_permutations(gm, partial) and analysis.weights == untouched   # left as it was
+    assert analysis.follow_permutations(gm, recorded) and analysis.is_current(gm)
+    fresh = LinearAnalysis(gm, list(analysis.nodes.values()), analysis.batches, analysis.structure, score, 1024)
+    for name in analysis.nodes:
+        torch.testing.assert_close(analysis.inputs[name].sq_norm, fresh.inputs[name].sq_norm)
+        assert torch.equal(analysis.keep_mask(name, 0.5), fresh.keep_mask(name, 0.5)), name

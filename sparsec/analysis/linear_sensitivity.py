@@ -5,8 +5,10 @@ One :class:`LinearAnalysis` is recorded per compile (one graph run per calibrati
 :class:`~sparsec.analysis.graph_runner.GraphRunner` observing every analysed linear): the
 search prices each linear's levels with it, and ``sparsify_weights`` rewrites from it. It
 stays valid while the graph is unchanged and every analysed linear computes with the
-weight it analysed (:meth:`LinearAnalysis.is_current`); fusing heads by permuting weights
-replaces them, and the rewrite then analyses again.
+weight it analysed (:meth:`LinearAnalysis.is_current`). Fusing heads by permuting weights
+replaces them; the analysis follows such a permutation
+(:meth:`LinearAnalysis.follow_permutations`: a linear whose input features moved has its
+statistics moved the same way), and only a changed graph makes the rewrite analyse again.
 
 A linear is an ``aten.linear`` node whose weight is a ``get_attr`` parameter
 (:func:`find_linears`). Statistics per linear (:class:`LinearInputs`):
@@ -118,6 +120,35 @@ class LinearAnalysis:
         every analysed linear computing with the weight it was analysed with."""
         return gm is self.gm and str(gm.graph) == self.graph_text and all(
             get_tensor(gm, self.nodes[name].args[1].target) is weight for name, weight in self.weights.items())
+
+    def follow_permutations(self, gm: torch.fx.GraphModule, permuted: dict[str, tuple[int, list[int]]]) -> bool:
+        """Take the weights of ``gm`` that are permutations of the analysed ones: ``permuted``
+        maps a parameter to ``(axis, index)``, it became ``index_select(axis, index)`` of
+        itself, the graph computing the same function (fuse_heads' head order). Permuted
+        output rows leave a linear's input as it was; permuted input columns mean its input
+        features moved the same way, and so do their statistics. Returns whether the analysis
+        is current afterwards; it is left unchanged when not (another change than these)."""
+        if gm is not self.gm or str(gm.graph) != self.graph_text:
+            return False
+        moved = {}
+        for name, node in self.nodes.items():
+            target = node.args[1].target
+            weight = get_tensor(gm, target)
+            if weight is self.weights[name]:
+                continue
+            if target not in permuted:
+                return False
+            axis, index = permuted[target]
+            index = torch.as_tensor(index, device=weight.device)
+            if not torch.equal(weight, self.weights[name].index_select(axis, index)):
+                return False
+            moved[name] = (weight, axis, index)
+        for name, (weight, axis, index) in moved.items():
+            self.weights[name] = weight
+            if axis == 1:
+                inputs = self.inputs[name]
+                self.inputs[name] = LinearInputs(inputs.sq_norm[index], inputs.rows[:, index], inputs.tokens)
+        return True
 
     def scores(self, name: str) -> torch.Tensor:
         """The weight scores of linear ``name`` (higher: kept longer)."""
