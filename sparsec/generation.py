@@ -13,28 +13,33 @@ module path the plan recorded): no model class is edited, and the model keeps it
   with the model's own mask (padding, sliding window). Patterns are aligned bottom-right
   (:mod:`sparsec.patterns.base`): a chunk of ``n_q`` queries against ``n_k`` cached + new
   keys gets the same offsets as the end of a one-shot prefill, so chunked prefill is exact.
+- **Rolling caches**: a sliding-window layer's cache keeps only the last keys, so its first
+  key is not position 0. The keys it dropped (the last query's position from the
+  ``position_ids`` transformers forwards, + 1 - ``n_k``) are taken off each pattern that
+  reads key positions (:meth:`~sparsec.patterns.base.Pattern.without_leading_keys`, sizes
+  resolved at the full length); a head no pattern of its family expresses there runs the
+  site's baseline pattern, with a one-time warning.
 - **Decode** runs the model's previous implementation (dense) by default; with
-  ``decode="sparse"``, heads whose pattern reads only part of the cache (``window``,
-  ``sink_window``) keep it, the rest run dense.
+  ``decode="sparse"``, heads whose pattern reads a bounded number of keys
+  (:meth:`~sparsec.patterns.base.Pattern.reads_bounded_keys`) keep it, the rest run dense.
 - Anything the plan does not cover (sites it left unmatched, soft-capping, attention sinks,
   training-mode dropout) runs the previous implementation.
 """
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from sparsec.errors import InvalidArgumentError, UnservableInputError
-from sparsec.patterns.base import MASKED_ADDITIVE
+from sparsec.patterns.base import MASKED_ADDITIVE, baseline_pattern, get_pattern
 from sparsec.plan import AttentionSite, HeadGroup, Plan, encode_groups, group_heads
 
 DECODE_MODES = ("dense", "sparse")
-# Patterns that read only a bounded part of the cache for one query: worth keeping at decode.
-CHEAP_AT_DECODE = ("window", "sink_window")
 # The implementations whose masks the sparse path reads (4-D boolean / additive, or None).
 WRAPPABLE = ("sdpa", "eager")
 # Attention arguments sparse_attention has no equivalent for: such calls run the previous implementation.
@@ -43,17 +48,44 @@ _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 @dataclass(frozen=True)
 class _SiteRunner:
-    """One attention module's plan: its group tables for prefill and (optionally) decode."""
+    """One attention module's plan: its head groups for prefill and (optionally) decode."""
 
     site: str
     num_heads: int
     causal: bool
-    prefill_groups: str
-    decode_groups: str | None          # None: decode runs the previous implementation
+    prefill_groups: list[HeadGroup]
+    decode_groups: list[HeadGroup] | None          # None: decode runs the previous implementation
     decode_max_queries: int
+    baseline: tuple[str, dict]                     # what a head runs where its pattern cannot
+    warned: set = field(default_factory=set, compare=False)    # instances already warned about
 
-    def groups_for(self, num_queries: int) -> str | None:
+    def groups_for(self, num_queries: int) -> list[HeadGroup] | None:
         return self.prefill_groups if num_queries > self.decode_max_queries else self.decode_groups
+
+    def group_table(self, groups: list[HeadGroup], n_q: int, n_k: int, dropped: int) -> str:
+        """The op's group table for ``n_q`` queries over ``n_k`` keys, the first ``dropped``
+        keys of the sequence gone from a rolling cache: each pattern as it reads over the
+        keys left, sizes resolved at the full length ``n_k + dropped``."""
+        if dropped == 0:
+            return encode_groups(groups)
+        rolled = []
+        for group in groups:
+            shifted = get_pattern(group.pattern).without_leading_keys(group.params, dropped, n_q, n_k + dropped)
+            if shifted is None:
+                self._warn_once(group)
+                shifted = self.baseline        # dense or a fixed window: offsets only, nothing to shift
+            rolled.append(HeadGroup(shifted[0], shifted[1], group.heads))
+        return encode_groups(rolled)
+
+    def _warn_once(self, group: HeadGroup) -> None:
+        key = encode_groups([group])
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        warnings.warn(
+            f"sparsec.attach: {self.site} heads {group.heads} run {self.baseline[0]} instead of {group.pattern} "
+            f"where the rolling sliding-window cache has dropped keys: {group.pattern} {group.params} has no "
+            "parameters over the keys left", stacklevel=3)
 
 
 # Attention module -> its runner, for every attached model (weak: a dropped model leaves no entry).
@@ -70,9 +102,11 @@ def model_order_groups(site: AttentionSite) -> list[HeadGroup]:
 
 
 def _decode_groups(groups: list[HeadGroup]) -> list[HeadGroup]:
-    """Groups for ``decode="sparse"``: patterns cheap at decode kept, every other head dense."""
-    kept = [g for g in groups if g.pattern in CHEAP_AT_DECODE]
-    dense = sorted(h for g in groups if g.pattern not in CHEAP_AT_DECODE for h in g.heads)
+    """Groups for ``decode="sparse"``: patterns that read a bounded number of keys kept (a
+    decode step reads only part of the cache), every other head dense."""
+    bounded = [get_pattern(g.pattern).reads_bounded_keys(g.params) for g in groups]
+    kept = [g for g, b in zip(groups, bounded) if b]
+    dense = sorted(h for g, b in zip(groups, bounded) if not b for h in g.heads)
     return kept + ([HeadGroup("dense", {}, dense)] if dense else [])
 
 
@@ -110,11 +144,23 @@ def _keys_in_use(mask: torch.Tensor) -> int:
     return int(columns.max()) + 1 if len(columns) else mask.shape[-1]
 
 
-def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                   scale: float, causal: bool, groups: str) -> torch.Tensor:
-    """``[B, Hq, n_q, D]`` attention of ``groups`` (a JSON group table) over cached + new keys
-    ``[B, Hkv, n_k, D]`` with the model's mask (None, 4-D boolean or additive), read as
-    Hugging Face's SDPA integration reads it. Returns ``[B, Hq, n_q, D]``."""
+def _dropped_keys(kwargs: dict, n_k: int) -> int:
+    """How many keys of the sequence a rolling (sliding-window) cache no longer hands over:
+    the last query's position + 1 - ``n_k``. Positions are the ``position_ids`` the
+    decoder layers forward, of the least padded row (padding shifts a row's positions
+    back); layers without a sliding window keep every key."""
+    positions = kwargs.get("position_ids")
+    if kwargs.get("sliding_window") is None or positions is None:
+        return 0
+    return max(0, int(positions[..., -1].max()) + 1 - n_k)
+
+
+def _visible_keys(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """``(key, value, mask, causal)`` for ``torch.ops.sparsec.sparse_attention`` from a
+    Hugging Face attention call: cached + new keys ``[B, Hkv, n_k, D]`` without a static
+    cache's empty slots, the model's mask (None, 4-D boolean or additive) read as its SDPA
+    integration reads it, and the op's causal flag."""
     n_q = query.shape[2]
     if mask is not None:
         mask = mask[..., : key.shape[2]]
@@ -129,7 +175,7 @@ def sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         # The op's causal flag is SDPA's (top-left); after a cache the model's mask carries
         # the bottom-right cut (a single query needs none).
         causal = False
-    return torch.ops.sparsec.sparse_attention(query, key, value, mask, scale, causal, groups)
+    return key, value, mask, causal
 
 
 def _previous_function(module: torch.nn.Module, previous: str) -> Callable:
@@ -158,7 +204,9 @@ def _attention_function(previous: str) -> Callable:
                 f"{runner.site} runs {query.shape[1]} query heads, its plan {runner.num_heads}; attach the "
                 "plan compiled from this model")
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = sparse_prefill(query, key, value, attention_mask, scale, runner.causal, groups)
+        key, value, mask, causal = _visible_keys(query, key, value, attention_mask, runner.causal)
+        table = runner.group_table(groups, query.shape[2], key.shape[2], _dropped_keys(kwargs, key.shape[2]))
+        out = torch.ops.sparsec.sparse_attention(query, key, value, mask, scale, causal, table)
         return out.transpose(1, 2).contiguous(), None
 
     sparsec_attention.__name__ = f"sparsec_attention_over_{previous}"
@@ -225,7 +273,8 @@ def attach(model: torch.nn.Module, plan_or_compiled, *, decode: str = "dense",
             plan recorded).
         plan_or_compiled: a :class:`~sparsec.plan.Plan` or a :class:`~sparsec.CompiledModel`.
         decode: ``"dense"`` (decode runs the previous implementation) or ``"sparse"``
-            (``window`` / ``sink_window`` heads keep their pattern at decode, others dense).
+            (heads whose pattern reads a bounded number of keys, e.g. fixed ``window`` /
+            ``sink_window``, keep it at decode; others dense).
         decode_max_queries: calls with at most this many queries are decode (speculative
             decoding verifies a few); longer ones are prefill.
     """
@@ -253,9 +302,8 @@ def attach(model: torch.nn.Module, plan_or_compiled, *, decode: str = "dense",
         groups = model_order_groups(site)
         runners[modules[site.name]] = _SiteRunner(
             site=site.name, num_heads=site.num_heads, causal=site.effective_causal(),
-            prefill_groups=encode_groups(groups),
-            decode_groups=encode_groups(_decode_groups(groups)) if decode == "sparse" else None,
-            decode_max_queries=decode_max_queries)
+            prefill_groups=groups, decode_groups=_decode_groups(groups) if decode == "sparse" else None,
+            decode_max_queries=decode_max_queries, baseline=baseline_pattern(site))
     name = _register(previous)
     model.set_attn_implementation(name)
     _RUNNERS.update(runners)

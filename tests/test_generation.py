@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import warnings
 
 import pytest
 import torch
@@ -78,13 +79,20 @@ def _baseline_plan(plan: sparsec.Plan) -> sparsec.Plan:
     return plan
 
 
+# Sinks and stripes reach past the keys a rolling cache of WINDOW drops, so they move.
+PATTERNS = {"window": {"window": [5, 0]}, "sink_window": {"sink": [2, 0], "window": [4, 0]},
+            "wide_sink_window": {"sink": [9, 0], "window": [3, 0]},
+            "vertical_stripe": {"columns": list(range(1, 30, 3)), "window": [2, 0]},
+            "block_topk": {"block": 4, "grid": [2, 2], "blocks": [[1, 0]]}}
+
+
 def _sparse_plan(plan: sparsec.Plan, kinds=("window", "sink_window")) -> sparsec.Plan:
-    """Heads 0 and 2 sparse (narrower than the model's window), 1 and 3 at baseline."""
+    """Heads 0 and 2 sparse (narrower than the model's window; ``kinds`` name PATTERNS), 1
+    and 3 at baseline."""
     plan = _baseline_plan(plan)
-    patterns = {"window": {"window": [5, 0]}, "sink_window": {"sink": [2, 0], "window": [4, 0]}}
     for site in plan.attention:
         for head, kind in zip((0, 2), kinds * 2):
-            site.heads[head].assign(kind, patterns[kind], reason="test: sparse head")
+            site.heads[head].assign(kind.removeprefix("wide_"), PATTERNS[kind], reason="test: sparse head")
     plan.regroup()
     return plan
 
@@ -139,25 +147,43 @@ def test_fused_head_order_is_undone_for_the_live_model():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_equals_one_shot(family):
-    """The second piece's queries sit after 13 cached keys. Sliding-window caches drop old
-    keys, which moves absolute key columns (sinks): those families run windows only."""
+    """Three pieces of 11, 9 and 10 queries. Sliding-window layers' caches (Mistral, Gemma)
+    keep the last WINDOW - 1 keys: the second piece sees the keys from position 4, the third
+    from 13, so the sinks and stripes at absolute key positions move."""
     model, compiled = _compiled(family)
-    sliding = any("model_window" in site.extra for site in compiled.plan.attention)
-    plan = _sparse_plan(compiled.plan, kinds=("window",) if sliding else ("window", "sink_window"))
+    plan = _sparse_plan(compiled.plan, kinds=("wide_sink_window", "vertical_stripe"))
     prompt = _ids(1, 30, 4)
     with torch.no_grad(), sparsec.attach(model, plan):
         one_shot = model(prompt).logits
         cache = DynamicCache(config=model.config)
         pieces = [model(piece, cache=cache, use_cache=True).logits
-                  for piece in (prompt[:, :13], prompt[:, 13:])]
+                  for piece in (prompt[:, :11], prompt[:, 11:20], prompt[:, 20:])]
     torch.testing.assert_close(torch.cat(pieces, dim=1), one_shot, atol=2e-5, rtol=1e-4)
 
 
-def test_sparse_decode_keeps_windows_and_equals_prefill():
-    """decode="sparse": window / sink_window heads keep their pattern for single queries, so
-    decoding token by token equals prefilling the whole sequence."""
-    model, compiled = _compiled("qwen2")
-    plan = _sparse_plan(compiled.plan)
+def test_rolled_block_grid_runs_the_baseline_and_warns_once():
+    """After 13 keys Mistral's cache starts at position 6, halfway through a 4-key block:
+    block_topk heads run the site's baseline there, with one warning per site."""
+    model, compiled = _compiled("mistral")
+    plan = _sparse_plan(compiled.plan, kinds=("block_topk",))
+    prompt = _ids(1, 30, 10)
+    with torch.no_grad(), sparsec.attach(model, plan), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = DynamicCache(config=model.config)
+        for piece in (prompt[:, :13], prompt[:, 13:22], prompt[:, 22:]):
+            model(piece, cache=cache, use_cache=True)
+    rolled = [w for w in caught if "rolling sliding-window cache" in str(w.message)]
+    assert sorted(str(w.message).split()[1] for w in rolled) == sorted(site.name for site in plan.attention)
+    assert all("heads [0, 2] run window instead of block_topk" in str(w.message) for w in rolled)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])      # Mistral's cache rolls while decoding
+def test_sparse_decode_keeps_bounded_patterns_and_equals_prefill(family):
+    """decode="sparse": sink_window / vertical_stripe heads (a bounded number of keys per
+    query) keep their pattern for single queries, so decoding token by token equals
+    prefilling the whole sequence."""
+    model, compiled = _compiled(family)
+    plan = _sparse_plan(compiled.plan, kinds=("wide_sink_window", "vertical_stripe"))
     sequence = _ids(1, 26, 5)
     with torch.no_grad(), sparsec.attach(model, plan, decode="sparse"):
         one_shot = model(sequence).logits

@@ -229,3 +229,29 @@ def test_describe_lists_columns_and_blocks():
         "columns=[300, 700], window=31"
     params = {"block": 64, "grid": [32, 32], "blocks": [[3, 1], [9, 2]]}
     assert get_pattern("block_topk").describe(params) == "block=64, 2 of 32x32 blocks"
+
+
+@pytest.mark.parametrize("kind,params", STATIC_CASES)
+def test_reads_bounded_keys_when_the_last_querys_keys_stop_growing(kind, params):
+    family = get_pattern(kind)
+    keys_read = [int(family.mask(params, 1, n, causal=True).sum()) for n in (500, 1000)]
+    assert family.reads_bounded_keys(params) == (keys_read[0] == keys_read[1])
+
+
+def test_estimated_patterns_read_every_key():
+    assert not get_pattern("vertical_slash").reads_bounded_keys({"vertical": [4, 0], "slash": [4, 0]})
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_q,n_k,dropped", [(1, 50, 7), (13, 45, 16), (20, 37, 3), (9, 64, 40)])
+@pytest.mark.parametrize("kind,params", STATIC_CASES + [("sink_window", {"sink": [2, 0.1], "window": [3, 0.05]})])
+def test_without_leading_keys_is_the_mask_without_its_first_columns(kind, params, n_q, n_k, dropped, causal):
+    """A rolling cache drops the first keys: the shifted pattern over the keys left is the
+    full mask with those columns cut, for the bottom-right query rows."""
+    family = get_pattern(kind)
+    shifted = family.without_leading_keys(params, dropped, n_q, n_k)
+    if kind == "block_topk" and dropped % params["block"]:
+        assert shifted is None                   # the block grid would cut through blocks
+        return
+    expected = family.mask(params, n_q, n_k, causal)[:, dropped:]
+    assert torch.equal(get_pattern(shifted[0]).mask(shifted[1], n_q, n_k - dropped, causal), expected)

@@ -264,6 +264,26 @@ class Pattern:
     def join_initializer(self, params: dict, initializer: "np.ndarray") -> dict:
         return params
 
+    def reads_bounded_keys(self, params: dict) -> bool:
+        """Whether one query reads a number of keys that does not grow with the length, so
+        a decode step reads only part of the cache (``attach(decode="sparse")`` keeps such
+        patterns at decode). The default: no."""
+        return False
+
+    def fixed_sizes(self, params: dict, n: int) -> dict:
+        """``params`` with the elastic sizes resolved at ``N = n``: this length's mask, at
+        every length."""
+        return {k: [Elastic.from_json(v).at(n), 0] if k in self.elastic_params else v for k, v in params.items()}
+
+    def without_leading_keys(self, params: dict, dropped: int, n_q: int, n_k: int) -> "tuple[str, dict] | None":
+        """The pattern over the keys left when the first ``dropped`` of ``n_k`` keys are gone
+        (a rolling sliding-window cache): ``(kind, params)`` whose mask at ``(n_q, n_k -
+        dropped)`` is this one's at ``(n_q, n_k)`` without its first ``dropped`` columns, or
+        None when no parameters express it. The default serves families whose mask reads
+        only offsets: the same parameters, elastic sizes resolved at ``N = n_k``. Families
+        that read absolute key positions override it."""
+        return self.kind, self.fixed_sizes(params, n_k)
+
     def cover(self, params: dict, other_kind: str, other_params: dict) -> dict | None:
         """Parameters of this family whose mask holds ``other_kind``'s mask (another family)
         and this one's at every length, or None: the cross-family rules of head merging live

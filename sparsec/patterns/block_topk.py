@@ -53,6 +53,16 @@ class BlockTopk(Pattern):
         kept = ops.lookup(layout, grid_row * grid_k + grid_col)
         return kept | ((j // block) == ((d + j) // block))
 
+    def without_leading_keys(self, params, dropped, n_q, n_k):
+        """The block grid starts at key 0: exact only when ``dropped`` is whole blocks. Then
+        the layout stretched to ``(n_q, n_k)`` becomes a grid of this length's blocks (which
+        no longer stretches) without its first ``dropped / block`` key blocks."""
+        block = int(params["block"])
+        if dropped % block:
+            return None
+        kept = self._stretched(params, n_q, n_k)[:, dropped // block:]
+        return self.kind, {"block": block, "grid": list(kept.shape), "blocks": kept.nonzero().tolist()}
+
     def layout(self, params) -> np.ndarray:
         """The kept blocks as a boolean ``[grid_q, grid_k]`` array (the calibration grid)."""
         grid_q, grid_k = params["grid"]

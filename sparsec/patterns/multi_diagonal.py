@@ -12,7 +12,7 @@ import torch
 
 from . import fitting
 from .base import N, Elastic, Pattern, TorchOps, full_pairs, register
-from .shared import window_pairs
+from .shared import is_fixed, window_pairs
 
 # A multi_diagonal fit that needs this fraction of the diagonals at the calibration length
 # keeps them all (count 0): the far ones hold few pairs, and "all" carries over to longer N.
@@ -37,6 +37,11 @@ class MultiDiagonal(Pattern):
         counts = int(first.get("count", 0)), int(second.get("count", 0))
         return {"period": first["period"], "width": Elastic.widest(first["width"], second["width"]),
                 "count": 0 if 0 in counts else max(counts)}
+
+    def reads_bounded_keys(self, params):
+        """A fixed number of diagonals (``count`` > 0) of a fixed width; all of them
+        (``count`` 0) grow with the length."""
+        return int(params.get("count", 0)) > 0 and is_fixed(params["width"])
 
     def index_keep(self, params, i, j, d, ops):
         """Offsets within ``width`` of a kept diagonal ``m * period`` (``|m| < count``). The

@@ -16,6 +16,11 @@ def band(d, width, ops):
     return ops.abs(d) < width
 
 
+def is_fixed(size) -> bool:
+    """Whether an elastic size does not grow with the length."""
+    return Elastic.from_json(size).b == 0
+
+
 def size_at(params: dict, name: str, n: int) -> int:
     """The elastic size ``params[name]`` in tokens at ``N = n``."""
     return Elastic.from_json(params[name]).at(n)

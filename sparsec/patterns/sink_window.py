@@ -10,7 +10,7 @@ import torch
 
 from . import fitting
 from .base import N, Elastic, Pattern, register
-from .shared import SYMBOLIC, band, sink_pairs, size_at, window_pairs
+from .shared import SYMBOLIC, band, is_fixed, sink_pairs, size_at, window_pairs
 
 
 @register
@@ -22,6 +22,17 @@ class SinkWindow(Pattern):
 
     def index_keep(self, params, i, j, d, ops):
         return (j < ops.size(params["sink"])) | band(d, ops.size(params["window"]), ops)
+
+    def reads_bounded_keys(self, params):
+        return is_fixed(params["sink"]) and is_fixed(params["window"])
+
+    def without_leading_keys(self, params, dropped, n_q, n_k):
+        """The sinks are the first keys: ``dropped`` of them are gone (none left: a window)."""
+        fixed = self.fixed_sizes(params, n_k)
+        sink = fixed["sink"][0] - dropped
+        if sink <= 0:
+            return "window", {"window": fixed["window"]}
+        return self.kind, {"sink": [sink, 0], "window": fixed["window"]}
 
     def merge(self, first, second):
         return {"sink": Elastic.widest(first["sink"], second["sink"]),

@@ -16,6 +16,9 @@ class Skip(Pattern):
     def index_keep(self, params, i, j, d, ops):
         return ops.full(d, False)
 
+    def reads_bounded_keys(self, params):
+        return True                # none
+
     def pairs(self, params, n, causal):
         return 0
 

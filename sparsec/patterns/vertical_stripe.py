@@ -11,7 +11,7 @@ import torch
 
 from . import fitting
 from .base import N, Elastic, Pattern, register
-from .shared import SYMBOLIC, band, column_pairs, size_at, window_pairs
+from .shared import SYMBOLIC, band, column_pairs, is_fixed, size_at, window_pairs
 
 # Most stripe columns a vertical_stripe fit keeps.
 MAX_STRIPES = 64
@@ -53,6 +53,19 @@ class VerticalStripe(Pattern):
             table[c] = True
         stripe = (j < len(table)) & ops.lookup(table, ops.minimum(j, len(table) - 1))
         return kept | stripe
+
+    def reads_bounded_keys(self, params):
+        """A fixed list of columns and a fixed window."""
+        return is_fixed(params["window"])
+
+    def without_leading_keys(self, params, dropped, n_q, n_k):
+        """Columns are key positions: they move ``dropped`` keys left, the gone ones go
+        (none left: a window)."""
+        fixed = self.fixed_sizes(params, n_k)
+        columns = sorted({int(c) - dropped for c in params["columns"] if int(c) >= dropped})
+        if not columns:
+            return "window", {"window": fixed["window"]}
+        return self.kind, {"columns": columns, "window": fixed["window"]}
 
     def cover(self, params, other_kind, other_params):
         """Stripes hold a window, and a sink + window whose sink is a fixed number of keys."""

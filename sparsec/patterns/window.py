@@ -8,7 +8,7 @@ import sympy
 
 from . import fitting
 from .base import N, Elastic, Pattern, register
-from .shared import band, size_at, window_pairs
+from .shared import band, is_fixed, size_at, window_pairs
 
 
 @register
@@ -20,6 +20,9 @@ class Window(Pattern):
 
     def index_keep(self, params, i, j, d, ops):
         return band(d, ops.size(params["window"]), ops)
+
+    def reads_bounded_keys(self, params):
+        return is_fixed(params["window"])
 
     def merge(self, first, second):
         return {"window": Elastic.widest(first["window"], second["window"])}
