@@ -22,9 +22,10 @@ Two cheaper forms where the site allows them:
 - one group over every head: its tables broadcast over heads, so ``pack_gqa`` stays on
   (FA4 turns it off for per-head tables).
 
-The mask arithmetic (:func:`keep_terms`) is plain index arithmetic on values that support
-``+ - * // < <= & |``: the same function runs on torch index tensors (the CPU tests, against
-each family's reference mask) and on CuTe ``TensorSSA`` values inside the kernel.
+The mask (:func:`site_keeps`: the arithmetic terms, the table lookups, then the causal cut)
+is index arithmetic and table reads on values that support ``+ - * // < <= & |``: the same
+function is the kernel's mask_mod on CuTe ``TensorSSA`` values and :func:`torch_mask` on
+torch index tensors (the CPU tests, against each family's reference mask).
 
 Pinned to ``flash-attn-4==4.0.0b36`` (the ``sparsec[gpu]`` extra): ``_flash_attn_fwd`` (to
 write into sparsec's output buffer) and the sm90 tile rule are that version's internals.
@@ -137,22 +138,50 @@ def _near_diagonal(a, period, band, last, const):
     return inner | ((nearest > last) & (a - last * period < band))
 
 
-def keep_terms(q, k, offset, window, sink, period, band, last, causal: bool, const):
+def keep_terms(q, k, offset, window, sink, period, band, last, const):
     """Whether query ``q`` keeps key ``k`` under a head's arithmetic terms (see
-    :class:`HeadTerms`); ``offset = n_k - n_q``; ``const`` lifts a Python int to the values'
-    kind. Stripe and layout lookups are or-ed in by the caller."""
+    :class:`HeadTerms`), before the causal cut; ``offset = n_k - n_q``; ``const`` lifts a
+    Python int to the values' kind."""
     d = q + offset - k
     zero = const(0)
     kept = ((d < window) & (zero - d < window)) | (k < sink)
     # |d| without abs (CuTe values have none): each sign of d separately.
     kept = kept | ((d >= zero) & _near_diagonal(d, period, band, last, const))
-    kept = kept | ((d < zero) & _near_diagonal(zero - d, period, band, last, const))
-    return kept & (d >= zero) if causal else kept
+    return kept | ((d < zero) & _near_diagonal(zero - d, period, band, last, const))
 
 
 def _block_diagonal(q, k, offset, block):
     """Key ``k`` lies in the block that holds query ``q``'s diagonal position."""
     return k // block == (q + offset) // block
+
+
+def site_keeps(head, q, k, aux_tensors, causal: bool, has_stripes: bool, has_layout: bool, element, const):
+    """Whether query ``q`` keeps key ``k`` in ``head``: the union of the head's arithmetic
+    terms, stripe column and layout cell, read from ``aux_tensors = (table, columns,
+    layouts)`` (see :class:`SiteTables`), then the causal cut, last, so that it cuts the
+    looked-up terms too.
+
+    The kernel's mask_mod and :func:`torch_mask` are both this function. ``element`` turns
+    an index value into a subscript (``x[0]`` of a one-element CuTe ``TensorSSA``, a torch
+    index tensor as it is); ``const`` lifts a Python int or a table read to the values' kind.
+    """
+    table, columns, layouts = aux_tensors[0], aux_tensors[1], aux_tensors[2]
+
+    def field(column):
+        return const(table[head, column])
+
+    offset = field(OFFSET)
+    kept = keep_terms(q, k, offset, field(WINDOW), field(SINK), field(PERIOD), field(BAND), field(LAST_DIAGONAL),
+                      const)
+    if has_stripes:
+        stripe = const(columns[table[head, STRIPE_ROW], element(k)])
+        kept = kept | ((field(HAS_STRIPES) > const(0)) & (stripe > const(0)))
+    if has_layout:
+        block = table[head, BLOCK]
+        cell = const(layouts[table[head, LAYOUT_ROW], element(q) // block, element(k) // block])
+        hit = (cell > const(0)) | _block_diagonal(q, k, offset, const(block))
+        kept = kept | ((field(HAS_LAYOUT) > const(0)) & hit)
+    return kept & (q + offset - k >= const(0)) if causal else kept
 
 
 # -- the tables of one site -----------------------------------------------------------------
@@ -169,6 +198,11 @@ class SiteTables:
     full_count: torch.Tensor
     full_index: torch.Tensor
     block_n: int
+
+    @property
+    def aux_tensors(self) -> list[torch.Tensor]:
+        """The mask_mod's aux tensors, in the order :func:`site_keeps` reads them."""
+        return [self.table, self.columns, self.layouts]
 
     @property
     def has_stripes(self) -> bool:
@@ -189,9 +223,14 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     """Per-head aux table and block-sparse tensors of the heads in ``groups`` (every group
     must have FA4 terms); heads in no group keep nothing here. When one group covers every
     head, the block tensors have one head row (broadcast), which keeps GQA packing on."""
+    n_qb, n_kb = math.ceil(n_q / BLOCK_M), math.ceil(n_k / block_n)
+    # FA4 evaluates the mask_mod on whole tiles and brings padded rows and keys back into range
+    # only in a row's first block (mask.py apply_mask, wrap_aux_indices), so the lookups cover
+    # the padded grid, and every head reads them (the HAS_ flags gate the values, not the reads).
+    padded_q, padded_k = n_qb * BLOCK_M, n_kb * block_n
     table = torch.zeros(num_heads, TABLE_COLUMNS, dtype=torch.int32)
     table[:, PERIOD] = 1
-    table[:, BLOCK] = 1
+    table[:, BLOCK] = max(padded_q, padded_k)           # a head without a layout reads cell (0, 0)
     table[:, OFFSET] = n_k - n_q
     stripe_rows, layout_rows = [], []
     for group in groups:
@@ -201,20 +240,19 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
                               (BAND, terms.band), (LAST_DIAGONAL, terms.last_diagonal)):
             table[heads, column] = value
         if terms.columns:
-            row = torch.zeros(n_k, dtype=torch.int32)
+            row = torch.zeros(padded_k, dtype=torch.int32)
             row[list(terms.columns)] = 1
             table[heads, STRIPE_ROW], table[heads, HAS_STRIPES] = len(stripe_rows), 1
             stripe_rows.append(row)
         if terms.layout is not None:
             block, layout = terms.layout
             table[heads, BLOCK], table[heads, LAYOUT_ROW], table[heads, HAS_LAYOUT] = block, len(layout_rows), 1
-            layout_rows.append(layout)
+            layout_rows.append((block, layout))
     # Unused lookups get a 1 x 2 placeholder: FA4 needs one unique stride-1 dim per aux tensor.
     columns = torch.stack(stripe_rows) if stripe_rows else torch.zeros(1, 2, dtype=torch.int32)
-    layouts = _stack_padded(layout_rows)
+    layouts = _stack_padded(layout_rows, padded_q, padded_k)
 
     shared = len(groups) == 1 and sorted(groups[0].heads) == list(range(num_heads))
-    n_qb, n_kb = math.ceil(n_q / BLOCK_M), math.ceil(n_k / block_n)
     any_kept = torch.zeros(1 if shared else num_heads, n_qb, n_kb, dtype=torch.bool, device=device)
     all_kept = torch.zeros_like(any_kept)
     for group in groups:
@@ -227,13 +265,15 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
                       full_count, full_index, block_n)
 
 
-def _stack_padded(layouts: list[torch.Tensor]) -> torch.Tensor:
+def _stack_padded(layouts: list[tuple[int, torch.Tensor]], padded_q: int, padded_k: int) -> torch.Tensor:
+    """``(block, layout)`` pairs as one zero-padded int32 stack whose every layout covers the
+    ``padded_q x padded_k`` grid at its own block."""
     if not layouts:
         return torch.zeros(1, 1, 2, dtype=torch.int32)
-    rows = max(t.shape[0] for t in layouts)
-    cols = max(t.shape[1] for t in layouts)
+    rows = max(max(layout.shape[0], math.ceil(padded_q / block)) for block, layout in layouts)
+    cols = max(max(layout.shape[1], math.ceil(padded_k / block)) for block, layout in layouts)
     stacked = torch.zeros(len(layouts), rows, cols, dtype=torch.int32)
-    for i, layout in enumerate(layouts):
+    for i, (_, layout) in enumerate(layouts):
         stacked[i, : layout.shape[0], : layout.shape[1]] = layout.to(torch.int32)
     return stacked
 
@@ -252,16 +292,9 @@ def torch_mask(tables: SiteTables, head: int, n_q: int, n_k: int, causal: bool) 
     """The ``[n_q, n_k]`` mask the kernel's mask_mod computes for ``head``, in torch."""
     q = torch.arange(n_q)[:, None]
     k = torch.arange(n_k)[None, :]
-    row = tables.table[head].cpu().tolist()
-    kept = keep_terms(q, k, row[OFFSET], row[WINDOW], row[SINK], row[PERIOD], row[BAND], row[LAST_DIAGONAL],
-                      False, const=lambda x: x)
-    if row[HAS_STRIPES]:
-        kept = kept | (tables.columns[row[STRIPE_ROW]].cpu()[k] > 0)
-    if row[HAS_LAYOUT]:
-        layout = tables.layouts[row[LAYOUT_ROW]].cpu()
-        block = row[BLOCK]
-        kept = kept | (layout[q // block, k // block] > 0) | _block_diagonal(q, k, row[OFFSET], block)
-    return kept & (q + row[OFFSET] - k >= 0) if causal else kept
+    aux_tensors = [t.cpu() for t in tables.aux_tensors]
+    return site_keeps(head, q, k, aux_tensors, causal, tables.has_stripes, tables.has_layout,
+                      element=lambda index: index, const=lambda value: value)
 
 
 def tables_mask(tables: SiteTables, head: int, n_q: int, n_k: int, full: bool) -> torch.Tensor:
@@ -319,31 +352,20 @@ def key_block(head_dim: int, device: torch.device) -> int:
 
 @lru_cache(maxsize=8)
 def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool):
-    """The CuTe mask_mod over the aux tensors ``(table, columns, layouts)``."""
+    """The CuTe mask_mod over the aux tensors ``(table, columns, layouts)``: :func:`site_keeps`
+    on FA4's per-element one-value ``TensorSSA`` indices (mask.py ``apply_mask``)."""
     fa4 = _interface()
     cutlass, cute, utils = fa4["cutlass"], fa4["cute"], fa4["utils"]
 
     def const(value):
         return utils.scalar_to_ssa(value, cutlass.Int32)
 
+    def element(index):
+        return index[0]
+
     @cute.jit
     def sparsec_static_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        table = aux_tensors[0]
-        h = head[0]
-        offset = const(table[h, OFFSET])
-        kept = keep_terms(q_idx, kv_idx, offset, const(table[h, WINDOW]), const(table[h, SINK]),
-                          const(table[h, PERIOD]), const(table[h, BAND]), const(table[h, LAST_DIAGONAL]),
-                          causal, const)
-        if cutlass.const_expr(has_stripes):
-            stripe = const(aux_tensors[1][table[h, STRIPE_ROW], kv_idx[0]])
-            kept = kept | ((const(table[h, HAS_STRIPES]) > const(0)) & (stripe > const(0)))
-        if cutlass.const_expr(has_layout):
-            block = const(table[h, BLOCK])
-            cell = const(aux_tensors[2][table[h, LAYOUT_ROW], q_idx[0] // table[h, BLOCK],
-                                        kv_idx[0] // table[h, BLOCK]])
-            hit = (cell > const(0)) | _block_diagonal(q_idx, kv_idx, offset, block)
-            kept = kept | ((const(table[h, HAS_LAYOUT]) > const(0)) & hit)
-        return kept
+        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, causal, has_stripes, has_layout, element, const)
 
     return sparsec_static_mask
 
@@ -374,7 +396,7 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
         mask_block_cnt=tables.partial_count, mask_block_idx=tables.partial_index,
         full_block_cnt=tables.full_count, full_block_idx=tables.full_index, block_size=(BLOCK_M, tables.block_n))
     mask_mod = _mask_mod(causal, tables.has_stripes, tables.has_layout)
-    aux = [tables.table, tables.columns, tables.layouts]
+    aux = tables.aux_tensors
 
     def launch(q, k, v, out) -> None:
         interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,

@@ -80,6 +80,68 @@ def test_mixed_site_one_table_per_head():
     assert shared.partial_count.shape[1] == 1 and shared.full_index.shape[1] == 1
 
 
+def _mixed_site(n_q, n_k, causal, block_n):
+    """Every lookup kind in one site (GQA 8:2, interleaved): heads with stripes, with a layout,
+    with neither (they still read both lookups), and a head in no group."""
+    groups = [HeadGroup("window", CASES["window"], [0, 5]), HeadGroup("sink_window", CASES["sink_window"], [1]),
+              HeadGroup("block_topk", CASES["block_topk"], [3, 7]),
+              HeadGroup("vertical_stripe", CASES["vertical_stripe"], [4, 6])]
+    return groups, fa4.build_tables(groups, 8, n_q, n_k, causal, block_n, torch.device("cpu"))
+
+
+def _reference_mask(groups, head, n_q, n_k, causal):
+    """The family's own mask for ``head`` (nothing for a head in no group)."""
+    for group in groups:
+        if head in group.heads:
+            return get_pattern(group.pattern).mask(group.params, n_q, n_k, causal)
+    return torch.zeros(n_q, n_k, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("n_q,n_k,causal", SHAPES)
+@pytest.mark.parametrize("block_n", [128, 80])
+def test_lookups_cover_every_index_the_kernel_evaluates(n_q, n_k, causal, block_n):
+    """FA4 runs the mask_mod on whole tiles, padded rows and keys included (wrapped into range
+    only in a row's first block), for every head of the site: each read stays inside its
+    table (torch indexing is bounds-checked), and the in-range part is the family's mask."""
+    groups, tables = _mixed_site(n_q, n_k, causal, block_n)
+    rows, keys = math.ceil(n_q / fa4.BLOCK_M) * fa4.BLOCK_M, math.ceil(n_k / block_n) * block_n
+    q, k = torch.arange(rows)[:, None], torch.arange(keys)[None, :]
+    for head in range(8):
+        kept = fa4.site_keeps(head, q, k, tables.aux_tensors, causal, tables.has_stripes, tables.has_layout,
+                              element=lambda index: index, const=lambda value: value)
+        assert kept.shape == (rows, keys)
+        assert torch.equal(kept[:n_q, :n_k], _reference_mask(groups, head, n_q, n_k, causal)), head
+
+
+def test_per_element_calls_match_the_torch_mask():
+    """The kernel's calling convention (mask.py apply_mask): one mask_mod call per score with
+    one-element index values (``scalar_to_ssa``), the head as ``head[0]``, table reads lifted
+    back to one-element values; causal, so a lookup past the diagonal must be cut."""
+    n_q, n_k, causal = 333, 333, True
+    groups, tables = _mixed_site(n_q, n_k, causal, 128)
+    torch.manual_seed(0)
+    pairs = torch.cat([torch.randint(0, n_q, (300, 2)), torch.tensor([[0, 1], [0, 77], [5, 300], [70, 77], [10, 60]])])
+    for head in range(8):
+        expected = _reference_mask(groups, head, n_q, n_k, causal)
+        for query, key in pairs.tolist():
+            kept = fa4.site_keeps(torch.tensor([head])[0], torch.tensor([query]), torch.tensor([key]),
+                                  tables.aux_tensors, causal, tables.has_stripes, tables.has_layout,
+                                  element=lambda index: index[0], const=lambda value: torch.as_tensor(value).reshape(1))
+            assert kept.shape == (1,) and bool(kept[0]) == bool(expected[query, key]), (head, query, key)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_aux_tensors_are_what_fa4_takes(case):
+    """int32 and contiguous, each with one stride-1 dim among those longer than one (FA4's
+    ``cute_dsl_utils._resolve_aux_leading_dim``; ``mark_layout_dynamic`` refuses others)."""
+    tables = fa4.build_tables([HeadGroup(_kind(case), CASES[case], [1, 3, 4])], 6, 200, 333, True, 80,
+                              torch.device("cpu"))
+    for tensor in tables.aux_tensors:
+        assert tensor.dtype == torch.int32 and tensor.is_contiguous()
+        unit = [dim for dim, stride in enumerate(tensor.stride()) if stride == 1]
+        assert len(unit) == 1 or len([dim for dim in unit if tensor.shape[dim] > 1]) == 1, tensor.shape
+
+
 def test_every_static_family_has_fa4_terms():
     from sparsec.patterns import pattern_kinds
     static = {kind for kind in pattern_kinds() if not get_pattern(kind).dynamic}
