@@ -208,3 +208,34 @@ def test_fa4_mixed_site_gqa(head_dim):
               HeadGroup("vertical_slash", {"vertical": [64, 0], "slash": [64, 0], "last_q": 64}, [4, 6])]
     launches, rest = _check(groups, 8, 2, 777, head_dim, torch.bfloat16, True)
     assert [g.pattern for g in rest] == (["vertical_slash"] if launches else [g.pattern for g in groups])
+
+
+LOOKUP_SITES = {                                       # GQA 4:2; per-head tables, or broadcast (pack_gqa)
+    "vertical_stripe": [HeadGroup("vertical_stripe", CASES["vertical_stripe"], [1, 2])],
+    "vertical_stripe_all": [HeadGroup("vertical_stripe", CASES["vertical_stripe"], [0, 1, 2, 3])],
+    "block_topk": [HeadGroup("block_topk", CASES["block_topk"], [1, 2])],
+    "block_topk_all": [HeadGroup("block_topk", CASES["block_topk"], [0, 1, 2, 3])],
+    "mixed": [HeadGroup("window", CASES["window"], [0]), HeadGroup("vertical_stripe", CASES["vertical_stripe"], [1]),
+              HeadGroup("block_topk", CASES["block_topk"], [2, 3])],
+}
+
+
+@gpu
+@needs_fa4
+@pytest.mark.parametrize("site", list(LOOKUP_SITES))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_fa4_lookup_families_direct(site, causal, head_dim):
+    """The FA4 kernel on the families whose mask_mod reads the stripe and layout tables, called
+    directly: the backend rule may still keep them on Triton (``FA4_UNVERIFIED``)."""
+    groups, n, scale = LOOKUP_SITES[site], 777, head_dim ** -0.5
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, n, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, n, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = torch.zeros_like(q)
+    fa4.site_call(q, k, v, scale, causal, groups)(q, k, v, out)
+    expected = reference.sparse_attention(q.float(), k.float(), v.float(), None, scale, causal, groups)
+    for head in sorted(h for group in groups for h in group.heads):
+        error = (out[:, head].float() - expected[:, head]).norm() / expected[:, head].norm()
+        assert error < 2e-2, (head, float(error))
