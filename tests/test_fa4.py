@@ -113,7 +113,7 @@ def test_lookups_cover_every_index_the_kernel_evaluates(n_q, n_k, causal, block_
         assert torch.equal(kept[:n_q, :n_k], _reference_mask(groups, head, n_q, n_k, causal)), head
 
 
-def test_per_element_calls_match_the_torch_mask():
+def test_per_element_calls_match_the_reference():
     """The kernel's calling convention (mask.py apply_mask): one mask_mod call per score with
     one-element index values (``scalar_to_ssa``), the head as ``head[0]``, table reads lifted
     back to one-element values; causal, so a lookup past the diagonal must be cut."""
