@@ -12,7 +12,7 @@ import time
 import torch
 
 import sparsec
-from sparsec.inputs import relative_l2
+from sparsec.ir.inputs import relative_l2
 from sparsec.testing.planted import planted_llama, planted_llama_inputs
 
 LENGTH = 2048

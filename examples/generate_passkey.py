@@ -15,7 +15,7 @@ import time
 import torch
 
 import sparsec
-from sparsec.bench_quality import passkey_prompt
+from sparsec.tools.bench_quality import passkey_prompt
 from sparsec.testing.real_models import load_smollm2, token_batches
 
 

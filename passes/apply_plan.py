@@ -10,9 +10,9 @@ import copy
 
 import torch
 
-from sparsec.errors import PlanError
-from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.plan import Plan
+from sparsec.ir.errors import PlanError
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
+from sparsec.ir.plan import Plan
 
 
 class ApplyPlan:

@@ -34,11 +34,11 @@ import math
 import torch
 
 from sparsec.analysis.graph_runner import GraphRunner
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MASKED_ADDITIVE, offsets
 from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bucket, offset_buckets
 
-from .attention_sites import ATTENTION
+from sparsec.passes.helpers.attention_sites import ATTENTION
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 

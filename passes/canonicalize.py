@@ -17,13 +17,13 @@ from torch._guards import detect_fake_mode
 from torch.fx import Node
 from torch.utils import _pytree as pytree
 
-from sparsec.errors import NoAttentionError
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.ir.errors import NoAttentionError
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 
-from .attention_match import (SDPA, SOFTMAX, AttentionMatch, MatchFailure, Operand, is_attention_like,
+from sparsec.passes.helpers.attention_match import (SDPA, SOFTMAX, AttentionMatch, MatchFailure, Operand, is_attention_like,
                               match_eager, match_sdpa)
-from .attention_sites import ATTENTION, module_path, register_sites
-from .graph_utils import is_call
+from sparsec.passes.helpers.attention_sites import ATTENTION, module_path, register_sites
+from sparsec.passes.helpers.graph_utils import is_call
 
 aten = torch.ops.aten
 

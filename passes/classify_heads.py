@@ -3,7 +3,7 @@
 For every head of every site, each pattern family fits its parameters to the head's
 calibration profiles (``ctx.attention_stats``, from ``calibrate``) and reports its recall,
 the fraction of attention mass its mask keeps (lowest over the calibration lengths). The
-head takes the fastest candidate — by the target's cost model (:class:`sparsec.cost_model.CostModel`:
+head takes the fastest candidate — by the target's cost model (:class:`sparsec.analysis.cost_model.CostModel`:
 exact pair counts at the dense or the sparse kernels' measured rate) at the longest
 calibration length — whose recall reaches ``ctx.recall`` (default 0.95); ties
 go to the simpler family, in registration order (:func:`~sparsec.patterns.pattern_kinds`). Otherwise it stays dense, and
@@ -31,12 +31,12 @@ from collections import Counter
 
 import torch
 
-from sparsec.cost_model import CostModel
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.analysis.cost_model import CostModel
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern, pattern_kinds
 from sparsec.patterns.base import MODEL_WINDOW, baseline_pattern
 from sparsec.patterns.fitting import worst_recall
-from sparsec.plan import AttentionSite, HeadPlan
+from sparsec.ir.plan import AttentionSite, HeadPlan
 
 
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch.fx.node import map_arg
 
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MASKED_ADDITIVE, MODEL_WINDOW, baseline_pattern, offsets
 
-from .lower import lower_site
+from sparsec.passes.lower import lower_site
 
 SHAPE_ONLY_TARGETS = (torch.ops.aten.sym_size.int,)
 # Probe lengths: these small ones always, and a few past every integer constant.

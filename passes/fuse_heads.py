@@ -20,7 +20,7 @@ Per-head patterns are only fast when heads with the same pattern run in one laun
    movement: the group table lists each group's original heads; the kernels index heads
    through it) or ``"gather"`` (one ``index_select`` on q/k/v and one on the output).
 
-The site records ``site.fusion`` (:class:`~sparsec.plan.FuseRecord`): the strategy
+The site records ``site.fusion`` (:class:`~sparsec.ir.plan.FuseRecord`): the strategy
 ("weights", "gather", "head_index" or "none"), the head order (head ``i`` of the site is
 original head ``head_permutation[i]``; read it with :meth:`AttentionSite.head_permutation`)
 and why.
@@ -33,14 +33,14 @@ from dataclasses import replace
 
 import torch
 
-from sparsec.cost_model import CostModel
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.analysis.cost_model import CostModel
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns import instance_key
-from sparsec.plan import AttentionSite, FuseRecord, HeadGroup
+from sparsec.ir.plan import AttentionSite, FuseRecord, HeadGroup
 
-from .attention_sites import ATTENTION
-from .head_grouping import merge_groups
-from .head_permutation import (NotPermutable, find_head_moves, mask_is_per_head, parameter_indices,
+from sparsec.passes.helpers.attention_sites import ATTENTION
+from sparsec.passes.helpers.head_grouping import merge_groups
+from sparsec.passes.helpers.head_permutation import (NotPermutable, find_head_moves, mask_is_per_head, parameter_indices,
                                permute_parameters)
 
 aten = torch.ops.aten

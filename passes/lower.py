@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.plan import encode_groups
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
+from sparsec.ir.plan import encode_groups
 
-from .attention_sites import ATTENTION, SPARSE_ATTENTION
+from sparsec.passes.helpers.attention_sites import ATTENTION, SPARSE_ATTENTION
 
 
 def lower_site(gm: torch.fx.GraphModule, node: torch.fx.Node, site) -> torch.fx.Node:

@@ -13,7 +13,7 @@ the one dense launch it replaced. Per site, greedily and while the site's predic
   group, which is one launch for all of them).
 
 A site still predicted no faster than all-dense becomes all-dense. Each changed head's
-``reason`` says what happened; ``site.merge`` (:class:`~sparsec.plan.MergeRecord`) records the site's predicted time
+``reason`` says what happened; ``site.merge`` (:class:`~sparsec.ir.plan.MergeRecord`) records the site's predicted time
 before and after. The length is ``compile(seq_len=...)`` (the serving length) or the
 longest calibration length.
 """
@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.cost_model import CostModel
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.analysis.cost_model import CostModel
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern
 from sparsec.patterns.base import baseline_pattern
 from sparsec.patterns.fitting import worst_recall
-from sparsec.plan import AttentionSite, MergeRecord
+from sparsec.ir.plan import AttentionSite, MergeRecord
 
-from .attention_sites import ATTENTION
-from .head_grouping import covering
+from sparsec.passes.helpers.attention_sites import ATTENTION
+from sparsec.passes.helpers.head_grouping import covering
 
 
 class MergeHeadGroups:

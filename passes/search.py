@@ -11,7 +11,7 @@ layer by layer, so that the whole model stays within the user's :class:`~sparsec
 2. **Sensitivity.** The end-to-end metric when only that layer (``per_head``: only that
    head) takes a level, on the calibration batches that are not held out. The dense run's
    activations are cached and only the graph suffix from the layer on is re-run.
-3. **Allocation.** A multiple-choice knapsack (:mod:`sparsec.knapsack`, exact): one level
+3. **Allocation.** A multiple-choice knapsack (:mod:`sparsec.analysis.knapsack`, exact): one level
    per layer (per head) minimising predicted time with summed sensitivity within
    ``max_error``; or the dual, least summed sensitivity under a time (``target_speedup``)
    or density (``max_density``) cap. ``max_patterns_per_layer`` bounds the distinct
@@ -57,17 +57,17 @@ import warnings
 
 import torch
 
-from sparsec.budget import Budget
-from sparsec.cost_model import CostModel
-from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.plan import LinearSearchRecord, SearchRecord, SiteSearchRecord
+from sparsec.ir.budget import Budget
+from sparsec.analysis.cost_model import CostModel
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
+from sparsec.ir.plan import LinearSearchRecord, SearchRecord, SiteSearchRecord
 
-from .attention_sites import ATTENTION
-from .search_allocation import Allocation, Choice, SearchedSite, allocate
-from .search_ladder import LadderBuilder, dense_rung, fit_ladder, limit_patterns
-from .search_linears import LinearItem, analyze_linears, linear_items, searchable
-from .search_measure import measure_sensitivity, verify_and_back_off
-from .suffix_runs import SuffixRunner
+from sparsec.passes.helpers.attention_sites import ATTENTION
+from sparsec.passes.helpers.search_allocation import Allocation, Choice, SearchedSite, allocate
+from sparsec.passes.helpers.search_ladder import LadderBuilder, dense_rung, fit_ladder, limit_patterns
+from sparsec.passes.helpers.search_linears import LinearItem, analyze_linears, linear_items, searchable
+from sparsec.passes.helpers.search_measure import measure_sensitivity, verify_and_back_off
+from sparsec.passes.helpers.suffix_runs import SuffixRunner
 
 
 class Search:

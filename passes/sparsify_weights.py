@@ -19,16 +19,16 @@ other node (``nn.Linear`` and Hugging Face linears capture this way). For each o
 Configuration: ``ctx.weights`` (:class:`sparsec.WeightSparsity`: structure, sparsity, score,
 exclude and the tuning knobs; the pass does nothing without a sparsity or levels),
 ``ctx.weight_levels`` / ``ctx.weight_levels_by`` (each linear's level, given or chosen by
-the search) and ``ctx.weight_calibration_batches`` (see :class:`~sparsec.pass_manager.CompileContext`).
+the search) and ``ctx.weight_calibration_batches`` (see :class:`~sparsec.passes.infra.pass_manager.CompileContext`).
 
-Each linear's plan entry (``ctx.plan.linears``, :class:`~sparsec.plan.LinearPlan`) records structure, level, score,
+Each linear's plan entry (``ctx.plan.linears``, :class:`~sparsec.ir.plan.LinearPlan`) records structure, level, score,
 ``candidates`` [{level, error, cost[, model_error]}] for a budgeted search (``error``: the
 relative L2 change of this linear's output on calibration activations; ``cost``: FLOPs per
 token left), the local error at the chosen level, the measured contribution to the model's
 output error, storage bytes and how the target will run it (``lowering``); an entry the
 search decided also keeps its ``search`` record when the linears are analysed again here
 (when fusing heads changed the graph; weights it only permuted are followed, not analysed again).
-``ctx.plan.weights`` (:class:`~sparsec.plan.WeightsRecord`) sums up: global sparsity, predicted and measured output
+``ctx.plan.weights`` (:class:`~sparsec.ir.plan.WeightsRecord`) sums up: global sparsity, predicted and measured output
 error on the calibration batches, dense and compressed bytes.
 """
 from __future__ import annotations
@@ -42,13 +42,13 @@ import torch.fx
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.analysis.linear_sensitivity import (LinearAnalysis, find_linears, get_tensor, output_error,
                                                  weight_is_shared)
-from sparsec.pass_manager import CompileContext, PassResult
-from sparsec.plan import LinearPlan, WeightsRecord
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
+from sparsec.ir.plan import LinearPlan, WeightsRecord
 from sparsec.analysis.linear_costs import plan_lowering
 from sparsec.weights import COMPARISON_GROUP, Layout, compress, owl_levels, parse_structure, storage_bytes, uniform_levels
 from sparsec.weights.config import WeightSparsity
 
-from .attention_sites import module_path
+from sparsec.passes.helpers.attention_sites import module_path
 
 SPARSE_LINEAR = torch.ops.sparsec.sparse_linear.default
 
@@ -145,7 +145,7 @@ def allocate(entries: list[LinearPlan], opts: dict) -> None:
 
 
 def _permuted_parameters(ctx: CompileContext) -> dict[str, tuple[int, list[int]]]:
-    """The parameters fuse_heads permuted (its :class:`~sparsec.plan.FuseRecord`): name -> (axis, index)."""
+    """The parameters fuse_heads permuted (its :class:`~sparsec.ir.plan.FuseRecord`): name -> (axis, index)."""
     return {target: (moved["axis"], moved["index"]) for site in ctx.plan.attention if site.fusion
             for target, moved in site.fusion.permuted_parameters.items()}
 

@@ -4,14 +4,14 @@ The last decision of every compile (after classification or the search, before h
 fusion). The canonical graph runs on the verification inputs twice: dense, and with every
 sparse site computed by sparse attention (the reference every kernel is tested against; on
 CPU the block-sparse path the compiled model runs there, equal to it up to rounding). The error of the whole model's output is measured with the
-:class:`~sparsec.tolerance.Tolerance` (KL and top-1 agreement for language models, relative
+:class:`~sparsec.ir.tolerance.Tolerance` (KL and top-1 agreement for language models, relative
 L2 otherwise). While it is over tolerance, the heads with the largest *measured* local
 error (``||sparse - dense||²`` of the head's attention output at its site, relative to the
 site's mean head) are made dense, the worst half of the local error at a time, and the
 model is measured again. With enforcement off (``tolerance=None``, a speed or density
 budget) nothing is undone; an error above the tolerance is warned about.
 
-``plan.verification`` (:class:`~sparsec.plan.VerificationRecord`) records the metric, tolerance, measured error (and top-1
+``plan.verification`` (:class:`~sparsec.ir.plan.VerificationRecord`) records the metric, tolerance, measured error (and top-1
 agreement), the input lengths it holds for, and every head made dense here, with why. The
 plan holds for the lengths it was verified at; patterns are elastic in the length, so
 longer inputs run, but their error is only measured if verification inputs that long are
@@ -28,14 +28,14 @@ import warnings
 
 import torch
 
-from sparsec.pass_manager import CompileContext, PassResult
+from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import baseline_pattern
-from sparsec.plan import AttentionSite, VerificationRecord
-from sparsec.runtime import reference
-from sparsec.tolerance import Tolerance, logits_of, top1_agreement
+from sparsec.ir.plan import AttentionSite, VerificationRecord
+from sparsec.ir import reference
+from sparsec.ir.tolerance import Tolerance, logits_of, top1_agreement
 
-from .attention_sites import ATTENTION
-from .suffix_runs import SuffixRunner
+from sparsec.passes.helpers.attention_sites import ATTENTION
+from sparsec.passes.helpers.suffix_runs import SuffixRunner
 
 
 class Verify:

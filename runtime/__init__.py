@@ -4,7 +4,7 @@
 
 def __getattr__(name: str):
     if name == "ort_session":
-        from .ort import ort_session
+        from sparsec.runtime.ort import ort_session
 
         return ort_session
     raise AttributeError(f"module 'sparsec.runtime' has no attribute {name!r}")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsec.errors import (ArtifactCorruptError, ArtifactError, ArtifactMismatchError, ArtifactMissingError,
+from sparsec.ir.errors import (ArtifactCorruptError, ArtifactError, ArtifactMismatchError, ArtifactMissingError,
                             ArtifactUnsafeError, ArtifactVersionError)
 from sparsec.runtime.artifact_lock import DirectoryReader, lock_path, replace_directory, write_file
 
@@ -149,8 +149,8 @@ def _deserialize_program(document: dict, members: dict[str, bytes], path: Path) 
     from torch._export.serde.schema import ExportedProgram as SerializedProgram
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 
-    import sparsec.ops  # noqa: F401 — registers the sparsec operators the graph calls
-    import sparsec.linear_ops  # noqa: F401
+    import sparsec.ir.ops  # noqa: F401 — registers the sparsec operators the graph calls
+    import sparsec.ir.linear_ops  # noqa: F401
     from sparsec.runtime.program_check import sanitize_program_json
 
     record = document["sparsec"]
@@ -190,7 +190,7 @@ def write_artifact(directory: "str | Path", program: torch.export.ExportedProgra
                    extra_files: dict[str, str] | None = None, example_inputs: tuple | None = None) -> Path:
     """Write the program, plan and ``extra_files`` (relative path → text, e.g. kernels) plus a
     manifest, atomically replacing any previous artifact at ``directory``."""
-    from sparsec.version import __version__
+    from sparsec.ir.version import __version__
 
     plan_bytes = plan_json.encode()
     plan_sha256 = _sha256_bytes(plan_bytes)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sparsec.errors import ArtifactMissingError, ArtifactTargetError
+from sparsec.ir.errors import ArtifactMissingError, ArtifactTargetError
 
 
 def _fsync_directory(path: Path) -> None:

@@ -6,7 +6,7 @@ masked exactly at token level inside partial blocks, soft-maxed and multiplied w
 gathered values — the gathered-block form of block-sparse FlashAttention / BigBird.
 Static layouts are derived from the pattern's mask (``sparsec.patterns``) at the length
 being served and cached; ``vertical_slash`` estimates its layout per input. The result
-equals ``sparsec.runtime.reference.sparse_attention`` for one head group.
+equals ``sparsec.ir.reference.sparse_attention`` for one head group.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsec.patterns import get_pattern
-from sparsec.runtime import reference
+from sparsec.ir import reference
 
 # Elements of one chunk's score tensor: bounds peak memory and keeps chunks cache-sized.
 _CHUNK_ELEMENTS = 1 << 20
@@ -237,7 +237,7 @@ def sparse_attention(q, k, v, mask, scale: float, causal: bool, groups: list, bl
     """``sparsec::sparse_attention`` for CPU tensors: each sparse head group through
     :func:`group_attention`, which computes only the key blocks its pattern keeps; dense
     groups run SDPA exactly as the reference does. Equal to
-    :func:`sparsec.runtime.reference.sparse_attention` (the oracle) up to float rounding.
+    :func:`sparsec.ir.reference.sparse_attention` (the oracle) up to float rounding.
 
     A sparse group is cut into pieces (one sequence, some key/value heads with their query
     heads; K/V are not repeated) run on ``workers`` single-threaded workers (default:

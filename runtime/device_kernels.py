@@ -1,5 +1,5 @@
-"""Registers sparsec's device kernels behind its ops (:mod:`sparsec.ops`,
-:mod:`sparsec.linear_ops`), whose own bodies are the pure-torch reference.
+"""Registers sparsec's device kernels behind its ops (:mod:`sparsec.ir.ops`,
+:mod:`sparsec.ir.linear_ops`), whose own bodies are the pure-torch reference.
 
 - CPU tensors: block-sparse attention (:mod:`sparsec.runtime.block_sparse`): only the kept
   key blocks are computed, where the reference computes every score and then masks.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.ops import check_attention_inputs, check_causal_alignment
-from sparsec.plan import decode_groups
+from sparsec.ir.ops import check_attention_inputs, check_causal_alignment
+from sparsec.ir.plan import decode_groups
 from sparsec.runtime import block_sparse
 
 

@@ -42,7 +42,7 @@ import torch
 
 from sparsec.patterns import Elastic, get_pattern
 from sparsec.patterns.base import backend_piece, register_piece
-from sparsec.plan import HeadGroup
+from sparsec.ir.plan import HeadGroup
 
 BLOCK_M = 128                  # query rows per sparse block (a multiple of every FA4 sm90 tile_m we use)
 FA4_DTYPES = (torch.float16, torch.bfloat16)
@@ -407,7 +407,7 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
 
 def serves(q, k, v, mask, group: HeadGroup) -> bool:
     """Whether the FA4 backend takes ``group`` for these inputs."""
-    from sparsec.cost_model import attention_backend
+    from sparsec.analysis.cost_model import attention_backend
     return (mask is None and family_terms(group.pattern) is not None and q.dtype in FA4_DTYPES
             and q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]
             and attention_backend(_arch(q.device), group.pattern, q.shape[-1]) == "fa4")

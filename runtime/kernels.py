@@ -5,7 +5,7 @@
   different, under a file lock) to ``cache_dir()/attention-v<generator>/<arch>/`` and
   imported once per process.
 - Configs: the arch's candidates (:mod:`sparsec.codegen.triton.configs`), or the running
-  target's (:func:`sparsec.targets.running_for`), are timed at first use per shape bucket,
+  target's (:func:`sparsec.ir.targets.running_for`), are timed at first use per shape bucket,
   a bounded autotune; the choice is kept in ``autotune.json`` beside the kernels, keyed
   also by the candidates' kernel hashes, so later processes reuse it until a kernel changes.
 - Launch: one launch per head group. The group's query heads are gathered in-kernel
@@ -35,14 +35,15 @@ import triton
 import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sparsec import config
+from sparsec.ir import config
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
                                               padded_head_dim, write_atomic, write_if_different)
 from sparsec.patterns import get_pattern
-from sparsec.plan import HeadGroup, decode_groups, encode_groups
-from sparsec.runtime import fa4, reference, sparse_tables
-from sparsec.targets import running_target
+from sparsec.ir.plan import HeadGroup, decode_groups, encode_groups
+from sparsec.runtime import fa4, sparse_tables
+from sparsec.ir import reference
+from sparsec.ir.targets import running_target
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _LOG2E = 1.4426950408889634
@@ -284,7 +285,7 @@ tuning_log: list[dict] = []        # every autotune of this process: bucket, cho
 
 def _choose_config(group: _Group, autotune: bool) -> KernelConfig:
     """The group's config: the default of the arch (or of the running target, see
-    :func:`sparsec.targets.running_for`), or the fastest candidate for its shape bucket."""
+    :func:`sparsec.ir.targets.running_for`), or the fastest candidate for its shape bucket."""
     q = group.q
     candidates = candidate_configs(group.arch, _DTYPE_NAMES[q.dtype], padded_head_dim(q.shape[-1]),
                                    running_target())
@@ -437,7 +438,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      out: torch.Tensor | None = None, autotune: bool = True) -> torch.Tensor:
     """``sparse_attention`` through the generated kernels, one launch per head group.
 
-    Same contract as :func:`sparsec.runtime.reference.sparse_attention` (``groups`` a list
+    Same contract as :func:`sparsec.ir.reference.sparse_attention` (``groups`` a list
     of :class:`HeadGroup` or the op's JSON group table); ``out``, when given, must be
     contiguous and is written in place (every element of the groups' heads). Groups no
     kernel serves fall back to the reference, with a warning once per reason. Each input

@@ -24,9 +24,9 @@ import onnxruntime as ort
 import torch
 from torch.utils import _pytree as pytree
 
-from sparsec import config
+from sparsec.ir import config
 from sparsec.codegen.onnx.schema import DOMAIN, OP_VERSION, SPARSE_ATTENTION
-from sparsec.errors import ArtifactVersionError, UnservableInputError
+from sparsec.ir.errors import ArtifactVersionError, UnservableInputError
 from sparsec.patterns import get_pattern
 from sparsec.runtime.block_sparse import group_attention
 
@@ -103,7 +103,7 @@ def bind_python_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose sparsec nodes call the registered Python op."""
     version = sparsec_op_version(model)
     if version not in KNOWN_OP_VERSIONS:
-        from sparsec.version import __version__
+        from sparsec.ir.version import __version__
 
         raise ArtifactVersionError(
             f"the model uses {DOMAIN} operator set version {version}; sparsec {__version__} runs "

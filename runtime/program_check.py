@@ -19,14 +19,14 @@ target such as ``torch.serialization.os.system`` would become a graph call.
 and it drops what is not needed to run and would otherwise be code or free text:
 ``guards_code`` (``module()`` regenerates the input guards from the graph's own shapes and
 ranges) and node metadata (stack traces, module stacks). Anything else raises
-:class:`~sparsec.errors.ArtifactUnsafeError`.
+:class:`~sparsec.ir.errors.ArtifactUnsafeError`.
 """
 from __future__ import annotations
 
 import json
 import re
 
-from sparsec.errors import ArtifactUnsafeError
+from sparsec.ir.errors import ArtifactUnsafeError
 
 _ALLOWED_NAMESPACES = ("aten", "prims", "sparsec")
 _OPERATOR_TARGET = re.compile(r"^torch\.ops\.(%s)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$" % "|".join(_ALLOWED_NAMESPACES))

@@ -22,7 +22,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from sparsec import config
+from sparsec.ir import config
 from sparsec.analysis.linear_costs import MIN_SPEEDUP, predicted_speedup, sparse_kernel
 from sparsec.weights.storage import Layout, block_csr, decode_layout, decompress
 

@@ -1,6 +1,6 @@
 """``python -m sparsec``: the ``sparsec`` command line."""
 import sys
 
-from sparsec.cli import main
+from sparsec.tools.cli import main
 
 sys.exit(main())

@@ -10,13 +10,13 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from . import config
-from .dump import DumpWriter
-from .errors import InvalidArgumentError, UnservableInputError, UnsupportedDtypeError
-from .inputs import as_call, calibration_calls, leaf_signature, relative_l2
-from .pass_manager import CompileContext, PassManager
-from .plan import CostRecord, Plan
-from .targets import Target, get_target, running_for
+from sparsec.ir import config
+from sparsec.passes.infra.dump import DumpWriter
+from sparsec.ir.errors import InvalidArgumentError, UnservableInputError, UnsupportedDtypeError
+from sparsec.ir.inputs import as_call, calibration_calls, leaf_signature, relative_l2
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
+from sparsec.ir.plan import CostRecord, Plan
+from sparsec.ir.targets import Target, get_target, running_for
 
 
 def default_passes(verify=None) -> list:
@@ -68,7 +68,7 @@ def plan_passes(plan: Plan, verify=None) -> list:
 def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any) -> list:
     """The passes for a given plan, a budget, or classification by recall; all verified."""
     from sparsec.passes.verify import Verify
-    from sparsec.tolerance import resolve_tolerance
+    from sparsec.ir.tolerance import resolve_tolerance
 
     limit, enforce = resolve_tolerance(tolerance, dense_output, budget)
     verify = Verify(limit, enforce=enforce and plan is None)
@@ -80,7 +80,7 @@ def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any)
 def _cost_record(plan: Plan, target: Target, seq_len: int | None) -> CostRecord | None:
     """The cost model's predicted attention speedup of the final plan, at the serving length
     (``seq_len``, ``Budget.seq_len``) or the longest verified length."""
-    from sparsec.cost_model import CostModel
+    from sparsec.analysis.cost_model import CostModel
 
     lengths = (plan.verification.lengths if plan.verification else None) or [0]
     n = seq_len or max(lengths)
@@ -251,7 +251,7 @@ class CompiledModel:
 
     def report(self, path: "str | Path") -> Path:
         """Write a self-contained HTML report of the plan, with per-head heatmaps."""
-        from sparsec.report import write_report
+        from sparsec.tools.report import write_report
 
         return write_report(self.plan, self.attention_stats, path)
 
@@ -272,7 +272,7 @@ class CompiledModel:
         For GPU targets ``kernels/`` holds the generated Triton source of every sparse head
         group (generated without a GPU), each listed in the manifest.
         """
-        from sparsec.passes.capture import export_program
+        from sparsec.passes.helpers.capture import export_program
         from sparsec.runtime.artifact import write_artifact
 
         program = export_program(self.graph_module, self.example_args, self.example_kwargs,
@@ -329,7 +329,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
         tolerance: how far the compiled model may drift from the dense one on the
             verification inputs before compile makes the worst heads dense again
-            (:mod:`sparsec.tolerance`): ``"auto"`` (KL <= 0.02 and top-1 agreement >= 0.98
+            (:mod:`sparsec.ir.tolerance`): ``"auto"`` (KL <= 0.02 and top-1 agreement >= 0.98
             for language models, relative L2 <= 0.05 otherwise; an error budget's own limit),
             a number (the default metric's limit), a :class:`sparsec.Tolerance`, or ``None``
             (measure and warn, never densify). A given ``plan`` is measured, not changed.
@@ -346,8 +346,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             with those of ``SPARSEC_DISABLE_PASSES``; an unknown name raises ``ValueError``.
             ``plan.extra["disabled_passes"]`` lists the skipped ones.
     """
-    from sparsec.inputs import check_finite, check_recall
-    from sparsec.passes.capture import capture, capture_mode
+    from sparsec.ir.inputs import check_finite, check_recall
+    from sparsec.passes.helpers.capture import capture, capture_mode
 
     recall = check_recall(recall)
     target = get_target(target)
@@ -393,7 +393,7 @@ def load(directory: "str | Path") -> CompiledModel:
 
     Nothing in the directory is executed or unpickled (see the README, "Trust model of
     sparsec.load"); a damaged, mixed or unsafe artifact raises a typed
-    :class:`~sparsec.errors.ArtifactError`.
+    :class:`~sparsec.ir.errors.ArtifactError`.
     """
     from sparsec.runtime.artifact import read_artifact
 

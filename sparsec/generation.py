@@ -35,9 +35,9 @@ from typing import Callable
 
 import torch
 
-from sparsec.errors import InvalidArgumentError, UnservableInputError
+from sparsec.ir.errors import InvalidArgumentError, UnservableInputError
 from sparsec.patterns.base import MASKED_ADDITIVE, baseline_pattern, get_pattern
-from sparsec.plan import AttentionSite, HeadGroup, Plan, encode_groups, group_heads
+from sparsec.ir.plan import AttentionSite, HeadGroup, Plan, encode_groups, group_heads
 
 DECODE_MODES = ("dense", "sparse")
 # The implementations whose masks the sparse path reads (4-D boolean / additive, or None).
@@ -271,7 +271,7 @@ def attach(model: torch.nn.Module, plan_or_compiled, *, decode: str = "dense",
     Args:
         model: the model the plan was compiled from (its modules are found by the paths the
             plan recorded).
-        plan_or_compiled: a :class:`~sparsec.plan.Plan` or a :class:`~sparsec.CompiledModel`.
+        plan_or_compiled: a :class:`~sparsec.ir.plan.Plan` or a :class:`~sparsec.CompiledModel`.
         decode: ``"dense"`` (decode runs the previous implementation) or ``"sparse"``
             (heads whose pattern reads a bounded number of keys, e.g. fixed ``window`` /
             ``sink_window``, keep it at decode; others dense).

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.errors import ArtifactCorruptError, ArtifactError
+from sparsec.ir.errors import ArtifactCorruptError, ArtifactError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_compile import TinyAttention, compile_tiny  # noqa: E402
@@ -99,7 +99,7 @@ def pickle_everything(marker: Path):
 
 def torch_pt2_with_payload(tiny, path: Path, marker: Path) -> None:
     """program.pt2 replaced by torch.export.save's layout whose pickles carry the payload."""
-    from sparsec.passes.capture import export_program
+    from sparsec.passes.helpers.capture import export_program
 
     program = export_program(tiny.graph_module, tiny.example_args, tiny.example_kwargs)
     torch.export.save(program, path / "program.pt2")
@@ -149,7 +149,7 @@ def test_crafted_artifact_runs_no_payload(tiny, tmp_path, craft):
 
 
 def test_program_check_refuses_code_in_names_and_targets():
-    from sparsec.errors import ArtifactUnsafeError
+    from sparsec.ir.errors import ArtifactUnsafeError
     from sparsec.runtime.program_check import check_expression, sanitize_program_json
 
     check_expression("Mul(Integer(32), Symbol('s27', positive=True, integer=True))")
@@ -181,7 +181,7 @@ def test_edited_plan_with_recomputed_hash_is_detected(tiny, tmp_path, capsys):
     rehash(path)
     with pytest.raises(ArtifactCorruptError, match="not the plan the program was built from"):
         sparsec.load(path)
-    from sparsec.cli import main
+    from sparsec.tools.cli import main
 
     assert main(["plan", str(path)]) == 2                     # one line, no traceback
     assert "not the plan the program was built from" in capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_failed_save_leaves_the_previous_artifact_intact(tiny, tmp_path, monkeyp
 
 CONCURRENT = textwrap.dedent("""
     import sys, time, json, os, torch, sparsec
-    from sparsec.errors import ArtifactError
+    from sparsec.ir.errors import ArtifactError
     role, target, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 
     def start_together(duration=3.0):
@@ -257,7 +257,7 @@ CONCURRENT = textwrap.dedent("""
 
     if role == "writer":
         # What CompiledModel.save writes, exported once here so that the ~3 s go to writing.
-        from sparsec.passes.capture import export_program
+        from sparsec.passes.helpers.capture import export_program
         from sparsec.runtime.artifact import write_artifact
         sources = []
         for source in sys.argv[4:]:

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from sparsec.bench_e2e import PLANT_KINDS, dense_stability, format_table, mixed_plant
+from sparsec.tools.bench_e2e import PLANT_KINDS, dense_stability, format_table, mixed_plant
 from sparsec.testing.planted import planted_llama, planted_llama_inputs
-from sparsec.cli import main
+from sparsec.tools.cli import main
 
 
 def test_mixed_plant_keeps_one_dense_head_per_kv_group_and_mixes_kinds():

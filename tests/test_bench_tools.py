@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from sparsec.bench_cost_model import fit, packaged_measurements as attention_measurements
-from sparsec.bench_linear import packaged_measurements as linear_measurements, speedup_table
-from sparsec.cli import main
-from sparsec.cost_model import cost_profile
+from sparsec.tools.bench_cost_model import fit, packaged_measurements as attention_measurements
+from sparsec.tools.bench_linear import packaged_measurements as linear_measurements, speedup_table
+from sparsec.tools.cli import main
+from sparsec.analysis.cost_model import cost_profile
 from sparsec.analysis.linear_costs import MEASURED_SPEEDUP
 
 
@@ -44,8 +44,8 @@ def test_refit_and_report_print_without_a_gpu(capsys, tmp_path):
 
 
 def test_packaged_measurements_are_found_from_another_directory(tmp_path):
-    code = ("from sparsec.bench_cost_model import packaged_measurements as a; "
-            "from sparsec.bench_linear import packaged_measurements as b; "
+    code = ("from sparsec.tools.bench_cost_model import packaged_measurements as a; "
+            "from sparsec.tools.bench_linear import packaged_measurements as b; "
             "print(a('h200')['device'], len(b('h100')['rows']), a('no_such_target'))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert done.stdout.split()[-3:] == ["H200", "105", "None"]

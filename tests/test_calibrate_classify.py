@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 
-from sparsec.pass_manager import CompileContext, PassManager
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
 from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
-from sparsec.passes.capture import capture
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes.classify_heads import ClassifyHeads
 from sparsec.patterns import get_pattern, instance_key
 from sparsec.patterns.fitting import offset_bucket
-from sparsec.plan import Plan
-from sparsec.targets import get_target
+from sparsec.ir.plan import Plan
+from sparsec.ir.targets import get_target
 from sparsec.testing import PlantedAttention, planted_attention_probs, planted_llama, planted_llama_inputs
 from sparsec.testing.planted import DEFAULT_PLANT
 

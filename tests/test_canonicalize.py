@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import TINY_MODELS
-from sparsec.errors import NoAttentionError
-from sparsec.pass_manager import CompileContext, PassManager, PassResult
-from sparsec.passes.attention_match import SOFTMAX
-from sparsec.passes.attention_sites import attention_nodes
+from sparsec.ir.errors import NoAttentionError
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager, PassResult
+from sparsec.passes.helpers.attention_match import SOFTMAX
+from sparsec.passes.helpers.attention_sites import attention_nodes
 from sparsec.passes.canonicalize import Canonicalize
-from sparsec.passes.capture import capture
-from sparsec.plan import Plan
-from sparsec.targets import get_target
+from sparsec.passes.helpers.capture import capture
+from sparsec.ir.plan import Plan
+from sparsec.ir.targets import get_target
 
 
 class _KeepResult:

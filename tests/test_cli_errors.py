@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.cli import main
-from sparsec.errors import ArtifactMissingError
+from sparsec.tools.cli import main
+from sparsec.ir.errors import ArtifactMissingError
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def test_bisect_reads_an_artifacts_plan_through_its_checks(capsys, artifact, tmp
 
 
 def test_run_onnx_bad_dim_option_names_the_form(monkeypatch):
-    from sparsec.codegen.onnx.cli import _parse_dims
+    from sparsec.tools.onnx_cli import _parse_dims
 
     assert _parse_dims(["s27=512"]) == {"s27": 512}
     with pytest.raises(ValueError, match="NAME=VALUE"):

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.errors import (ArtifactCorruptError, ArtifactMissingError, ArtifactVersionError,
+from sparsec.ir.errors import (ArtifactCorruptError, ArtifactMissingError, ArtifactVersionError,
                             CalibrationMismatchError, CaptureError, NoAttentionError,
                             UnservableInputError, UnsupportedDtypeError)
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.lower import Lower
-from sparsec.plan import HeadGroup
-from sparsec.runtime import reference
+from sparsec.ir.plan import HeadGroup
+from sparsec.ir import reference
 
 
 class TinyAttention(torch.nn.Module):

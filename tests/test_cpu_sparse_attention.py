@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsec import ops  # noqa: F401  (registers torch.ops.sparsec)
-from sparsec.plan import HeadGroup, encode_groups
-from sparsec.runtime import block_sparse, reference
+from sparsec.ir import ops  # noqa: F401  (registers torch.ops.sparsec)
+from sparsec.ir.plan import HeadGroup, encode_groups
+from sparsec.runtime import block_sparse
+from sparsec.ir import reference
 
 GROUPS = [
     # whole GQA groups (K/V gathered once per kv head) and split ones (K/V per query head)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sparsec.patterns import get_pattern
-from sparsec.plan import HeadGroup
-from sparsec.runtime import fa4, reference
+from sparsec.ir.plan import HeadGroup
+from sparsec.runtime import fa4
+from sparsec.ir import reference
 
 CASES = {
     "dense": {},
@@ -150,7 +151,7 @@ def test_every_static_family_has_fa4_terms():
 
 
 def test_backend_rule():
-    from sparsec.cost_model import attention_backend
+    from sparsec.analysis.cost_model import attention_backend
     assert attention_backend("sm90", "window", 128) == "fa4"
     assert attention_backend("sm90", "vertical_slash", 128) == "triton"
     assert attention_backend("sm90", "block_topk", 128) == "triton"
@@ -190,7 +191,7 @@ def _check(groups, heads, kv_heads, n, head_dim, dtype, causal):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_fa4_family_matches_reference(case, head_dim, dtype, causal):
-    from sparsec.cost_model import attention_backend
+    from sparsec.analysis.cost_model import attention_backend
     groups = [HeadGroup(_kind(case), CASES[case], [0, 1, 2, 3, 4, 5, 6, 7])]
     launches, rest = _check(groups, 8, 2, 1000, head_dim, dtype, causal)
     served = attention_backend("sm90", groups[0].pattern, head_dim) == "fa4"

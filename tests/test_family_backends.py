@@ -24,8 +24,9 @@ from torch.nn.attention.flex_attention import create_mask
 
 from sparsec.codegen.onnx import decompose
 from sparsec.patterns import Pattern, get_pattern, pattern_kinds, register, unregister
-from sparsec.plan import HeadGroup
-from sparsec.runtime import block_sparse, reference, sparse_tables
+from sparsec.ir.plan import HeadGroup
+from sparsec.runtime import block_sparse, sparse_tables
+from sparsec.ir import reference
 
 
 class DilatedWindow(Pattern):

@@ -8,18 +8,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparsec
-from sparsec.pass_manager import CompileContext, PassManager
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
 from sparsec.passes.apply_plan import ApplyPlan
-from sparsec.passes.attention_sites import ATTENTION, SPARSE_ATTENTION, attention_nodes
+from sparsec.passes.helpers.attention_sites import ATTENTION, SPARSE_ATTENTION, attention_nodes
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
-from sparsec.passes.capture import capture
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes.fuse_heads import FuseHeads, arrange_heads, count_runs
-from sparsec.passes.head_grouping import covering
+from sparsec.passes.helpers.head_grouping import covering
 from sparsec.patterns import canonical_params, instance_key
 from sparsec.passes.lower import Lower
-from sparsec.plan import HeadPlan, Plan, decode_groups, group_heads
-from sparsec.targets import Target, get_target, register_target
+from sparsec.ir.plan import HeadPlan, Plan, decode_groups, group_heads
+from sparsec.ir.targets import Target, get_target, register_target
 
 from models import TINY_MODELS, llama_inputs
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sparsec.patterns import get_pattern
-from sparsec.plan import HeadGroup
-from sparsec.runtime.reference import sparse_attention
+from sparsec.ir.plan import HeadGroup
+from sparsec.ir.reference import sparse_attention
 from sparsec.testing.oracle import float64_attention
 
 STATIC = ("window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk")

@@ -246,7 +246,7 @@ def test_attach_refuses_a_plan_of_another_model():
     plan = copy.deepcopy(compiled.plan)
     plan.attention[0].name = "model.layers.7.self_attn"
     model, _ = _compiled("qwen2")
-    with pytest.raises(sparsec.errors.InvalidArgumentError, match="names no module"):
+    with pytest.raises(sparsec.ir.errors.InvalidArgumentError, match="names no module"):
         sparsec.attach(model, plan)
     assert model.config._attn_implementation == "sdpa"
 
@@ -269,7 +269,7 @@ def test_smollm2_baseline_plan_generates_the_models_tokens():
 
 @pytest.mark.real
 def test_bench_e2e_generate_variant_times_dense_and_sparsec(tmp_path):
-    from sparsec.cli import main
+    from sparsec.tools.cli import main
     from sparsec.testing.real_models import RealModelUnavailable, load_smollm2
 
     try:

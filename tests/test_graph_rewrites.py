@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsec.pass_manager import CompileContext, PassManager
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
 from sparsec.passes.canonicalize import Canonicalize
-from sparsec.passes.capture import capture
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes.fuse_heads import FuseHeads
 from sparsec.passes.lower import Lower
-from sparsec.plan import Plan
-from sparsec.targets import get_target
+from sparsec.ir.plan import Plan
+from sparsec.ir.targets import get_target
 from sparsec.testing.plant_patterns import PlantPatterns
 
 SYM_SIZE = torch.ops.aten.sym_size.int

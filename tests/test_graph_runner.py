@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsec.analysis.graph_runner import GraphRunner, flatten_inputs, replace_argument
-from sparsec.passes.capture import capture
+from sparsec.passes.helpers.capture import capture
 
 LINEAR = torch.ops.aten.linear.default
 

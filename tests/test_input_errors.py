@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsec
-from sparsec.errors import InvalidArgumentError, SparsecError
+from sparsec.ir.errors import InvalidArgumentError, SparsecError
 
 
 class SdpaBlock(torch.nn.Module):

@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 
 import sparsec
-from sparsec.errors import (CalibrationMismatchError, InvalidArgumentError, SparsecError,
+from sparsec.ir.errors import (CalibrationMismatchError, InvalidArgumentError, SparsecError,
                             UnservableInputError, UnsupportedDtypeError)
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.fuse_heads import FuseHeads
 from sparsec.passes.lower import Lower
 from sparsec.patterns import get_pattern
 from sparsec.patterns.base import N
-from sparsec.plan import HeadGroup
-from sparsec.runtime.reference import dense_attention, sparse_attention
+from sparsec.ir.plan import HeadGroup
+from sparsec.ir.reference import dense_attention, sparse_attention
 from sparsec.testing.plant_patterns import PlantPatterns
 
 WINDOW = ("window", {"window": [5, 0]})
@@ -238,7 +238,7 @@ class CrossAttention(torch.nn.Module):
     def __init__(self, dim=16):
         super().__init__()
         self.q, self.kv = torch.nn.Linear(dim, 2 * 8), torch.nn.Linear(dim, 2 * 2 * 8)
-        from sparsec.plan import encode_groups
+        from sparsec.ir.plan import encode_groups
 
         self.groups = encode_groups([HeadGroup("vertical_slash", {"vertical": [1, 0], "slash": [2, 0],
                                                                   "last_q": 64}, [0, 1])])
@@ -253,8 +253,8 @@ class CrossAttention(torch.nn.Module):
 def test_decomposed_onnx_vertical_slash_serves_more_queries_than_keys(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     from sparsec.codegen.onnx import export_onnx
-    from sparsec.passes.capture import capture
-    from sparsec.plan import Plan
+    from sparsec.passes.helpers.capture import capture
+    from sparsec.ir.plan import Plan
 
     torch.manual_seed(0)
     model = CrossAttention().eval()
@@ -277,7 +277,7 @@ class MaskedHeads(torch.nn.Module):
     def __init__(self, dim=16):
         super().__init__()
         self.qkv = torch.nn.Linear(dim, 3 * 2 * 8)
-        from sparsec.plan import encode_groups
+        from sparsec.ir.plan import encode_groups
 
         self.groups = encode_groups([
             HeadGroup("multi_diagonal", {"period": [3, 0], "width": [3, 0], "count": 2}, [0]),
@@ -293,8 +293,8 @@ class MaskedHeads(torch.nn.Module):
 def test_decomposed_onnx_matches_the_reference_for_masked_vertical_slash_and_wide_diagonals(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     from sparsec.codegen.onnx import export_onnx
-    from sparsec.passes.capture import capture
-    from sparsec.plan import Plan
+    from sparsec.passes.helpers.capture import capture
+    from sparsec.ir.plan import Plan
 
     torch.manual_seed(0)
     model = MaskedHeads().eval()

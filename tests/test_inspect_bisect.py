@@ -8,14 +8,14 @@ import torch
 
 import sparsec
 from sparsec.compiler import default_passes
-from sparsec.bisect import bisect, ddmin, make_dense
-from sparsec.cli import main
-from sparsec.inputs import relative_l2
+from sparsec.tools.bisect_plan import bisect, ddmin, make_dense
+from sparsec.tools.cli import main
+from sparsec.ir.inputs import relative_l2
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.lower import Lower
-from sparsec.plan import AttentionSite, HeadPlan, Plan
-from sparsec.targets import Target, register_target
+from sparsec.ir.plan import AttentionSite, HeadPlan, Plan
+from sparsec.ir.targets import Target, register_target
 from sparsec.testing import planted_llama, planted_llama_inputs
 
 WINDOW = ("window", {"window": [3, 0]})

@@ -13,16 +13,16 @@ import torch.nn.functional as F
 
 import sparsec
 from sparsec.analysis.linear_sensitivity import LINEAR, LinearAnalysis
-from sparsec.budget import Budget
-from sparsec.inputs import relative_l2
+from sparsec.ir.budget import Budget
+from sparsec.ir.inputs import relative_l2
 from sparsec.compiler import CompiledModel
-from sparsec.cost_model import CostModel
-from sparsec.pass_manager import CompileContext, PassManager
-from sparsec.passes.capture import capture
+from sparsec.analysis.cost_model import CostModel
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes.search import Search
 from sparsec.passes.sparsify_weights import SPARSE_LINEAR, SparsifyWeights
-from sparsec.plan import Plan
-from sparsec.targets import get_target
+from sparsec.ir.plan import Plan
+from sparsec.ir.targets import get_target
 from sparsec.testing.planted import planted_llama, planted_llama_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:sparsec. compiled for h100 but running on CPU")

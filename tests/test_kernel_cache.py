@@ -17,7 +17,7 @@ import torch
 from sparsec.codegen.triton.configs import KernelConfig
 from sparsec.codegen.triton import generator
 from sparsec.codegen.triton.generator import KernelSpec
-from sparsec.plan import HeadGroup
+from sparsec.ir.plan import HeadGroup
 from sparsec.runtime import kernels
 
 sys.path.insert(0, str(Path(__file__).parent))

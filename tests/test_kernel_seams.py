@@ -10,9 +10,10 @@ import torch
 
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.patterns import get_pattern
-from sparsec.plan import HeadGroup
-from sparsec.runtime import kernels, reference
-from sparsec.targets import Target, running_for, running_target
+from sparsec.ir.plan import HeadGroup
+from sparsec.runtime import kernels
+from sparsec.ir import reference
+from sparsec.ir.targets import Target, running_for, running_target
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_compile import TinyAttention, compile_tiny  # noqa: E402

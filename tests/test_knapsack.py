@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sparsec.knapsack import Option, lagrangian_bound, limited_options, solve
+from sparsec.analysis.knapsack import Option, lagrangian_bound, limited_options, solve
 
 
 def random_groups(rng, groups, options, labels=3):

@@ -1,10 +1,10 @@
 """merge_head_groups: near-equal head groups share one launch where the cost model says so."""
 import pytest
 
-from sparsec.cost_model import CostModel
+from sparsec.analysis.cost_model import CostModel
 from sparsec.passes.merge_head_groups import _merge_site
 from sparsec.patterns import get_pattern
-from sparsec.plan import AttentionSite, HeadPlan
+from sparsec.ir.plan import AttentionSite, HeadPlan
 
 
 def _site(patterns):

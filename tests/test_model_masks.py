@@ -9,7 +9,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import sparsec
-from sparsec.passes.attention_sites import ATTENTION, SPARSE_ATTENTION
+from sparsec.passes.helpers.attention_sites import ATTENTION, SPARSE_ATTENTION
 from sparsec.passes.fold_causal_mask import probe_lengths
 from sparsec.patterns.base import baseline_pattern
 
@@ -203,7 +203,7 @@ def test_gpu_path_estimate_matches_the_reference_with_a_mask():
     """runtime.kernels' estimate (last queries and their mask rows gathered per group) is
     the reference estimate on the full tensors."""
     from sparsec.patterns import get_pattern
-    from sparsec.plan import HeadGroup
+    from sparsec.ir.plan import HeadGroup
     from sparsec.runtime.kernels import estimate_dynamic
     q, k, mask = _padded_slash_inputs(seed=2)
     q4 = torch.cat([q, q.flip(1)], 1)                      # 4 query heads on 2 KV heads

@@ -15,17 +15,18 @@ import torch
 from torch import nn
 
 import sparsec
-from sparsec import cli
+from sparsec.tools import cli
 from models import build_bert, build_llama_gqa, build_vit, bert_inputs, llama_inputs, vit_inputs
 from sparsec.codegen.onnx import export_onnx
 from sparsec.codegen.onnx.schema import DOMAIN, SPARSE_ATTENTION
-from sparsec.errors import ArtifactVersionError, UnservableInputError
+from sparsec.ir.errors import ArtifactVersionError, UnservableInputError
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.testing.plant_patterns import PlantPatterns
-from sparsec.passes.capture import capture
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes.lower import Lower
-from sparsec.plan import HeadGroup, Plan, encode_groups
-from sparsec.runtime import block_sparse, reference
+from sparsec.ir.plan import HeadGroup, Plan, encode_groups
+from sparsec.runtime import block_sparse
+from sparsec.ir import reference
 from sparsec.runtime.ort import ort_feeds, ort_session
 from sparsec.weights.storage import compress
 from sparsec.weights.structures import parse_structure
@@ -175,8 +176,8 @@ def test_custom_graph_one_node_per_group(all_patterns):
     assert "blocks" not in json.loads(attrs[2]["params"])
     assert layouts[layout_input].dtype == bool and layouts[layout_input].sum() == 3
     metadata = {p.key: p.value for p in model.metadata_props}
-    assert metadata["sparsec.version"] == sparsec.__version__
-    assert Plan.from_json(metadata["sparsec.plan"]).to_dict() == plan.to_dict()
+    assert metadata["sparsec.ir.version"] == sparsec.__version__
+    assert Plan.from_json(metadata["sparsec.ir.plan"]).to_dict() == plan.to_dict()
 
 
 def test_decomposed_is_standard_ops_only(all_patterns):

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from sparsec.dump import DumpWriter
-from sparsec.pass_manager import CompileContext, PassManager, PassResult
-from sparsec.plan import Plan
-from sparsec.targets import get_target
+from sparsec.passes.infra.dump import DumpWriter
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager, PassResult
+from sparsec.ir.plan import Plan
+from sparsec.ir.targets import get_target
 
 
 class _Small(torch.nn.Module):

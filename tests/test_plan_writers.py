@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sparsec.errors import ArtifactVersionError, PlanError
+from sparsec.ir.errors import ArtifactVersionError, PlanError
 from sparsec.passes.fuse_heads import FuseHeads
-from sparsec.plan import (PLAN_VERSION, AttentionSite, CostRecord, FuseRecord, HeadGroup, HeadPlan, LinearPlan,
+from sparsec.ir.plan import (PLAN_VERSION, AttentionSite, CostRecord, FuseRecord, HeadGroup, HeadPlan, LinearPlan,
                           LinearSearchRecord, MergeRecord, Plan, SearchRecord, SiteSearchRecord, VerificationRecord,
                           WeightsRecord)
 

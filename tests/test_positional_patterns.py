@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from sparsec.cost_model import CostModel
+from sparsec.analysis.cost_model import CostModel
 from sparsec.passes.calibrate import profile_from_probabilities
 from sparsec.passes.classify_heads import classify_head
 from sparsec.patterns import get_pattern, pattern_kinds
 from sparsec.patterns.vertical_stripe import MAX_STRIPES, positional_columns
-from sparsec.plan import HeadPlan
-from sparsec.targets import get_target
+from sparsec.ir.plan import HeadPlan
+from sparsec.ir.targets import get_target
 
 WINDOW = 8
 

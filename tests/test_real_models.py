@@ -115,7 +115,7 @@ def test_smollm2_compiled_agrees_with_dense_on_held_out_text(smollm2, compiled_s
 @pytest.mark.real
 @pytest.mark.slow
 def test_bench_quality_metrics_on_compiled_smollm2(smollm2, compiled_smollm2):
-    from sparsec.bench_quality import PASSKEY_DEPTHS, evaluate_length, format_table, passkey_prompt
+    from sparsec.tools.bench_quality import PASSKEY_DEPTHS, evaluate_length, format_table, passkey_prompt
 
     model, tokenizer = smollm2
     prompt = passkey_prompt(tokenizer, 200, 0.5, "12345")
@@ -156,7 +156,7 @@ def test_minilm_compiled_embedding_matches_dense():
 
 
 def test_bench_quality_is_a_cli_command():
-    from sparsec.cli import build_parser
+    from sparsec.tools.cli import build_parser
 
     args = build_parser().parse_args(["bench", "quality", "--lengths", "256,512", "--calibration-length", "512",
                                       "--recall", "0.9", "--json", "q.json"])

@@ -12,19 +12,19 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.budget import Budget
-from sparsec.cli import main
-from sparsec.pass_manager import PassResult
+from sparsec.ir.budget import Budget
+from sparsec.tools.cli import main
+from sparsec.passes.infra.pass_manager import PassResult
 from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.fuse_heads import FuseHeads
 from sparsec.passes.lower import Lower
 from sparsec.passes.search import Search
 from sparsec.patterns import get_pattern
-from sparsec.plan import AttentionSite, FuseRecord, HeadPlan, Plan
-from sparsec.report import block_maps, render_report, write_report
-from sparsec.report.figures import HEATMAP_PIXELS, MAX_CELLS, OUTLINE_RGB, head_heatmap
-from sparsec.targets import Target, register_target
+from sparsec.ir.plan import AttentionSite, FuseRecord, HeadPlan, Plan
+from sparsec.tools.report import block_maps, render_report, write_report
+from sparsec.tools.report.figures import HEATMAP_PIXELS, MAX_CELLS, OUTLINE_RGB, head_heatmap
+from sparsec.ir.targets import Target, register_target
 from sparsec.testing import planted_llama, planted_llama_inputs
 
 

@@ -6,22 +6,22 @@ import pytest
 import torch
 
 import sparsec
-from sparsec.budget import Budget
+from sparsec.ir.budget import Budget
 from sparsec.compiler import CompiledModel
-from sparsec.cost_model import CALIBRATED, CostModel, cost_profile
-from sparsec.dump import DumpWriter
-from sparsec.inputs import relative_l2
-from sparsec.pass_manager import CompileContext, PassManager
-from sparsec.passes.capture import capture
+from sparsec.analysis.cost_model import CALIBRATED, CostModel, cost_profile
+from sparsec.passes.infra.dump import DumpWriter
+from sparsec.ir.inputs import relative_l2
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.lower import Lower
 from sparsec.passes.search import Search
-from sparsec.passes.search_ladder import Rung, dense_rung
-from sparsec.passes.suffix_runs import SuffixRunner
-from sparsec.plan import HeadGroup, Plan
-from sparsec.runtime import reference
-from sparsec.targets import get_target
+from sparsec.passes.helpers.search_ladder import Rung, dense_rung
+from sparsec.passes.helpers.suffix_runs import SuffixRunner
+from sparsec.ir.plan import HeadGroup, Plan
+from sparsec.ir import reference
+from sparsec.ir.targets import get_target
 
 SEQ_LEN = 65536         # costs are predicted here (small heads: launches dominate at 8k); calibration runs at 64
 SPANS = (1 / 4, 1 / 8, 1 / 16, 1 / 32)

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 import sparsec  # noqa: F401  (registers the ops)
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.analysis.linear_sensitivity import LINEAR, LinearAnalysis, output_error
-from sparsec.pass_manager import CompileContext, PassManager
-from sparsec.passes.capture import capture
+from sparsec.passes.infra.pass_manager import CompileContext, PassManager
+from sparsec.passes.helpers.capture import capture
 from sparsec.passes import sparsify_weights
 from sparsec.passes.sparsify_weights import SPARSE_LINEAR, SparsifyWeights, analyze_linears
-from sparsec.plan import LinearPlan, Plan
+from sparsec.ir.plan import LinearPlan, Plan
 from sparsec.analysis import linear_costs
 from sparsec.runtime import sparse_linear_gpu
-from sparsec.targets import get_target
+from sparsec.ir.targets import get_target
 from sparsec.weights import (Layout, block_csr, compress, decompress, outlier_ratio, owl_levels, parse_structure,
                              round_levels, score_weight)
 from sparsec.weights.config import WeightSparsity
@@ -448,7 +448,7 @@ class _UpDown(torch.nn.Module):
 def test_analysis_follows_permuted_weights(structure, score):
     """Rows of ``up`` and columns of ``down`` permuted alike (as fuse_heads permutes q/k/v and
     o): the followed analysis prunes as an analysis of the permuted model does."""
-    from sparsec.passes.head_permutation import permute_parameters
+    from sparsec.passes.helpers.head_permutation import permute_parameters
 
     torch.manual_seed(4)
     example = (torch.randn(2, 7, 48),)

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import sparsec  # noqa: F401  (registers the ops and the CUDA kernel)
-from sparsec.bench import CASES, _flex_mask_mod, bench_groups
+from sparsec.tools.bench import CASES, _flex_mask_mod, bench_groups
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import KernelSpec, generate, site_kernels, write_if_different, write_kernels
 from sparsec.patterns import get_pattern
-from sparsec.plan import AttentionSite, HeadGroup, encode_groups
-from sparsec.runtime import block_sparse, kernels, reference
+from sparsec.ir.plan import AttentionSite, HeadGroup, encode_groups
+from sparsec.runtime import block_sparse, kernels
+from sparsec.ir import reference
 from sparsec.testing.oracle import float64_attention
 
 FAMILIES = ["window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk", "vertical_slash"]
@@ -332,7 +333,7 @@ def test_per_head_3d_masks_reach_every_group_interpreted(interpreter, mask_dtype
 def _interpreted_for_target(case, target):
     """In the interpreter worker: the kernel output under ``running_for(target)``, the
     reference, and the file names of the kernels loaded."""
-    from sparsec.targets import running_for
+    from sparsec.ir.targets import running_for
 
     kernels._MODULES.clear()
     with running_for(target):
@@ -341,7 +342,7 @@ def _interpreted_for_target(case, target):
 
 
 def test_running_targets_kernel_config_is_the_one_launched_interpreted(interpreter):
-    from sparsec.targets import Target
+    from sparsec.ir.targets import Target
 
     config = KernelConfig(32, 16, 2, 1)
     target = Target("one-config", "cpu", "cpu", peak_tflops=1.0, bandwidth_gbs=1.0, launch_overhead_us=1.0,

@@ -6,9 +6,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparsec
-from sparsec.inputs import relative_l2
+from sparsec.ir.inputs import relative_l2
 from sparsec.testing.planted import planted_llama, planted_llama_inputs
-from sparsec.tolerance import Tolerance, resolve_tolerance
+from sparsec.ir.tolerance import Tolerance, resolve_tolerance
 
 
 def _planted(length=256, batch=2):

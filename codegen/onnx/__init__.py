@@ -2,6 +2,6 @@
 custom-op translation (:mod:`.custom`), the standard-op decomposition (:mod:`.decompose`)
 and :func:`export_onnx` (:mod:`.export`). Run exported files with
 ``sparsec.runtime.ort_session``."""
-from .export import MODES, export_onnx, translation_table
+from sparsec.codegen.onnx.export import MODES, export_onnx, translation_table
 
 __all__ = ["MODES", "export_onnx", "translation_table"]

@@ -17,10 +17,10 @@ from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
 from sparsec.patterns import get_pattern
-from sparsec.plan import decode_groups
+from sparsec.ir.plan import decode_groups
 
-from .heads import additive_bias, group_inputs, merge_heads
-from .schema import DOMAIN, OP_VERSION
+from sparsec.codegen.onnx.heads import additive_bias, group_inputs, merge_heads
+from sparsec.codegen.onnx.schema import DOMAIN, OP_VERSION
 
 SPARSEC = Opset(DOMAIN, OP_VERSION)
 

@@ -8,7 +8,7 @@ graph by index arithmetic on the run-time lengths — offsets ``d = i + (Nk - Nq
 a fixed length) static masks are instead computed once by ``sparsec.patterns`` and stored
 as boolean initializers. ``vertical_slash`` estimates its columns and diagonals per input
 with MatMul / Softmax / ScatterElements(add) / TopK, as ``VerticalSlash.estimate_indices``.
-The numbers match ``sparsec.runtime.reference`` (only the speed of sparsity is lost).
+The numbers match ``sparsec.ir.reference`` (only the speed of sparsity is lost).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from onnxscript import opset18 as op
 
 from sparsec.patterns import Elastic, MaskOps, backend_piece, get_pattern, register_piece
 from sparsec.patterns.base import MASKED_ADDITIVE
-from sparsec.plan import HeadGroup, decode_groups, encode_groups
+from sparsec.ir.plan import HeadGroup, decode_groups, encode_groups
 
-from .heads import additive_bias, const_i64, group_inputs, merge_heads
+from sparsec.codegen.onnx.heads import additive_bias, const_i64, group_inputs, merge_heads
 
 _INF = float("inf")
 

@@ -22,15 +22,15 @@ from pathlib import Path
 import onnx
 import torch
 
-from sparsec.plan import Plan
+from sparsec.ir.plan import Plan
 
-from . import schema
-from .custom import sparse_attention_custom
-from .decompose import attention_decomposed, sparse_attention_decomposed
-from .linear import sparse_linear
+from sparsec.codegen.onnx import schema
+from sparsec.codegen.onnx.custom import sparse_attention_custom
+from sparsec.codegen.onnx.decompose import attention_decomposed, sparse_attention_decomposed
+from sparsec.codegen.onnx.linear import sparse_linear
 
 MODES = ("custom", "decomposed")
-METADATA_KEYS = ("sparsec.version", "sparsec.plan", "sparsec.mode", "sparsec.op_domain",
+METADATA_KEYS = ("sparsec.ir.version", "sparsec.ir.plan", "sparsec.mode", "sparsec.op_domain",
                  "sparsec.example_shapes")
 # Default-domain opsets the export supports: the translations are written against opset 18
 # (onnxscript ``opset18``, torch's own torchlib opset), up to the newest both torch's
@@ -47,9 +47,9 @@ def max_opset() -> int:
 
 
 def check_opset(opset: "int | None") -> None:
-    """Raise :class:`~sparsec.errors.InvalidArgumentError` for an opset outside
+    """Raise :class:`~sparsec.ir.errors.InvalidArgumentError` for an opset outside
     ``MIN_OPSET .. max_opset()`` (``None``, the exporter's default, passes)."""
-    from sparsec.errors import InvalidArgumentError
+    from sparsec.ir.errors import InvalidArgumentError
 
     if opset is None:
         return
@@ -63,7 +63,7 @@ def check_opset(opset: "int | None") -> None:
 def check_dtypes(graph_module: torch.fx.GraphModule, example_args: tuple, example_kwargs: dict) -> None:
     """Refuse bfloat16 weights or inputs: onnxruntime's CPU kernels (MatMul, Softmax, ...)
     do not implement bfloat16, so such a file cannot be opened on CPU."""
-    from sparsec.errors import UnsupportedDtypeError
+    from sparsec.ir.errors import UnsupportedDtypeError
 
     tensors = [*graph_module.parameters(), *graph_module.buffers(),
                *(t for t in torch.utils._pytree.tree_leaves((example_args, example_kwargs))
@@ -111,8 +111,8 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
             length, batch) symbolic. ``False`` exports at the example's shapes; in
             decomposed mode static masks are then stored as initializers.
     """
-    from sparsec.version import __version__
-    from sparsec.passes.capture import export_program
+    from sparsec.ir.version import __version__
+    from sparsec.passes.helpers.capture import export_program
 
     table = translation_table(mode, materialize=not dynamic_length)
     check_opset(opset)
@@ -122,7 +122,7 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
     onnx_program = torch.onnx.export(program, example_args, kwargs=example_kwargs, dynamo=True,
                                      opset_version=opset, custom_translation_table=table)
     onnx_program.model.metadata_props.update({
-        "sparsec.version": __version__, "sparsec.plan": plan.to_json(indent=None), "sparsec.mode": mode,
+        "sparsec.ir.version": __version__, "sparsec.ir.plan": plan.to_json(indent=None), "sparsec.mode": mode,
         "sparsec.op_domain": f"{schema.DOMAIN}:{schema.OP_VERSION}",
         "sparsec.example_shapes": json.dumps(_example_shapes(example_args, example_kwargs))})
     path = Path(path)

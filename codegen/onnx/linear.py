@@ -15,7 +15,7 @@ from onnxscript import opset18 as op
 
 from sparsec.weights.storage import decode_layout
 
-from .heads import const_i64
+from sparsec.codegen.onnx.heads import const_i64
 
 
 def _unit_mask(mask, rows: int, cols: int):

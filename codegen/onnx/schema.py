@@ -23,7 +23,7 @@ version of every sparsec op it uses (runtimes reject versions they do not know).
              causal     int     1: keep only offsets d = i + (Nk - Nq) - j >= 0
 
 ``Y = softmax(Q K^T * scale + attn_bias, restricted to the pattern's mask) V``, exactly
-``sparsec.runtime.reference.sparse_attention`` for one group: a query row with no kept
+``sparsec.ir.reference.sparse_attention`` for one group: a query row with no kept
 key gives zeros; ``dense`` follows ``scaled_dot_product_attention``.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsec import config
+from sparsec.ir import config
 
 
 # M_BUCKET (the next power of 2 of M) is not read: it keys the autotuner, so a new token

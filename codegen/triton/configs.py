@@ -4,7 +4,7 @@ Each architecture lists a few candidates, the default first; the runtime times t
 first use per shape bucket (a bounded autotune) and caches the choice on disk. A target
 profile can replace the list through ``Target.kernel_configs["attention"]`` (a list of
 ``{"block_m", "block_n", "num_warps", "num_stages"}``; at run time, the target a compiled
-model runs for, :func:`sparsec.targets.running_for`), and ``SPARSEC_ATTENTION_CONFIGS``
+model runs for, :func:`sparsec.ir.targets.running_for`), and ``SPARSEC_ATTENTION_CONFIGS``
 (config tags) replaces both, to sweep configs on a new GPU with ``sparsec bench attention``.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from sparsec import config
+from sparsec.ir import config
 
-from sparsec.targets import Target
+from sparsec.ir.targets import Target
 
 
 @dataclass(frozen=True)

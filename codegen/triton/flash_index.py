@@ -23,7 +23,7 @@ multiple of ``period`` large enough), so truncating and flooring division agree.
 import triton
 import triton.language as tl
 
-from .flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
+from sparsec.codegen.triton.flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
 
 
 @triton.jit

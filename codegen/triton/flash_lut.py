@@ -21,7 +21,7 @@ any other static family's own token mask, ``Pattern.keep_grid``), 2 for ``vertic
 import triton
 import triton.language as tl
 
-from .flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
+from sparsec.codegen.triton.flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
 
 
 @triton.jit

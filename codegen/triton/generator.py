@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsec.patterns import Elastic, get_pattern
-from sparsec.plan import AttentionSite
-from sparsec.targets import Target, get_target
+from sparsec.ir.plan import AttentionSite
+from sparsec.ir.targets import Target, get_target
 
-from . import flash_common, flash_index, flash_lut
-from .configs import KernelConfig, candidate_configs
+from sparsec.codegen.triton import flash_common, flash_index, flash_lut
+from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 
 GENERATOR_VERSION = 3
 
@@ -140,7 +140,7 @@ def _function_sources(functions) -> str:
 
 def generate(spec: KernelSpec, plan_entry: str = "") -> GeneratedKernel:
     """The kernel source for ``spec``; ``plan_entry`` names the plan site and heads it serves."""
-    from sparsec.version import __version__
+    from sparsec.ir.version import __version__
 
     module, summary = _TEMPLATES[spec.template]
     params = json.loads(spec.params)

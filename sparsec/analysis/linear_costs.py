@@ -11,7 +11,7 @@ import importlib.util
 import math
 
 from sparsec.analysis.measurements import packaged
-from sparsec.targets import Target
+from sparsec.ir.targets import Target
 from sparsec.weights.storage import Layout
 from sparsec.weights.structures import parse_structure
 

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from sparsec.weights import COMPARISON_GROUP, Structure, outlier_ratio, score_weight
 
-from .graph_runner import GraphRunner, replace_argument
+from sparsec.analysis.graph_runner import GraphRunner, replace_argument
 
 LINEAR = torch.ops.aten.linear.default
 

@@ -24,7 +24,7 @@ import torch
 if TYPE_CHECKING:
     import numpy as np
 
-    from .fitting import AttentionProfile
+    from sparsec.patterns.fitting import AttentionProfile
 
 # The sequence length of symbolic costs (``n_q = n_k = N``).
 N = sympy.Symbol("N", positive=True, integer=True)
@@ -86,7 +86,7 @@ MASKED_ADDITIVE = -1e4
 
 
 def baseline_pattern(site) -> tuple[str, dict]:
-    """The least sparse pattern a head of ``site`` (an :class:`~sparsec.plan.AttentionSite`)
+    """The least sparse pattern a head of ``site`` (an :class:`~sparsec.ir.plan.AttentionSite`)
     may take: ``("dense", {})``, or ``("window", {"window": [w, 0]})`` where the site's
     in-graph sliding-window mask of width ``w`` was replaced by ``causal=True``
     (``site.extra["model_window"]``): there a dense head would attend outside the model's

@@ -19,8 +19,8 @@ import numpy as np
 import sympy
 import torch
 
-from . import fitting
-from .base import N, Pattern, full_pairs, register
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, Pattern, full_pairs, register
 
 
 MIN_GRID = 4

@@ -2,8 +2,8 @@
 sparse kernel; every merge of head groups can fall back to it."""
 from __future__ import annotations
 
-from . import fitting
-from .base import N, Pattern, full_pairs, register
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, Pattern, full_pairs, register
 
 
 @register

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .base import Elastic, Pattern
+from sparsec.patterns.base import Elastic, Pattern
 
 # How many leading key columns sink fits consider (StreamingLLM keeps 4).
 SINK_COLUMNS = 8

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sympy
 import torch
 
-from . import fitting
-from .base import N, Elastic, Pattern, TorchOps, full_pairs, register
-from .shared import is_fixed, window_pairs
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, Elastic, Pattern, TorchOps, full_pairs, register
+from sparsec.patterns.shared import is_fixed, window_pairs
 
 # A multi_diagonal fit that needs this fraction of the diagonals at the calibration length
 # keeps them all (count 0): the far ones hold few pairs, and "all" carries over to longer N.

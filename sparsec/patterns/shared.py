@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sympy
 
-from .base import Elastic
+from sparsec.patterns.base import Elastic
 
 
 def band(d, width, ops):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sympy
 
-from .base import Pattern, register
+from sparsec.patterns.base import Pattern, register
 
 
 @register

@@ -17,8 +17,8 @@ from __future__ import annotations
 import sympy
 import torch
 
-from . import fitting
-from .base import MASKED_ADDITIVE, N, Elastic, Pattern, full_pairs, offsets, register
+from sparsec.patterns import fitting
+from sparsec.patterns.base import MASKED_ADDITIVE, N, Elastic, Pattern, full_pairs, offsets, register
 
 # Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
 # bound the pattern holds half of the causal score matrix), and at most MAX_LINES.

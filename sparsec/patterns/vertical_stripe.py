@@ -9,9 +9,9 @@ from __future__ import annotations
 import sympy
 import torch
 
-from . import fitting
-from .base import N, Elastic, Pattern, register
-from .shared import SYMBOLIC, band, column_pairs, is_fixed, size_at, window_pairs
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, Elastic, Pattern, register
+from sparsec.patterns.shared import SYMBOLIC, band, column_pairs, is_fixed, size_at, window_pairs
 
 # Most stripe columns a vertical_stripe fit keeps.
 MAX_STRIPES = 64

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import sympy
 
-from . import fitting
-from .base import N, Elastic, Pattern, register
-from .shared import band, is_fixed, size_at, window_pairs
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, Elastic, Pattern, register
+from sparsec.patterns.shared import band, is_fixed, size_at, window_pairs
 
 
 @register

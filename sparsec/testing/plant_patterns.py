@@ -5,7 +5,7 @@ Tests and benchmarks use it to compile a model with a known plan without calibra
 from __future__ import annotations
 
 
-from sparsec.pass_manager import PassResult
+from sparsec.passes.infra.pass_manager import PassResult
 
 
 class PlantPatterns:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .structures import Structure
+from sparsec.weights.structures import Structure
 
 
 def outlier_ratio(scores: torch.Tensor, threshold: float = 5.0) -> float:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .scores import COMPARISON_GROUP
-from .structures import parse_structure
+from sparsec.weights.scores import COMPARISON_GROUP
+from sparsec.weights.structures import parse_structure
 
 # The LM head / classifier stays dense unless the user says otherwise (``exclude=()``).
 DEFAULT_EXCLUDE = ("lm_head", "classifier", "score", "qa_outputs", "head")

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from .structures import Structure, parse_structure
+from sparsec.weights.structures import Structure, parse_structure
 
 _BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 

@@ -1,0 +1,237 @@
+"""Per-target cost model: predicted attention time of a head's pattern at length N.
+
+A pattern's work is its FLOP count (``Pattern.cost``: ``4 * head_dim`` per computed
+(query, key) pair, counted exactly at ``N``, plus the pattern's overhead). A kernel
+launch over ``heads`` heads of ``batch`` sequences is predicted as::
+
+    t = launch + batch * heads * (flops(N) / rate + ceil(N / 128) * row_cost * head_dim / 128)
+
+with ``rate`` the kernel's effective TFLOP/s over computed pairs and ``row_cost`` what each
+128-row query block costs besides its pairs (loading Q, the softmax epilogue, storing O).
+Dense heads use the dense kernel's constants, every other pattern the block-sparse
+kernel's. A site whose heads are all dense is one dense launch; any other site is one launch
+per head group (``sparse_attention``). A pattern slower than dense at ``N`` (below its
+*crossover length*) is never chosen: the plan keeps such heads dense.
+
+The constants are fitted to measurements: on an H100 by ``sparsec bench cost-model``
+(dense SDPA and block-sparse FlexAttention, the raw numbers in
+``sparsec/data/attention_calibration_h100.json``), on the CPU against sparsec's
+block-sparse CPU path, whose dynamic patterns also pay ``dynamic_layout_ns`` per score
+element to build their layout per input. ``docs/benchmarks.md`` records both calibrations
+and how well the fits hold.
+
+Other GPU targets are scaled from the h100 calibration until measured: rates by the datasheet
+peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
+overhead.
+
+Linears (weight sparsity): ``2 * tokens * in * out`` FLOPs at the dense kernel's
+rate, divided by the speedup of the ``sparse_linear`` kernel the runtime would pick
+(:mod:`sparsec.analysis.linear_costs`: its H100-measured table, nearest shape). A sparse
+weight gets no speed benefit where the runtime runs it dense: on CPU targets, for
+structures without a GPU kernel (``4:8``, unstructured), for fp32 weights (the kernels run
+fp16 / bf16), and where the table says the sparse kernel is not ``MIN_SPEEDUP`` faster
+(2:4 below ~8k tokens, for one).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy
+import torch
+
+from sparsec.analysis.measurements import packaged, packaged_targets
+
+from sparsec.patterns import get_pattern
+from sparsec.patterns.base import N
+from sparsec.ir.targets import Target, get_target
+
+ROW_BLOCK = 128          # query rows per block in the calibrated row cost
+REFERENCE_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class KernelRates:
+    tflops: float            # effective rate over computed pairs
+    row_block_us: float      # per (sequence, head, 128-row query block), at head_dim 128
+    launch_us: float         # fixed cost of one launch
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    target: str
+    dense: KernelRates
+    sparse: KernelRates
+    calibrated: bool         # measured on the target, or scaled from the h100 calibration
+    # Per head and (query, key) element: building a dynamic pattern's layout per input where
+    # the runtime does it densely (the CPU path; GPU kernels estimate in-kernel, in cost_expr).
+    dynamic_layout_ns: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "calibrated": self.calibrated,
+                "dense": vars(self.dense), "sparse": vars(self.sparse),
+                "dynamic_layout_ns": self.dynamic_layout_ns}
+
+
+def _calibrated(target: str) -> CostProfile:
+    """The profile fitted to ``sparsec/data/attention_calibration_<target>.json``."""
+    run = packaged("attention_calibration", target)
+    fit = run["fit"]
+    return CostProfile(target, dense=KernelRates(**fit["dense"]), sparse=KernelRates(**fit["sparse"]),
+                       calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0))
+
+
+# Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
+# (docs/benchmarks.md says how each was measured).
+CALIBRATED = {target: _calibrated(target) for target in packaged_targets("attention_calibration")}
+_REFERENCE = get_target("h100")
+
+
+def cost_profile(target: "str | Target") -> CostProfile:
+    """The calibrated profile of ``target``, or one scaled from h100's by its datasheet."""
+    target = get_target(target)
+    if target.name in CALIBRATED:
+        return CALIBRATED[target.name]
+    base = CALIBRATED["h100"]
+
+    def scaled(rates: KernelRates) -> KernelRates:
+        return KernelRates(rates.tflops * target.peak_tflops / _REFERENCE.peak_tflops,
+                           rates.row_block_us * _REFERENCE.bandwidth_gbs / target.bandwidth_gbs,
+                           rates.launch_us * target.launch_overhead_us / _REFERENCE.launch_overhead_us)
+
+    return CostProfile(target.name, scaled(base.dense), scaled(base.sparse), calibrated=False)
+
+
+@lru_cache(maxsize=4096)
+def _overhead_function(kind: str, params_json: str, head_dim: int):
+    expr = get_pattern(kind).overhead_expr(json.loads(params_json), head_dim)
+    return sympy.lambdify(N, expr, "math")
+
+
+def head_flops(kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
+    return _head_flops(kind, json.dumps(params, sort_keys=True), n, causal, head_dim)
+
+
+@lru_cache(maxsize=1 << 16)
+def _head_flops(kind: str, params_json: str, n: int, causal: bool, head_dim: int) -> float:
+    """FLOPs of one head of ``kind`` at ``n_q = n_k = n``: ``4 * head_dim`` per computed pair
+    (the pattern's exact count, ``Pattern.pairs``) plus its overhead. Numeric, not the
+    symbolic ``cost_expr``: building and simplifying that per head dominated compile time
+    (70 of 86 s for SmolLM2 at 512 tokens)."""
+    overhead = _overhead_function(kind, params_json, head_dim)
+    return 4 * head_dim * float(get_pattern(kind).pairs(json.loads(params_json), n, causal)) + float(overhead(n))
+
+
+class CostModel:
+    """Predicted attention times on one target (seconds)."""
+
+    def __init__(self, target: "str | Target"):
+        self.target = get_target(target)
+        self.profile = cost_profile(self.target)
+
+    def _rates(self, kind: str) -> KernelRates:
+        return self.profile.dense if get_pattern(kind).computes_all else self.profile.sparse
+
+    def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
+        """One head of one sequence, without the launch."""
+        if get_pattern(kind).computes_none:
+            return 0.0
+        rates = self._rates(kind)
+        rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
+        layout = n * n * self.profile.dynamic_layout_ns * 1e-9 if get_pattern(kind).dynamic else 0.0
+        return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
+
+    def launch_seconds(self, kind: str) -> float:
+        return 0.0 if get_pattern(kind).computes_none else self._rates(kind).launch_us * 1e-6
+
+    def site_seconds(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
+                     batch: int = 1) -> float:
+        """A site whose head groups are ``(kind, params, number of heads)``: one dense launch
+        when every head is dense, else one launch per group."""
+        if all(get_pattern(kind).computes_all for kind, _, _ in groups):
+            heads = sum(count for _, _, count in groups)
+            return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
+        return sum(self.launch_seconds(kind) + batch * count * self.head_seconds(kind, params, n, causal, head_dim)
+                   for kind, params, count in groups)
+
+    def attention_record(self, sites: list, n: int) -> dict:
+        """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,
+        against the same sites dense: what the plan summary and the report quote."""
+        seconds = dense = 0.0
+        for site in sites:
+            groups = [(g.pattern, g.params, len(g.heads)) for g in site.instance_groups()]
+            causal = site.effective_causal()
+            seconds += self.site_seconds(groups, n, causal, site.head_dim)
+            dense += self.site_seconds([("dense", {}, site.num_heads)], n, causal, site.head_dim)
+        return {"target": self.target.name, "seq_len": n, "calibrated": self.profile.calibrated,
+                "attention_seconds": seconds, "dense_attention_seconds": dense,
+                "predicted_attention_speedup": dense / seconds if seconds > 0 else math.inf}
+
+    def linear_speedup(self, structure: str, out_features: int, in_features: int, level: float, tokens: int,
+                       dtype: torch.dtype) -> tuple[float, str]:
+        """Predicted speedup over dense of one linear pruned to ``level``, and why."""
+        from sparsec.analysis.linear_costs import MIN_SPEEDUP, predicted_speedup, sparse_kernel
+        from sparsec.weights.storage import Layout
+
+        layout = Layout(structure, out_features, in_features)
+        if level <= 0:
+            return 1.0, "dense"
+        if self.target.device_type != "cuda":
+            return 1.0, f"{self.target.name}: sparse_linear runs the reference kernel (decompress, dense matmul)"
+        kernel = sparse_kernel(layout)
+        if kernel is None:
+            return 1.0, f"no sparse GPU kernel for {structure} at {out_features}x{in_features}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return 1.0, f"{kernel} runs fp16 / bf16 weights; {dtype} runs dense"
+        speedup = predicted_speedup(layout, level, tokens)
+        if speedup is None or speedup < MIN_SPEEDUP:
+            return 1.0, f"{kernel} is not {MIN_SPEEDUP}x faster than dense at {tokens} tokens (measured table)"
+        return speedup, f"{kernel}, {speedup:.2f}x at {tokens} tokens (measured table)"
+
+    def linear_seconds(self, out_features: int, in_features: int, tokens: int, speedup: float = 1.0) -> float:
+        """``tokens`` rows through an ``out x in`` linear at the dense rate, divided by ``speedup``."""
+        return 2.0 * tokens * in_features * out_features / (self.profile.dense.tflops * 1e12) / speedup
+
+    def crossover_length(self, kind: str, params: dict, causal: bool, head_dim: int,
+                         longest: int = 1 << 17) -> int | None:
+        """The shortest length (to 1 %) from which the pattern is predicted faster per head
+        than dense, searched up to ``longest``; None when it never is."""
+        def faster(n: int) -> bool:
+            return self.head_seconds(kind, params, n, causal, head_dim) < \
+                self.head_seconds("dense", {}, n, causal, head_dim)
+
+        n = 16
+        while n <= longest and not faster(n):
+            n *= 2
+        if n > longest:
+            return None
+        low, high = n // 2, n                    # slower at low (or below the search), faster at high
+        while high - low > max(1, low // 100):
+            middle = (low + high) // 2
+            low, high = (low, middle) if faster(middle) else (middle, high)
+        return high
+
+
+# -- attention backend per group ------------------------------------------------------------
+
+FA4_HEAD_DIMS = (64, 128, 256)
+# Families whose FA4 mask_mod reads a lookup aux tensor (stripe columns, block layout): on the
+# H200 with flash-attn-4 4.0.0b36 those lookups gave wrong outputs (rel. error 0.16-0.83,
+# while the arithmetic-only families matched the reference to 2e-3), so they stay on Triton.
+FA4_UNVERIFIED = frozenset({"vertical_stripe", "block_topk"})
+
+
+def attention_backend(arch: str, kind: str, head_dim: int) -> str:
+    """The kernel a head group of ``kind`` runs on a GPU of ``arch`` (``"sm90"``): ``"fa4"``
+    (FlashAttention-4 block-sparse, :mod:`sparsec.runtime.fa4`) or ``"triton"``.
+
+    A documented rule until FA4 has its own calibrated rates: FA4 for the static families
+    whose mask is index arithmetic (dense, skip, window, sink_window, multi_diagonal) at head
+    dims 64, 128 and 256 on sm90 and newer (docs/benchmarks.md, "FlashAttention-4 backend");
+    Triton for dynamic families (``vertical_slash``), for :data:`FA4_UNVERIFIED`, other head
+    dims and older chips."""
+    newer = arch.startswith("sm") and arch[2:].isdigit() and int(arch[2:]) >= 90
+    static = not get_pattern(kind).dynamic and kind not in FA4_UNVERIFIED
+    return "fa4" if newer and static and head_dim in FA4_HEAD_DIMS else "triton"

@@ -1,0 +1,227 @@
+"""``sparsec bench cost-model``: time attention kernels on a GPU and fit the cost model's constants.
+
+Run on the machine whose target profile you calibrate (:mod:`sparsec.analysis.cost_model` holds the
+result; ``docs/benchmarks.md`` records each calibration and its fit)::
+
+    sparsec bench cost-model --json calibration.json     # measure here (a CUDA GPU), then fit
+    sparsec bench cost-model --refit                     # fit the packaged h100 measurements again
+    sparsec bench cost-model --refit h200                # ... or another packaged target's
+    sparsec bench cost-model --refit calibration.json    # fit an earlier --json file (no GPU needed)
+
+What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``):
+
+1. dense causal ``F.scaled_dot_product_attention`` for N from 256 to 32768, with the
+   backend torch picks (what sparsec's dense path runs) and with the flash backend forced;
+2. block-sparse attention: FlexAttention with a sliding-window ``BlockMask`` (128 x 128
+   blocks) at N = 4096 and 16384 over window widths;
+3. launch overhead: host wall time per call of back-to-back eager calls at a tiny size
+   (SDPA, FlexAttention, an empty Triton kernel), where the host, not the GPU, is the limit.
+
+Each series is fitted (least squares on relative residuals) to the cost model's form
+``t = launch + computed_pairs * 4 * D / rate + query_block_rows * row_cost``, where
+``query_block_rows = heads * ceil(N / 128)``; the table prints measured against fitted times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from sparsec.analysis.measurements import packaged
+
+HEAD_DIM = 128
+HEADS = 32
+BLOCK = 128
+DENSE_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+SPARSE_LENGTHS = [4096, 16384]
+WINDOWS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+def packaged_measurements(target: str = "h100") -> dict | None:
+    """The measurements shipped for ``target`` (``sparsec/data/attention_calibration_<target>.json``;
+    the ``h100`` profile of :mod:`sparsec.analysis.cost_model` is fitted to h100's), or None."""
+    return packaged("attention_calibration", target)
+
+
+def _qkv(n: int, heads: int = HEADS, batch: int = 1):
+    shape = (batch, heads, n, HEAD_DIM)
+    return [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+
+def _median_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def _host_us_per_call(fn, calls: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def measure_dense() -> list[dict]:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for n in DENSE_LENGTHS:
+        q, k, v = _qkv(n)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            ms = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        default_ms = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        flops = 4 * HEAD_DIM * HEADS * causal_pairs(n)
+        rows.append({"n": n, "ms": ms, "default_backend_ms": default_ms, "flops": flops,
+                     "tflops": flops / ms / 1e9})
+        print(f"dense n={n:6d} flash {ms:8.3f} ms ({flops / ms / 1e9:6.1f} TFLOP/s)  default {default_ms:8.3f} ms",
+              flush=True)
+    return rows
+
+
+def measure_sparse() -> list[dict]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # One mask function for every window (the width is read from a tensor), so the compiled
+    # FlexAttention kernel is reused instead of recompiled per window.
+    width = torch.tensor(0, device="cuda")
+
+    def window_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < width)
+
+    torch._dynamo.config.cache_size_limit = 64
+    rows = []
+    flex = torch.compile(flex_attention, dynamic=False)
+    for n in SPARSE_LENGTHS:
+        q, k, v = _qkv(n)
+        for window in [w for w in WINDOWS if w <= n]:
+            width.fill_(window)
+            block_mask = create_block_mask(window_mod, None, None, n, n, device="cuda", BLOCK_SIZE=BLOCK)
+            blocks = int(block_mask.kv_num_blocks.sum())
+            if block_mask.full_kv_num_blocks is not None:
+                blocks += int(block_mask.full_kv_num_blocks.sum())
+            ms = _median_ms(lambda: flex(q, k, v, block_mask=block_mask))
+            flops = 4 * HEAD_DIM * HEADS * blocks * BLOCK * BLOCK
+            rows.append({"n": n, "window": window, "blocks": blocks, "query_blocks": n // BLOCK,
+                         "ms": ms, "flops": flops, "tflops": flops / ms / 1e9})
+            print(f"flex  n={n:6d} window={window:6d} blocks={blocks:6d} {ms:8.3f} ms "
+                  f"({flops / ms / 1e9:6.1f} TFLOP/s over computed blocks)", flush=True)
+    return rows
+
+
+def measure_launch() -> dict:
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    @triton.jit
+    def _empty_kernel(x_ptr, N: tl.constexpr):
+        pid = tl.program_id(0)
+        tl.store(x_ptr + pid, pid)
+
+    q, k, v = _qkv(64, heads=1)
+    flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 64, 64, device="cuda",
+                                   BLOCK_SIZE=BLOCK)
+    x = torch.zeros(1, device="cuda", dtype=torch.int32)
+    result = {
+        "sdpa_us": _host_us_per_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        "flex_us": _host_us_per_call(lambda: flex(q, k, v, block_mask=block_mask)),
+        "triton_empty_us": _host_us_per_call(lambda: _empty_kernel[(1,)](x, N=1)),
+        "sdpa_gpu_ms": _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    }
+    print("launch (host us per eager call): " + ", ".join(f"{k}={v:.2f}" for k, v in result.items()), flush=True)
+    return result
+
+
+def _row_blocks(row: dict) -> int:
+    return HEADS * -(-row["n"] // BLOCK)
+
+
+def fit_series(rows: list[dict], key: str = "ms") -> dict:
+    """``t = launch + flops / rate + row_blocks * row_cost`` by least squares on relative
+    residuals (each row weighted by 1 / its measured time)."""
+    import numpy as np
+
+    times = np.array([r[key] * 1e-3 for r in rows])
+    columns = [np.ones(len(rows)), np.array([r["flops"] for r in rows], float),
+               np.array([_row_blocks(r) for r in rows], float)]
+    design = np.stack(columns, axis=1) / times[:, None]
+    (launch, per_flop, per_row_block), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
+    return {"launch_us": launch * 1e6, "tflops": 1e-12 / per_flop, "row_block_us": per_row_block * 1e6}
+
+
+def predict_ms(fitted: dict, row: dict) -> float:
+    return (fitted["launch_us"] * 1e-6 + row["flops"] / (fitted["tflops"] * 1e12)
+            + _row_blocks(row) * fitted["row_block_us"] * 1e-6) * 1e3
+
+
+def fit(data: dict) -> dict:
+    """Fit every series of a measurement record: ``dense`` (the backend torch picks: the
+    cost model's dense rates), ``dense_flash`` (flash forced, for comparison), ``sparse``."""
+    return {"dense": fit_series(data["dense"], "default_backend_ms"),
+            "dense_flash": fit_series(data["dense"], "ms"),
+            "sparse": fit_series(data["sparse"])}
+
+
+def format_fit(data: dict, fitted: dict) -> str:
+    lines = [f"{name:<12} rate {f['tflops']:7.1f} TFLOP/s, row cost {f['row_block_us']:.4f} us, "
+             f"launch {f['launch_us']:.1f} us" for name, f in fitted.items()]
+    lines += ["", f"{'series':<12} {'n':>6} {'window':>6} {'measured ms':>12} {'fitted ms':>10} {'ratio':>6}"]
+    series = [("dense", "default_backend_ms", data["dense"]), ("dense_flash", "ms", data["dense"]),
+              ("sparse", "ms", data["sparse"])]
+    for name, key, rows in series:
+        for r in rows:
+            predicted = predict_ms(fitted[name], r)
+            lines.append(f"{name:<12} {r['n']:>6} {r.get('window', '-'):>6} {r[key]:>12.3f} {predicted:>10.3f} "
+                         f"{r[key] / predicted:>6.2f}")
+    return "\n".join(lines)
+
+
+def measure() -> dict:
+    """Every series on this machine's first CUDA GPU."""
+    import triton
+
+    if not torch.cuda.is_available():
+        raise SystemExit("sparsec bench cost-model needs a CUDA GPU to measure (--refit fits saved measurements)")
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    return {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+            "head_dim": HEAD_DIM, "heads": HEADS, "batch": 1, "dtype": "bfloat16", "block": BLOCK,
+            "dense": measure_dense(), "sparse": measure_sparse(), "launch": measure_launch()}
+
+
+def add_bench_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refit", nargs="?", const="h100", metavar="FILE|TARGET",
+                        help="fit earlier measurements instead of measuring: a --json file, or the "
+                             "measurements packaged for a target (h100, h200; default h100)")
+    parser.add_argument("--json", help="write the measurements and the fit here")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.refit:
+        data = packaged_measurements(args.refit)
+        if data is None:
+            with open(args.refit) as f:
+                data = json.load(f)
+    else:
+        data = measure()
+    data["fit"] = fit(data)
+    print(format_fit(data, data["fit"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    return 0
