@@ -378,7 +378,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     ctx.seq_len = seq_len or getattr(budget, "seq_len", None)
     manager = PassManager(passes, DumpWriter(dump_path) if dump_path else None, disabled=tuple(disable_passes))
     gm = manager.run(gm, ctx)
-    with torch.no_grad():
+    with torch.no_grad(), running_for(target):       # the compiled model's own kernels and configs
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
     new_plan.cost = _cost_record(new_plan, target, ctx.seq_len)
     compiled = CompiledModel(gm, new_plan, example[0], example[1], ctx.attention_stats)
