@@ -17,8 +17,8 @@ share the launch. Each family's terms are its ``"fa4"`` piece in the pattern reg
 (:func:`family_terms`).
 
 Two cheaper forms where the site allows them:
-- one plain ``window`` group over every head: FA4's native ``window_size`` (no tables,
-  no mask_mod, GQA packed);
+- one sliding-band group over every head (``Pattern.native_window``): FA4's native
+  ``window_size`` (no tables, no mask_mod, GQA packed);
 - one group over every head: its tables broadcast over heads, so ``pack_gqa`` stays on
   (FA4 turns it off for per-head tables).
 
@@ -118,7 +118,7 @@ def _block_topk_terms(params, n_q, n_k) -> HeadTerms:
     block = int(params["block"])
     # The calibration layout stretched to this length; the per-row diagonal block is the
     # mask_mod's own term (_block_diagonal).
-    return HeadTerms(layout=(block, get_pattern("block_topk")._stretched(params, n_q, n_k)))
+    return HeadTerms(layout=(block, get_pattern("block_topk").stretched_layout(params, n_q, n_k)))
 
 
 def family_terms(kind: str) -> "Callable[[dict, int, int], HeadTerms] | None":
@@ -370,9 +370,12 @@ def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool):
     return sparsec_static_mask
 
 
-def _plain_window(groups: list[HeadGroup], num_heads: int) -> bool:
-    """The site's one group is a plain window over every head (FA4's native window)."""
-    return len(groups) == 1 and groups[0].pattern == "window" and sorted(groups[0].heads) == list(range(num_heads))
+def native_window(groups: list[HeadGroup], num_heads: int, n_k: int) -> "int | None":
+    """The width of FA4's native window when the site's one group runs a sliding band
+    (:meth:`~sparsec.patterns.Pattern.native_window`) over every head, else None."""
+    if len(groups) != 1 or sorted(groups[0].heads) != list(range(num_heads)):
+        return None
+    return get_pattern(groups[0].pattern).native_window(groups[0].params, n_k)
 
 
 def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> Callable[..., None]:
@@ -381,8 +384,8 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
     fa4 = _interface()
     interface = fa4["interface"]
     num_heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
-    if _plain_window(groups, num_heads):
-        width = Elastic.from_json(groups[0].params["window"]).at(n_k)
+    width = native_window(groups, num_heads, n_k)
+    if width is not None:
         window = (width - 1, 0 if causal else width - 1)
 
         def launch_window(q, k, v, out) -> None:

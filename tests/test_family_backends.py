@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 from sparsec.codegen.onnx import decompose
 from sparsec.patterns import Pattern, get_pattern, pattern_kinds, register, unregister
+from sparsec.patterns.base import offsets
 from sparsec.ir.plan import HeadGroup
 from sparsec.runtime import block_sparse, sparse_tables
 from sparsec.ir import reference
@@ -103,6 +104,22 @@ def test_reference_mask_layout_and_flex(kind, n_q, n_k, causal):
     # FlexAttention: the mask_mod on the index grid.
     flex = create_mask(family.mask_mod(params, n_q, n_k, causal), None, None, n_q, n_k, device="cpu")
     assert torch.equal(flex[0, 0], mask)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n_q, n_k", SHAPES)
+@pytest.mark.parametrize("kind", list(PARAMS))
+def test_native_window_is_the_reference_mask(kind, n_q, n_k, causal):
+    """Where a family claims a native window (FA4's ``window_size``), its reference mask is
+    exactly that band; ``window`` claims one (at an elastic width), so the test can fail."""
+    family, params = get_pattern(kind), PARAMS[kind]
+    width = family.native_window(params, n_k)
+    assert (width is not None) == (kind == "window")
+    if width is None:
+        return
+    d = offsets(torch.arange(n_q), torch.arange(n_k), n_q, n_k)
+    band = (d < width) & ((d >= 0) if causal else (d > -width))
+    assert torch.equal(family.mask(params, n_q, n_k, causal), band)
 
 
 @pytest.mark.parametrize("n_q, n_k", SHAPES)

@@ -264,6 +264,12 @@ class Pattern:
     def join_initializer(self, params: dict, initializer: "np.ndarray") -> dict:
         return params
 
+    def native_window(self, params: dict, n_k: int) -> "int | None":
+        """The width ``w`` when this pattern's mask at ``n_k`` keys is exactly the sliding
+        band ``|d| < w`` (``0 <= d < w`` after the causal cut), so a backend may run it as its
+        native window (FlashAttention's ``window_size``); None otherwise (the default)."""
+        return None
+
     def reads_bounded_keys(self, params: dict) -> bool:
         """Whether one query reads a number of keys that does not grow with the length, so
         a decode step reads only part of the cache (``attach(decode="sparse")`` keeps such

@@ -60,7 +60,7 @@ class BlockTopk(Pattern):
         block = int(params["block"])
         if dropped % block:
             return None
-        kept = self._stretched(params, n_q, n_k)[:, dropped // block:]
+        kept = self.stretched_layout(params, n_q, n_k)[:, dropped // block:]
         return self.kind, {"block": block, "grid": list(kept.shape), "blocks": kept.nonzero().tolist()}
 
     def layout(self, params) -> np.ndarray:
@@ -85,8 +85,9 @@ class BlockTopk(Pattern):
         grid_q, grid_k = params["grid"]
         return f"block={params['block']}, {len(params['blocks'])} of {grid_q}x{grid_k} blocks"
 
-    def _stretched(self, params, n_q, n_k) -> torch.Tensor:
-        """The calibration layout on the block grid of ``(n_q, n_k)``, diagonal rule aside."""
+    def stretched_layout(self, params, n_q, n_k) -> torch.Tensor:
+        """Boolean ``[ceil(n_q/block), ceil(n_k/block)]``: the calibration layout stretched to
+        the block grid of ``(n_q, n_k)`` (nearest grid cell), without the diagonal blocks."""
         block = int(params["block"])
         grid_q, grid_k = params["grid"]
         layout = torch.zeros(grid_q, grid_k, dtype=torch.bool)
@@ -102,7 +103,7 @@ class BlockTopk(Pattern):
         """Boolean ``[ceil(n_q/block), ceil(n_k/block)]``: the ``block`` x ``block`` tiles
         holding kept pairs at ``(n_q, n_k)`` (before the causal cut)."""
         block = int(params["block"])
-        stretched = self._stretched(params, n_q, n_k)
+        stretched = self.stretched_layout(params, n_q, n_k)
         first = torch.arange(stretched.shape[0]) * block
         last = torch.clamp(first + block, max=n_q) - 1
         # Rows of a query block reach the diagonal in key blocks lo..hi (consecutive rows).
@@ -114,7 +115,7 @@ class BlockTopk(Pattern):
         """Exact: at ``n_q = n_k`` the kept set is whole tiles (diagonal ones included), each
         counted with the causal cut from prefix counts of the lower triangle."""
         block = int(params["block"])
-        kept = self._stretched(params, n, n)
+        kept = self.stretched_layout(params, n, n)
         kept |= torch.eye(*kept.shape, dtype=torch.bool)
         edges = torch.clamp(torch.arange(kept.shape[0] + 1) * block, max=n)
         if causal:

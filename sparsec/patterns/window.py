@@ -21,6 +21,9 @@ class Window(Pattern):
     def index_keep(self, params, i, j, d, ops):
         return band(d, ops.size(params["window"]), ops)
 
+    def native_window(self, params, n_k):
+        return size_at(params, "window", n_k)
+
     def reads_bounded_keys(self, params):
         return is_fixed(params["window"])
 

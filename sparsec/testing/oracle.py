@@ -1,7 +1,7 @@
 """An independent float64 oracle of ``sparse_attention``: each head's mask built from its
-family's own ``Pattern.mask`` (vertical_slash: ``estimate_indices`` + ``dynamic_mask``),
-masked softmax attention in float64, one head at a time. What the fuzz test holds the
-reference to and the interpreted kernels to."""
+family's own ``Pattern.mask`` (a dynamic family such as vertical_slash: ``estimate_indices``
++ ``dynamic_mask``), masked softmax attention in float64, one head at a time. What the fuzz
+test holds the reference to and the interpreted kernels to."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +19,7 @@ def float64_attention(q, k, v, mask, scale, causal, groups) -> torch.Tensor:
     for group in groups:
         pattern = get_pattern(group.pattern)
         keep_group = None
-        if group.pattern == "vertical_slash":
+        if pattern.dynamic:
             index = torch.tensor(group.heads)
             group_mask = None if mask is None or mask.dim() < 3 or mask.shape[-3] == 1 else mask[..., index, :, :]
             group_mask = mask if group_mask is None else group_mask
@@ -37,11 +37,11 @@ def float64_attention(q, k, v, mask, scale, causal, groups) -> torch.Tensor:
                     scores = scores + full_mask[:, h].double()
             if causal:
                 keep &= d >= 0
-            if group.pattern == "skip":
+            if pattern.computes_none:
                 keep[:] = False
-            elif group.pattern == "vertical_slash":
+            elif pattern.dynamic:
                 keep &= keep_group[:, position]
-            elif group.pattern != "dense":
+            elif not pattern.computes_all:
                 keep &= pattern.mask(group.params, n_q, n_k, causal)
             scores = scores.masked_fill(~keep, float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -21,7 +21,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns import get_pattern
 from sparsec.ir.plan import HeadGroup, encode_groups
 
 FLEX_BLOCK = 128
@@ -176,7 +176,7 @@ def _try_median(fn) -> float:
 
 def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse) -> dict:
     """sparsec's Triton kernels alone (FA4 off) and FlashAttention-4 called directly, where
-    the pattern has a direct FA4 spelling (dense causal; a plain window: native window_size)."""
+    the pattern has a direct FA4 spelling (a sliding band: native window_size)."""
     from sparsec.runtime import fa4, kernels
     if not fa4.available(q.device):
         return {}
@@ -187,8 +187,8 @@ def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse
     kernels.clear_call_plans()
     interface = fa4.interface()
     direct = math.nan
-    if len(groups) == 1 and groups[0].pattern == "window":
-        width = Elastic.from_json(groups[0].params["window"]).at(k.shape[2])
+    width = fa4.native_window(groups, q.shape[1], k.shape[2])
+    if width is not None:
         direct = _try_median(lambda: interface.flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
             window_size=(width - 1, 0)))

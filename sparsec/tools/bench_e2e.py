@@ -295,7 +295,7 @@ def bench_e2e(args: argparse.Namespace) -> dict:
         groups = Counter((g.pattern, json.dumps(g.params, sort_keys=True)) for site in compiled.plan.attention
                          for g in site.groups)
         results.data["plan"] = {
-            "compile_s": seconds, "sparse_heads": sum(n for kind, n in kinds.items() if kind != "dense"),
+            "compile_s": seconds, "sparse_heads": sum(not h.is_dense for site in compiled.plan.attention for h in site.heads),
             "heads": sum(kinds.values()), "kinds": dict(kinds),
             "distinct_groups": [[kind, params, count] for (kind, params), count in groups.most_common()],
             "error_at_calibration_length": compiled.plan.error.get("rel_l2_vs_dense_on_example"),

@@ -217,7 +217,7 @@ def compile_model(model, tokenizer, args, device, encoder: bool):
     kinds = Counter(head.pattern for site in compiled.plan.attention for head in site.heads)
     record = {"compile_s": seconds, "compile_cpu_s": cpu_seconds,
               "calibration_tokens": args.calibration_length * args.calibration_batches,
-              "sparse_heads": sum(n for kind, n in kinds.items() if kind != "dense"),
+              "sparse_heads": sum(not head.is_dense for site in compiled.plan.attention for head in site.heads),
               "heads": sum(kinds.values()), "kinds": dict(kinds), "plan_error": dict(compiled.plan.error)}
     return compiled, record
 
