@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from sparsec.ir import config
 from sparsec.patterns import Elastic, get_pattern
 from sparsec.patterns.base import backend_piece, register_piece
 from sparsec.ir.plan import HeadGroup
@@ -330,14 +331,19 @@ def interface():
     return _interface()["interface"]
 
 
-# Off: every group runs sparsec's Triton kernels (the benchmark's per-backend columns).
-ENABLED = True
+# Off: every group runs sparsec's Triton kernels. SPARSEC_FA4=1 turns it on; the benchmark
+# flips it for its per-backend columns.
+ENABLED = config.fa4_backend()
+
+
+def supported(device: torch.device) -> bool:
+    """FA4 can run on this device: CUDA, compute capability 9.0 or newer, FA4 importable."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _interface() is not None
 
 
 def available(device: torch.device) -> bool:
-    """FA4 serves this device: enabled, CUDA, compute capability 9.0 or newer, FA4 importable."""
-    return (ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and _interface() is not None)
+    """FA4 serves this device: switched on (:data:`ENABLED`) and :func:`supported`."""
+    return ENABLED and supported(device)
 
 
 def key_block(head_dim: int, device: torch.device) -> int:

@@ -162,11 +162,19 @@ def test_backend_rule():
 # -- GPU: the kernel against the reference ----------------------------------------------------
 
 def _fa4_device() -> bool:
-    return torch.cuda.is_available() and fa4.available(torch.device("cuda"))
+    return torch.cuda.is_available() and fa4.supported(torch.device("cuda"))
 
 
 gpu = pytest.mark.gpu
 needs_fa4 = pytest.mark.skipif(not _fa4_device(), reason="needs an sm90+ GPU with flash-attn-4 installed")
+
+
+@pytest.fixture(autouse=True)
+def _fa4_switched_on(monkeypatch):
+    """The backend is off by default (SPARSEC_FA4); these tests are what switches it on."""
+    from sparsec.runtime import kernels
+    monkeypatch.setattr(fa4, "ENABLED", True)
+    kernels.clear_call_plans()          # launches prepared while it was off
 
 
 def _check(groups, heads, kv_heads, n, head_dim, dtype, causal):

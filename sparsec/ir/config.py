@@ -57,6 +57,16 @@ def attention_configs() -> list[str]:
     return [tag.strip() for tag in raw.split(",") if tag.strip()]
 
 
+def fa4_backend() -> bool:
+    """``SPARSEC_FA4=1`` lets the FlashAttention-4 backend (``sparsec[gpu]``, sm90+) serve the
+    groups it supports; off by default while it is a beta whose GPU tests have not passed on
+    this commit (docs/benchmarks.md, "FlashAttention-4 backend")."""
+    raw = os.environ.get("SPARSEC_FA4", "0") or "0"
+    if raw not in ("0", "1"):
+        raise ValueError(f"SPARSEC_FA4={raw!r}; set it to 1 (FlashAttention-4 on) or 0 (off, the default)")
+    return raw == "1"
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
