@@ -1,7 +1,8 @@
 """``sparsec bench cost-model``: time attention kernels on a GPU and fit the cost model's constants.
 
-Run on the machine whose target profile you calibrate (:mod:`sparsec.analysis.cost_model` holds the
-result; ``docs/benchmarks.md`` records each calibration and its fit)::
+Run on the machine whose target profile you calibrate (the run ships as
+``sparsec/data/attention_calibration_<target>.json``, which :mod:`sparsec.analysis.cost_model`
+reads; ``docs/benchmarks.md`` records each calibration and its fit)::
 
     sparsec bench cost-model --json calibration.json     # measure here (a CUDA GPU), then fit
     sparsec bench cost-model --refit                     # fit the packaged h100 measurements again
@@ -24,12 +25,12 @@ Each series is fitted (least squares on relative residuals) to the cost model's 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from sparsec.analysis.measurements import packaged
+from sparsec.tools.saved_runs import add_saved_run_arguments, saved_or_measured, write_run
 
 HEAD_DIM = 128
 HEADS = 32
@@ -205,23 +206,13 @@ def measure() -> dict:
 
 
 def add_bench_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refit", nargs="?", const="h100", metavar="FILE|TARGET",
-                        help="fit earlier measurements instead of measuring: a --json file, or the "
-                             "measurements packaged for a target (h100, h200; default h100)")
-    parser.add_argument("--json", help="write the measurements and the fit here")
+    add_saved_run_arguments(parser, "--refit", "attention_calibration", "fit earlier measurements",
+                            "the measurements and the fit")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.refit:
-        data = packaged_measurements(args.refit)
-        if data is None:
-            with open(args.refit) as f:
-                data = json.load(f)
-    else:
-        data = measure()
+    data = saved_or_measured(args.refit, "attention_calibration", measure)
     data["fit"] = fit(data)
     print(format_fit(data, data["fit"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
+    write_run(args.json, data)
     return 0

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.analysis.measurements import packaged
+from sparsec.tools.saved_runs import add_saved_run_arguments, saved_or_measured, write_run
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
 TOKENS = [1, 16, 256, 4096, 16384]
@@ -185,31 +186,25 @@ def report(data: dict) -> None:
 
 
 def add_bench_linear_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", nargs="?", const="h100", metavar="FILE|TARGET",
-                        help="print the tables of an earlier run instead of measuring: a --json file, or "
-                             "the run packaged for a target (h100, h200; default h100)")
-    parser.add_argument("--json", help="write every measurement and the speedup table here")
+    add_saved_run_arguments(parser, "--report", "sparse_linear", "print the tables of an earlier run",
+                            "every measurement and the speedup table")
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.report:
-        data = packaged_measurements(args.report)
-        if data is None:
-            with open(args.report) as f:
-                data = json.load(f)
-        report(data)
-        return 0
+def measure_run() -> dict:
+    """Every variant on this machine's CUDA GPU: the rows and their speedup table."""
     if not torch.cuda.is_available():
         raise SystemExit("sparsec bench linear needs a CUDA GPU to measure (--report prints saved measurements)")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuSPARSELt available: {torch.backends.cusparselt.is_available()}")
     rows = measure(VARIANTS)
-    data = {"device": torch.cuda.get_device_name(), "rows": rows,
+    return {"device": torch.cuda.get_device_name(), "rows": rows,
             "speedup": {name: {f"{o}x{i}": by_tokens for (o, i), by_tokens in shapes.items()}
                         for name, shapes in speedup_table(rows).items()}}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = saved_or_measured(args.report, "sparse_linear", measure_run)
+    write_run(args.json, data)
     report(data)
     return 0
