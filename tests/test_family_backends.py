@@ -13,10 +13,6 @@ registry: it runs through the same backends without any library file knowing it.
 """
 from __future__ import annotations
 
-import multiprocessing
-import os
-import tempfile
-
 import numpy as np
 import pytest
 import torch
@@ -28,6 +24,7 @@ from sparsec.patterns.base import offsets
 from sparsec.ir.plan import HeadGroup
 from sparsec.runtime import block_sparse, sparse_tables
 from sparsec.ir import reference
+from sparsec.testing.triton_interpreter import interpreter_worker
 
 
 class DilatedWindow(Pattern):
@@ -187,16 +184,8 @@ def test_vertical_slash_backends_given_one_estimate(causal):
 
 @pytest.fixture(scope="module")
 def interpreter():
-    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "SPARSEC_CACHE_DIR")}
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ.update(TRITON_INTERPRET="1", SPARSEC_CACHE_DIR=cache)
-        try:
-            pool = multiprocessing.get_context("spawn").Pool(1)
-        finally:
-            for name, value in saved.items():
-                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-        with pool:
-            yield pool
+    with interpreter_worker() as (pool, _):
+        yield pool
 
 
 def _interpreted(case):

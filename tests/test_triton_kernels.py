@@ -1,4 +1,4 @@
-"""Generated Triton attention kernels against the reference op (sparsec/runtime/reference.py).
+"""Generated Triton attention kernels against the reference op (sparsec/ir/reference.py).
 
 CPU: every kernel family under ``TRITON_INTERPRET=1`` at small shapes, with randomised
 lengths (not multiples of the block, n_q below, equal to and above n_k), batch, heads,
@@ -10,9 +10,7 @@ through ``torch.ops.sparsec.sparse_attention`` on CUDA tensors.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from sparsec.ir.plan import AttentionSite, HeadGroup, encode_groups
 from sparsec.runtime import block_sparse, kernels
 from sparsec.ir import reference
 from sparsec.testing.oracle import float64_attention
+from sparsec.testing.triton_interpreter import interpreter_worker
 
 FAMILIES = ["window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk", "vertical_slash"]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
@@ -35,21 +34,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.fixture(scope="module")
 def interpreter():
-    """A worker process running Triton's CPU interpreter, with a private kernel cache.
-
-    ``TRITON_INTERPRET`` must be set before Triton is imported (its own library functions
-    are decorated at import), so interpreted cases run in a spawned process.
-    """
-    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "SPARSEC_CACHE_DIR")}
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ.update(TRITON_INTERPRET="1", SPARSEC_CACHE_DIR=cache)
-        try:
-            pool = multiprocessing.get_context("spawn").Pool(1)
-        finally:
-            for name, value in saved.items():
-                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-        with pool:
-            yield pool, Path(cache)
+    """``(pool, kernel cache)``: a spawned worker running Triton's CPU interpreter."""
+    with interpreter_worker() as worker:
+        yield worker
 
 
 def _elastic(rng: random.Random, low: int, high: int, n: int) -> list:
