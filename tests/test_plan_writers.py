@@ -175,10 +175,12 @@ def test_from_dict_is_strict():
     data["attention"][0]["fusion"]["strategy_v2"] = "weights"
     with pytest.raises(PlanError, match="strategy_v2"):
         Plan.from_dict(data)
-    for place in ("linear", "linear search", "weights"):
+    for place in ("linear", "linear search", "weights", "head", "group", "site", "plan"):
         data = _full_plan().to_dict()
         {"linear": data["linears"][1], "linear search": data["linears"][0]["search"],
-         "weights": data["weights"]}[place]["levels_v2"] = []
+         "weights": data["weights"], "head": data["attention"][0]["heads"][1],
+         "group": data["attention"][0]["groups"][0], "site": data["attention"][0],
+         "plan": data}[place]["levels_v2"] = []
         with pytest.raises(PlanError, match="levels_v2"):
             Plan.from_dict(data)
     old = _full_plan().to_dict() | {"version": PLAN_VERSION - 1}

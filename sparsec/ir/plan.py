@@ -17,7 +17,10 @@ order) are methods of the site. ``to_dict()`` has the shape other tools read::
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -30,7 +33,8 @@ PLAN_VERSION = 2
 
 
 class _Record:
-    """A typed record with the JSON form ``asdict`` gives; ``from_dict`` refuses unknown keys."""
+    """A typed record (a dataclass) with the JSON form ``asdict`` gives. ``from_dict`` refuses
+    unknown keys and decodes the fields typed as records (``Record | None``, ``list[Record]``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +44,23 @@ class _Record:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise PlanError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+        data = dict(data)
+        for name, record, is_list in _record_fields(cls):
+            if data.get(name) is not None:
+                data[name] = [record.from_dict(v) for v in data[name]] if is_list else record.from_dict(data[name])
         return cls(**data)
+
+
+@functools.cache
+def _record_fields(cls: type) -> list[tuple[str, type, bool]]:
+    """``(field, record class, a list of them?)`` for each field of ``cls`` typed as records."""
+    found = []
+    for name, hint in typing.get_type_hints(cls).items():
+        is_list = typing.get_origin(hint) is list
+        if is_list or isinstance(hint, types.UnionType):
+            found += [(name, arg, is_list) for arg in typing.get_args(hint)
+                      if isinstance(arg, type) and issubclass(arg, _Record)]
+    return found
 
 
 class RunsPattern:
@@ -56,7 +76,7 @@ class RunsPattern:
 
 
 @dataclass
-class HeadPlan(RunsPattern):
+class HeadPlan(RunsPattern, _Record):
     head: int
     pattern: str = "dense"
     params: dict = field(default_factory=dict)
@@ -75,7 +95,7 @@ class HeadPlan(RunsPattern):
 
 
 @dataclass
-class HeadGroup(RunsPattern):
+class HeadGroup(RunsPattern, _Record):
     """Heads of one attention site that run one pattern instance in one launch."""
 
     pattern: str
@@ -141,7 +161,7 @@ class MergeRecord(_Record):
 
 
 @dataclass
-class AttentionSite:
+class AttentionSite(_Record):
     name: str
     layer: int
     num_heads: int
@@ -205,16 +225,6 @@ class AttentionSite:
             heads[original] = copy.deepcopy(self.heads[position])
             heads[original].head = original
         return heads
-
-    @staticmethod
-    def from_dict(data: dict) -> "AttentionSite":
-        data = dict(data)
-        data["heads"] = [HeadPlan(**h) for h in data.get("heads", [])]
-        data["groups"] = [HeadGroup(**g) for g in data.get("groups", [])]
-        for name, record in (("search", SiteSearchRecord), ("fusion", FuseRecord), ("merge", MergeRecord)):
-            if data.get(name) is not None:
-                data[name] = record.from_dict(data[name])
-        return AttentionSite(**data)
 
 
 @dataclass
@@ -318,13 +328,6 @@ class LinearPlan(_Record):
         """Whether the linear may be pruned (not excluded, not tied, the structure fits)."""
         return not self.reason
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "LinearPlan":
-        data = dict(data)
-        if data.get("search") is not None:
-            data["search"] = LinearSearchRecord.from_dict(data["search"])
-        return super().from_dict(data)
-
 
 @dataclass
 class WeightsRecord(_Record):
@@ -341,7 +344,7 @@ class WeightsRecord(_Record):
 
 
 @dataclass
-class Plan:
+class Plan(_Record):
     target: str
     version: int = PLAN_VERSION
     recall_threshold: float = 0.95
@@ -367,27 +370,17 @@ class Plan:
         for site in self.attention:
             site.regroup()
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
-    @staticmethod
-    def from_dict(data: dict) -> "Plan":
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
         version = data.get("version")
         if version != PLAN_VERSION:
             raise ArtifactVersionError(
                 f"plan version {version!r} is not the version this sparsec reads ({PLAN_VERSION!r}); "
                 "recompile the model with this sparsec, or install the sparsec that wrote it")
-        data = dict(data)
-        data["attention"] = [AttentionSite.from_dict(site) for site in data.get("attention", [])]
-        data["linears"] = [LinearPlan.from_dict(entry) for entry in data.get("linears", [])]
-        for name, record in (("verification", VerificationRecord), ("search", SearchRecord), ("cost", CostRecord),
-                             ("weights", WeightsRecord)):
-            if data.get(name) is not None:
-                data[name] = record.from_dict(data[name])
-        return Plan(**data)
+        return super().from_dict(data)
 
     @staticmethod
     def from_json(text: str) -> "Plan":
@@ -505,4 +498,4 @@ def encode_groups(groups: list[HeadGroup]) -> str:
 
 
 def decode_groups(text: str) -> list[HeadGroup]:
-    return [HeadGroup(**g) for g in json.loads(text)]
+    return [HeadGroup.from_dict(g) for g in json.loads(text)]
