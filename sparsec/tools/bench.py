@@ -14,6 +14,7 @@ build, kernel) against FlexAttention's call alone, with its mask built beforehan
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import random
@@ -243,7 +244,7 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def add_bench_attention_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536], help="sequence lengths")
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--heads", type=int, default=32)
@@ -255,48 +256,30 @@ def add_bench_attention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
+# ``sparsec bench <suite>``: (suite, module, help); each module has add_arguments(parser) and run(args).
+SUITES = [
+    ("attention", "sparsec.tools.bench", "generated kernels vs dense SDPA vs FlexAttention"),
+    ("e2e", "sparsec.tools.bench_e2e", "Llama-style prefill: compiled sparse vs eager dense vs torch.compile"),
+    ("quality", "sparsec.tools.bench_quality", "a real trained model (SmolLM2, MiniLM): dense vs compiled "
+                                               "perplexity, top-1 agreement, KL, passkey retrieval"),
+    ("cost-model", "sparsec.tools.bench_cost_model", "time attention kernels on this GPU and fit the cost "
+                                                     "model's rates (--refit: fit saved measurements)"),
+    ("linear", "sparsec.tools.bench_linear", "sparse linear kernels (2:4, block) vs cuBLAS at Llama-7B shapes"),
+    ("onnx", "sparsec.tools.bench_onnx", "onnxruntime CPU: sparse custom-op export vs the dense export"),
+]
+
+
 def add_parser(subparsers) -> None:
     """``sparsec bench attention|e2e|quality|cost-model|linear|onnx ...`` (the CLI gathers sub-commands through this)."""
     bench = subparsers.add_parser("bench", help="benchmarks on a GPU")
     suites = bench.add_subparsers(dest="suite", required=True)
-    attention = suites.add_parser("attention", help="generated kernels vs dense SDPA vs FlexAttention")
-    add_bench_attention_arguments(attention)
-    attention.set_defaults(handler=_run)
-    from sparsec.tools.bench_e2e import add_bench_e2e_arguments, run as run_e2e
-    e2e = suites.add_parser("e2e", help="Llama-style prefill: compiled sparse vs eager dense vs torch.compile")
-    add_bench_e2e_arguments(e2e)
-    e2e.set_defaults(handler=run_e2e)
-    from sparsec.tools.bench_quality import add_bench_quality_arguments, run as run_quality
-    quality = suites.add_parser("quality", help="a real trained model (SmolLM2, MiniLM): dense vs compiled "
-                                                "perplexity, top-1 agreement, KL, passkey retrieval")
-    add_bench_quality_arguments(quality)
-    quality.set_defaults(handler=run_quality)
-    from sparsec.tools.bench_cost_model import add_bench_cost_model_arguments, run as run_cost_model
-    cost_model = suites.add_parser("cost-model", help="time attention kernels on this GPU and fit the cost "
-                                                      "model's rates (--refit: fit saved measurements)")
-    add_bench_cost_model_arguments(cost_model)
-    cost_model.set_defaults(handler=run_cost_model)
-    from sparsec.tools.bench_linear import add_bench_linear_arguments, run as run_linear
-    linear = suites.add_parser("linear", help="sparse linear kernels (2:4, block) vs cuBLAS at Llama-7B shapes")
-    add_bench_linear_arguments(linear)
-    linear.set_defaults(handler=run_linear)
-    from sparsec.tools.bench_onnx import add_bench_onnx_arguments, run as run_onnx
-    onnx = suites.add_parser("onnx", help="onnxruntime CPU: sparse custom-op export vs the dense export")
-    add_bench_onnx_arguments(onnx)
-    onnx.set_defaults(handler=run_onnx)
+    for name, module_name, help_text in SUITES:
+        module = importlib.import_module(module_name)
+        suite = suites.add_parser(name, help=help_text)
+        module.add_arguments(suite)
+        suite.set_defaults(handler=module.run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     bench_attention(args)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sparsec.tools.bench ...``: the attention benchmark without the CLI."""
-    parser = argparse.ArgumentParser(prog="sparsec bench attention")
-    add_bench_attention_arguments(parser)
-    return _run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -205,7 +205,7 @@ def measure() -> dict:
             "dense": measure_dense(), "sparse": measure_sparse(), "launch": measure_launch()}
 
 
-def add_bench_cost_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_saved_run_arguments(parser, "--refit", "attention_calibration", "fit earlier measurements",
                             "the measurements and the fit")
 

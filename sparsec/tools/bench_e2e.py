@@ -400,7 +400,7 @@ def format_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def add_bench_e2e_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["smollm2", "planted"], default="smollm2",
                         help="smollm2: real, stable in bf16 (errors mean something); planted: a Llama shape "
                              "of the sizes below with planted heads (chaotic in bf16: speed only)")
@@ -435,14 +435,3 @@ def add_bench_e2e_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     bench_e2e(args)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sparsec.tools.bench_e2e ...``: the end-to-end benchmark without the CLI."""
-    parser = argparse.ArgumentParser(prog="sparsec bench e2e")
-    add_bench_e2e_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

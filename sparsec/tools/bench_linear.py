@@ -185,7 +185,7 @@ def report(data: dict) -> None:
     print("\n" + format_times(data["rows"], "graph_ms"))
 
 
-def add_bench_linear_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_saved_run_arguments(parser, "--report", "sparse_linear", "print the tables of an earlier run",
                             "every measurement and the speedup table")
 

@@ -120,7 +120,7 @@ def run_benchmark(lengths=(1024, 4096), layers: int = 4, repeat: int = 5, thread
     return results
 
 
-def add_bench_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per model and length (median)")

@@ -364,7 +364,7 @@ def format_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def add_bench_quality_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["smollm2", "minilm"], default="smollm2")
     parser.add_argument("--lengths", default="2048,4096,8192",
                         help="comma-separated held-out lengths (CPU: short ones, e.g. 256,512; minilm: <= 512)")
@@ -387,14 +387,3 @@ def add_bench_quality_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     bench_quality(args)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sparsec.tools.bench_quality ...``: the quality benchmark without the CLI."""
-    parser = argparse.ArgumentParser(prog="sparsec bench quality")
-    add_bench_quality_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
