@@ -117,7 +117,7 @@ class MaskOps:
     > >= == != + - * // %`` (``//`` and ``%`` floor, as Python's) on the values it is given.
 
     Each backend subclasses it: :class:`TorchOps` (the reference mask and FlexAttention's
-    mask_mod), the ONNX decomposition's graph values, FlashAttention-4's CuTe DSL values.
+    mask_mod) and the ONNX decomposition's graph values.
     ``n_q`` and ``n_k`` are the lengths as backend values; :meth:`size` resolves an elastic
     size at ``N = n_k``.
     """
