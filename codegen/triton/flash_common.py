@@ -71,6 +71,29 @@ def _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stri
 
 
 @triton.jit
+def _attend_columns(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn, Columns, n_columns,
+                    key_end, first_block, done_lo, done_hi, rows, row_ok, p, M, stride_mm, stride_mn, qk_scale,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    D_PAD: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Fold the gathered key columns ``Columns[:n_columns]`` in, ``BLOCK_N`` at a time: those
+    before ``key_end``, in key blocks from ``first_block`` on and outside the blocks
+    ``[done_lo, done_hi)`` already computed; query positions ``p`` take the causal cut."""
+    for start in range(0, n_columns, BLOCK_N):
+        index = start + tl.arange(0, BLOCK_N)
+        cols = tl.load(Columns + index, mask=index < n_columns, other=0)
+        block = cols // BLOCK_N
+        col_ok = ((index < n_columns) & (cols < key_end) & (block >= first_block)
+                  & ((block < done_lo) | (block >= done_hi)))
+        keep = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (p[:, None] >= cols[None, :])
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
+                                     cols, col_ok, rows, row_ok, keep, M, stride_mm, stride_mn, qk_scale,
+                                     True, MASK_KIND, HEAD_DIM, D_PAD, FP32_DOT, False)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _load_key_rows(X, X_desc, kv_row, stride_xn, cols, col_ok, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_PAD: tl.constexpr, TMA: tl.constexpr):
     """The ``[BLOCK_N, D_PAD]`` K or V rows ``cols``: through the descriptor (``TMA``), or

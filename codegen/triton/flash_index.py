@@ -23,7 +23,8 @@ multiple of ``period`` large enough), so truncating and flooring division agree.
 import triton
 import triton.language as tl
 
-from sparsec.codegen.triton.flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
+from sparsec.codegen.triton.flash_common import (_attend_columns, _attend_tile, _load_query_tile, _program_bases,
+                                                  _store_output)
 
 
 @triton.jit
@@ -180,18 +181,10 @@ def _sparse_attention_fwd(
 
     # -- stripe columns outside the blocks computed above --
     if HAS_COLUMNS:
-        for start in range(0, n_columns, BLOCK_N):
-            index = start + tl.arange(0, BLOCK_N)
-            cols = tl.load(Columns + index, mask=index < n_columns, other=0)
-            block = cols // BLOCK_N
-            col_ok = ((index < n_columns) & (cols < key_end) & (block >= sink_blocks)
-                      & ((block < band_first) | (block >= cursor)))
-            keep = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                keep = keep & (p[:, None] >= cols[None, :])
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
-                                         cols, col_ok, rows, row_ok, keep, M, stride_mm, stride_mn, qk_scale,
-                                         True, MASK_KIND, HEAD_DIM, D_PAD, FP32_DOT, False)
+        acc, l_i, m_i = _attend_columns(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
+                                        Columns, n_columns, key_end, sink_blocks, band_first, cursor, rows, row_ok,
+                                        p, M, stride_mm, stride_mn, qk_scale, BLOCK_N, CAUSAL, MASK_KIND, HEAD_DIM,
+                                        D_PAD, FP32_DOT)
 
     # epilogue
     _store_output(acc, l_i, Out, stride_on, rows, row_ok, HEAD_DIM, D_PAD)

@@ -21,7 +21,8 @@ any other static family's own token mask, ``Pattern.keep_grid``), 2 for ``vertic
 import triton
 import triton.language as tl
 
-from sparsec.codegen.triton.flash_common import _attend_tile, _load_query_tile, _program_bases, _store_output
+from sparsec.codegen.triton.flash_common import (_attend_columns, _attend_tile, _load_query_tile, _program_bases,
+                                                  _store_output)
 
 
 @triton.jit
@@ -111,16 +112,10 @@ def _sparse_attention_fwd(
     if HAS_COLUMNS:
         Columns += batch.to(tl.int64) * stride_colb + slot.to(tl.int64) * stride_colh + qb.to(tl.int64) * stride_colq
         n_columns = tl.load(Counts + 2)
-        for start in range(0, n_columns, BLOCK_N):
-            index = start + tl.arange(0, BLOCK_N)
-            col_ok = index < n_columns
-            cols = tl.load(Columns + index, mask=col_ok, other=0)
-            keep = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                keep = keep & (p[:, None] >= cols[None, :])
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
-                                         cols, col_ok, rows, row_ok, keep, M, stride_mm, stride_mn, qk_scale,
-                                         True, MASK_KIND, HEAD_DIM, D_PAD, FP32_DOT, False)
+        # The host listed only columns in range and outside every listed block: no filter.
+        acc, l_i, m_i = _attend_columns(acc, l_i, m_i, q, K, V, K_desc, V_desc, kv_row, stride_kn, stride_vn,
+                                        Columns, n_columns, n_k, 0, 0, 0, rows, row_ok, p, M, stride_mm, stride_mn,
+                                        qk_scale, BLOCK_N, CAUSAL, MASK_KIND, HEAD_DIM, D_PAD, FP32_DOT)
 
     # epilogue
     _store_output(acc, l_i, Out, stride_on, rows, row_ok, HEAD_DIM, D_PAD)

@@ -159,7 +159,7 @@ def generate(spec: KernelSpec, plan_entry: str = "") -> GeneratedKernel:
         constexprs=repr(spec.constexprs),
         launch=repr({"num_warps": config.num_warps, "num_stages": config.num_stages}))
     body = ("\n\n# ---- shared device code (codegen/triton/flash_common.py) ----\n\n"
-            + _function_sources((flash_common._attend_tile, flash_common._load_key_rows,
+            + _function_sources((flash_common._attend_tile, flash_common._attend_columns, flash_common._load_key_rows,
                                  flash_common._program_bases, flash_common._load_query_tile,
                                  flash_common._store_output))
             + f"\n\n# ---- {spec.template} template ({Path(module.__file__).name}) ----\n\n"
