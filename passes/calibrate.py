@@ -41,6 +41,9 @@ from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bu
 from sparsec.passes.helpers.attention_sites import ATTENTION
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Statistics positions kept across sites (they depend on the shape only): 2k tokens need
+# about 60 MiB; at longer lengths the first row chunks are kept, the rest recomputed.
+INDEX_CACHE_BYTES = 256 << 20
 
 
 class _ProfileSums:
@@ -65,12 +68,14 @@ class _ProfileSums:
             "column_offset_mass": (cols[None, :] * self.buckets + offset_bucket(d.abs())).flatten(),
         }
 
-    def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict) -> None:
-        """Add probabilities ``[B, h, rows, n_k]`` of ``heads`` and query rows ``index`` is for."""
+    def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict,
+            columns: slice = slice(None)) -> None:
+        """Add probabilities ``[B, h, rows, n_k]`` of ``heads`` and query rows ``index`` is for;
+        ``index`` covers only the key ``columns`` (outside them every probability is 0)."""
         probs = probs.sum(0)                                  # over the batch: [h, rows, n_k]
         self.rows[heads] += valid.sum((0, 2)).double().cpu()
         self.column_mass[heads] += probs.sum(1).double().cpu()
-        flat = probs.flatten(1)
+        flat = probs[..., columns].flatten(1)
         for name, positions in index.items():
             total = getattr(self, name)
             part = torch.zeros(flat.shape[0], total.shape[1], dtype=flat.dtype, device=flat.device)
@@ -117,6 +122,8 @@ class _Recorder:
         self.chunk_elements = chunk_elements
         self.sums: dict[str, dict[tuple[int, int], _ProfileSums]] = {name: {} for name in sites}
         self.mask_is_causal: dict[str, bool] = {}
+        self.index_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.index_cache_bytes, self.max_index_cache_bytes = 0, INDEX_CACHE_BYTES
 
     def record(self, node_name: str, q, k, mask, scale: float, causal: bool) -> None:
         batch, heads, n_q, _ = q.shape
@@ -134,16 +141,32 @@ class _Recorder:
         for start in range(0, n_q, row_chunk):
             rows = torch.arange(start, min(start + row_chunk, n_q), device=q.device)
             d = offsets(rows, cols, n_q, n_k)
-            index = sums.indices(rows, cols, d)
             if pure_causal:
                 pure_causal = _is_causal_mask(_select(mask, slice(None), slice(start, start + len(rows))), d)
             for h0 in range(0, heads, head_chunk):
                 h = slice(h0, min(h0 + head_chunk, heads))
                 probs, valid = _probabilities(q[:, h, start:start + len(rows)], k[:, h],
                                               _select(mask, h, slice(start, start + len(rows))), d, scale, causal)
-                sums.add(h, probs, valid, index)
+                # Scatter only the key columns holding any mass (about half of them under a
+                # causal mask): adding exact zeros changes no sum, so the statistics are the same.
+                span = _nonzero_columns(probs)
+                index = self._indices(sums, rows, cols[span[0]:span[1]], d[:, span[0]:span[1]])
+                sums.add(h, probs, valid, index, slice(*span))
         if mask is not None:
             self.mask_is_causal[node_name] = self.mask_is_causal.get(node_name, True) and pure_causal
+
+    def _indices(self, sums: _ProfileSums, rows, cols, d) -> dict[str, torch.Tensor]:
+        """``sums.indices``, kept for the next site and batch of the same shape (they are the
+        same for every site) while the kept ones stay under ``index_cache_bytes``."""
+        key = (sums.n_q, sums.n_k, int(rows[0]), len(rows), int(cols[0]) if len(cols) else 0, len(cols))
+        index = self.index_cache.get(key)
+        if index is None:
+            index = sums.indices(rows, cols, d)
+            size = sum(positions.numel() * positions.element_size() for positions in index.values())
+            if self.index_cache_bytes + size <= self.max_index_cache_bytes:
+                self.index_cache[key] = index
+                self.index_cache_bytes += size
+        return index
 
     def finish(self, causal_flags: dict[str, bool]) -> dict[str, AttentionStats]:
         stats = {}
@@ -154,6 +177,14 @@ class _Recorder:
                 num_heads=site.num_heads, causal=causal, mask_is_causal=mask_is_causal,
                 profiles={key: sums.profile(causal) for key, sums in self.sums[node_name].items()})
         return stats
+
+
+def _nonzero_columns(probs: torch.Tensor) -> tuple[int, int]:
+    """``(first, end)``: the key columns of ``probs [..., n_k]`` outside which every value is 0."""
+    nonzero = torch.nonzero((probs != 0).flatten(0, -2).any(0)).flatten()
+    if nonzero.numel() == 0:
+        return 0, 0
+    return int(nonzero[0]), int(nonzero[-1]) + 1
 
 
 def _probabilities(q, k, mask, d, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

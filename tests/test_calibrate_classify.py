@@ -267,3 +267,35 @@ def test_planted_llama_end_to_end():
                 assert 0.5 * window <= head.params["window"][0] <= 1.1 * window
             if kind == "sink_window":
                 assert head.params["sink"][0] == 1                 # BOS
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, 9)])
+def test_column_trimming_and_index_cache_keep_statistics_bitwise(monkeypatch, causal, window):
+    """calibrate scatters only the key columns holding mass and reuses the statistics'
+    positions across sites; both must leave every sum bit for bit as the full scatter."""
+    from sparsec.passes import calibrate
+
+    torch.manual_seed(window or 1)
+    n, heads = 77, 6
+    q, k = torch.randn(2, heads, n, 8) * 2, torch.randn(2, 3, n, 8)
+    d = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    mask = None if window is None else ((d >= 0) & (d < window))
+
+    class Site:
+        name, num_heads = "site", heads
+
+    def statistics():
+        recorder = calibrate._Recorder({"a": Site(), "b": Site()}, 16, chunk_elements=300)
+        for node in ("a", "b", "a"):
+            recorder.record(node, q, k, mask, 0.3, causal)
+        return recorder
+
+    trimmed = statistics()
+    assert trimmed.index_cache                                   # the second site reused positions
+    monkeypatch.setattr(calibrate, "INDEX_CACHE_BYTES", 0)
+    monkeypatch.setattr(calibrate, "_nonzero_columns", lambda probs: (0, probs.shape[-1]))
+    full = statistics()
+    assert not full.index_cache
+    for node in ("a", "b"):
+        for field in ("rows", "block_mass", "column_mass", "diagonal_mass", "column_offset_mass"):
+            assert torch.equal(getattr(trimmed.sums[node][n, n], field), getattr(full.sums[node][n, n], field))
