@@ -308,7 +308,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             target: "str | Target" = "cpu", budget: Any = None, weights: Any = None, recall: float = 0.95,
             tolerance: Any = "auto", verification: Iterable | None = None, seq_len: int | None = None,
             dump_dir: "str | Path | None" = None, plan: Plan | None = None,
-            passes: list | None = None, disable_passes: Iterable[str] = ()) -> CompiledModel:
+            passes: list | None = None, disable_passes: Iterable[str] = (),
+            instruments: Iterable = ()) -> CompiledModel:
     """Compile ``model`` into a sparse model.
 
     Args:
@@ -345,6 +346,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         disable_passes: names of pipeline passes to skip (e.g. ``["merge_head_groups"]``),
             with those of ``SPARSEC_DISABLE_PASSES``; an unknown name raises ``ValueError``.
             ``plan.extra["disabled_passes"]`` lists the skipped ones.
+        instruments: :class:`~sparsec.passes.infra.pass_manager.PassInstrument` objects the
+            pass manager calls around every pass (e.g. a ``PassTimer`` for per-pass seconds).
     """
     from sparsec.ir.inputs import check_finite, check_recall
     from sparsec.passes.helpers.capture import capture, capture_mode
@@ -376,7 +379,8 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     if verification is not None:
         ctx.verification = calibration_calls(verification, example)
     ctx.seq_len = seq_len or getattr(budget, "seq_len", None)
-    manager = PassManager(passes, DumpWriter(dump_path) if dump_path else None, disabled=tuple(disable_passes))
+    manager = PassManager(passes, DumpWriter(dump_path) if dump_path else None, disabled=tuple(disable_passes),
+                          instruments=tuple(instruments))
     gm = manager.run(gm, ctx)
     with torch.no_grad(), running_for(target):       # the compiled model's own kernels and configs
         new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))

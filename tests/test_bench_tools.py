@@ -60,3 +60,16 @@ def test_onnx_benchmark_runs_at_a_tiny_size(capsys):
     assert main(["bench", "onnx", "--lengths", "128", "--layers", "1", "--repeat", "1", "--threads", "1"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[0] == "128" and float(row[-1]) < 1e-3       # max |err| of the sparse export vs PyTorch
+
+
+@pytest.mark.real
+def test_compile_benchmark_times_every_pass_at_a_tiny_size(capsys):
+    from sparsec.testing.real_models import RealModelUnavailable, load_smollm2
+    try:
+        load_smollm2()
+    except RealModelUnavailable as error:
+        pytest.skip(str(error))
+    assert main(["bench", "compile", "--layers", "2", "--length", "128", "--batches", "1"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["heads"] == 18 and {"calibrate", "classify_heads", "verify", "lower"} <= set(record["passes"])
+    assert record["wall_s"] >= sum(record["passes"].values()) - 0.1

@@ -230,3 +230,11 @@ def test_disable_passes_skips_a_pass_by_name():
         torch.testing.assert_close(cm(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cannot disable"):
         compile_tiny(model, x, disable_passes=["no_such_pass"])
+
+
+def test_instruments_see_every_pass_of_a_compile():
+    from sparsec.passes.infra.pass_manager import PassTimer
+    timer = PassTimer()
+    compile_tiny(TinyAttention().eval(), torch.randn(2, 20, 32), instruments=[timer])
+    assert list(timer.seconds) == ["canonicalize", "plant_patterns", "lower"]
+    assert all(seconds > 0 for seconds in timer.seconds.values())

@@ -108,6 +108,19 @@ class PassInstrument(Protocol):
     def after_pass(self, name: str, result: PassResult, seconds: float, ctx: CompileContext) -> None: ...
 
 
+class PassTimer:
+    """An instrument that sums each pass's seconds by name (``timer.seconds``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def before_pass(self, name: str, gm: torch.fx.GraphModule, ctx: CompileContext) -> None:
+        pass
+
+    def after_pass(self, name: str, result: PassResult, seconds: float, ctx: CompileContext) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+
 class PassManager:
     """Runs ``passes`` in order with the instruments of the module docstring.
 

@@ -266,11 +266,12 @@ SUITES = [
                                                      "model's rates (--refit: fit saved measurements)"),
     ("linear", "sparsec.tools.bench_linear", "sparse linear kernels (2:4, block) vs cuBLAS at Llama-7B shapes"),
     ("onnx", "sparsec.tools.bench_onnx", "onnxruntime CPU: sparse custom-op export vs the dense export"),
+    ("compile", "sparsec.tools.bench_compile", "compile time of SmolLM2 per pass on this machine"),
 ]
 
 
 def add_parser(subparsers) -> None:
-    """``sparsec bench attention|e2e|quality|cost-model|linear|onnx ...`` (the CLI gathers sub-commands through this)."""
+    """``sparsec bench attention|e2e|quality|cost-model|linear|onnx|compile ...`` (the CLI gathers sub-commands through this)."""
     bench = subparsers.add_parser("bench", help="benchmarks on a GPU")
     suites = bench.add_subparsers(dest="suite", required=True)
     for name, module_name, help_text in SUITES:
