@@ -73,3 +73,4 @@ def test_compile_benchmark_times_every_pass_at_a_tiny_size(capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["heads"] == 18 and {"calibrate", "classify_heads", "verify", "lower"} <= set(record["passes"])
     assert record["wall_s"] >= sum(record["passes"].values()) - 0.1
+    assert load_smollm2()[0].config.num_hidden_layers == 30        # the shared model is left whole

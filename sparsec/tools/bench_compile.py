@@ -14,6 +14,7 @@ sparse heads. ``--plan-out`` writes the plan (without ``extra``) to compare plan
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import json
 import os
@@ -40,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2()
-    model.model.layers = model.model.layers[:args.layers]
-    model.config.num_hidden_layers = args.layers
+    if args.layers < model.config.num_hidden_layers:
+        model = copy.deepcopy(model)          # load_smollm2's model is shared within the process
+        model.model.layers = model.model.layers[:args.layers]
+        model.config.num_hidden_layers = args.layers
     windows = token_batches(tokenizer, "calibration", args.length, args.batches)
     timer = PassTimer()
     load_before = os.getloadavg()
