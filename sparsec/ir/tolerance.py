@@ -18,11 +18,11 @@ warned about.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from sparsec.ir.budget import METRICS, Budget, Metric, measure, metric_name
+from sparsec.ir.budget import METRICS, Budget, Metric, measure, measure_against, metric_name
 
 LM_MAX_KL = 0.02
 LM_MIN_TOP1 = 0.98
@@ -62,6 +62,10 @@ class Tolerance:
 
     def measure(self, dense: Any, sparse: Any) -> float:
         return measure(self.metric, dense, sparse)
+
+    def against(self, dense: Any) -> Callable[[Any], float]:
+        """:meth:`measure` against ``dense`` for any sparse output, the dense side's work done once."""
+        return measure_against(self.metric, dense)
 
     def holds(self, error: float, top1: float | None) -> bool:
         return error <= self.max_error and (self.min_top1 is None or top1 is None or top1 >= self.min_top1)
