@@ -176,8 +176,8 @@ def test_custom_graph_one_node_per_group(all_patterns):
     assert "blocks" not in json.loads(attrs[2]["params"])
     assert layouts[layout_input].dtype == bool and layouts[layout_input].sum() == 3
     metadata = {p.key: p.value for p in model.metadata_props}
-    assert metadata["sparsec.ir.version"] == sparsec.__version__
-    assert Plan.from_json(metadata["sparsec.ir.plan"]).to_dict() == plan.to_dict()
+    assert metadata["sparsec.version"] == sparsec.__version__
+    assert Plan.from_json(metadata["sparsec.plan"]).to_dict() == plan.to_dict()
 
 
 def test_decomposed_is_standard_ops_only(all_patterns):

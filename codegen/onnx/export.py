@@ -30,7 +30,7 @@ from sparsec.codegen.onnx.decompose import attention_decomposed, sparse_attentio
 from sparsec.codegen.onnx.linear import sparse_linear
 
 MODES = ("custom", "decomposed")
-METADATA_KEYS = ("sparsec.ir.version", "sparsec.ir.plan", "sparsec.mode", "sparsec.op_domain",
+METADATA_KEYS = ("sparsec.version", "sparsec.plan", "sparsec.mode", "sparsec.op_domain",
                  "sparsec.example_shapes")
 # Default-domain opsets the export supports: the translations are written against opset 18
 # (onnxscript ``opset18``, torch's own torchlib opset), up to the newest both torch's
@@ -122,7 +122,7 @@ def export_onnx(graph_module: torch.fx.GraphModule, example_args: tuple, example
     onnx_program = torch.onnx.export(program, example_args, kwargs=example_kwargs, dynamo=True,
                                      opset_version=opset, custom_translation_table=table)
     onnx_program.model.metadata_props.update({
-        "sparsec.ir.version": __version__, "sparsec.ir.plan": plan.to_json(indent=None), "sparsec.mode": mode,
+        "sparsec.version": __version__, "sparsec.plan": plan.to_json(indent=None), "sparsec.mode": mode,
         "sparsec.op_domain": f"{schema.DOMAIN}:{schema.OP_VERSION}",
         "sparsec.example_shapes": json.dumps(_example_shapes(example_args, example_kwargs))})
     path = Path(path)
