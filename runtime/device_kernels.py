@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparsec.ir.ops import check_attention_inputs, check_causal_alignment
-from sparsec.ir.plan import decode_groups
+from sparsec.ir.plan import decoded_groups
 from sparsec.runtime import block_sparse
 
 
@@ -24,7 +24,7 @@ from sparsec.runtime import block_sparse
 def _sparse_attention_cpu(q, k, v, mask, scale, causal, groups):
     check_attention_inputs(q, k, v)
     check_causal_alignment(q, k, causal)
-    return block_sparse.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
+    return block_sparse.sparse_attention(q, k, v, mask, scale, causal, decoded_groups(groups))
 
 
 @torch.library.register_kernel("sparsec::sparse_attention", "cuda")

@@ -40,7 +40,8 @@ from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
                                               padded_head_dim, write_atomic, write_if_different)
 from sparsec.patterns import get_pattern
-from sparsec.ir.plan import HeadGroup, decode_groups, encode_groups
+from sparsec.patterns.base import mask_4d
+from sparsec.ir.plan import HeadGroup, decoded_groups, encode_groups
 from sparsec.runtime import fa4, sparse_tables
 from sparsec.ir import reference
 from sparsec.ir.targets import running_target
@@ -130,15 +131,6 @@ def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(heads, dtype=torch.int32, device=device)
 
 
-def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The op's mask as a 4-D view ``[B | 1, Hq | 1, n_q | 1, n_k]``, so its head dim is dim 1.
-
-    The op takes any mask broadcastable to ``[B, Hq, n_q, n_k]`` (as SDPA does): 2-D
-    ``[n_q, n_k]``, 3-D per head ``[Hq | 1, n_q, n_k]`` or 4-D; the missing leading dims
-    become size 1 (no copy)."""
-    return None if mask is None else mask[(None,) * (4 - mask.dim())]
-
-
 def _user_mask(mask: torch.Tensor | None, shape: tuple, device: torch.device):
     """(tensor, kind, 4 strides) of the 4-D mask broadcast to ``[B, Hq, n_q, n_k]`` without a copy."""
     if mask is None:
@@ -178,8 +170,9 @@ def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: 
     q_last = q[:, :, q.shape[2] - last_q:].index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
     if mask is not None:
-        mask = _mask_heads(mask_4d(mask), heads)
+        mask = mask_4d(mask)
         mask = mask if mask.shape[2] == 1 else mask[:, :, mask.shape[2] - last_q:]
+        mask = _mask_heads(mask, heads)
     return family.estimate_indices(group.params, q_last, k_group, scale, causal, mask)
 
 
@@ -446,7 +439,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     table = groups if isinstance(groups, str) else encode_groups(groups)
     if q.device.type != "cuda" and not config.triton_interpret():
-        return reference.sparse_attention(q, k, v, mask, scale, causal, _decoded(table))
+        return reference.sparse_attention(q, k, v, mask, scale, causal, decoded_groups(table))
     if out is None:
         out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     elif not out.is_contiguous() or out.shape != q.shape[:-1] + (v.shape[-1],):
@@ -461,7 +454,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     launches = _CALL_PLANS.get(signature)
     if launches is None:
         # sm90+: the groups FlashAttention-4 serves run first, as one launch (runtime/fa4.py).
-        launches, rest = fa4.site_launches(q, k, v, mask, scale, causal, _decoded(table))
+        launches, rest = fa4.site_launches(q, k, v, mask, scale, causal, decoded_groups(table))
         launches += [_group_launch(q, k, v, mask, scale, causal, group, autotune) for group in rest]
         if len(_CALL_PLANS) >= _MAX_CALL_PLANS:
             _CALL_PLANS.pop(next(iter(_CALL_PLANS)))
@@ -474,8 +467,3 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 def clear_call_plans() -> None:
     """Forget every prepared signature (after switching a backend on or off)."""
     _CALL_PLANS.clear()
-
-
-@lru_cache(maxsize=256)
-def _decoded(groups: str) -> list[HeadGroup]:
-    return decode_groups(groups)

@@ -31,6 +31,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -67,7 +68,7 @@ class _SiteRunner:
         keys of the sequence gone from a rolling cache: each pattern as it reads over the
         keys left, sizes resolved at the full length ``n_k + dropped``."""
         if dropped == 0:
-            return encode_groups(groups)
+            return self._tables[groups is self.prefill_groups]
         rolled = []
         for group in groups:
             shifted = get_pattern(group.pattern).without_leading_keys(group.params, dropped, n_q, n_k + dropped)
@@ -76,6 +77,12 @@ class _SiteRunner:
                 shifted = self.baseline        # dense or a fixed window: offsets only, nothing to shift
             rolled.append(HeadGroup(shifted[0], shifted[1], group.heads))
         return encode_groups(rolled)
+
+    @cached_property
+    def _tables(self) -> dict[bool, str | None]:
+        """The unrolled group tables, encoded once: prefill (True) and decode (False)."""
+        return {True: encode_groups(self.prefill_groups),
+                False: None if self.decode_groups is None else encode_groups(self.decode_groups)}
 
     def _warn_once(self, group: HeadGroup) -> None:
         key = encode_groups([group])

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from sparsec.ir.errors import UnservableInputError, UnsupportedDtypeError
-from sparsec.ir.plan import decode_groups
+from sparsec.ir.plan import decoded_groups
 from sparsec.ir import reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,7 +71,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
                      scale: float, causal: bool, groups: str) -> torch.Tensor:
     check_attention_inputs(q, k, v)
     check_causal_alignment(q, k, causal)
-    return reference.sparse_attention(q, k, v, mask, scale, causal, decode_groups(groups))
+    return reference.sparse_attention(q, k, v, mask, scale, causal, decoded_groups(groups))
 
 
 @sparse_attention.register_fake

@@ -499,3 +499,10 @@ def encode_groups(groups: list[HeadGroup]) -> str:
 
 def decode_groups(text: str) -> list[HeadGroup]:
     return [HeadGroup.from_dict(g) for g in json.loads(text)]
+
+
+@functools.lru_cache(maxsize=256)
+def decoded_groups(text: str) -> list[HeadGroup]:
+    """:func:`decode_groups`, memoised: the ops decode the same table on every call (callers
+    must not modify the result)."""
+    return decode_groups(text)
