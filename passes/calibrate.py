@@ -35,7 +35,7 @@ import torch
 
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
-from sparsec.patterns.base import MASKED_ADDITIVE, offsets
+from sparsec.patterns.base import MASKED_ADDITIVE, mask_4d, offsets
 from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bucket, offset_buckets
 
 from sparsec.passes.helpers.attention_sites import ATTENTION
@@ -92,12 +92,6 @@ class _ProfileSums:
             column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets))
 
 
-def _four_d(mask: torch.Tensor | None) -> torch.Tensor | None:
-    while mask is not None and mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask
-
-
 def _select(mask: torch.Tensor | None, heads: slice, rows: slice) -> torch.Tensor | None:
     """The part of a 4-d broadcastable mask for these heads and query rows."""
     if mask is None:
@@ -131,7 +125,7 @@ class _Recorder:
         site_sums = self.sums[node_name]
         sums = site_sums.setdefault((n_q, n_k), _ProfileSums(heads, n_q, n_k, self.block))
         sums.batches += 1
-        mask = _four_d(mask)
+        mask = mask_4d(mask)
         k = k.repeat_interleave(heads // k.shape[1], dim=1)     # GQA: key head of each query head
         # As many heads as fit with at least 64 query rows, then as many rows as fit.
         head_chunk = max(1, min(heads, self.chunk_elements // (batch * n_k * min(n_q, 64))))

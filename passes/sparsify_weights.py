@@ -65,7 +65,6 @@ def _options(ctx: CompileContext) -> dict:
         "exclude": weights.exclude,
         "levels": dict(ctx.weight_levels or {}),
         "levels_by": ctx.weight_levels_by,
-        "batches": ctx.weight_calibration_batches,
         "rows": weights.calibration_rows,
         "measure_each": weights.measure_each,
         "model_error": weights.candidate_model_error,

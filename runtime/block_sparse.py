@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsec.patterns import get_pattern
+from sparsec.patterns.base import mask_4d
 from sparsec.ir import reference
 
 # Elements of one chunk's score tensor: bounds peak memory and keeps chunks cache-sized.
@@ -218,8 +219,7 @@ def _group_bias(mask: torch.Tensor | None, heads: torch.Tensor, batch: slice) ->
     """One piece's user mask as an fp32 additive bias of rank 4 (what ``group_attention`` takes)."""
     if mask is None:
         return None
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
+    mask = mask_4d(mask)
     mask = mask if mask.shape[0] == 1 else mask[batch]
     return reference._as_additive(reference._heads_of(mask, heads), torch.float32)
 

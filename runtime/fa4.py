@@ -41,8 +41,9 @@ from typing import Callable
 import torch
 
 from sparsec.ir import config
-from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns import get_pattern
 from sparsec.patterns.base import backend_piece, register_piece
+from sparsec.patterns.shared import size_at
 from sparsec.ir.plan import HeadGroup
 
 BLOCK_M = 128                  # query rows per sparse block (a multiple of every FA4 sm90 tile_m we use)
@@ -76,8 +77,9 @@ class HeadTerms:
     layout: "tuple[int, torch.Tensor] | None" = None
 
 
-def _size(params: dict, name: str, n_k: int) -> int:
-    return Elastic.from_json(params[name]).at(n_k)
+def _one_group_over_all(groups: list[HeadGroup], num_heads: int) -> bool:
+    """The site runs a single group covering every head (one table serves them all)."""
+    return len(groups) == 1 and sorted(groups[0].heads) == list(range(num_heads))
 
 
 @register_piece("fa4", "dense")
@@ -92,25 +94,25 @@ def _skip_terms(params, n_q, n_k) -> HeadTerms:
 
 @register_piece("fa4", "window")
 def _window_terms(params, n_q, n_k) -> HeadTerms:
-    return HeadTerms(window=_size(params, "window", n_k))
+    return HeadTerms(window=size_at(params, "window", n_k))
 
 
 @register_piece("fa4", "sink_window")
 def _sink_window_terms(params, n_q, n_k) -> HeadTerms:
-    return HeadTerms(window=_size(params, "window", n_k), sink=_size(params, "sink", n_k))
+    return HeadTerms(window=size_at(params, "window", n_k), sink=size_at(params, "sink", n_k))
 
 
 @register_piece("fa4", "multi_diagonal")
 def _multi_diagonal_terms(params, n_q, n_k) -> HeadTerms:
     count = int(params.get("count", 0))
     # count 0 keeps every diagonal: no diagonal index reaches n_q + n_k.
-    return HeadTerms(period=_size(params, "period", n_k), band=_size(params, "width", n_k),
+    return HeadTerms(period=size_at(params, "period", n_k), band=size_at(params, "width", n_k),
                      last_diagonal=count - 1 if count > 0 else n_q + n_k)
 
 
 @register_piece("fa4", "vertical_stripe")
 def _vertical_stripe_terms(params, n_q, n_k) -> HeadTerms:
-    return HeadTerms(window=_size(params, "window", n_k),
+    return HeadTerms(window=size_at(params, "window", n_k),
                      columns=tuple(sorted({int(c) for c in params["columns"] if c < n_k})))
 
 
@@ -253,7 +255,7 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     columns = torch.stack(stripe_rows) if stripe_rows else torch.zeros(1, 2, dtype=torch.int32)
     layouts = _stack_padded(layout_rows, padded_q, padded_k)
 
-    shared = len(groups) == 1 and sorted(groups[0].heads) == list(range(num_heads))
+    shared = _one_group_over_all(groups, num_heads)
     any_kept = torch.zeros(1 if shared else num_heads, n_qb, n_kb, dtype=torch.bool, device=device)
     all_kept = torch.zeros_like(any_kept)
     for group in groups:
@@ -379,7 +381,7 @@ def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool):
 def native_window(groups: list[HeadGroup], num_heads: int, n_k: int) -> "int | None":
     """The width of FA4's native window when the site's one group runs a sliding band
     (:meth:`~sparsec.patterns.Pattern.native_window`) over every head, else None."""
-    if len(groups) != 1 or sorted(groups[0].heads) != list(range(num_heads)):
+    if not _one_group_over_all(groups, num_heads):
         return None
     return get_pattern(groups[0].pattern).native_window(groups[0].params, n_k)
 

@@ -115,7 +115,7 @@ def _own_tensors(graph_module: torch.fx.GraphModule) -> None:
                 setattr(module, name, own(value))
 
 
-def _check_model(model: torch.nn.Module, example: tuple[tuple, dict]) -> None:
+def _check_model(model: torch.nn.Module) -> None:
     """Refuse a model whose weights are on the meta device (no data to run or measure)."""
     on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
                if tensor.device.type == "meta"]
@@ -359,7 +359,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
     calls = calibration_calls(calibration, example)
     if calibration is not None:
         check_finite(calls, "calibration batch")
-    _check_model(model, example)
+    _check_model(model)
     # Eval mode and no KV cache while capturing and running the reference; the user's
     # mode and config come back afterwards (passes/capture.py, capture_mode).
     with _input_dtype_errors(example), capture_mode(model):

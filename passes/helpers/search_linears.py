@@ -9,13 +9,12 @@ levels; ``sparsify_weights`` applies them after ``fuse_heads``.
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from sparsec.analysis.linear_sensitivity import LinearAnalysis
+from sparsec.analysis.linear_sensitivity import LinearAnalysis, get_tensor
 from sparsec.analysis.cost_model import CostModel
 from sparsec.passes.infra.pass_manager import CompileContext
 from sparsec.ir.plan import LinearPlan
@@ -81,7 +80,7 @@ def linear_items(gm: torch.fx.GraphModule, ctx: CompileContext, analysis: Linear
     for entry in ctx.plan.linears:
         if not entry.eligible:
             continue
-        dtype = operator.attrgetter(entry.weight)(gm).dtype
+        dtype = get_tensor(gm, entry.weight).dtype
         shape = (entry.out_features, entry.in_features)
         options = []
         for candidate in entry.candidates:

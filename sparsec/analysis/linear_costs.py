@@ -7,6 +7,7 @@ where the measured table says it is at least ``MIN_SPEEDUP`` times faster than c
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -110,5 +111,6 @@ def plan_lowering(layout: Layout, level: float, target: Target,
     return record
 
 
+@functools.cache
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None

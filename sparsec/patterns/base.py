@@ -66,7 +66,7 @@ class Elastic:
     def widest(first: Any, second: Any) -> list:
         """JSON of a size at least as large as both at every ``N`` (the larger ``a`` and ``b``)."""
         x, y = Elastic.from_json(first), Elastic.from_json(second)
-        return [_plain(max(x.a, y.a)), _plain(max(x.b, y.b))]
+        return [_number(max(x.a, y.a)), _number(max(x.b, y.b))]
 
     def __str__(self) -> str:
         a = int(self.a) if float(self.a).is_integer() else round(self.a, 2)
@@ -85,6 +85,15 @@ _MASK_CHUNK = 1 << 24
 MASKED_ADDITIVE = -1e4
 
 
+def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The op's mask as a 4-D view ``[B | 1, Hq | 1, n_q | 1, n_k]``, so its head dim is dim 1.
+
+    The op takes any mask broadcastable to ``[B, Hq, n_q, n_k]`` (as SDPA does): 2-D
+    ``[n_q, n_k]``, 3-D per head ``[Hq | 1, n_q, n_k]`` or 4-D; the missing leading dims
+    become size 1 (no copy)."""
+    return None if mask is None else mask[(None,) * (4 - mask.dim())]
+
+
 def baseline_pattern(site) -> tuple[str, dict]:
     """The least sparse pattern a head of ``site`` (an :class:`~sparsec.ir.plan.AttentionSite`)
     may take: ``("dense", {})``, or ``("window", {"window": [w, 0]})`` where the site's
@@ -96,11 +105,6 @@ def baseline_pattern(site) -> tuple[str, dict]:
     if width is None:
         return "dense", {}
     return "window", {"window": [int(width), 0]}
-
-
-def _plain(x: float) -> "int | float":
-    """Whole numbers as ints, so equal sizes print (and group) alike: ``[4, 0]``, not ``[4.0, 0.0]``."""
-    return int(x) if float(x).is_integer() else float(x)
 
 
 def _rational(x: float) -> sympy.Rational:
@@ -371,6 +375,7 @@ def _fmt(value: Any) -> str:
 # -- pattern instances: equal canonical parameters mean equal masks at every length --
 
 def _number(x):
+    """Whole numbers as ints, so equal sizes print (and group) alike: ``[4, 0]``, not ``[4.0, 0.0]``."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return x
     return int(x) if float(x).is_integer() else float(x)

@@ -90,10 +90,7 @@ class BlockTopk(Pattern):
         the block grid of ``(n_q, n_k)`` (nearest grid cell), without the diagonal blocks."""
         block = int(params["block"])
         grid_q, grid_k = params["grid"]
-        layout = torch.zeros(grid_q, grid_k, dtype=torch.bool)
-        if params["blocks"]:
-            qb, kb = torch.tensor(params["blocks"], dtype=torch.long).T
-            layout[qb, kb] = True
+        layout = torch.from_numpy(self.layout(params))
         blocks_q, blocks_k = -(-n_q // block), -(-n_k // block)
         grid_row = torch.clamp(torch.arange(blocks_q) * grid_q // blocks_q, max=grid_q - 1)
         grid_col = torch.clamp(torch.arange(blocks_k) * grid_k // blocks_k, max=grid_k - 1)

@@ -18,7 +18,7 @@ import sympy
 import torch
 
 from sparsec.patterns import fitting
-from sparsec.patterns.base import MASKED_ADDITIVE, N, Elastic, Pattern, full_pairs, offsets, register
+from sparsec.patterns.base import MASKED_ADDITIVE, N, Elastic, Pattern, full_pairs, mask_4d, offsets, register
 
 # Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
 # bound the pattern holds half of the causal score matrix), and at most MAX_LINES.
@@ -213,8 +213,7 @@ def _slash_shift(last_q: int, n_k: int) -> int:
 
 def _last_rows(mask: torch.Tensor, last_q: int) -> torch.Tensor:
     """The mask's rows of the last ``last_q`` queries (a broadcast row dimension stays 1)."""
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
+    mask = mask_4d(mask)
     return mask if mask.shape[-2] == 1 else mask[..., -last_q:, :]
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.analysis.measurements import packaged
+from sparsec.ir.inputs import relative_l2
 from sparsec.tools.saved_runs import add_saved_run_arguments, saved_or_measured, write_run
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
@@ -43,10 +44,6 @@ def packaged_measurements(target: str = "h100") -> dict | None:
     """The run shipped for ``target`` (``sparsec/data/sparse_linear_<target>.json``; h100's is
     the table ``MEASURED_SPEEDUP`` in :mod:`sparsec.analysis.linear_costs` holds), or None."""
     return packaged("sparse_linear", target)
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 def _cusparselt_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -117,7 +114,7 @@ def _measure(variant: str, out_features: int, in_features: int, tokens: int, xs:
         pairs = _operands(out_features, in_features, structure.replace("-cslt", ""), float(level or 0.5),
                           direct=structure == "2:4-cslt")
     runners = [_runner(variant, operand, out_features) for _, operand in pairs]
-    error = _relative_error(runners[0](xs[0]), xs[0].float() @ pairs[0][0].float().T)
+    error = relative_l2(xs[0].float() @ pairs[0][0].float().T, runners[0](xs[0]))
     calls = itertools.cycle(list(zip(runners, xs)))
 
     def step():
