@@ -178,6 +178,8 @@ class CompiledModel:
         self.example_kwargs = example_kwargs
         self._target = get_target(plan.target)
         self._signature = leaf_signature(example_args, example_kwargs)
+        self._example_tensors = [t for t in pytree.tree_leaves((example_args, example_kwargs))
+                                 if isinstance(t, torch.Tensor)]
         self._fixed_sizes = _fixed_sizes(graph_module)
         self._warned_reference = False
 
@@ -193,8 +195,7 @@ class CompiledModel:
                 "cast the inputs, or recompile with example inputs of this dtype")
         self._check_fixed_sizes(args, kwargs)
         if not self.plan.capture.get("dynamic", True):
-            expected = [t.shape for t in pytree.tree_leaves((self.example_args, self.example_kwargs))
-                        if isinstance(t, torch.Tensor)]
+            expected = [t.shape for t in self._example_tensors]
             got = [t.shape for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if expected != got:
                 raise UnservableInputError(
@@ -207,8 +208,7 @@ class CompiledModel:
         match; say which, rather than torch's "Guard failed"."""
         leaves = [(path, leaf) for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]
                   if isinstance(leaf, torch.Tensor)]
-        examples = [leaf for leaf in pytree.tree_leaves((self.example_args, self.example_kwargs))
-                    if isinstance(leaf, torch.Tensor)]
+        examples = self._example_tensors
         if self._fixed_sizes is None or len(leaves) != len(self._fixed_sizes) or len(examples) != len(leaves):
             return
         for (path, leaf), fixed, example in zip(leaves, self._fixed_sizes, examples):
