@@ -106,13 +106,13 @@ class Search:
         backoff, measured, contributions = verify_and_back_off(searched, linears, allocation, runner, held_out, budget)
         record = _write_plan(ctx, searched, linears, allocation, backoff, measured, contributions, budget, cost, n,
                              held_out_batches=len(held_out_calls))
-        if not allocation.sparse():
+        sparse = allocation.sparse()
+        if not sparse:
             record.all_dense_reason = _all_dense_reason(searched, budget, backoff, n)
             warnings.warn(f"sparsec: the search kept every layer dense: {record.all_dense_reason}", stacklevel=2)
-        table = [{"site": s.site.name, "layer": s.site.layer, "levels": s.levels_record(budget.per_head)}
-                 for s in searched]
-        table += [{"linear": item.name, "levels": [option.record() for option in item.options]} for item in linears]
-        sparse = allocation.sparse()
+        # The decisions dump: each site's and linear's levels, as the plan records them.
+        table = [{"site": s.site.name, "layer": s.site.layer, "levels": s.site.search.levels} for s in searched]
+        table += [{"linear": item.name, "levels": item.entry.search.levels} for item in linears]
         stats = {"sites": len(searched), "sites_sparse": len(sparse & allocation.rungs.keys()),
                  "heads_sparse": sum(not r.is_dense for rungs in allocation.rungs.values() for r in rungs),
                  "linears_searched": len(linears), "linears_sparse": len(sparse & allocation.linears.keys()),
