@@ -9,10 +9,10 @@ from sparsec.testing.planted import planted_llama, planted_llama_inputs
 from sparsec.tools.cli import main
 
 
-def test_mixed_plant_keeps_one_dense_head_per_kv_group_and_mixes_kinds():
+def test_mixed_plant_keeps_the_last_kv_group_dense_and_mixes_kinds():
     plant = mixed_plant(layers=3, heads=32, kv_heads=8, windows=[512, 1024])
     for layer, heads in plant.items():
-        assert sorted(heads) == [h for h in range(32) if h % 4 != 3]
+        assert sorted(heads) == list(range(28))
         assert {kind for kind, _ in heads.values()} == set(PLANT_KINDS)
         assert {window for _, window in heads.values()} == {512, 1024}
     assert plant[0] != plant[1]                      # kinds rotate across layers
@@ -36,15 +36,19 @@ def test_tiny_run_compiles_times_and_records_errors(tmp_path, capsys):
 
 
 def test_dense_stability_measures_low_precision_against_fp32_and_the_table_warns():
-    def floor(plant):
+    def floor(plant, long_context=False, length=96):
         model = planted_llama(layers=1, heads=4, kv_heads=2, head_dim=64, hidden=256, intermediate=128, vocab=64,
-                              plant=plant).to(torch.bfloat16)
-        ids = planted_llama_inputs(length=96, vocab=64)
+                              plant=plant, long_context=long_context).to(torch.bfloat16)
+        ids = planted_llama_inputs(length=length, vocab=64)
         with torch.no_grad():
             return dense_stability(model, ids, model(ids))
 
     assert 1e-4 < floor({0: {}}) < 0.05                          # random weights: bf16 rounding only
-    assert floor({0: {0: ("window", 16)}}) > 0.05                # planted amplitudes: bf16 is chaotic
+    assert floor({0: {0: ("window", 16)}}) > 0.05                # Gaussian amplitudes: bf16 is chaotic
+    # The benchmark's model: power-law windows stay within bf16 rounding, here and long.
+    plant = {0: {0: ("window", 16), 1: ("sink_window", 32), 2: ("vertical_stripe", 16)}}
+    assert floor(plant, long_context=True) < 0.05
+    assert floor(plant, long_context=True, length=2048) < 0.05
     data = {"config": {"device": "cpu", "torch": "", "dtype": "bf16", "n": 96, "layers": 1, "heads": 4,
                        "kv_heads": 2, "head_dim": 64, "hidden": 128, "intermediate": 128, "vocab": 64},
             "variants": {}, "errors": {"dense_bf16_vs_fp32_at_96": 0.18}, "failures": {}}

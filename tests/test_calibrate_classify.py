@@ -269,6 +269,20 @@ def test_planted_llama_end_to_end():
                 assert head.params["sink"][0] == 1                 # BOS
 
 
+@pytest.mark.parametrize("length", [512, 2048])
+def test_long_context_planted_llama_windows_do_not_depend_on_the_length(length):
+    """The benchmark's model (``long_context=True``): a planted window is the same window
+    whatever the calibration length (the Gaussian one recurs past ~4k tokens)."""
+    plant = {0: {0: ("window", 16), 1: ("window", 64), 2: ("sink_window", 32)}}
+    model = planted_llama(layers=1, plant=plant, attention="sparsec", long_context=True)
+    ctx = run_passes(model, (planted_llama_inputs(1, 64),), [(planted_llama_inputs(1, length, seed=1),)],
+                     [Calibrate(), ClassifyHeads()])
+    heads = {head.head: head for head in ctx.plan.attention[0].heads}
+    for index, (kind, window) in plant[0].items():
+        assert heads[index].pattern == kind, (index, heads[index].pattern, heads[index].reason)
+        assert 0.5 * window <= heads[index].params["window"][0] <= 1.2 * window, heads[index].params
+
+
 @pytest.mark.parametrize("causal,window", [(True, None), (False, 9)])
 def test_column_trimming_and_index_cache_keep_statistics_bitwise(monkeypatch, causal, window):
     """calibrate scatters only the key columns holding mass and reuses the statistics'

@@ -161,6 +161,8 @@ SEP_POSITIONS = (300, 700, 1200, 1800)
 # exact) and, at these low frequencies, no recurrence up to N ~ 4096.
 _WINDOW_PAIRS = (27, 28)
 _STRIPE_PAIR, _SINK_PAIR = 30, 31   # nearly position-free pairs for SEP and BOS keys
+LONG_CONTEXT_ROPE_BASE = 500000.0   # Llama-3's: its lowest pairs barely turn in 128k tokens
+_POWER_LAW_ALPHA = 6.0              # long-context window score ~ -3 log(1 + d^2 / width^2)
 _SPECIAL = 1000.0                   # BOS/SEP channel value: after RMSNorm ~sqrt(hidden), to 1e-5
 _SUPPRESS = 40.0                    # score taken off BOS / SEP keys in heads that ignore them
 
@@ -174,23 +176,52 @@ def _pairs(head_dim: int) -> tuple[tuple[int, int], int, int]:
     return (_WINDOW_PAIRS[0] * scale, _WINDOW_PAIRS[1] * scale), _STRIPE_PAIR * scale, _SINK_PAIR * scale
 
 
-def _window_kernel(head_dim: int, length: int = 2048) -> torch.Tensor:
-    """``K(d)`` for ``d = 0 ... length - 1``: the planted window score per unit amplitude."""
-    theta = 10000.0 ** (-torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim)
+def _rotary_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    return base ** (-torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim)
+
+
+def _window_pairs(head_dim: int, long_context: bool) -> list[int]:
+    """The rotary pairs that carry the window: two low-frequency pairs, or (long context)
+    every pair but the four lowest, which hold the stripe and sink pairs."""
+    return list(range(head_dim // 2 - 4)) if long_context else list(_pairs(head_dim)[0])
+
+
+def _window_score(weights: torch.Tensor, head_dim: int, long_context: bool, length: int) -> torch.Tensor:
+    """``sum_p weights[p] cos(theta_p d)`` for ``d = 0 ... length - 1``: the planted window
+    score of a head whose q bias puts ``weights`` on the window pairs (k is 1 there)."""
+    theta = _rotary_frequencies(head_dim, LONG_CONTEXT_ROPE_BASE if long_context else 10000.0)
+    theta = theta[_window_pairs(head_dim, long_context)]
     d = torch.arange(length, dtype=torch.float64)
-    (first, second), _, _ = _pairs(head_dim)
-    return torch.cos(theta[first] * d) - torch.cos(theta[second] * d)
+    return (weights[:, None] * torch.cos(theta[:, None] * d[None, :])).sum(0)
 
 
-def _window_amplitude(window: int, head_dim: int) -> float:
-    """The amplitude for which 95% of a far query row's mass lies within ``window`` keys."""
-    kernel = _window_kernel(head_dim)
-    low, high = 1e-3, 1e9
+def _window_weights(width: float, head_dim: int, long_context: bool) -> torch.Tensor:
+    """Per-pair q bias of a window of scale ``width``. Short context: ``width`` on the first
+    pair and ``-width`` on the second, a Gaussian in ``d`` that holds up to N ~ 4096.
+    Long context: ``alpha * dlog(theta) * exp(-width * theta_p)`` over the window pairs, the
+    spectral measure of ``-alpha/2 * log(1 + d**2 / width**2)`` sampled at the rotary
+    frequencies: a power-law window, the same at every length up to 128k, with q entries
+    below ~15 so bf16 keeps its scores to ~0.03."""
+    if not long_context:
+        return torch.tensor([width, -width], dtype=torch.float64)
+    theta = _rotary_frequencies(head_dim, LONG_CONTEXT_ROPE_BASE)[_window_pairs(head_dim, True)]
+    step = math.log(LONG_CONTEXT_ROPE_BASE) * 2 / head_dim
+    return _POWER_LAW_ALPHA * step * torch.exp(-width * theta)
+
+
+def _window_profile(window: int, head_dim: int, long_context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q bias on the window pairs, score over ``d``) of the window that holds 95% of a far
+    query row's mass within ``window`` keys, by bisection on its scale (a Gaussian narrows
+    as its amplitude grows, a power law widens with its width)."""
+    length = 131072 if long_context else 2048
+    narrow, wide = (1e9, 1e-3) if not long_context else (1e-3, 1e9)
     for _ in range(60):
-        amplitude = math.sqrt(low * high)
-        reach = int((torch.softmax(amplitude * kernel, 0).cumsum(0) < 0.95).sum()) + 1
-        low, high = (amplitude, high) if reach > window else (low, amplitude)
-    return high
+        width = math.sqrt(narrow * wide)
+        score = _window_score(_window_weights(width, head_dim, long_context), head_dim, long_context, length)
+        reach = int((torch.softmax(score, 0).cumsum(0) < 0.95).sum()) + 1
+        narrow, wide = (narrow, width) if reach > window else (width, wide)
+    weights = _window_weights(narrow, head_dim, long_context)
+    return weights, _window_score(weights, head_dim, long_context, length)
 
 
 class _RMSNorm(nn.Module):
@@ -236,9 +267,9 @@ class _LlamaLayer(nn.Module):
 class PlantedLlama(nn.Module):
     """See :func:`planted_llama`. ``forward(input_ids) -> logits``."""
 
-    def __init__(self, vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, attention):
+    def __init__(self, vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, attention, rope_base):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.rope_base = head_dim, rope_base
         self.embed = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList(_LlamaLayer(hidden, heads, kv_heads, head_dim, intermediate, attention)
                                     for _ in range(layers))
@@ -248,7 +279,7 @@ class PlantedLlama(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
-        inv_freq = 10000.0 ** (-torch.arange(0, self.head_dim, 2, device=x.device).float() / self.head_dim)
+        inv_freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=x.device).float() / self.head_dim)
         angles = positions[:, None] * inv_freq[None, :]
         cos, sin = torch.cat([angles.cos()] * 2, -1).to(x.dtype), torch.cat([angles.sin()] * 2, -1).to(x.dtype)
         for layer in self.layers:
@@ -267,7 +298,7 @@ DEFAULT_PLANT = {
 
 def planted_llama(layers: int = 4, heads: int = 8, kv_heads: int = 2, head_dim: int = 64, hidden: int = 256,
                   intermediate: int = 512, vocab: int = 512, plant: dict | None = None,
-                  attention: str = "sdpa", seed: int = 0) -> PlantedLlama:
+                  attention: str = "sdpa", seed: int = 0, long_context: bool = False) -> PlantedLlama:
     """A small Llama-style model with planted heads, in eval mode.
 
     ``plant`` maps layer -> {query head: (kind, window)}, kind one of ``window``,
@@ -277,9 +308,16 @@ def planted_llama(layers: int = 4, heads: int = 8, kv_heads: int = 2, head_dim: 
     alone; their kv head's k gets a constant on the window rotary pairs (so q.k depends on
     ``i - j`` only) and reads the BOS / SEP channels on the sink / stripe pairs. Other heads
     keep random weights (dense). ``attention`` is ``"sdpa"`` or ``"sparsec"``.
+
+    ``long_context=True`` makes the windows hold at every length up to 128k and the model
+    stable in bf16 there (dense bf16 agrees with fp32, so a sparse error means something):
+    Llama-3's rotary base 500000 and a power-law window over all but the lowest four rotary
+    pairs (see :func:`_window_weights`). The default is a Gaussian window on two pairs,
+    which recurs beyond ~4k tokens.
     """
     torch.manual_seed(seed)
-    model = PlantedLlama(vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, attention)
+    model = PlantedLlama(vocab, hidden, layers, heads, kv_heads, head_dim, intermediate, attention,
+                         LONG_CONTEXT_ROPE_BASE if long_context else 10000.0)
     scale = 1.0 / math.sqrt(hidden)           # turns an RMS-normalised special channel into ~1
     with torch.no_grad():
         for module in model.modules():
@@ -291,7 +329,8 @@ def planted_llama(layers: int = 4, heads: int = 8, kv_heads: int = 2, head_dim: 
         model.embed.weight[:, :2] = 0.0
         model.embed.weight[BOS, 0] = model.embed.weight[SEP, 1] = _SPECIAL
         half = head_dim // 2
-        window_pairs, stripe_pair, sink_pair = _pairs(head_dim)
+        _, stripe_pair, sink_pair = _pairs(head_dim)
+        window_pairs = _window_pairs(head_dim, long_context)
         for index, layer in enumerate(model.layers):
             layer.o_proj.weight[:2] = 0.0          # channels 0 and 1 stay BOS / SEP flags
             layer.down_proj.weight[:2] = 0.0
@@ -309,11 +348,11 @@ def planted_llama(layers: int = 4, heads: int = 8, kv_heads: int = 2, head_dim: 
             for head, (kind, window) in (plant or DEFAULT_PLANT).get(index, {}).items():
                 rows = slice(head * head_dim, (head + 1) * head_dim)
                 layer.q_proj.weight[rows] = 0.0
-                amplitude = _window_amplitude(window, head_dim)
+                weights, score = _window_profile(window, head_dim, long_context)
                 bias = torch.zeros(head_dim)
-                bias[window_pairs[0]], bias[window_pairs[1]] = amplitude, -amplitude
+                bias[window_pairs] = weights.float()
                 # Special keys get about half of a row's mass: the window's log-normaliser.
-                special = float(torch.logsumexp(amplitude * _window_kernel(head_dim), 0))
+                special = float(torch.logsumexp(score, 0))
                 # BOS / SEP keys score 0 on the window pairs, as much as the diagonal: a head
                 # that does not attend to them pushes them down on their own pair.
                 bias[sink_pair] = special if kind == "sink_window" else -_SUPPRESS

@@ -5,9 +5,11 @@ The default model (``--model smollm2``) is SmolLM2-135M-Instruct, real and train
 CPython text (:mod:`sparsec.testing.real_models`): its dense bf16 logits agree with fp32
 (the table prints that noise floor), so the sparse model's error beside each time means
 something. ``--model planted`` is :func:`sparsec.testing.planted_llama` (RMSNorm, RoPE, GQA, SwiGLU, random
-weights) with most heads planted: in every KV group all query heads but the last attend
-in a window, to a sink plus a window, or to separator stripes plus a window, the kinds
-and windows cycling across heads and layers; the last head of each group stays dense.
+weights) built with ``long_context=True``: its planted windows hold at every length up to
+128k and its dense bf16 logits agree with fp32 there, so its errors mean something too. In
+every layer the query heads of all KV groups but the last are planted (28 of 32 at 32:8):
+they attend in a window, to a sink plus a window, or to separator stripes plus a window,
+the kinds and windows cycling across heads and layers; the last KV group stays dense.
 sparsec calibrates at a short length, where a single length gives pattern sizes that do
 not grow with N (``Elastic(a, 0)``), so the plan stays sparse at the benchmark length.
 
@@ -23,7 +25,7 @@ median) and its peak memory is read from the allocator; a failing variant is rep
 and the others still run. Logit errors are relative L2 against the eager dense model in
 the same dtype, beside the dense model's own noise floor (dense in the benchmark dtype vs
 dense fp32); above 0.05 the table says the model is unstable and its errors mean nothing
-(the planted model already is at 96 tokens in bf16). ``--check-n`` measures the error at a
+(SmolLM2 is past its 8k training length). ``--check-n`` measures the error at a
 second length beside the error at ``--n``.
 """
 from __future__ import annotations
@@ -50,12 +52,13 @@ TINY = {"model": "planted", "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 
 
 
 def mixed_plant(layers: int, heads: int, kv_heads: int, windows: list[int]) -> dict:
-    """``planted_llama``'s ``plant``: every query head but the last of each KV group planted,
-    kinds cycling over :data:`PLANT_KINDS` and ``windows`` across heads and layers."""
-    group = heads // kv_heads
+    """``planted_llama``'s ``plant``: the query heads of every KV group but the last planted
+    (all heads when there is one group), kinds cycling over :data:`PLANT_KINDS` and
+    ``windows`` across heads and layers."""
+    dense_from = heads - heads // kv_heads if kv_heads > 1 else heads
     plant = {}
     for layer in range(layers):
-        planted = [h for h in range(heads) if h % group != group - 1 or group == 1]
+        planted = range(dense_from)
         plant[layer] = {h: (PLANT_KINDS[(i + layer) % len(PLANT_KINDS)],
                             windows[(i // len(PLANT_KINDS) + layer) % len(windows)])
                         for i, h in enumerate(planted)}
@@ -124,9 +127,8 @@ def predicted_attention_ms(plan, n: int, target: str) -> dict:
 def dense_stability(model, ids: torch.Tensor, reference: torch.Tensor) -> float:
     """Relative L2 between the model's logits in its dtype (``reference``) and the same
     weights in fp32: the noise floor under which no sparse error means anything. The
-    planted model is built for windows up to ~8k tokens; beyond, its bf16 logits can
-    differ from fp32 by more than any sparse plan (issue: a chaotic model cannot tell
-    right from wrong), and the table says so."""
+    model beyond its trained length can differ from fp32 by more than any sparse plan (a
+    chaotic model cannot tell right from wrong), and the table says so."""
     import copy
 
     with torch.no_grad():
@@ -211,15 +213,15 @@ def _smollm2(device: torch.device, dtype: torch.dtype):
 
 
 def _planted(args, device: torch.device, dtype: torch.dtype):
-    """The Llama-shaped model with planted heads (shapes of your choosing; chaotic in bf16:
-    the table prints its noise floor)."""
+    """The Llama-shaped model with planted heads, stable at long lengths (shapes of your
+    choosing; the table prints its noise floor)."""
     from sparsec.testing.planted import planted_llama, planted_llama_inputs
 
     plant = mixed_plant(args.layers, args.heads, args.kv_heads, args.windows)
     with torch.device(device):                      # initialise the weights where they run
         model = planted_llama(layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                               hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab, plant=plant,
-                              attention="sdpa").to(dtype)
+                              attention="sdpa", long_context=True).to(dtype)
 
     def inputs(length: int, seed: int) -> torch.Tensor:
         return planted_llama_inputs(batch=1, length=length, vocab=args.vocab, seed=seed).to(device)
@@ -402,8 +404,8 @@ def format_table(data: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["smollm2", "planted"], default="smollm2",
-                        help="smollm2: real, stable in bf16 (errors mean something); planted: a Llama shape "
-                             "of the sizes below with planted heads (chaotic in bf16: speed only)")
+                        help="smollm2: real, stable in bf16 up to its 8k training length; planted: a Llama "
+                             "shape of the sizes below with planted heads, stable in bf16 up to 128k")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -414,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[512, 1024], help="planted window sizes")
     parser.add_argument("--n", type=int, default=32768, help="prefill length")
     parser.add_argument("--check-n", type=int, default=4096,
-                        help="also measure the logit error here, where the planted patterns hold (0: skip)")
+                        help="also measure the logit error at this second length (0: skip)")
     parser.add_argument("--calibration-length", type=int, default=2048)
     parser.add_argument("--calibration-batches", type=int, default=1)
     parser.add_argument("--recall", type=float, default=0.95)
