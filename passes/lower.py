@@ -3,13 +3,17 @@
 A site whose heads are all dense keeps its ``sparsec.attention`` node (dense SDPA: on a
 GPU that is already FlashAttention). Any other site becomes one
 ``sparsec.sparse_attention`` node carrying the site's group table, so every group runs as
-one launch; the op's device kernels (Triton on CUDA, the pure-torch reference elsewhere)
-are chosen at run time by tensor device.
+one launch; the op's device kernels are chosen at run time by tensor device. The backend
+each group runs on the target (``CostModel.backend``: FlashAttention-4 or Triton on GPUs, the
+block-sparse CPU path elsewhere) is recorded in ``site.extra["backends"]``; at run time FA4
+serves its groups where it is installed and the inputs are fp16 / bf16 without an explicit
+mask, and Triton the rest.
 """
 from __future__ import annotations
 
 import torch
 
+from sparsec.analysis.cost_model import CostModel
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.ir.plan import encode_groups
 
@@ -34,6 +38,7 @@ class Lower:
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         nodes = {n.name: n for n in gm.graph.nodes}
         lowered, decisions = 0, {}
+        cost = CostModel(ctx.target)
         for site in ctx.plan.attention:
             node = nodes.get(site.node)
             if node is None or node.target != ATTENTION:
@@ -45,8 +50,11 @@ class Lower:
                 decisions[site.name] = "dense"
                 continue
             lower_site(gm, node, site)
-            site.extra["lowered"] = f"sparse_attention, {len(site.groups)} launch(es)"
-            decisions[site.name] = [f"{g.pattern}:{g.heads}" for g in site.groups]
+            backends = [cost.backend(g.pattern, site.head_dim) for g in site.groups]
+            launches = ("fa4" in backends) + sum(backend != "fa4" for backend in backends)
+            site.extra["backends"] = backends
+            site.extra["lowered"] = f"sparse_attention, {launches} launch(es)"
+            decisions[site.name] = [f"{g.pattern}:{g.heads}@{b}" for g, b in zip(site.groups, backends)]
             lowered += 1
         return PassResult(gm, lowered > 0, {"sites_lowered_sparse": lowered,
                                             "sites_dense": len(ctx.plan.attention) - lowered}, decisions)

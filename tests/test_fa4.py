@@ -154,7 +154,8 @@ def test_backend_rule():
     from sparsec.analysis.cost_model import attention_backend
     assert attention_backend("sm90", "window", 128) == "fa4"
     assert attention_backend("sm90", "vertical_slash", 128) == "triton"
-    assert attention_backend("sm90", "block_topk", 128) == "triton"
+    assert attention_backend("sm90", "block_topk", 128) == "fa4"
+    assert attention_backend("sm90", "vertical_stripe", 256) == "fa4"
     assert attention_backend("sm80", "window", 128) == "triton"
     assert attention_backend("sm90", "window", 96) == "triton"
 
@@ -236,7 +237,7 @@ LOOKUP_SITES = {                                       # GQA 4:2; per-head table
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_fa4_lookup_families_direct(site, causal, head_dim):
     """The FA4 kernel on the families whose mask_mod reads the stripe and layout tables, called
-    directly: the backend rule may still keep them on Triton (``FA4_UNVERIFIED``)."""
+    directly."""
     groups, n, scale = LOOKUP_SITES[site], 777, head_dim ** -0.5
     torch.manual_seed(0)
     q = torch.randn(1, 4, n, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -248,3 +249,27 @@ def test_fa4_lookup_families_direct(site, causal, head_dim):
     for head in sorted(h for group in groups for h in group.heads):
         error = (out[:, head].float() - expected[:, head]).norm() / expected[:, head].norm()
         assert error < 2e-2, (head, float(error))
+
+
+def test_cost_model_prices_fa4_groups_with_their_rates_and_one_launch(monkeypatch):
+    import dataclasses
+
+    from sparsec.analysis.cost_model import CostModel, KernelRates, head_flops
+
+    monkeypatch.setenv("SPARSEC_FA4", "1")
+    cost = CostModel("h200")
+    assert (cost.backend("window", 128), cost.backend("vertical_slash", 128)) == ("fa4", "triton")
+    assert CostModel("cpu").backend("window", 128) == "cpu"
+    cost.profile = dataclasses.replace(cost.profile, fa4=KernelRates(tflops=2 * cost.profile.sparse.tflops,
+                                                                     row_block_us=0.0, launch_us=5.0))
+    groups = [("window", {"window": [512, 0]}, 4), ("sink_window", {"sink": [1, 0], "window": [256, 0]}, 4)]
+    on = cost.site_seconds(groups, 16384, True, 128)
+    monkeypatch.setenv("SPARSEC_FA4", "0")
+    assert cost.backend("window", 128) == "triton"
+    off = cost.site_seconds(groups, 16384, True, 128)
+    # FA4: twice the rate, one launch of 5 us for both groups; Triton: its rate, two launches.
+    work = sum(count * cost.head_seconds(kind, params, 16384, True, 128) for kind, params, count in groups)
+    assert off == pytest.approx(work + 2 * cost.profile.sparse.launch_us * 1e-6)
+    assert on < off and on == pytest.approx(5e-6 + sum(
+        count * (head_flops(kind, params, 16384, True, 128) / (cost.profile.fa4.tflops * 1e12))
+        for kind, params, count in groups), rel=1e-6)

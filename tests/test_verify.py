@@ -99,3 +99,22 @@ def test_a_plan_costed_past_its_verified_lengths_says_so():
     with pytest.warns(UserWarning, match=r"costed for seq_len=16384 but verified only at lengths \[128\]"):
         compiled = sparsec.compile(model, (ids,), target="h100", seq_len=16384)
     assert compiled.plan.verification.unverified_at_seq_len == 16384
+
+
+def test_a_low_precision_model_is_verified_above_its_own_noise_floor():
+    ids = planted_llama_inputs(batch=1, length=256, seed=3)
+
+    def model(long_context):
+        return planted_llama(layers=2, heads=8, kv_heads=2, head_dim=64, hidden=256, intermediate=256,
+                             long_context=long_context).to(torch.bfloat16)
+
+    record = sparsec.compile(model(True), (ids,), target="h100", seq_len=16384).plan.verification
+    assert record.noise_floor is not None and 0 < record.noise_floor < 0.05
+    assert record.within_tolerance and record.measured - record.noise_floor <= record.max_error
+    assert "noise floor" in sparsec.compile(model(True), (ids,), target="h100", seq_len=16384).plan.summary()
+    # A tolerance below the floor cannot be checked in bf16, and compile says so.
+    with pytest.warns(UserWarning, match="noise floor"):
+        sparsec.compile(model(True), (ids,), target="h100", seq_len=16384,
+                        tolerance=Tolerance("rel_l2", record.noise_floor / 2))
+    fp32 = sparsec.compile(model(True).float(), (ids,), target="h100", seq_len=16384).plan.verification
+    assert fp32.noise_floor is None

@@ -45,6 +45,10 @@ class SuffixRunner:
         """Cached values and the output of a dense run of one ``(args, kwargs)`` call."""
         return self.runner.run_and_cache(*call)
 
+    def run_replaced(self, cache: dict, replace: dict[torch.fx.Node, NodeReplacement]) -> Any:
+        """The output with each ``replace`` node computed by its own function instead."""
+        return self.runner.run_suffix(cache, replace, {})
+
     def run(self, cache: dict, overrides: dict[torch.fx.Node, Override], observe: Callable | None = None) -> Any:
         """The output with each ``overrides`` site computed with its head groups, and each
         overridden linear with its replacement weight. ``observe(node, args, output)`` sees

@@ -20,6 +20,9 @@ block-sparse CPU path, whose dynamic patterns also pay ``dynamic_layout_ns`` per
 element to build their layout per input. ``docs/benchmarks.md`` records both calibrations
 and how well the fits hold.
 
+Groups that FlashAttention-4 serves (:func:`attention_backend`) take the ``fa4`` rates where
+the target's calibration has them, and all of a site's FA4 groups share one launch.
+
 Other GPU targets are scaled from the h100 calibration until measured: rates by the datasheet
 peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
 overhead.
@@ -43,6 +46,7 @@ import sympy
 import torch
 
 from sparsec.analysis.measurements import packaged, packaged_targets
+from sparsec.ir import config
 
 from sparsec.patterns import get_pattern
 from sparsec.patterns.base import N
@@ -68,10 +72,12 @@ class CostProfile:
     # Per head and (query, key) element: building a dynamic pattern's layout per input where
     # the runtime does it densely (the CPU path; GPU kernels estimate in-kernel, in cost_expr).
     dynamic_layout_ns: float = 0.0
+    fa4: KernelRates | None = None     # block-sparse FlashAttention-4, where measured (sm90+)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "calibrated": self.calibrated,
                 "dense": vars(self.dense), "sparse": vars(self.sparse),
+                "fa4": None if self.fa4 is None else vars(self.fa4),
                 "dynamic_layout_ns": self.dynamic_layout_ns}
 
 
@@ -80,7 +86,8 @@ def _calibrated(target: str) -> CostProfile:
     run = packaged("attention_calibration", target)
     fit = run["fit"]
     return CostProfile(target, dense=KernelRates(**fit["dense"]), sparse=KernelRates(**fit["sparse"]),
-                       calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0))
+                       calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0),
+                       fa4=KernelRates(**fit["fa4"]) if "fa4" in fit else None)
 
 
 # Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
@@ -101,7 +108,8 @@ def cost_profile(target: "str | Target") -> CostProfile:
                            rates.row_block_us * _REFERENCE.bandwidth_gbs / target.bandwidth_gbs,
                            rates.launch_us * target.launch_overhead_us / _REFERENCE.launch_overhead_us)
 
-    return CostProfile(target.name, scaled(base.dense), scaled(base.sparse), calibrated=False)
+    return CostProfile(target.name, scaled(base.dense), scaled(base.sparse), calibrated=False,
+                       fa4=None if base.fa4 is None else scaled(base.fa4))
 
 
 @lru_cache(maxsize=4096)
@@ -131,30 +139,47 @@ class CostModel:
         self.target = get_target(target)
         self.profile = cost_profile(self.target)
 
-    def _rates(self, kind: str) -> KernelRates:
-        return self.profile.dense if get_pattern(kind).computes_all else self.profile.sparse
+    def backend(self, kind: str, head_dim: int) -> str:
+        """The kernel a sparse site's group of ``kind`` runs on this target: ``"fa4"`` or
+        ``"triton"`` on GPUs (:func:`attention_backend`; Triton when ``SPARSEC_FA4=0``),
+        ``"cpu"`` (the block-sparse CPU path) elsewhere."""
+        if self.target.device_type != "cuda":
+            return "cpu"
+        return attention_backend(self.target.arch, kind, head_dim) if config.fa4_backend() else "triton"
+
+    def _rates(self, kind: str, head_dim: int) -> KernelRates:
+        if get_pattern(kind).computes_all:
+            return self.profile.dense
+        if self.profile.fa4 is not None and self.backend(kind, head_dim) == "fa4":
+            return self.profile.fa4
+        return self.profile.sparse
 
     def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
         """One head of one sequence, without the launch."""
         if get_pattern(kind).computes_none:
             return 0.0
-        rates = self._rates(kind)
+        rates = self._rates(kind, head_dim)
         rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
         layout = n * n * self.profile.dynamic_layout_ns * 1e-9 if get_pattern(kind).dynamic else 0.0
         return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
 
-    def launch_seconds(self, kind: str) -> float:
-        return 0.0 if get_pattern(kind).computes_none else self._rates(kind).launch_us * 1e-6
+    def launch_seconds(self, kind: str, head_dim: int = REFERENCE_HEAD_DIM) -> float:
+        return 0.0 if get_pattern(kind).computes_none else self._rates(kind, head_dim).launch_us * 1e-6
 
     def site_seconds(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
                      batch: int = 1) -> float:
         """A site whose head groups are ``(kind, params, number of heads)``: one dense launch
-        when every head is dense, else one launch per group."""
+        when every head is dense, else one launch for all the groups FA4 serves (one call with
+        per-head tables) and one per other group."""
         if all(get_pattern(kind).computes_all for kind, _, _ in groups):
             heads = sum(count for _, _, count in groups)
-            return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
-        return sum(self.launch_seconds(kind) + batch * count * self.head_seconds(kind, params, n, causal, head_dim)
+            return self.launch_seconds("dense", head_dim) + \
+                batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
+        work = sum(batch * count * self.head_seconds(kind, params, n, causal, head_dim)
                    for kind, params, count in groups)
+        fa4 = [kind for kind, _, _ in groups if self.backend(kind, head_dim) == "fa4"]
+        launches = sum(self.launch_seconds(kind, head_dim) for kind, _, _ in groups if kind not in fa4)
+        return work + (self.profile.fa4 or self.profile.sparse).launch_us * 1e-6 * bool(fa4) + launches
 
     def attention_record(self, sites: list, n: int) -> dict:
         """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,
@@ -217,21 +242,17 @@ class CostModel:
 # -- attention backend per group ------------------------------------------------------------
 
 FA4_HEAD_DIMS = (64, 128, 256)
-# Families whose FA4 mask_mod reads a lookup aux tensor (stripe columns, block layout): on the
-# H200 with flash-attn-4 4.0.0b36 those lookups gave wrong outputs (rel. error 0.16-0.83,
-# while the arithmetic-only families matched the reference to 2e-3), so they stay on Triton.
-FA4_UNVERIFIED = frozenset({"vertical_stripe", "block_topk"})
 
 
 def attention_backend(arch: str, kind: str, head_dim: int) -> str:
     """The kernel a head group of ``kind`` runs on a GPU of ``arch`` (``"sm90"``): ``"fa4"``
     (FlashAttention-4 block-sparse, :mod:`sparsec.runtime.fa4`) or ``"triton"``.
 
-    A documented rule until FA4 has its own calibrated rates: FA4 for the static families
-    whose mask is index arithmetic (dense, skip, window, sink_window, multi_diagonal) at head
-    dims 64, 128 and 256 on sm90 and newer (docs/benchmarks.md, "FlashAttention-4 backend");
-    Triton for dynamic families (``vertical_slash``), for :data:`FA4_UNVERIFIED`, other head
-    dims and older chips."""
+    FA4 for the static families (their mask is index arithmetic or a lookup table, each
+    checked against the reference on an H200: tests/test_fa4.py) at head dims 64, 128 and
+    256 on sm90 and newer, where its measured rates (``fa4`` in the target's calibration)
+    are 1.3-1.5x Triton's; Triton for dynamic families (``vertical_slash``: estimated per
+    input inside the Triton kernel), other head dims and older chips."""
     newer = arch.startswith("sm") and arch[2:].isdigit() and int(arch[2:]) >= 90
-    static = not get_pattern(kind).dynamic and kind not in FA4_UNVERIFIED
+    static = not get_pattern(kind).dynamic
     return "fa4" if newer and static and head_dim in FA4_HEAD_DIMS else "triton"

@@ -58,12 +58,13 @@ def attention_configs() -> list[str]:
 
 
 def fa4_backend() -> bool:
-    """``SPARSEC_FA4=1`` lets the FlashAttention-4 backend (``sparsec[gpu]``, sm90+) serve the
-    groups it supports; off by default while it is a beta whose GPU tests have not passed on
-    this commit (docs/benchmarks.md, "FlashAttention-4 backend")."""
-    raw = os.environ.get("SPARSEC_FA4", "0") or "0"
+    """Whether the FlashAttention-4 backend (``sparsec[gpu]``, sm90+) serves the groups it
+    supports where it is installed: on unless ``SPARSEC_FA4=0`` (then every sparse group runs
+    sparsec's Triton kernels, and the cost model prices them so)."""
+    raw = os.environ.get("SPARSEC_FA4", "1") or "1"
     if raw not in ("0", "1"):
-        raise ValueError(f"SPARSEC_FA4={raw!r}; set it to 1 (FlashAttention-4 on) or 0 (off, the default)")
+        raise ValueError(f"SPARSEC_FA4={raw!r}; set it to 1 (FlashAttention-4 where installed, the default) "
+                         "or 0 (Triton only)")
     return raw == "1"
 
 

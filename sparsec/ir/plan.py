@@ -244,6 +244,9 @@ class VerificationRecord(_Record):
     # Per head made dense here: site, head, pattern, local_error, model_error_before.
     densified: list[dict] = field(default_factory=list)
     unverified_at_seq_len: int | None = None    # the serving length, when no input was that long
+    # fp16 / bf16 models: error and top-1 with the verified sites dense in fp32 (verify.py).
+    noise_floor: float | None = None
+    noise_floor_top1: float | None = None
 
 
 @dataclass
@@ -441,6 +444,8 @@ def _error_summary(plan: Plan) -> list[str]:
         lines.append(
             f"verified: {verification.metric}={verification.measured:.3g}"
             + ("" if top1 is None else f", top-1 agreement {top1:.3f}")
+            + ("" if verification.noise_floor is None else f", the model's own noise floor "
+               f"{verification.noise_floor:.3g} (tolerance above it)")
             + f" at lengths {verification.lengths} (tolerance {verification.metric} <= "
             f"{verification.max_error:g}" + ("" if verification.min_top1 is None
                                              else f", top-1 >= {verification.min_top1:g}")

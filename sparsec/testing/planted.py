@@ -24,6 +24,7 @@ read from reserved embedding channels on the lowest-frequency pairs, which barel
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,7 @@ def _window_weights(width: float, head_dim: int, long_context: bool) -> torch.Te
     return _POWER_LAW_ALPHA * step * torch.exp(-width * theta)
 
 
+@lru_cache(maxsize=64)
 def _window_profile(window: int, head_dim: int, long_context: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(q bias on the window pairs, score over ``d``) of the window that holds 95% of a far
     query row's mass within ``window`` keys, by bisection on its scale (a Gaussian narrows

@@ -16,7 +16,10 @@ What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``)
 2. block-sparse attention: FlexAttention with a sliding-window ``BlockMask`` (128 x 128
    blocks) at N = 4096 and 16384 over window widths;
 3. launch overhead: host wall time per call of back-to-back eager calls at a tiny size
-   (SDPA, FlexAttention, an empty Triton kernel), where the host, not the GPU, is the limit.
+   (SDPA, FlexAttention, an empty Triton kernel), where the host, not the GPU, is the limit;
+4. where FlashAttention-4 is installed (sm90+): sparsec's FA4 backend as it runs a
+   ``sink_window`` group (per-head block tables and the generated mask_mod) at the same
+   lengths and widths, the rates the cost model gives groups that FA4 serves.
 
 Each series is fitted (least squares on relative residuals) to the cost model's form
 ``t = launch + computed_pairs * 4 * D / rate + query_block_rows * row_cost``, where
@@ -120,6 +123,34 @@ def measure_sparse() -> list[dict]:
     return rows
 
 
+def measure_fa4() -> list[dict]:
+    """Block-sparse FA4 through sparsec's backend (:mod:`sparsec.runtime.fa4`) over the
+    widths of :func:`measure_sparse`; ``[]`` where FA4 does not run."""
+    from sparsec.ir.plan import HeadGroup
+    from sparsec.runtime import fa4
+
+    if not fa4.supported(torch.device("cuda")):
+        print("fa4: not installed or not sm90+, no FA4 series", flush=True)
+        return []
+    rows = []
+    for n in SPARSE_LENGTHS:
+        q, k, v = _qkv(n)
+        out = torch.empty_like(q)
+        for window in [w for w in WINDOWS if w <= n]:
+            group = HeadGroup("sink_window", {"sink": [1, 0], "window": [window, 0]}, list(range(HEADS)))
+            tables = fa4.build_tables([group], HEADS, n, n, True, fa4.key_block(HEAD_DIM, q.device), q.device)
+            per_head = HEADS // tables.full_count.shape[1]          # 1 row: broadcast over the heads
+            blocks = int(tables.partial_count.sum() + tables.full_count.sum()) * per_head
+            launch = fa4.site_call(q, k, v, HEAD_DIM ** -0.5, True, [group])
+            ms = _median_ms(lambda: launch(q, k, v, out))
+            flops = 4 * HEAD_DIM * blocks * fa4.BLOCK_M * tables.block_n
+            rows.append({"n": n, "window": window, "blocks": blocks, "query_blocks": n // BLOCK,
+                         "ms": ms, "flops": flops, "tflops": flops / ms / 1e9})
+            print(f"fa4   n={n:6d} window={window:6d} blocks={blocks:6d} {ms:8.3f} ms "
+                  f"({flops / ms / 1e9:6.1f} TFLOP/s over computed blocks)", flush=True)
+    return rows
+
+
 def measure_launch() -> dict:
     import torch.nn.functional as F
     import triton
@@ -170,10 +201,14 @@ def predict_ms(fitted: dict, row: dict) -> float:
 
 def fit(data: dict) -> dict:
     """Fit every series of a measurement record: ``dense`` (the backend torch picks: the
-    cost model's dense rates), ``dense_flash`` (flash forced, for comparison), ``sparse``."""
-    return {"dense": fit_series(data["dense"], "default_backend_ms"),
-            "dense_flash": fit_series(data["dense"], "ms"),
-            "sparse": fit_series(data["sparse"])}
+    cost model's dense rates), ``dense_flash`` (flash forced, for comparison), ``sparse``
+    and, where measured, ``fa4``."""
+    fitted = {"dense": fit_series(data["dense"], "default_backend_ms"),
+              "dense_flash": fit_series(data["dense"], "ms"),
+              "sparse": fit_series(data["sparse"])}
+    if data.get("fa4"):
+        fitted["fa4"] = fit_series(data["fa4"])
+    return fitted
 
 
 def format_fit(data: dict, fitted: dict) -> str:
@@ -181,7 +216,7 @@ def format_fit(data: dict, fitted: dict) -> str:
              f"launch {f['launch_us']:.1f} us" for name, f in fitted.items()]
     lines += ["", f"{'series':<12} {'n':>6} {'window':>6} {'measured ms':>12} {'fitted ms':>10} {'ratio':>6}"]
     series = [("dense", "default_backend_ms", data["dense"]), ("dense_flash", "ms", data["dense"]),
-              ("sparse", "ms", data["sparse"])]
+              ("sparse", "ms", data["sparse"]), ("fa4", "ms", data.get("fa4", []))]
     for name, key, rows in series:
         for r in rows:
             predicted = predict_ms(fitted[name], r)
@@ -202,7 +237,7 @@ def measure() -> dict:
           f"triton {triton.__version__}", flush=True)
     return {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
             "head_dim": HEAD_DIM, "heads": HEADS, "batch": 1, "dtype": "bfloat16", "block": BLOCK,
-            "dense": measure_dense(), "sparse": measure_sparse(), "launch": measure_launch()}
+            "dense": measure_dense(), "sparse": measure_sparse(), "launch": measure_launch(), "fa4": measure_fa4()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
