@@ -4,10 +4,11 @@ A site whose heads are all dense keeps its ``sparsec.attention`` node (dense SDP
 GPU that is already FlashAttention). Any other site becomes one
 ``sparsec.sparse_attention`` node carrying the site's group table, so every group runs as
 one launch; the op's device kernels are chosen at run time by tensor device. The backend
-each group runs on the target (``CostModel.backend``: FlashAttention-4 or Triton on GPUs, the
-block-sparse CPU path elsewhere) is recorded in ``site.extra["backends"]``; at run time FA4
-serves its groups where it is installed and the inputs are fp16 / bf16 without an explicit
-mask, and Triton the rest.
+each group runs on the target at the serving length (``CostModel.backend``: FlashAttention-4
+or Triton on GPUs by their measured rates, the block-sparse CPU path elsewhere) is recorded in
+``site.extra["backends"]``; at run time the same choice is made at the input's length, FA4
+serving its groups where it is installed and the inputs are fp16 / bf16 without an explicit
+mask.
 """
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ class Lower:
                 decisions[site.name] = "dense"
                 continue
             lower_site(gm, node, site)
-            backends = [cost.backend(g.pattern, site.head_dim) for g in site.groups]
+            stats = ctx.attention_stats.get(site.name)
+            n = ctx.seq_len or (max(stats.lengths) if stats and stats.lengths else 0)
+            backends = [cost.backend(g.pattern, g.params, n, site.effective_causal(), site.head_dim)
+                        for g in site.groups]
             launches = ("fa4" in backends) + sum(backend != "fa4" for backend in backends)
             site.extra["backends"] = backends
             site.extra["lowered"] = f"sparse_attention, {launches} launch(es)"

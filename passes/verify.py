@@ -149,6 +149,9 @@ class Verify:
 def _fp32_attention(node, args, kwargs) -> torch.Tensor:
     q, k, v, mask, scale, causal = args[:6]
     mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    # K / V repeated to every query head: fp32 GQA would fall back to SDPA's O(N^2) math kernel.
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
     return reference.dense_attention(q.float(), k.float(), v.float(), mask, scale, causal).to(q.dtype)
 
 

@@ -45,6 +45,7 @@ from sparsec.patterns import get_pattern
 from sparsec.patterns.base import backend_piece, register_piece
 from sparsec.patterns.shared import size_at
 from sparsec.ir.plan import HeadGroup
+from sparsec.ir.targets import running_target
 
 BLOCK_M = 128                  # query rows per sparse block (a multiple of every FA4 sm90 tile_m we use)
 FA4_DTYPES = (torch.float16, torch.bfloat16)
@@ -416,12 +417,18 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
     return launch
 
 
-def serves(q, k, v, mask, group: HeadGroup) -> bool:
-    """Whether the FA4 backend takes ``group`` for these inputs."""
-    from sparsec.analysis.cost_model import attention_backend
-    return (mask is None and family_terms(group.pattern) is not None and q.dtype in FA4_DTYPES
-            and q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]
-            and attention_backend(_arch(q.device), group.pattern, q.shape[-1]) == "fa4")
+def serves(q, k, v, mask, causal: bool, group: HeadGroup) -> bool:
+    """Whether the FA4 backend takes ``group`` for these inputs: under a compiled model's
+    target (:func:`~sparsec.ir.targets.running_target`) where its cost model picks FA4 at this
+    length (``CostModel.backend``), in a direct call wherever the family rule allows it."""
+    from sparsec.analysis.cost_model import CostModel, attention_backend
+    if not (mask is None and family_terms(group.pattern) is not None and q.dtype in FA4_DTYPES
+            and q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]):
+        return False
+    target = running_target()
+    if target is None or target.arch != _arch(q.device):
+        return attention_backend(_arch(q.device), group.pattern, q.shape[-1]) == "fa4"
+    return CostModel(target).backend(group.pattern, group.params, k.shape[-2], causal, q.shape[-1]) == "fa4"
 
 
 def _arch(device: torch.device) -> str:
@@ -439,7 +446,7 @@ def site_launches(q, k, v, mask, scale: float, causal: bool, groups: list[HeadGr
     build) is dropped with one warning per reason, and every group is left to the others."""
     if not available(q.device):
         return [], groups
-    mine = [g for g in groups if serves(q, k, v, mask, g)]
+    mine = [g for g in groups if serves(q, k, v, mask, causal, g)]
     if not mine:
         return [], groups
     rest = [g for g in groups if g not in mine]

@@ -251,25 +251,34 @@ def test_fa4_lookup_families_direct(site, causal, head_dim):
         assert error < 2e-2, (head, float(error))
 
 
-def test_cost_model_prices_fa4_groups_with_their_rates_and_one_launch(monkeypatch):
+def test_cost_model_picks_fa4_per_group_by_measured_rates_and_prices_one_launch(monkeypatch):
     import dataclasses
 
-    from sparsec.analysis.cost_model import CostModel, KernelRates, head_flops
+    from sparsec.analysis.cost_model import CostModel, head_flops
 
     monkeypatch.setenv("SPARSEC_FA4", "1")
     cost = CostModel("h200")
-    assert (cost.backend("window", 128), cost.backend("vertical_slash", 128)) == ("fa4", "triton")
-    assert CostModel("cpu").backend("window", 128) == "cpu"
-    cost.profile = dataclasses.replace(cost.profile, fa4=KernelRates(tflops=2 * cost.profile.sparse.tflops,
-                                                                     row_block_us=0.0, launch_us=5.0))
-    groups = [("window", {"window": [512, 0]}, 4), ("sink_window", {"sink": [1, 0], "window": [256, 0]}, 4)]
+    small, large = {"window": [256, 0]}, {"window": [8192, 0]}
+    # Measured on the H200: FA4's mask_mod path pays more per query row, Triton more per block.
+    assert cost.backend("window", small, 16384, True, 128) == "triton"
+    assert cost.backend("window", large, 16384, True, 128) == "fa4"
+    assert cost.backend("dense", {}, 16384, True, 128) == "fa4"
+    assert cost.backend("vertical_slash", {"vertical": [64, 0], "slash": [64, 0]}, 16384, True, 128) == "triton"
+    assert CostModel("cpu").backend("window", small, 16384, True, 128) == "cpu"
+    assert CostModel("a100").backend("window", large, 16384, True, 128) == "triton"
+    groups = [("window", large, 4), ("sink_window", {"sink": [1, 0], "window": [8192, 0]}, 4)]
     on = cost.site_seconds(groups, 16384, True, 128)
+    fa4_rates = cost.profile.fa4
+    expected = fa4_rates.launch_us * 1e-6 + sum(
+        count * (head_flops(kind, params, 16384, True, 128) / (fa4_rates.tflops * 1e12)
+                 + 128 * fa4_rates.row_block_us * 1e-6) for kind, params, count in groups)
+    assert on == pytest.approx(expected, rel=1e-6)                 # FA4's rates, one launch for both
     monkeypatch.setenv("SPARSEC_FA4", "0")
-    assert cost.backend("window", 128) == "triton"
+    assert cost.backend("window", large, 16384, True, 128) == "triton"
     off = cost.site_seconds(groups, 16384, True, 128)
-    # FA4: twice the rate, one launch of 5 us for both groups; Triton: its rate, two launches.
     work = sum(count * cost.head_seconds(kind, params, 16384, True, 128) for kind, params, count in groups)
-    assert off == pytest.approx(work + 2 * cost.profile.sparse.launch_us * 1e-6)
-    assert on < off and on == pytest.approx(5e-6 + sum(
-        count * (head_flops(kind, params, 16384, True, 128) / (cost.profile.fa4.tflops * 1e12))
-        for kind, params, count in groups), rel=1e-6)
+    assert off == pytest.approx(work + 2 * cost.profile.sparse.launch_us * 1e-6) and on < off
+    no_fa4 = dataclasses.replace(cost.profile, fa4=None)
+    monkeypatch.setenv("SPARSEC_FA4", "1")
+    cost.profile = no_fa4                                           # unmeasured: Triton
+    assert cost.backend("window", large, 16384, True, 128) == "triton"

@@ -139,18 +139,24 @@ class CostModel:
         self.target = get_target(target)
         self.profile = cost_profile(self.target)
 
-    def backend(self, kind: str, head_dim: int) -> str:
-        """The kernel a sparse site's group of ``kind`` runs on this target: ``"fa4"`` or
-        ``"triton"`` on GPUs (:func:`attention_backend`; Triton when ``SPARSEC_FA4=0``),
-        ``"cpu"`` (the block-sparse CPU path) elsewhere."""
+    def backend(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> str:
+        """The kernel a sparse site's group of ``kind`` runs on this target at length ``n``:
+        on GPUs ``"fa4"`` where :func:`attention_backend` allows it and the target's measured
+        FA4 rates predict it faster than Triton's (FA4 pays more per query row, Triton more per
+        computed block: FA4 wins on long rows), else ``"triton"`` (also for ``SPARSEC_FA4=0``
+        and targets without FA4 measurements); ``"cpu"`` (the block-sparse CPU path) elsewhere."""
         if self.target.device_type != "cuda":
             return "cpu"
-        return attention_backend(self.target.arch, kind, head_dim) if config.fa4_backend() else "triton"
+        if (not config.fa4_backend() or self.profile.fa4 is None
+                or attention_backend(self.target.arch, kind, head_dim) != "fa4"):
+            return "triton"
+        return "fa4" if self._head_seconds(self.profile.fa4, kind, params, n, causal, head_dim) < \
+            self._head_seconds(self.profile.sparse, kind, params, n, causal, head_dim) else "triton"
 
-    def _rates(self, kind: str, head_dim: int) -> KernelRates:
+    def _rates(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> KernelRates:
         if get_pattern(kind).computes_all:
             return self.profile.dense
-        if self.profile.fa4 is not None and self.backend(kind, head_dim) == "fa4":
+        if self.backend(kind, params, n, causal, head_dim) == "fa4":
             return self.profile.fa4
         return self.profile.sparse
 
@@ -158,13 +164,19 @@ class CostModel:
         """One head of one sequence, without the launch."""
         if get_pattern(kind).computes_none:
             return 0.0
-        rates = self._rates(kind, head_dim)
+        return self._head_seconds(self._rates(kind, params, n, causal, head_dim), kind, params, n, causal, head_dim)
+
+    def _head_seconds(self, rates: KernelRates, kind: str, params: dict, n: int, causal: bool,
+                      head_dim: int) -> float:
         rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
         layout = n * n * self.profile.dynamic_layout_ns * 1e-9 if get_pattern(kind).dynamic else 0.0
         return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
 
-    def launch_seconds(self, kind: str, head_dim: int = REFERENCE_HEAD_DIM) -> float:
-        return 0.0 if get_pattern(kind).computes_none else self._rates(kind, head_dim).launch_us * 1e-6
+    def launch_seconds(self, kind: str) -> float:
+        """One launch of ``kind``'s kernel (dense, or Triton block-sparse)."""
+        if get_pattern(kind).computes_none:
+            return 0.0
+        return (self.profile.dense if get_pattern(kind).computes_all else self.profile.sparse).launch_us * 1e-6
 
     def site_seconds(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
                      batch: int = 1) -> float:
@@ -173,13 +185,12 @@ class CostModel:
         per-head tables) and one per other group."""
         if all(get_pattern(kind).computes_all for kind, _, _ in groups):
             heads = sum(count for _, _, count in groups)
-            return self.launch_seconds("dense", head_dim) + \
-                batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
+            return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
         work = sum(batch * count * self.head_seconds(kind, params, n, causal, head_dim)
                    for kind, params, count in groups)
-        fa4 = [kind for kind, _, _ in groups if self.backend(kind, head_dim) == "fa4"]
-        launches = sum(self.launch_seconds(kind, head_dim) for kind, _, _ in groups if kind not in fa4)
-        return work + (self.profile.fa4 or self.profile.sparse).launch_us * 1e-6 * bool(fa4) + launches
+        on_fa4 = [self.backend(kind, params, n, causal, head_dim) == "fa4" for kind, params, _ in groups]
+        launches = sum(self.launch_seconds(kind) for (kind, _, _), fa4 in zip(groups, on_fa4) if not fa4)
+        return work + launches + (self.profile.fa4.launch_us * 1e-6 if any(on_fa4) else 0.0)
 
     def attention_record(self, sites: list, n: int) -> dict:
         """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,

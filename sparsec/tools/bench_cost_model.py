@@ -191,6 +191,9 @@ def fit_series(rows: list[dict], key: str = "ms") -> dict:
                np.array([_row_blocks(r) for r in rows], float)]
     design = np.stack(columns, axis=1) / times[:, None]
     (launch, per_flop, per_row_block), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
+    if launch < 0:          # no launch is free: fit the other two terms alone
+        launch = 0.0
+        (per_flop, per_row_block), *_ = np.linalg.lstsq(design[:, 1:], np.ones_like(times), rcond=None)
     return {"launch_us": launch * 1e6, "tflops": 1e-12 / per_flop, "row_block_us": per_row_block * 1e6}
 
 
