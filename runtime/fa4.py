@@ -334,7 +334,7 @@ def interface():
     return _interface()["interface"]
 
 
-# Off: every group runs sparsec's Triton kernels. SPARSEC_FA4=1 turns it on; the benchmark
+# On unless SPARSEC_FA4=0 (then every group runs sparsec's Triton kernels); the benchmark
 # flips it for its per-backend columns.
 ENABLED = config.fa4_backend()
 

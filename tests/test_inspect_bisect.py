@@ -92,7 +92,7 @@ def test_inspect_graph_decisions_diff_and_plan(dump, capsys):
 
     assert main(["inspect", str(dump), "--decisions", "3"]) == 0
     decisions = json.loads(capsys.readouterr().out)
-    assert decisions == {"layers.0": ["window:[0, 1]"], "layers.1": ["window:[0, 1]"]}
+    assert decisions == {"layers.0": ["window:[0, 1]@cpu"], "layers.1": ["window:[0, 1]@cpu"]}
 
     assert main(["inspect", str(dump), "--diff", "canonicalize", "003_lower"]) == 0
     diff = capsys.readouterr().out
