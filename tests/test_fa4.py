@@ -282,3 +282,22 @@ def test_cost_model_picks_fa4_per_group_by_measured_rates_and_prices_one_launch(
     monkeypatch.setenv("SPARSEC_FA4", "1")
     cost.profile = no_fa4                                           # unmeasured: Triton
     assert cost.backend("window", large, 16384, True, 128) == "triton"
+
+
+def test_the_op_follows_the_running_targets_cost_model(monkeypatch):
+    """Under a compiled model's target the op asks its cost model per group and length;
+    a direct call keeps the family rule (FA4 for every static group)."""
+    from sparsec.ir.targets import running_for
+
+    monkeypatch.setenv("SPARSEC_FA4", "1")
+    monkeypatch.setattr(fa4, "_arch", lambda device: "sm90")
+    q = torch.randn(1, 4, 16384, 128, dtype=torch.bfloat16)
+    k = v = torch.randn(1, 2, 16384, 128, dtype=torch.bfloat16)
+    small, large = HeadGroup("window", {"window": [256, 0]}, [0, 1]), HeadGroup("window", {"window": [8192, 0]}, [2, 3])
+    assert fa4.serves(q, k, v, None, True, small) and fa4.serves(q, k, v, None, True, large)
+    with running_for("h200"):
+        assert not fa4.serves(q, k, v, None, True, small)          # short rows: Triton
+        assert fa4.serves(q, k, v, None, True, large)              # long rows: FA4
+        assert not fa4.serves(q, k, v, torch.ones(1, 1, 1, 16384, dtype=torch.bool), True, large)
+    with running_for("h100"):                                      # no FA4 measurements: Triton
+        assert not fa4.serves(q, k, v, None, True, large)

@@ -10,6 +10,11 @@ causal attention, the ``N(N+1)/2`` pairs of the causal triangle), and *kept*, pe
 the pattern keeps. ``sparsec/flex`` is FlexAttention's time over sparsec's (> 1: sparsec
 is faster). The dynamic ``vertical_slash`` row times sparsec's whole op (estimation, index
 build, kernel) against FlexAttention's call alone, with its mask built beforehand.
+
+Where FlashAttention-4 is installed, sparsec is timed three ways: as a model compiled for
+``--target`` runs it (each group on the backend that target's cost model picks), with Triton
+alone (``triton ms``) and with FA4 for every group it can take (``all-fa4 ms``); FA4 is also
+called directly where the pattern is a plain window.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 
 from sparsec.patterns import get_pattern
 from sparsec.ir.plan import HeadGroup, encode_groups
+from sparsec.ir.targets import running_for
 
 FLEX_BLOCK = 128
 
@@ -109,8 +115,9 @@ def _median_ms(fn) -> float:
 
 
 def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: int, batch: int,
-               dtype: torch.dtype, flex=None, dense_ms: float | None = None) -> dict:
-    """One row: sparsec, dense SDPA and FlexAttention times on fresh random inputs."""
+               dtype: torch.dtype, flex=None, dense_ms: float | None = None, target: str = "h200") -> dict:
+    """One row: sparsec (each group on the backend ``target``'s cost model picks, as a model
+    compiled for it runs), dense SDPA and FlexAttention times on fresh random inputs."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from sparsec.codegen.triton.generator import has_kernel
@@ -126,7 +133,8 @@ def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: i
     table = encode_groups(groups)
 
     def sparse():
-        return torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table)
+        with running_for(target):
+            return torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table)
 
     tuned = len(kernels.tuning_log)
     out = sparse()                                        # first use: generate, compile, autotune
@@ -176,8 +184,9 @@ def _try_median(fn) -> float:
 
 
 def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse) -> dict:
-    """sparsec's Triton kernels alone (FA4 off) and FlashAttention-4 called directly, where
-    the pattern has a direct FA4 spelling (a sliding band: native window_size)."""
+    """sparsec's Triton kernels alone (FA4 off), sparsec with FA4 for every group it can take
+    (no target: the family rule alone), and FlashAttention-4 called directly, where the
+    pattern has a direct FA4 spelling (a sliding band: native window_size)."""
     from sparsec.runtime import fa4, kernels
     if not fa4.available(q.device):
         return {}
@@ -186,6 +195,7 @@ def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse
     triton_ms = _try_median(sparse)
     fa4.ENABLED = True
     kernels.clear_call_plans()
+    fa4_ms = _try_median(lambda: torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table))
     interface = fa4.interface()
     direct = math.nan
     width = fa4.native_window(groups, q.shape[1], k.shape[2])
@@ -193,18 +203,20 @@ def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse
         direct = _try_median(lambda: interface.flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True,
             window_size=(width - 1, 0)))
-    return {"sparsec_triton_ms": triton_ms, "fa4_direct_ms": direct}
+    return {"sparsec_triton_ms": triton_ms, "sparsec_fa4_ms": fa4_ms, "fa4_direct_ms": direct}
 
 
 def format_table(rows: list[dict]) -> str:
     header = (f"{'case':<16} {'N':>6} {'H:Hkv':>6} {'dens':>5} {'sparsec ms':>10} {'TF/s':>5} {'triton ms':>9} "
+              f"{'all-fa4 ms':>10} "
               f"{'dense ms':>9} {'TF/s':>5} {'flex ms':>8} {'flash ms':>8} {'fa4 ms':>7} {'vs dense':>8} "
               f"{'vs flex':>7} {'vs flash':>8} {'maxdiff':>7} config")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['case']:<16} {r['n']:>6} {r['heads']:>6} {r['density']:>5.3f} {r['sparsec_ms']:>10.3f} "
-            f"{r['sparsec_tflops']:>5.0f} {r.get('sparsec_triton_ms', math.nan):>9.3f} {r['dense_ms']:>9.3f} "
+            f"{r['sparsec_tflops']:>5.0f} {r.get('sparsec_triton_ms', math.nan):>9.3f} "
+            f"{r.get('sparsec_fa4_ms', math.nan):>10.3f} {r['dense_ms']:>9.3f} "
             f"{r['dense_tflops']:>5.0f} {r.get('flex_ms', math.nan):>8.3f} {r.get('flex_flash_ms', math.nan):>8.3f} "
             f"{r.get('fa4_direct_ms', math.nan):>7.3f} {r['sparsec_vs_dense']:>8.2f} "
             f"{r.get('sparsec_vs_flex', math.nan):>7.2f} "
@@ -232,7 +244,8 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
         for kv_heads in args.kv_heads:
             dense_ms = None
             for case in args.cases:
-                row = bench_case(case, n, args.heads, kv_heads, args.head_dim, args.batch, dtype, flex, dense_ms)
+                row = bench_case(case, n, args.heads, kv_heads, args.head_dim, args.batch, dtype, flex, dense_ms,
+                                 args.target)
                 dense_ms = row["dense_ms"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -253,6 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (no torch.compile)")
+    parser.add_argument("--target", default="h200",
+                        help="the compile target whose cost model picks each group's backend (FA4 or Triton)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
