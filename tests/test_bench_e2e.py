@@ -28,7 +28,7 @@ def test_tiny_run_compiles_times_and_records_errors(tmp_path, capsys):
     assert set(data["variants"]) == {"eager", "sparsec"}
     assert all(row["median_ms"] > 0 for row in data["variants"].values())
     errors = data["errors"]
-    assert set(errors) == {"sparsec_vs_eager_at_256", "sparsec_vs_eager_at_192"}
+    assert set(errors) == {"sparsec_vs_eager_at_1024", "sparsec_vs_eager_at_768"}
     assert all(math.isfinite(e) and 0 < e < 0.2 for e in errors.values())     # 95% recall per head
     table = format_table(data)
     assert capsys.readouterr().out.rstrip().endswith(table)

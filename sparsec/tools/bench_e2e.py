@@ -49,7 +49,7 @@ PLANT_KINDS = ("window", "sink_window")
 # Above this rel. L2 between dense low precision and dense fp32, a model's errors are noise.
 STABLE_DENSE_ERROR = 0.05
 TINY = {"model": "planted", "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 128, "hidden": 128, "intermediate": 256,
-        "vocab": 256, "n": 256, "check_n": 192, "calibration_length": 128, "windows": [16, 32],
+        "vocab": 256, "n": 1024, "check_n": 768, "calibration_length": 512, "windows": [16, 32],
         "dtype": "fp32", "target": "cpu", "reps": 1, "warmup": 0, "no_torch_compile": True}
 
 
@@ -437,7 +437,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time generate() of this many tokens after the prompt, dense vs sparsec.attach "
                              "(time to first token, decode tokens/s; smollm2 only; 0 skips)")
     parser.add_argument("--tiny", action="store_true",
-                        help="2 layers, 4 heads, N=256, fp32 on the CPU: checks the script, times nothing useful")
+                        help="2 layers, 4 heads, N=1024, fp32 on the CPU: checks the script, times nothing useful")
     parser.add_argument("--verbose", action="store_true", help="print the plan summary")
     parser.add_argument("--json", help="write the record here (rewritten after every step)")
 
