@@ -101,7 +101,7 @@ def test_a_plan_costed_past_its_verified_lengths_says_so():
     assert compiled.plan.verification.unverified_at_seq_len == 16384
 
 
-def test_a_low_precision_model_is_verified_above_its_own_noise_floor():
+def test_a_low_precision_model_is_verified_above_its_own_noise_floor(tmp_path):
     ids = planted_llama_inputs(batch=1, length=256, seed=3)
 
     def model(long_context):
@@ -111,7 +111,10 @@ def test_a_low_precision_model_is_verified_above_its_own_noise_floor():
     record = sparsec.compile(model(True), (ids,), target="h100", seq_len=16384).plan.verification
     assert record.noise_floor is not None and 0 < record.noise_floor < 0.05
     assert record.within_tolerance and record.measured - record.noise_floor <= record.max_error
-    assert "noise floor" in sparsec.compile(model(True), (ids,), target="h100", seq_len=16384).plan.summary()
+    compiled = sparsec.compile(model(True), (ids,), target="h100", seq_len=16384)
+    assert "noise floor" in compiled.plan.summary()
+    compiled.report(tmp_path / "report.html")
+    assert "noise floor" in (tmp_path / "report.html").read_text()
     # A tolerance below the floor cannot be checked in bf16, and compile says so.
     with pytest.warns(UserWarning, match="noise floor"):
         sparsec.compile(model(True), (ids,), target="h100", seq_len=16384,

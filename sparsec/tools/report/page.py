@@ -115,7 +115,9 @@ def _summary(plan: Plan) -> str:
     if verification:
         rows += [("verification", f"{verification.metric} {_number(verification.measured)} "
                   f"(tolerance {_number(verification.max_error)}), top-1 {verification.top1_agreement}, "
-                  f"lengths {verification.lengths}, {len(verification.densified)} heads made dense")]
+                  f"lengths {verification.lengths}, {len(verification.densified)} heads made dense"
+                  + ("" if verification.noise_floor is None else
+                     f", the model's own noise floor {_number(verification.noise_floor)} (tolerance above it)"))]
     body = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
     unmatched = "".join(f"<li>{_esc(m.get('node', '?'))}: {_esc(m.get('reason', ''))}</li>"
                         for m in plan.unmatched)
