@@ -51,8 +51,7 @@ class Lower:
                 decisions[site.name] = "dense"
                 continue
             lower_site(gm, node, site)
-            stats = ctx.attention_stats.get(site.name)
-            n = ctx.seq_len or (max(stats.lengths) if stats and stats.lengths else 0)
+            n = ctx.serving_length(site.name)
             backends = [cost.backend(g.pattern, g.params, n, site.effective_causal(), site.head_dim)
                         for g in site.groups]
             launches = ("fa4" in backends) + sum(backend != "fa4" for backend in backends)

@@ -44,7 +44,7 @@ class MergeHeadGroups:
             if site.node not in nodes or not get_pattern(baseline_pattern(site)[0]).computes_all:
                 continue
             stats = ctx.attention_stats.get(site.name)
-            n = ctx.seq_len or (max(stats.lengths) if stats and stats.profiles else 0)
+            n = ctx.serving_length(site.name)
             if not n or all(h.is_dense for h in site.heads):
                 continue
             record = _merge_site(site, cost, n, stats)

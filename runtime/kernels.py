@@ -450,8 +450,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     signature = (table, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
                  v.dtype, q.device, None if mask is None else (mask.shape, mask.stride(), mask.dtype),
                  scale, causal, autotune, config.triton_interpret(),
-                 None if target is None else (target.name, target.arch,
-                                              json.dumps(target.kernel_configs.get("attention"))))
+                 None if target is None else (target.name, json.dumps(target.kernel_configs.get("attention"))))
     launches = _CALL_PLANS.get(signature)
     if launches is None:
         # sm90+: the groups FlashAttention-4 serves run first, as one launch (runtime/fa4.py).

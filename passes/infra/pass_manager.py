@@ -77,6 +77,12 @@ class CompileContext:
     attention_stats: dict = field(default_factory=dict)
     pass_stats: dict = field(default_factory=dict)   # pass name -> its PassResult.stats
 
+    def serving_length(self, site_name: str) -> int:
+        """The length a site's costs are predicted at: ``seq_len``, else the site's longest
+        calibration length (0 when it has no statistics)."""
+        stats = self.attention_stats.get(site_name)
+        return self.seq_len or (max(stats.lengths) if stats and stats.profiles else 0)
+
     def progress(self, total: int, description: str, unit: str = "step") -> tqdm:
         """A progress bar for the work inside a pass (calibration batches, search runs), shown
         on a terminal for at least ``PROGRESS_MIN_STEPS`` steps; use it as a context manager

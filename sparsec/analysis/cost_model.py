@@ -153,18 +153,17 @@ class CostModel:
         return "fa4" if self._head_seconds(self.profile.fa4, kind, params, n, causal, head_dim) < \
             self._head_seconds(self.profile.sparse, kind, params, n, causal, head_dim) else "triton"
 
-    def _rates(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> KernelRates:
+    def _rates(self, kind: str, backend: str) -> KernelRates:
         if get_pattern(kind).computes_all:
             return self.profile.dense
-        if self.backend(kind, params, n, causal, head_dim) == "fa4":
-            return self.profile.fa4
-        return self.profile.sparse
+        return self.profile.fa4 if backend == "fa4" else self.profile.sparse
 
     def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
         """One head of one sequence, without the launch."""
         if get_pattern(kind).computes_none:
             return 0.0
-        return self._head_seconds(self._rates(kind, params, n, causal, head_dim), kind, params, n, causal, head_dim)
+        backend = self.backend(kind, params, n, causal, head_dim)
+        return self._head_seconds(self._rates(kind, backend), kind, params, n, causal, head_dim)
 
     def _head_seconds(self, rates: KernelRates, kind: str, params: dict, n: int, causal: bool,
                       head_dim: int) -> float:
@@ -186,11 +185,17 @@ class CostModel:
         if all(get_pattern(kind).computes_all for kind, _, _ in groups):
             heads = sum(count for _, _, count in groups)
             return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
-        work = sum(batch * count * self.head_seconds(kind, params, n, causal, head_dim)
-                   for kind, params, count in groups)
-        on_fa4 = [self.backend(kind, params, n, causal, head_dim) == "fa4" for kind, params, _ in groups]
-        launches = sum(self.launch_seconds(kind) for (kind, _, _), fa4 in zip(groups, on_fa4) if not fa4)
-        return work + launches + (self.profile.fa4.launch_us * 1e-6 if any(on_fa4) else 0.0)
+        work = launches = 0.0
+        on_fa4 = False
+        for kind, params, count in groups:
+            backend = self.backend(kind, params, n, causal, head_dim)
+            on_fa4 |= backend == "fa4"
+            if backend != "fa4":
+                launches += self.launch_seconds(kind)
+            if not get_pattern(kind).computes_none:
+                work += batch * count * self._head_seconds(self._rates(kind, backend), kind, params, n, causal,
+                                                           head_dim)
+        return work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
 
     def attention_record(self, sites: list, n: int) -> dict:
         """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,

@@ -93,6 +93,15 @@ def measure_dense() -> list[dict]:
     return rows
 
 
+def _window_row(kernel: str, n: int, window: int, blocks: int, block_flops: int, ms: float) -> dict:
+    """One measured window of a block-sparse series (printed as it is taken)."""
+    flops = blocks * block_flops
+    print(f"{kernel:<5} n={n:6d} window={window:6d} blocks={blocks:6d} {ms:8.3f} ms "
+          f"({flops / ms / 1e9:6.1f} TFLOP/s over computed blocks)", flush=True)
+    return {"n": n, "window": window, "blocks": blocks, "query_blocks": n // BLOCK, "ms": ms, "flops": flops,
+            "tflops": flops / ms / 1e9}
+
+
 def measure_sparse() -> list[dict]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -115,11 +124,7 @@ def measure_sparse() -> list[dict]:
             if block_mask.full_kv_num_blocks is not None:
                 blocks += int(block_mask.full_kv_num_blocks.sum())
             ms = _median_ms(lambda: flex(q, k, v, block_mask=block_mask))
-            flops = 4 * HEAD_DIM * HEADS * blocks * BLOCK * BLOCK
-            rows.append({"n": n, "window": window, "blocks": blocks, "query_blocks": n // BLOCK,
-                         "ms": ms, "flops": flops, "tflops": flops / ms / 1e9})
-            print(f"flex  n={n:6d} window={window:6d} blocks={blocks:6d} {ms:8.3f} ms "
-                  f"({flops / ms / 1e9:6.1f} TFLOP/s over computed blocks)", flush=True)
+            rows.append(_window_row("flex", n, window, blocks, 4 * HEAD_DIM * HEADS * BLOCK * BLOCK, ms))
     return rows
 
 
@@ -143,11 +148,7 @@ def measure_fa4() -> list[dict]:
             blocks = int(tables.partial_count.sum() + tables.full_count.sum()) * per_head
             launch = fa4.site_call(q, k, v, HEAD_DIM ** -0.5, True, [group])
             ms = _median_ms(lambda: launch(q, k, v, out))
-            flops = 4 * HEAD_DIM * blocks * fa4.BLOCK_M * tables.block_n
-            rows.append({"n": n, "window": window, "blocks": blocks, "query_blocks": n // BLOCK,
-                         "ms": ms, "flops": flops, "tflops": flops / ms / 1e9})
-            print(f"fa4   n={n:6d} window={window:6d} blocks={blocks:6d} {ms:8.3f} ms "
-                  f"({flops / ms / 1e9:6.1f} TFLOP/s over computed blocks)", flush=True)
+            rows.append(_window_row("fa4", n, window, blocks, 4 * HEAD_DIM * fa4.BLOCK_M * tables.block_n, ms))
     return rows
 
 
