@@ -20,6 +20,7 @@ kernel. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the te
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -127,8 +128,11 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=1024)
-def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(heads, dtype=torch.int32, device=device)
+def _head_index(heads: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The heads as a device tensor, made once: a tensor built from a list per call is a
+    host-to-device copy that waits for the GPU (measured: every call of a site with a dense
+    group stalled the host until the queue drained)."""
+    return torch.tensor(heads, dtype=dtype, device=device)
 
 
 def _user_mask(mask: torch.Tensor | None, shape: tuple, device: torch.device):
@@ -165,7 +169,7 @@ def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: 
     included). Only the estimating queries are read, so only they (and their mask rows) are
     gathered."""
     family = get_pattern(group.pattern)
-    heads = _head_index(tuple(group.heads), q.device).long()
+    heads = _head_index(tuple(group.heads), q.device, torch.long)
     last_q = family.estimating_queries(group.params, q.shape[2])
     q_last = q[:, :, q.shape[2] - last_q:].index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
@@ -373,7 +377,7 @@ def _dense_group(q, k, v, out, mask, scale, causal, heads: list[int]) -> None:
             q[:, first:end], k[:, first // per_kv:end // per_kv], v[:, first // per_kv:end // per_kv],
             sliced_mask, scale, causal)
         return
-    index = torch.tensor(heads, dtype=torch.long, device=q.device)
+    index = _head_index(tuple(heads), q.device, torch.long)
     kv_index = index // per_kv
     result = reference.dense_attention(q.index_select(1, index), k.index_select(1, kv_index),
                                        v.index_select(1, kv_index), _mask_heads(mask, index), scale, causal)
@@ -403,7 +407,7 @@ def _reference_group(q, k, v, out, mask, scale, causal, group: HeadGroup, reason
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"sparsec: {reason}; those heads run the reference kernel", stacklevel=3)
-    index = torch.tensor(group.heads, dtype=torch.long, device=q.device)
+    index = _head_index(tuple(group.heads), q.device, torch.long)
     result = reference.sparse_attention(q, k, v, mask, scale, causal, [group])
     out.index_copy_(1, index, result.index_select(1, index))
 
@@ -412,7 +416,7 @@ def _group_launch(q, k, v, mask, scale: float, causal: bool, group: HeadGroup, a
     """``launch(q, k, v, out, mask)`` of one group for this input signature."""
     family = get_pattern(group.pattern)
     if family.computes_none:
-        index = _head_index(tuple(group.heads), q.device).long()
+        index = _head_index(tuple(group.heads), q.device, torch.long)
         return lambda q, k, v, out, mask: out.index_fill_(1, index, 0)
     if family.computes_all:
         return lambda q, k, v, out, mask: _dense_group(q, k, v, out, mask, scale, causal, group.heads)
@@ -450,7 +454,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     signature = (table, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
                  v.dtype, q.device, None if mask is None else (mask.shape, mask.stride(), mask.dtype),
                  scale, causal, autotune, config.triton_interpret(),
-                 None if target is None else (target.name, json.dumps(target.kernel_configs.get("attention"))))
+                 None if target is None else (target.name, target.attention_configs_key))
     launches = _CALL_PLANS.get(signature)
     if launches is None:
         # sm90+: the groups FlashAttention-4 serves run first, as one launch (runtime/fa4.py).
@@ -467,3 +471,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 def clear_call_plans() -> None:
     """Forget every prepared signature (after switching a backend on or off)."""
     _CALL_PLANS.clear()
+
+
+@contextlib.contextmanager
+def fa4_enabled(on: bool):
+    """Run the enclosed calls with the FlashAttention-4 backend switched on or off (the
+    benchmarks' per-backend columns); prepared signatures are forgotten on the way in and out."""
+    before = fa4.ENABLED
+    fa4.ENABLED = on
+    clear_call_plans()
+    try:
+        yield
+    finally:
+        fa4.ENABLED = before
+        clear_call_plans()

@@ -27,6 +27,9 @@ def test_tiny_run_compiles_times_and_records_errors(tmp_path, capsys):
     assert all(kind in (*PLANT_KINDS, "dense") for kind in data["plan"]["kinds"])
     assert set(data["variants"]) == {"eager", "sparsec"}
     assert all(row["median_ms"] > 0 for row in data["variants"].values())
+    # timed again side by side, in turn: the ratios come from these
+    assert set(data["side_by_side"]) == {"eager", "sparsec"}
+    assert all(len(row["times_ms"]) == data["config"]["reps"] and row["median_ms"] > 0 for row in data["side_by_side"].values())
     errors = data["errors"]
     assert set(errors) == {"sparsec_vs_eager_at_1024", "sparsec_vs_eager_at_768"}
     assert all(math.isfinite(e) and 0 < e < 0.2 for e in errors.values())     # 95% recall per head

@@ -24,6 +24,27 @@ def test_packaged_attention_measurements_refit_to_the_h100_profile():
         assert fitted[name]["launch_us"] == pytest.approx(rates.launch_us, abs=0.05)
 
 
+def test_h200_host_and_dynamic_series_refit_to_its_profile():
+    """The H200 run's host series (per-call host time of sparsec's ops) and dynamic series
+    (a vertical_slash group's per-call estimate) are what the cost model prices sites with."""
+    data = attention_measurements("h200")
+    fitted, profile = fit(data), cost_profile("h200")
+    host = data["host"]
+    assert fitted["host"]["sparse_site_us"] == host["one_group_site_us"] == profile.host.sparse_site_us
+    assert fitted["host"]["group_us"] == pytest.approx(host["two_group_site_us"] - host["one_group_site_us"])
+    assert fitted["host"]["dynamic_group_us"] == pytest.approx(host["dynamic_site_us"] - host["one_group_site_us"])
+    assert vars(profile.host) == fitted["host"]
+    assert profile.dynamic_estimate_ps == fitted["dynamic_estimate_ps"] >= 0
+    assert cost_profile("h100").host is None                 # not measured there: GPU time alone
+
+
+def test_add_series_needs_a_saved_run_for_the_others(capsys):
+    with pytest.raises(SystemExit, match="needs --refit"):
+        main(["bench", "cost-model", "--add-series", "host"])
+    with pytest.raises(SystemExit, match="needs --refit"):
+        main(["bench", "cost-model", "--refit", "h200", "--add-series", "hosts"])
+
+
 def test_packaged_linear_measurements_give_the_runtime_speedup_table():
     assert speedup_table(linear_measurements()["rows"]) == MEASURED_SPEEDUP
 

@@ -121,3 +121,26 @@ def test_compiled_model_runs_its_calls_for_its_target():
     with pytest.warns(UserWarning, match="reference kernels"):          # an h100 model on CPU tensors
         compiled(torch.randn(2, 20, 32))
     assert [target.name for target in seen] == ["h100"] and running_target() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_prepared_site_call_never_waits_for_the_gpu():
+    """A prepared site's call only issues work: no host-to-device copy per call. A head index
+    built from a list in every call made each call of a site with gathered dense heads wait
+    until the GPU queue drained (measured on an H200: ~76 ms a call behind a busy GPU)."""
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(2, 6, 300, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = (torch.randn(2, 3, 300, 64, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
+    groups = [HeadGroup("sink_window", {"sink": [4, 0], "window": [64, 0]}, [1, 2, 3]),
+              HeadGroup("vertical_slash", {"last_q": 64, "vertical": [16, 0], "slash": [16, 0]}, [4, 5]),
+              HeadGroup("dense", {}, [0])]                      # one head of a KV group: gathered
+    expected = reference.sparse_attention(q, k, v, None, 0.125, True, groups)
+    kernels.sparse_attention(q, k, v, None, 0.125, True, groups)           # prepares (compiles, tunes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = kernels.sparse_attention(q, k, v, None, 0.125, True, groups)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)

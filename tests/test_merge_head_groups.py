@@ -33,6 +33,38 @@ def test_sparse_that_does_not_pay_for_its_launches_goes_dense():
     assert all(h.pattern == "dense" and "launch" in h.reason for h in site.heads)
 
 
+def _nine_heads(kind, params, n_heads=9):
+    site = _site([(kind, params)] * n_heads)
+    return [(g.pattern, g.params, len(g.heads)) for g in site.groups]
+
+
+def test_a_site_costs_the_larger_of_its_gpu_and_host_times_where_the_host_was_measured():
+    """SmolLM2's shape (9 heads, head dim 64): on short inputs a sparse site's host time (its
+    group table, one launch per group) exceeds its GPU time and the dense site's cost, so it
+    goes dense; on long inputs the GPU time is the price. A dynamic group pays its per-call
+    estimate (some 60 small kernels) on the host."""
+    import dataclasses
+
+    cost = CostModel("h200")
+    host = cost.profile.host
+    gpu_only = CostModel("h200")
+    gpu_only.profile = dataclasses.replace(cost.profile, host=None)
+    window = _nine_heads("sink_window", {"sink": [1, 0], "window": [128, 0]})
+    assert gpu_only.site_seconds(window, 1024, True, 64) < host.sparse_seconds(1, 0, False)
+    assert cost.site_seconds(window, 1024, True, 64) == host.sparse_seconds(1, 0, False)
+    assert cost.site_seconds(window, 1024, True, 64) > cost.site_seconds([("dense", {}, 9)], 1024, True, 64)
+    wide = _nine_heads("sink_window", {"sink": [1, 0], "window": [2048, 0]})
+    assert cost.site_seconds(wide, 32768, True, 64) == gpu_only.site_seconds(wide, 32768, True, 64) \
+        > host.sparse_seconds(1, 0, False)
+    assert cost.site_seconds(wide, 32768, True, 64) < cost.site_seconds([("dense", {}, 9)], 32768, True, 64)
+    dynamic = _nine_heads("vertical_slash", {"last_q": 64, "vertical": [64, 0], "slash": [64, 0]})
+    assert cost.site_seconds(dynamic, 8192, True, 64) >= host.sparse_seconds(1, 1, False) \
+        > host.sparse_seconds(1, 0, False) + 1e-3                # the H200's host: ~1.6 ms an estimate
+    site = _site([("sink_window", {"sink": [1, 0], "window": [128, 0]})] * 9)
+    record = _merge_site(site, cost, 1024, None)
+    assert record.seconds_after == record.dense_seconds and all(h.pattern == "dense" for h in site.heads)
+
+
 @pytest.mark.parametrize("kind,first,second", [
     ("window", {"window": [4, 0.1]}, {"window": [9, 0]}),
     ("sink_window", {"sink": [2, 0], "window": [5, 0]}, {"sink": [1, 0.01], "window": [3, 0]}),

@@ -23,6 +23,14 @@ and how well the fits hold.
 Groups that FlashAttention-4 serves (:func:`attention_backend`) take the ``fa4`` rates where
 the target's calibration has them, and all of a site's FA4 groups share one launch.
 
+A site also costs host time: an eager model issues its kernels from Python, and where that
+outpaces the GPU (a small model, short inputs) the host sets the pace. Where the calibration
+measured it (:class:`HostCosts`), a site is priced ``max(GPU time, host time)``: a sparse site
+issues more than a dense one (its group table, one launch per group, a dynamic group's
+estimate of some 60 small kernels), so on short inputs it loses to dense even where its GPU
+time is lower. A dynamic group's estimate also costs GPU time per (head, estimating query,
+key) element (``dynamic_estimate_ps``).
+
 Other GPU targets are scaled from the h100 calibration until measured: rates by the datasheet
 peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
 overhead.
@@ -64,6 +72,21 @@ class KernelRates:
 
 
 @dataclass(frozen=True)
+class HostCosts:
+    """Host time (us) of one call of sparsec's attention ops on a GPU (``sparsec bench
+    cost-model``, series 5)."""
+    dense_site_us: float       # sparsec.attention (SDPA)
+    sparse_site_us: float      # sparsec.sparse_attention with one Triton group
+    group_us: float            # each further launch
+    dynamic_group_us: float    # a dynamic group's per-call estimate and tables
+    fa4_us: float              # a site's FA4 launch, beyond a Triton launch's
+
+    def sparse_seconds(self, launches: int, dynamic_groups: int, on_fa4: bool) -> float:
+        return 1e-6 * (self.sparse_site_us + self.group_us * max(launches - 1, 0)
+                       + self.dynamic_group_us * dynamic_groups + (self.fa4_us if on_fa4 else 0.0))
+
+
+@dataclass(frozen=True)
 class CostProfile:
     target: str
     dense: KernelRates
@@ -73,12 +96,17 @@ class CostProfile:
     # the runtime does it densely (the CPU path; GPU kernels estimate in-kernel, in cost_expr).
     dynamic_layout_ns: float = 0.0
     fa4: KernelRates | None = None     # block-sparse FlashAttention-4, where measured (sm90+)
+    host: HostCosts | None = None      # where measured (GPUs)
+    # Per head and (estimating query, key) element: a dynamic group's estimate on a GPU.
+    dynamic_estimate_ps: float = 0.0
 
     def to_dict(self) -> dict:
         return {"target": self.target, "calibrated": self.calibrated,
                 "dense": vars(self.dense), "sparse": vars(self.sparse),
                 "fa4": None if self.fa4 is None else vars(self.fa4),
-                "dynamic_layout_ns": self.dynamic_layout_ns}
+                "dynamic_layout_ns": self.dynamic_layout_ns,
+                "host": None if self.host is None else vars(self.host),
+                "dynamic_estimate_ps": self.dynamic_estimate_ps}
 
 
 def _calibrated(target: str) -> CostProfile:
@@ -87,7 +115,9 @@ def _calibrated(target: str) -> CostProfile:
     fit = run["fit"]
     return CostProfile(target, dense=KernelRates(**fit["dense"]), sparse=KernelRates(**fit["sparse"]),
                        calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0),
-                       fa4=KernelRates(**fit["fa4"]) if "fa4" in fit else None)
+                       fa4=KernelRates(**fit["fa4"]) if "fa4" in fit else None,
+                       host=HostCosts(**fit["host"]) if "host" in fit else None,
+                       dynamic_estimate_ps=fit.get("dynamic_estimate_ps", 0.0))
 
 
 # Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
@@ -168,7 +198,10 @@ class CostModel:
     def _head_seconds(self, rates: KernelRates, kind: str, params: dict, n: int, causal: bool,
                       head_dim: int) -> float:
         rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
-        layout = n * n * self.profile.dynamic_layout_ns * 1e-9 if get_pattern(kind).dynamic else 0.0
+        family = get_pattern(kind)
+        layout = (n * n * self.profile.dynamic_layout_ns * 1e-9
+                  + family.estimating_queries(params, n) * n * self.profile.dynamic_estimate_ps * 1e-12
+                  if family.dynamic else 0.0)
         return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
 
     def launch_seconds(self, kind: str) -> float:
@@ -181,21 +214,29 @@ class CostModel:
                      batch: int = 1) -> float:
         """A site whose head groups are ``(kind, params, number of heads)``: one dense launch
         when every head is dense, else one launch for all the groups FA4 serves (one call with
-        per-head tables) and one per other group."""
+        per-head tables) and one per other group; the larger of its GPU and host times where
+        the host's are measured."""
+        host = self.profile.host
         if all(get_pattern(kind).computes_all for kind, _, _ in groups):
             heads = sum(count for _, _, count in groups)
-            return self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
+            gpu = self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
+            return max(gpu, host.dense_site_us * 1e-6 if host else 0.0)
         work = launches = 0.0
-        on_fa4 = False
+        on_fa4, triton_launches = False, 0
         for kind, params, count in groups:
             backend = self.backend(kind, params, n, causal, head_dim)
             on_fa4 |= backend == "fa4"
             if backend != "fa4":
                 launches += self.launch_seconds(kind)
+                triton_launches += 1
             if not get_pattern(kind).computes_none:
                 work += batch * count * self._head_seconds(self._rates(kind, backend), kind, params, n, causal,
                                                            head_dim)
-        return work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
+        gpu = work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
+        if host is None:
+            return gpu
+        dynamic = sum(get_pattern(kind).dynamic for kind, _, _ in groups)
+        return max(gpu, host.sparse_seconds(triton_launches + on_fa4, dynamic, on_fa4))
 
     def attention_record(self, sites: list, n: int) -> dict:
         """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,

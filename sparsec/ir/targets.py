@@ -6,6 +6,8 @@ kernels see the target's ``kernel_configs``.
 """
 from __future__ import annotations
 
+import functools
+import json
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -26,6 +28,11 @@ class Target:
     def to_dict(self) -> dict:
         return {"name": self.name, "arch": self.arch, "device_type": self.device_type,
                 "block_m": self.block_m, "block_n": self.block_n}
+
+    @functools.cached_property
+    def attention_configs_key(self) -> str:
+        """The attention kernel configs as one string, made once (run-time caches key on it)."""
+        return json.dumps(self.kernel_configs.get("attention"), sort_keys=True)
 
 
 _TARGETS: dict[str, Target] = {}

@@ -190,12 +190,10 @@ def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse
     from sparsec.runtime import fa4, kernels
     if not fa4.available(q.device):
         return {}
-    fa4.ENABLED = False
-    kernels.clear_call_plans()
-    triton_ms = _try_median(sparse)
-    fa4.ENABLED = True
-    kernels.clear_call_plans()
-    fa4_ms = _try_median(lambda: torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table))
+    with kernels.fa4_enabled(False):
+        triton_ms = _try_median(sparse)
+    with kernels.fa4_enabled(True):
+        fa4_ms = _try_median(lambda: torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table))
     interface = fa4.interface()
     direct = math.nan
     width = fa4.native_window(groups, q.shape[1], k.shape[2])

@@ -19,7 +19,15 @@ What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``)
    (SDPA, FlexAttention, an empty Triton kernel), where the host, not the GPU, is the limit;
 4. where FlashAttention-4 is installed (sm90+): sparsec's FA4 backend as it runs a
    ``sink_window`` group (per-head block tables and the generated mask_mod) at the same
-   lengths and widths, the rates the cost model gives groups that FA4 serves.
+   lengths and widths, the rates the cost model gives groups that FA4 serves;
+5. host: the host time of one call of sparsec's ops (a dense site, a sparse site of one,
+   two and one dynamic group, one on FA4) back to back at N = 128, where the host is the
+   limit: what a site costs an eager model whose launches outpace the GPU;
+6. dynamic: a ``vertical_slash`` group's per-call estimate and tables (GPU time) at
+   N = 1024 .. 16384.
+
+``--add-series host,dynamic --refit h200`` measures only the named series here and fits them
+with the rest of the saved run.
 
 Each series is fitted (least squares on relative residuals) to the cost model's form
 ``t = launch + computed_pairs * 4 * D / rate + query_block_rows * row_cost``, where
@@ -178,6 +186,80 @@ def measure_launch() -> dict:
     return result
 
 
+HOST_N = 128
+
+
+def measure_host() -> dict:
+    """Host us per call of sparsec's attention ops (series 5); Triton alone except the FA4 row."""
+    from sparsec.ir.plan import HeadGroup, encode_groups
+    from sparsec.runtime import fa4, kernels
+
+    q, k, v = _qkv(HOST_N)
+    scale, heads, half = HEAD_DIM ** -0.5, list(range(HEADS)), HEADS // 2
+
+    def window(members: list[int], width: int) -> HeadGroup:
+        return HeadGroup("sink_window", {"sink": [4, 0], "window": [width, 0]}, members)
+
+    def site_us(groups: list[HeadGroup]) -> float:
+        table = encode_groups(groups)
+        return _host_us_per_call(lambda: torch.ops.sparsec.sparse_attention.default(q, k, v, None, scale, True, table))
+
+    dynamic = HeadGroup("vertical_slash", {"last_q": 64, "vertical": [16, 0], "slash": [16, 0]}, heads)
+    with kernels.fa4_enabled(False):
+        result = {"dense_site_us": _host_us_per_call(lambda: torch.ops.sparsec.attention.default(q, k, v, None, scale, True)),
+                  "one_group_site_us": site_us([window(heads, 64)]),
+                  "two_group_site_us": site_us([window(heads[:half], 64), window(heads[half:], 32)]),
+                  "dynamic_site_us": site_us([dynamic])}
+    if fa4.supported(q.device):
+        with kernels.fa4_enabled(True):       # a direct call: the family rule puts the group on FA4
+            result["fa4_site_us"] = site_us([window(heads, 64)])
+    print("host (us per call): " + ", ".join(f"{k}={v:.1f}" for k, v in result.items()), flush=True)
+    return result
+
+
+DYNAMIC_LENGTHS = [1024, 4096, 16384]
+
+
+def measure_dynamic() -> list[dict]:
+    """GPU time of one ``vertical_slash`` group's per-call estimate and tables (series 6)."""
+    from sparsec.ir.plan import HeadGroup
+    from sparsec.runtime import kernels, sparse_tables
+
+    rows = []
+    for n in DYNAMIC_LENGTHS:
+        q, k, _ = _qkv(n)
+        group = HeadGroup("vertical_slash", {"last_q": 64, "vertical": [256, 0], "slash": [256, 0]},
+                          list(range(HEADS)))
+
+        def estimate():
+            columns, diagonals = kernels.estimate_dynamic(q, k, group, HEAD_DIM ** -0.5, True)
+            sparse_tables.vertical_slash_tables(columns, diagonals, n, n, True, 128, 64)
+
+        rows.append({"n": n, "elements": HEADS * 64 * n, "ms": _median_ms(estimate)})
+        print(f"dynamic estimate n={n}: {rows[-1]['ms']:.3f} ms", flush=True)
+    return rows
+
+
+def fit_host(host: dict) -> dict:
+    """The cost model's host terms (``HostCosts``) from series 5."""
+    one = host["one_group_site_us"]
+    return {"dense_site_us": host["dense_site_us"], "sparse_site_us": one,
+            "group_us": max(host["two_group_site_us"] - one, 0.0),
+            "dynamic_group_us": max(host["dynamic_site_us"] - one, 0.0),
+            "fa4_us": max(host.get("fa4_site_us", one) - one, 0.0)}
+
+
+def fit_dynamic(rows: list[dict]) -> float:
+    """Picoseconds of GPU time per (head, estimating query, key) element of a dynamic group's
+    estimate (series 6; least squares with a fixed part, which the host terms cover)."""
+    import numpy as np
+
+    times = np.array([r["ms"] * 1e-3 for r in rows])
+    design = np.stack([np.ones(len(rows)), np.array([r["elements"] for r in rows], float)], axis=1)
+    (_, per_element), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
+    return max(per_element, 0.0) * 1e12
+
+
 def _row_blocks(row: dict) -> int:
     return HEADS * -(-row["n"] // BLOCK)
 
@@ -212,12 +294,20 @@ def fit(data: dict) -> dict:
               "sparse": fit_series(data["sparse"])}
     if data.get("fa4"):
         fitted["fa4"] = fit_series(data["fa4"])
+    if data.get("host"):
+        fitted["host"] = fit_host(data["host"])
+    if data.get("dynamic"):
+        fitted["dynamic_estimate_ps"] = fit_dynamic(data["dynamic"])
     return fitted
 
 
 def format_fit(data: dict, fitted: dict) -> str:
     lines = [f"{name:<12} rate {f['tflops']:7.1f} TFLOP/s, row cost {f['row_block_us']:.4f} us, "
-             f"launch {f['launch_us']:.1f} us" for name, f in fitted.items()]
+             f"launch {f['launch_us']:.1f} us" for name, f in fitted.items() if name in SERIES]
+    if "host" in fitted:
+        lines.append("host         " + ", ".join(f"{k} {v:.1f}" for k, v in fitted["host"].items()))
+    if "dynamic_estimate_ps" in fitted:
+        lines.append(f"dynamic      estimate {fitted['dynamic_estimate_ps']:.1f} ps per (head, query, key)")
     lines += ["", f"{'series':<12} {'n':>6} {'window':>6} {'measured ms':>12} {'fitted ms':>10} {'ratio':>6}"]
     series = [("dense", "default_backend_ms", data["dense"]), ("dense_flash", "ms", data["dense"]),
               ("sparse", "ms", data["sparse"]), ("fa4", "ms", data.get("fa4", []))]
@@ -241,16 +331,28 @@ def measure() -> dict:
           f"triton {triton.__version__}", flush=True)
     return {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
             "head_dim": HEAD_DIM, "heads": HEADS, "batch": 1, "dtype": "bfloat16", "block": BLOCK,
-            "dense": measure_dense(), "sparse": measure_sparse(), "launch": measure_launch(), "fa4": measure_fa4()}
+            **{name: measure_series() for name, measure_series in MEASURED.items()}}
+
+
+MEASURED = {"dense": measure_dense, "sparse": measure_sparse, "launch": measure_launch, "fa4": measure_fa4,
+            "host": measure_host, "dynamic": measure_dynamic}
+SERIES = ("dense", "dense_flash", "sparse", "fa4")       # fitted to the launch + work + rows form
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_saved_run_arguments(parser, "--refit", "attention_calibration", "fit earlier measurements",
                             "the measurements and the fit")
+    parser.add_argument("--add-series", metavar="NAME[,NAME]",
+                        help=f"measure only these series here ({', '.join(MEASURED)}) and fit them with the "
+                             "rest of the --refit run")
 
 
 def run(args: argparse.Namespace) -> int:
+    names = args.add_series.split(",") if args.add_series else []
+    if names and (args.refit is None or not set(names) <= set(MEASURED)):
+        raise SystemExit(f"--add-series takes {', '.join(MEASURED)} and needs --refit RUN for the other series")
     data = saved_or_measured(args.refit, "attention_calibration", measure)
+    data.update({name: MEASURED[name]() for name in names})
     data["fit"] = fit(data)
     print(format_fit(data, data["fit"]))
     write_run(args.json, data)

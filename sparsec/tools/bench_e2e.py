@@ -31,6 +31,7 @@ second length beside the error at ``--n``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -94,6 +95,19 @@ def time_ms(fn, device: torch.device, reps: int, warmup: int) -> list[float]:
     return times
 
 
+def time_side_by_side(variants: dict, ids: torch.Tensor, device: torch.device, reps: int) -> dict:
+    """Every variant again, called in turn within each rep (the order rotating), so a drift
+    in the host's or the GPU's pace (single forwards of a host-bound model vary 2x from one
+    run to the next) falls on all of them alike: the speed-ups in the table come from these."""
+    names = list(variants)
+    times = {name: [] for name in names}
+    with torch.no_grad():
+        for rep in range(reps):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                times[name] += time_ms(lambda: variants[name](ids), device, 1, 0)
+    return {name: {"median_ms": statistics.median(t), "times_ms": t} for name, t in times.items()}
+
+
 def _allocated_gib(device: torch.device, peak: bool = False) -> float | None:
     if device.type != "cuda":
         return None
@@ -144,6 +158,7 @@ class _Results:
     def __init__(self, path: str | None, config: dict):
         self.path = Path(path) if path else None
         self.data = {"config": config, "variants": {}, "errors": {}, "failures": {}}
+        self.timed = {}                 # variant name -> its callable, for the side-by-side timing
         self.save()
 
     def save(self) -> None:
@@ -179,6 +194,7 @@ def _time_variant(results: _Results, name: str, fn, ids, device, args, compile_s
     row = {"median_ms": statistics.median(times), "times_ms": times, "first_call_s": first_s,
            "compile_s": compile_s, "peak_gib": peak, "peak_above_baseline_gib": peak - baseline if peak else None}
     results.data["variants"][name] = row
+    results.timed[name] = fn
     print(f"[{name}] median {row['median_ms']:.2f} ms over {len(times)} (first call {first_s:.1f} s), "
           f"peak {peak} GiB", flush=True)
     return logits
@@ -342,8 +358,13 @@ def bench_e2e(args: argparse.Namespace) -> dict:
         else:
             print("[generate] skipped: the planted model has no generate()", flush=True)
     if not args.no_torch_compile:
-        def torch_compiled(name: str, module):
-            fast = torch.compile(module, dynamic=False)
+        def torch_compiled(name: str, module, target=None):
+            compiled_module = torch.compile(module, dynamic=False)
+
+            def fast(ids):
+                with running_for(target) if target else contextlib.nullcontext():
+                    return compiled_module(ids)
+
             start = time.perf_counter()
             with torch.no_grad():
                 fast(ids)
@@ -355,10 +376,11 @@ def bench_e2e(args: argparse.Namespace) -> dict:
         if compiled is not None:
             # sparsec's graph through Inductor: sparse attention stays one custom op, the rest fuses;
             # the op runs with the compiled target's kernel configs, as CompiledModel.__call__ does.
-            def sparsec_compiled():
-                with running_for(compiled.plan.target):
-                    torch_compiled("sparsec+compile", compiled.graph_module)
-            results.step("sparsec+compile", sparsec_compiled)
+            results.step("sparsec+compile",
+                         lambda: torch_compiled("sparsec+compile", compiled.graph_module, compiled.plan.target))
+    if len(results.timed) > 1:
+        results.step("side by side", lambda: results.data.update(
+            side_by_side=time_side_by_side(results.timed, ids, device, args.reps)))
     print(format_table(results.data))
     return results.data
 
@@ -381,16 +403,17 @@ def format_table(data: dict) -> str:
                      f"{plan['compile_s']:.1f} s at N={config['calibration_length']}; predicted attention per "
                      f"forward at N={config['n']}: plan {plan['predicted_attention_ms']['plan_ms']:.1f} ms, dense "
                      f"{plan['predicted_attention_ms']['dense_ms']:.1f} ms")
-    eager = variants.get("eager", {}).get("median_ms")
-    header = (f"{'variant':<14} {'median ms':>10} {'vs eager':>8} {'peak GiB':>9} {'above base':>10} "
-              f"{'compile s':>9} {'first call s':>12}")
+    side = data.get("side_by_side", {})
+    eager = side.get("eager", {}).get("median_ms")
+    header = (f"{'variant':<16} {'side by side ms':>15} {'vs eager':>8} {'alone ms':>9} {'peak GiB':>9} "
+              f"{'above base':>10} {'compile s':>9} {'first call s':>12}")
     lines += [header, "-" * len(header)]
     for name, row in variants.items():
-        ratio = eager / row["median_ms"] if eager else math.nan
+        together = side.get(name, {}).get("median_ms", math.nan)
         peak, above, compile_s = (math.nan if row[key] is None else row[key]
                                   for key in ("peak_gib", "peak_above_baseline_gib", "compile_s"))
-        lines.append(f"{name:<14} {row['median_ms']:>10.2f} {ratio:>8.2f} {peak:>9.2f} {above:>10.2f} "
-                     f"{compile_s:>9.1f} {row['first_call_s']:>12.1f}")
+        lines.append(f"{name:<16} {together:>15.2f} {(eager or math.nan) / together:>8.2f} {row['median_ms']:>9.2f} "
+                     f"{peak:>9.2f} {above:>10.2f} {compile_s:>9.1f} {row['first_call_s']:>12.1f}")
     for name, row in data.get("generate", {}).items():
         agreement = row.get("tokens_equal_to_dense")
         lines.append(f"generate {name:<8} time to first token {row['time_to_first_token_ms']:>9.1f} ms, decode "
