@@ -41,6 +41,26 @@ def test_low_recall_is_densified_until_within_tolerance():
     assert cost.seq_len == 16384 and f"predicted attention speedup {cost.predicted_attention_speedup:.2f}x" in summary
 
 
+def test_rounds_run_on_the_first_batch_and_the_plan_is_confirmed_on_every_batch(monkeypatch):
+    from sparsec.passes.helpers.suffix_runs import SuffixRunner
+
+    runs = []
+    original = SuffixRunner.run
+    monkeypatch.setattr(SuffixRunner, "run", lambda self, cache, *rest: runs.append(id(cache)) or
+                        original(self, cache, *rest))
+    model, ids = _planted(batch=1)
+    batches = [(planted_llama_inputs(batch=1, length=256, seed=seed),) for seed in (3, 4, 5)]
+    checked = sparsec.compile(model, (ids,), calibration=batches, target="h100", seq_len=16384, recall=0.3)
+    record = checked.plan.verification
+    assert record.within_tolerance and record.rounds >= 1 and record.batches == 3
+    first = runs[0]
+    # rounds + 1 measurements of the first batch, then the other two batches once each
+    assert runs[:record.rounds + 1] == [first] * (record.rounds + 1)
+    assert len(runs) == record.rounds + 1 + 3 and len(set(runs[-3:])) == 3
+    with torch.no_grad():
+        assert max(relative_l2(model(*b), checked(*b)) for b in batches) <= 0.05 + 1e-3
+
+
 def test_tolerance_none_warns_with_the_measured_error():
     model, ids = _planted()
     with pytest.warns(UserWarning, match=r"measured rel_l2 is [0-9.e-]+ .*over the tolerance"):

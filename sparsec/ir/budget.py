@@ -72,8 +72,9 @@ def _kl_against(dense: Any) -> Callable[[Any], float]:
         total = 0.0
         for chunk, q_rows in zip(chunks, sparse_rows.split(512)):
             log_p, p = chunk if isinstance(chunk, tuple) else probabilities(chunk)
-            log_q = torch.log_softmax(q_rows.float(), dim=-1)
-            total += float((p * (log_p - log_q)).sum(-1).double().sum())
+            # p * (log p - log q), in place in log q's buffer: the same sums, no temporaries.
+            terms = torch.log_softmax(q_rows.float(), dim=-1).neg_().add_(log_p).mul_(p)
+            total += float(terms.sum(-1).double().sum())
         return max(total / max(dense_rows.shape[0], 1), 0.0)
 
     return kl

@@ -109,6 +109,7 @@ def relative_l2(reference: Any, candidate: Any) -> float:
     """‖candidate − reference‖ / ‖reference‖ over every floating-point tensor of two outputs."""
     ref_leaves = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     out_leaves = [t for t in pytree.tree_leaves(candidate) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    num = sum(float((o.double() - r.double()).pow(2).sum()) for r, o in zip(ref_leaves, out_leaves))
-    den = sum(float(r.double().pow(2).sum()) for r in ref_leaves)
+    # Norms accumulated in float64 without float64 copies (a 2k x 49k logit tensor: 0.8 s, not 2-5 s).
+    num = sum(float(torch.linalg.vector_norm(o - r, dtype=torch.float64)) ** 2 for r, o in zip(ref_leaves, out_leaves))
+    den = sum(float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2 for r in ref_leaves)
     return (num / max(den, 1e-30)) ** 0.5

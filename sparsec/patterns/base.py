@@ -381,14 +381,23 @@ def _number(x):
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _thawed(value):
+    return [_thawed(v) for v in value] if isinstance(value, tuple) else value
+
+
 def _canonical_value(value, family: Pattern | None = None, key: str = ""):
     if family is not None and key in family.elastic_params and isinstance(value, (int, float, list)):
         size = Elastic.from_json(value)
         a = round(size.a) if size.b == 0 else size.a       # as Elastic.at rounds: same mask
         return [_number(a), _number(size.b)]
     if family is not None and key in family.index_list_params and isinstance(value, list):
-        items = {json.dumps(_canonical_value(v)) for v in value}
-        return sorted((json.loads(v) for v in items), key=lambda v: (v if isinstance(v, list) else [v]))
+        # Distinct items (numbers, or lists of numbers as block coordinates), sorted.
+        items = {_frozen(_canonical_value(v)) for v in value}
+        return [_thawed(v) for v in sorted(items, key=lambda v: v if isinstance(v, tuple) else (v,))]
     if isinstance(value, list):
         return [_canonical_value(v) for v in value]
     if isinstance(value, dict):
