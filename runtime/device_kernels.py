@@ -36,6 +36,18 @@ def _sparse_attention_cuda(q, k, v, mask, scale, causal, groups):
     return kernels.sparse_attention(q, k, v, mask, scale, causal, groups)
 
 
+_SPARSE_ATTENTION = {"cpu": _sparse_attention_cpu, "cuda": _sparse_attention_cuda}
+
+
+def sparse_attention_direct(q, k, v, mask, scale, causal, groups):
+    """``sparsec::sparse_attention`` without the dispatcher: the kernel registered above for
+    the tensors' device (the op itself elsewhere)."""
+    kernel = _SPARSE_ATTENTION.get(q.device.type)
+    if kernel is None:
+        return torch.ops.sparsec.sparse_attention.default(q, k, v, mask, scale, causal, groups)
+    return kernel(q, k, v, mask, scale, causal, groups)
+
+
 @torch.library.register_kernel("sparsec::sparse_linear", "cuda")
 def _sparse_linear_cuda(x, values, mask, bias, layout):
     from sparsec.runtime import sparse_linear_gpu

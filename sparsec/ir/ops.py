@@ -41,14 +41,21 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
 
 
-@torch.library.custom_op("sparsec::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-              scale: float, causal: bool) -> torch.Tensor:
+def dense_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                       scale: float, causal: bool) -> torch.Tensor:
+    """``sparsec::attention`` on every device (also called directly, without the dispatcher,
+    by a compiled model's runner: :mod:`sparsec.runtime.fast_graph`)."""
     check_attention_inputs(q, k, v)
     # Contiguous, as the fake kernel says: SDPA's own output layout depends on the backend it
     # picks (flash gives [B, N, H, D] memory for transposed inputs), which a fake cannot know,
     # and torch.compile checks the strides.
     return reference.dense_attention(q, k, v, mask, scale, causal).contiguous()
+
+
+@torch.library.custom_op("sparsec::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              scale: float, causal: bool) -> torch.Tensor:
+    return dense_attention_op(q, k, v, mask, scale, causal)
 
 
 @attention.register_fake
