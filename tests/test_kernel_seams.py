@@ -117,7 +117,7 @@ def test_compiled_model_runs_its_calls_for_its_target():
     torch.manual_seed(0)
     compiled = compile_tiny(TinyAttention().eval(), torch.randn(2, 20, 32), target="h100")
     seen = []
-    compiled.graph_module = lambda *args, **kwargs: seen.append(running_target())
+    compiled._runner = lambda *args, **kwargs: seen.append(running_target())
     with pytest.warns(UserWarning, match="reference kernels"):          # an h100 model on CPU tensors
         compiled(torch.randn(2, 20, 32))
     assert [target.name for target in seen] == ["h100"] and running_target() is None

@@ -190,9 +190,12 @@ HOST_N = 128
 
 
 def measure_host() -> dict:
-    """Host us per call of sparsec's attention ops (series 5); Triton alone except the FA4 row."""
+    """Host us per call of sparsec's attention ops as a compiled model calls them (without the
+    dispatcher, :mod:`sparsec.runtime.fast_graph`; series 5); Triton alone except the FA4 row."""
+    from sparsec.ir.ops import dense_attention_op
     from sparsec.ir.plan import HeadGroup, encode_groups
     from sparsec.runtime import fa4, kernels
+    from sparsec.runtime.device_kernels import sparse_attention_direct
 
     q, k, v = _qkv(HOST_N)
     scale, heads, half = HEAD_DIM ** -0.5, list(range(HEADS)), HEADS // 2
@@ -202,11 +205,11 @@ def measure_host() -> dict:
 
     def site_us(groups: list[HeadGroup]) -> float:
         table = encode_groups(groups)
-        return _host_us_per_call(lambda: torch.ops.sparsec.sparse_attention.default(q, k, v, None, scale, True, table))
+        return _host_us_per_call(lambda: sparse_attention_direct(q, k, v, None, scale, True, table))
 
     dynamic = HeadGroup("vertical_slash", {"last_q": 64, "vertical": [16, 0], "slash": [16, 0]}, heads)
     with kernels.fa4_enabled(False):
-        result = {"dense_site_us": _host_us_per_call(lambda: torch.ops.sparsec.attention.default(q, k, v, None, scale, True)),
+        result = {"dense_site_us": _host_us_per_call(lambda: dense_attention_op(q, k, v, None, scale, True)),
                   "one_group_site_us": site_us([window(heads, 64)]),
                   "two_group_site_us": site_us([window(heads[:half], 64), window(heads[half:], 32)]),
                   "dynamic_site_us": site_us([dynamic])}
