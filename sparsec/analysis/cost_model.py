@@ -73,8 +73,8 @@ class KernelRates:
 
 @dataclass(frozen=True)
 class HostCosts:
-    """Host time (us) of one call of sparsec's attention ops on a GPU (``sparsec bench
-    cost-model``, series 5)."""
+    """Host time (us) of one call of sparsec's attention ops on a GPU, as a compiled model
+    calls them (``sparsec bench cost-model``, series 5)."""
     dense_site_us: float       # sparsec.attention (SDPA)
     sparse_site_us: float      # sparsec.sparse_attention with one Triton group
     group_us: float            # each further launch
@@ -93,7 +93,7 @@ class CostProfile:
     sparse: KernelRates
     calibrated: bool         # measured on the target, or scaled from the h100 calibration
     # Per head and (query, key) element: building a dynamic pattern's layout per input where
-    # the runtime does it densely (the CPU path; GPU kernels estimate in-kernel, in cost_expr).
+    # the runtime does it densely (the CPU path).
     dynamic_layout_ns: float = 0.0
     fa4: KernelRates | None = None     # block-sparse FlashAttention-4, where measured (sm90+)
     host: HostCosts | None = None      # where measured (GPUs)

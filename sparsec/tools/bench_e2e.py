@@ -22,7 +22,9 @@ A fourth variant runs sparsec's rewritten graph through ``torch.compile`` (the s
 attention op stays opaque; Inductor fuses the rest), as a user would deploy it.
 Each variant is timed at batch 1 with CUDA events (``--reps`` calls after ``--warmup``,
 median) and its peak memory is read from the allocator; a failing variant is reported
-and the others still run. Logit errors are relative L2 against the eager dense model in
+and the others still run. Then every variant is timed again side by side (called in turn
+within each rep): the speed-ups come from these, so a drift in the host's pace between
+variants does not. Logit errors are relative L2 against the eager dense model in
 the same dtype, beside the dense model's own noise floor (dense in the benchmark dtype vs
 dense fp32); above 0.05 the table says the model is unstable and its errors mean nothing
 (SmolLM2 is past its 8k training length). ``--check-n`` measures the error at a
