@@ -162,6 +162,11 @@ def _head_flops(kind: str, params_json: str, n: int, causal: bool, head_dim: int
     return 4 * head_dim * float(get_pattern(kind).pairs(json.loads(params_json), n, causal)) + float(overhead(n))
 
 
+@lru_cache(maxsize=1 << 14)
+def _row_padding(kind: str, params_json: str, n: int, causal: bool) -> float:
+    return get_pattern(kind).row_padding(json.loads(params_json), n, causal)
+
+
 class CostModel:
     """Predicted attention times on one target (seconds)."""
 
@@ -202,7 +207,11 @@ class CostModel:
         layout = (n * n * self.profile.dynamic_layout_ns * 1e-9
                   + family.estimating_queries(params, n) * n * self.profile.dynamic_estimate_ps * 1e-12
                   if family.dynamic else 0.0)
-        return head_flops(kind, params, n, causal, head_dim) / (rates.tflops * 1e12) + rows + layout
+        flops = head_flops(kind, params, n, causal, head_dim)
+        if self.target.device_type == "cpu" and not (family.computes_all or family.dynamic):
+            # The CPU path gathers every query block's kept key blocks padded to the longest row.
+            flops *= _row_padding(kind, json.dumps(params, sort_keys=True), n, causal)
+        return flops / (rates.tflops * 1e12) + rows + layout
 
     def launch_seconds(self, kind: str) -> float:
         """One launch of ``kind``'s kernel (dense, or Triton block-sparse)."""

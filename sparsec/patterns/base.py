@@ -313,6 +313,12 @@ class Pattern:
         closed form (the generic count builds the mask, which is slow at large ``n``)."""
         return self.kept_pairs(params, n, n, causal)
 
+    def row_padding(self, params: dict, n: int, causal: bool) -> float:
+        """Work of a kernel that pads every query block's row of kept key blocks to the
+        longest row (the CPU block-sparse path), over the kept work, at ``n_q = n_k = n``.
+        1 where every row keeps about as many blocks as any other (bands, stripes)."""
+        return 1.0
+
     def density(self, params: dict, n: int, causal: bool) -> float:
         """Fraction of the (causal) score matrix at length ``n`` that the pattern computes."""
         return self.pairs(params, n, causal) / full_pairs(n, causal)

@@ -108,6 +108,15 @@ class BlockTopk(Pattern):
         key_block = torch.arange(stretched.shape[1])
         return stretched | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] <= hi[:, None]))
 
+    def row_padding(self, params, n, causal):
+        """Rows keep different numbers of blocks (the layout is where calibration mass was):
+        the longest row's count over the mean, at the layout's block size."""
+        kept = self.grid_layout(params, n, n)
+        if causal:
+            kept &= torch.ones_like(kept).tril()
+        counts = kept.sum(-1)
+        return float(counts.max()) * len(counts) / max(float(counts.sum()), 1.0)
+
     def pairs(self, params, n, causal):
         """Exact: at ``n_q = n_k`` the kept set is whole tiles (diagonal ones included), each
         counted with the causal cut from prefix counts of the lower triangle."""
