@@ -207,17 +207,16 @@ class CostModel:
         layout = (n * n * self.profile.dynamic_layout_ns * 1e-9
                   + family.estimating_queries(params, n) * n * self.profile.dynamic_estimate_ps * 1e-12
                   if family.dynamic else 0.0)
-        flops = head_flops(kind, params, n, causal, head_dim)
+        params_json = json.dumps(params, sort_keys=True)
+        flops = _head_flops(kind, params_json, n, causal, head_dim)
         if self.target.device_type == "cpu" and not (family.computes_all or family.dynamic):
             # The CPU path gathers every query block's kept key blocks padded to the longest row.
-            flops *= _row_padding(kind, json.dumps(params, sort_keys=True), n, causal)
+            flops *= _row_padding(kind, params_json, n, causal)
         return flops / (rates.tflops * 1e12) + rows + layout
 
     def launch_seconds(self, kind: str) -> float:
         """One launch of ``kind``'s kernel (dense, or Triton block-sparse)."""
-        if get_pattern(kind).computes_none:
-            return 0.0
-        return (self.profile.dense if get_pattern(kind).computes_all else self.profile.sparse).launch_us * 1e-6
+        return 0.0 if get_pattern(kind).computes_none else self._rates(kind, "triton").launch_us * 1e-6
 
     def site_seconds(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
                      batch: int = 1) -> float:
@@ -317,8 +316,8 @@ def attention_backend(arch: str, kind: str, head_dim: int) -> str:
     FA4 for the static families (their mask is index arithmetic or a lookup table, each
     checked against the reference on an H200: tests/test_fa4.py) at head dims 64, 128 and
     256 on sm90 and newer, where its measured rates (``fa4`` in the target's calibration)
-    are 1.3-1.5x Triton's; Triton for dynamic families (``vertical_slash``: estimated per
-    input inside the Triton kernel), other head dims and older chips."""
+    are 1.3-1.5x Triton's; Triton for dynamic families (``vertical_slash``: its per-input
+    estimate builds the Triton kernel's lookup tables), other head dims and older chips."""
     newer = arch.startswith("sm") and arch[2:].isdigit() and int(arch[2:]) >= 90
     static = not get_pattern(kind).dynamic
     return "fa4" if newer and static and head_dim in FA4_HEAD_DIMS else "triton"
