@@ -7,8 +7,12 @@ CPU the block-sparse path the compiled model runs there, equal to it up to round
 :class:`~sparsec.ir.tolerance.Tolerance` (KL and top-1 agreement for language models, relative
 L2 otherwise). While it is over tolerance, the heads with the largest *measured* local
 error (``||sparse - dense||²`` of the head's attention output at its site, relative to the
-site's mean head) are made dense, the worst half of the local error at a time, and the
-model is measured again. With enforcement off (``tolerance=None``, a speed or density
+site's mean head) per attention FLOP its pattern saves at the longest verified length are
+made dense (a greedy knapsack: the error that buys the least saving goes first), half of
+the local error at a time, and the model is measured again. (Predicting the share to
+remove from the last rounds' errors took 2 rounds instead of 4 on SmolLM2 at 2k, but
+top-1 agreement falls far more slowly than the local error, and the prediction kept 2.5x
+fewer FLOPs sparse.) With enforcement off (``tolerance=None``, a speed or density
 budget) nothing is undone; an error above the tolerance is warned about.
 
 In fp16 / bf16 two dense computations of one model already differ (a long random-weight
@@ -28,7 +32,7 @@ Cost: nothing when every head is at its baseline; else one dense run per verific
 batch (its values at the sparse sites are cached), then one suffix run per round from the
 first sparse site, on the first batch alone until the plan holds there, then one per batch
 to confirm it on all; rounds halve the remaining local error, so there are at most
-``log2(sparse heads)`` of them (5-9 for SmolLM2 at 8k).
+``log2(sparse heads)`` of them (4 for SmolLM2 at 2k).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import warnings
 
 import torch
 
+from sparsec.analysis.cost_model import head_flops
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import baseline_pattern
 from sparsec.ir.plan import AttentionSite, VerificationRecord
@@ -80,8 +85,10 @@ class Verify:
         while True:
             error, top1, local = self._measure(runner, batches[:active], metrics[:active], sites)
             record.measured, record.top1_agreement = error, top1
-            within = self.tolerance.holds(max(0.0, error - (floor or 0.0)),
-                                          None if top1 is None else min(1.0, top1 + 1.0 - (floor_top1 or 1.0)))
+            # The plan's own share: what the noise floor already loses is not its doing.
+            above_floor = (max(0.0, error - (floor or 0.0)),
+                           None if top1 is None else min(1.0, top1 + 1.0 - (floor_top1 or 1.0)))
+            within = self.tolerance.holds(*above_floor)
             if within and active < len(batches):
                 active = len(batches)
                 continue
@@ -89,10 +96,12 @@ class Verify:
                 break
             record.rounds += 1
             by_name = {site.name: site for site in sites.values()}
-            for name, head in _worst(local):
+            savings = _savings(by_name, local, max(record.lengths))
+            for name, head in _worst(local, savings):
                 site = by_name[name]
                 record.densified.append({"site": name, "head": head, "pattern": _head(site, head).pattern,
-                                         "local_error": local[name, head], "model_error_before": error})
+                                         "local_error": local[name, head], "model_error_before": error,
+                                         "top1_before": top1})
                 _densify(site, head, f"verify: made dense, the model's {self.tolerance.metric_name} was "
                                      f"{error:.3g} over tolerance {self.tolerance.describe()}")
         record.within_tolerance = within
@@ -133,15 +142,21 @@ class Verify:
             return 0.0, (1.0 if batches and logits_of(batches[0][1]) is not None else None), {}
         local: dict[tuple[str, int], float] = {}     # (site name, head) -> summed local error
 
+        reducible = {node: [head.head for head in site.heads if _reducible(site, head)] for node, site in sites.items()}
+
         def observe(node, args, sparse_out):
-            site = sites[node]
-            dense_out = reference.dense_attention(*args[:6])
-            per_head = (sparse_out.double() - dense_out.double()).pow(2).sum((0, 2, 3))
-            scale = dense_out.double().pow(2).sum() / site.num_heads + 1e-30
-            for head in site.heads:
-                if _reducible(site, head):
-                    key = site.name, head.head
-                    local[key] = local.get(key, 0.0) + float(per_head[head.head] / scale)
+            # Only the reducible heads are recomputed dense: every other head's sparse output is
+            # its dense one, and the site's energy (the scale) is made of both.
+            site, heads = sites[node], reducible[node]
+            index = torch.tensor(heads, device=sparse_out.device)
+            sparse_part = sparse_out.index_select(1, index).double()
+            dense_part = reference.dense_heads(*args[:6], index).double()
+            per_head = (sparse_part - dense_part).pow(2).sum((0, 2, 3))
+            energy = sparse_out.double().pow(2).sum() - sparse_part.pow(2).sum() + dense_part.pow(2).sum()
+            scale = energy / site.num_heads + 1e-30
+            for position, head in enumerate(heads):
+                key = site.name, head
+                local[key] = local.get(key, 0.0) + float(per_head[position] / scale)
 
         errors, agreements = [], []
         for (cache, dense), metric in zip(batches, metrics):
@@ -167,9 +182,23 @@ def _low_precision(output) -> bool:
     return any(leaf.dtype in (torch.float16, torch.bfloat16) for leaf in leaves)
 
 
-def _worst(local: dict) -> list:
-    """The heads holding the first half of the total local error, worst first (at least one)."""
-    ranked = sorted(local, key=lambda key: (-local[key], key))
+def _savings(by_name: dict, local: dict, n: int) -> dict:
+    """The attention FLOPs each head of ``local`` saves at length ``n`` against its site's
+    baseline (at least a thousandth of the baseline's, so that every ratio is finite)."""
+    savings = {}
+    for name, head in local:
+        site = by_name[name]
+        causal, plan = site.effective_causal(), _head(site, head)
+        baseline = head_flops(*baseline_pattern(site), n, causal, site.head_dim)
+        savings[name, head] = max(baseline - head_flops(plan.pattern, plan.params, n, causal, site.head_dim),
+                                  1e-3 * baseline)
+    return savings
+
+
+def _worst(local: dict, savings: dict) -> list:
+    """The heads holding half of the total local error, by local error per saved
+    FLOP, highest first (at least one)."""
+    ranked = sorted(local, key=lambda key: (-local[key] / savings[key], key))
     total, chosen, covered = sum(local.values()), [], 0.0
     for key in ranked:
         chosen.append(key)

@@ -141,3 +141,25 @@ def test_a_low_precision_model_is_verified_above_its_own_noise_floor(tmp_path):
                         tolerance=Tolerance("rel_l2", record.noise_floor / 2))
     fp32 = sparsec.compile(model(True).float(), (ids,), target="h100", seq_len=16384).plan.verification
     assert fp32.noise_floor is None
+
+
+def test_the_heads_made_dense_first_are_those_whose_error_buys_the_least_saving():
+    from sparsec.passes.verify import _worst
+
+    local = {("a", 0): 4.0, ("a", 1): 1.0, ("b", 0): 3.0, ("b", 1): 2.0}
+    savings = {("a", 0): 100.0, ("a", 1): 1.0, ("b", 0): 10.0, ("b", 1): 50.0}
+    # error per saving: a1 1.0, b0 0.3, a0 0.04, b1 0.04 (a0 first among equals by key);
+    # half of the total error (5) is covered after a1, b0 and a0.
+    assert _worst(local, savings) == [("a", 1), ("b", 0), ("a", 0)]
+
+
+@pytest.mark.parametrize("mask_heads", [1, 6])
+def test_dense_attention_of_some_heads_equals_those_heads_of_the_whole(mask_heads):
+    from sparsec.ir import reference
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 6, 77, 16), torch.randn(2, 3, 77, 16), torch.randn(2, 3, 77, 16)
+    mask = torch.randn(2, mask_heads, 77, 77) > -1.0
+    heads = torch.tensor([5, 0, 3])
+    whole = reference.dense_attention(q, k, v, mask, 0.3, False)
+    torch.testing.assert_close(reference.dense_heads(q, k, v, mask, 0.3, False, heads), whole[:, heads])

@@ -23,6 +23,17 @@ def dense_attention(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def dense_heads(q, k, v, mask, scale: float, causal: bool, heads: torch.Tensor) -> torch.Tensor:
+    """Dense attention of the query heads ``heads`` alone: ``[B, len(heads), n_q, D]``."""
+    return dense_attention(*_heads_inputs(q, k, v, mask, heads), scale, causal)
+
+
+def _heads_inputs(q, k, v, mask, heads: torch.Tensor) -> tuple:
+    """``q``, ``k``, ``v`` and ``mask`` of the query heads ``heads`` (and their KV heads)."""
+    kv_heads = heads // (q.shape[1] // k.shape[1])
+    return q.index_select(1, heads), k.index_select(1, kv_heads), v.index_select(1, kv_heads), _heads_of(mask, heads)
+
+
 def _heads_of(tensor: torch.Tensor | None, heads: torch.Tensor) -> torch.Tensor | None:
     """Select query heads from a mask broadcastable to ``[B, H, n_q, n_k]``."""
     if tensor is None or tensor.dim() < 3 or tensor.shape[-3] == 1:
@@ -61,16 +72,10 @@ def _pattern_group(q, k, v, mask, scale, causal, group: HeadGroup) -> torch.Tens
 
 def sparse_attention(q, k, v, mask, scale: float, causal: bool, groups: list[HeadGroup]) -> torch.Tensor:
     """Attention where each head group follows its pattern; see the module docstring."""
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    per_kv = num_heads // num_kv_heads
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     for group in groups:
         heads = torch.tensor(group.heads, dtype=torch.long, device=q.device)
-        kv_heads = heads // per_kv
-        q_g = q.index_select(1, heads)
-        k_g = k.index_select(1, kv_heads)
-        v_g = v.index_select(1, kv_heads)
-        mask_g = _heads_of(mask, heads)
+        q_g, k_g, v_g, mask_g = _heads_inputs(q, k, v, mask, heads)
         family = get_pattern(group.pattern)
         if family.computes_all:
             result = dense_attention(q_g, k_g, v_g, mask_g, scale, causal)
