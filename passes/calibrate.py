@@ -243,9 +243,14 @@ class Calibrate:
 
             nodes = [node for node in gm.graph.nodes
                      if node.op == "call_function" and node.target == ATTENTION and node.name in sites]
-            runner = GraphRunner(gm)
-            for args, kwargs in batches:
-                runner.run(args, kwargs, observe=dict.fromkeys(nodes, record))
+            observe = dict.fromkeys(nodes, record)
+            if ctx.verification or not ctx.calibration or ctx.budget is not None:   # (the search runs its own)
+                runner = GraphRunner(gm)
+                for args, kwargs in batches:
+                    runner.run(args, kwargs, observe=observe)
+            else:                # verify measures these batches: their dense runs serve it too
+                runner = GraphRunner(gm, nodes)
+                ctx.dense_runs = [runner.run_and_cache(args, kwargs, observe=observe) for args, kwargs in batches]
         ctx.attention_stats = recorder.finish({node: site.causal for node, site in sites.items()})
         for site in ctx.plan.attention:
             mask_is_causal = ctx.attention_stats[site.name].mask_is_causal

@@ -29,7 +29,8 @@ longer inputs run, but their error is only measured if verification inputs that 
 given (``compile(verification=...)``).
 
 Cost: nothing when every head is at its baseline; else one dense run per verification
-batch (its values at the sparse sites are cached), then one suffix run per round from the
+batch (its values at the sparse sites are cached; calibrate's runs where verification is on
+the calibration batches), then one suffix run per round from the
 first sparse site, on the first batch alone until the plan holds there, then one per batch
 to confirm it on all; rounds halve the remaining local error, so there are at most
 ``log2(sparse heads)`` of them (4 for SmolLM2 at 2k).
@@ -67,7 +68,8 @@ class Verify:
         calls = ctx.verification or ctx.calibration
         record = VerificationRecord(**self.tolerance.to_dict(), enforced=self.enforce, batches=len(calls))
         runner = SuffixRunner(gm, list(sites)) if sites else None
-        batches = [runner.dense(call) for call in calls] if runner else []
+        batches = runner.dense_runs(calls, None if ctx.verification else ctx.dense_runs) if runner else []
+        ctx.dense_runs = None
         # Every round is measured against the same dense outputs: their side of the metric once.
         metrics = [self.tolerance.against(dense) for _, dense in batches]
         record.lengths = sorted({int(cache[node.args[1]].shape[-2]) for cache, _ in batches for node in sites}

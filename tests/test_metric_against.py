@@ -34,6 +34,19 @@ def test_kl_past_the_cache_bound_recomputes_the_same(monkeypatch):
     assert [against(sparse) for sparse in sparses] == expected
 
 
+@pytest.mark.parametrize("scale", [1e-3, 3e-2, 1.0])
+def test_kl_matches_the_float64_definition(scale):
+    # A large vocabulary and logits as peaked as a language model's: the fp32 chunks
+    # against sum p (log p - log q) in float64.
+    generator = torch.Generator().manual_seed(4)
+    dense = torch.randn(1, 700, 20000, generator=generator) * 4
+    sparse = dense + scale * torch.randn(dense.shape, generator=generator)
+    log_p, log_q = (torch.log_softmax(x.double(), -1) for x in (dense, sparse))
+    expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    measured = measure("kl", {"logits": dense}, {"logits": sparse})
+    assert abs(measured - expected) <= 1e-6 + 1e-3 * expected
+
+
 def test_custom_metric_is_called_with_dense_and_sparse():
     dense, sparses = _outputs(2)
     seen = []

@@ -61,6 +61,24 @@ def test_rounds_run_on_the_first_batch_and_the_plan_is_confirmed_on_every_batch(
         assert max(relative_l2(model(*b), checked(*b)) for b in batches) <= 0.05 + 1e-3
 
 
+def test_verification_on_the_calibration_batches_reuses_calibrates_dense_runs(monkeypatch):
+    from sparsec.passes.helpers.suffix_runs import SuffixRunner
+
+    dense_runs = []
+    original = SuffixRunner.dense
+    monkeypatch.setattr(SuffixRunner, "dense", lambda self, call: dense_runs.append(call) or original(self, call))
+    model, ids = _planted(batch=1)
+    batches = [(planted_llama_inputs(batch=1, length=256, seed=seed),) for seed in (3, 4)]
+    reused = sparsec.compile(model, (ids,), calibration=batches, target="h100", seq_len=16384, recall=0.3)
+    assert dense_runs == []
+    # The same batches given as verification inputs: verify runs them itself, to the same plan.
+    own = sparsec.compile(model, (ids,), calibration=batches, verification=batches, target="h100",
+                          seq_len=16384, recall=0.3)
+    assert len(dense_runs) == 2
+    assert own.plan.verification.densified == reused.plan.verification.densified
+    assert own.plan.verification.measured == pytest.approx(reused.plan.verification.measured, rel=1e-5)
+
+
 def test_tolerance_none_warns_with_the_measured_error():
     model, ids = _planted()
     with pytest.warns(UserWarning, match=r"measured rel_l2 is [0-9.e-]+ .*over the tolerance"):

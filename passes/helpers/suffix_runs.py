@@ -45,6 +45,14 @@ class SuffixRunner:
         """Cached values and the output of a dense run of one ``(args, kwargs)`` call."""
         return self.runner.run_and_cache(*call)
 
+    def dense_runs(self, calls: list, earlier: list | None) -> list[tuple[dict, Any]]:
+        """:meth:`dense` of every call, or ``earlier`` runs of the same calls (a pass's, on the
+        graph as it was) where their caches hold every value this runner's suffixes need."""
+        if earlier is not None and len(earlier) == len(calls) and \
+                all(self.runner.crossing <= cache.keys() for cache, _ in earlier):
+            return earlier
+        return [self.dense(call) for call in calls]
+
     def run_replaced(self, cache: dict, replace: dict[torch.fx.Node, NodeReplacement]) -> Any:
         """The output with each ``replace`` node computed by its own function instead."""
         return self.runner.run_suffix(cache, replace, {})

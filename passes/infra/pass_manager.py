@@ -75,6 +75,12 @@ class CompileContext:
     linear_analysis: LinearAnalysis | None = None
     # Per attention site (plan name): calibration statistics, written by `calibrate`.
     attention_stats: dict = field(default_factory=dict)
+    # Calibrate's dense run of each calibration batch, ``(values crossing any attention
+    # site, output)``, kept for verify when it measures on the calibration batches (one
+    # forward per batch fewer); verify drops them. Valid across passes that change no value
+    # (fold_causal_mask's rewrites are exact); a runner whose crossing values they do not
+    # cover runs its own (SuffixRunner.dense_runs).
+    dense_runs: list | None = None
     pass_stats: dict = field(default_factory=dict)   # pass name -> its PassResult.stats
 
     def serving_length(self, site_name: str) -> int:
