@@ -52,8 +52,8 @@ class Lower:
                 continue
             lower_site(gm, node, site)
             n = ctx.serving_length(site.name)
-            backends = [cost.backend(g.pattern, g.params, n, site.effective_causal(), site.head_dim)
-                        for g in site.groups]
+            backends = [cost.backend(g.pattern, g.params, n, site.effective_causal(), site.head_dim,
+                                     whole_site=len(site.groups) == 1) for g in site.groups]
             launches = ("fa4" in backends) + sum(backend != "fa4" for backend in backends)
             site.extra["backends"] = backends
             site.extra["lowered"] = f"sparse_attention, {launches} launch(es)"

@@ -417,10 +417,12 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
     return launch
 
 
-def serves(q, k, v, mask, causal: bool, group: HeadGroup) -> bool:
+def serves(q, k, v, mask, causal: bool, group: HeadGroup, whole_site: bool = False) -> bool:
     """Whether the FA4 backend takes ``group`` for these inputs: under a compiled model's
     target (:func:`~sparsec.ir.targets.running_target`) where its cost model picks FA4 at this
-    length (``CostModel.backend``), in a direct call wherever the family rule allows it."""
+    length (``CostModel.backend``; ``whole_site``: the group is the site's only one, so a
+    plain window is priced as FA4's native window), in a direct call wherever the family
+    rule allows it."""
     from sparsec.analysis.cost_model import CostModel, attention_backend
     if not (mask is None and family_terms(group.pattern) is not None and q.dtype in FA4_DTYPES
             and q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]):
@@ -428,7 +430,8 @@ def serves(q, k, v, mask, causal: bool, group: HeadGroup) -> bool:
     target = running_target()
     if target is None or target.arch != _arch(q.device):
         return attention_backend(_arch(q.device), group.pattern, q.shape[-1]) == "fa4"
-    return CostModel(target).backend(group.pattern, group.params, k.shape[-2], causal, q.shape[-1]) == "fa4"
+    return CostModel(target).backend(group.pattern, group.params, k.shape[-2], causal, q.shape[-1],
+                                     whole_site) == "fa4"
 
 
 def _arch(device: torch.device) -> str:
@@ -446,7 +449,8 @@ def site_launches(q, k, v, mask, scale: float, causal: bool, groups: list[HeadGr
     build) is dropped with one warning per reason, and every group is left to the others."""
     if not available(q.device):
         return [], groups
-    mine = [g for g in groups if serves(q, k, v, mask, causal, g)]
+    whole_site = _one_group_over_all(groups, q.shape[1])
+    mine = [g for g in groups if serves(q, k, v, mask, causal, g, whole_site)]
     if not mine:
         return [], groups
     rest = [g for g in groups if g not in mine]

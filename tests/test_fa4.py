@@ -284,6 +284,34 @@ def test_cost_model_picks_fa4_per_group_by_measured_rates_and_prices_one_launch(
     assert cost.backend("window", large, 16384, True, 128) == "triton"
 
 
+def test_a_plain_window_over_the_whole_site_is_priced_as_fa4s_native_window(monkeypatch):
+    from sparsec.analysis.cost_model import CostModel, head_flops
+
+    monkeypatch.setenv("SPARSEC_FA4", "1")
+    cost = CostModel("h200")
+    window, sink_window = {"window": [512, 0]}, {"sink": [128, 0], "window": [512, 0]}
+    # Short rows: FA4's block-sparse path loses to Triton, its native window does not.
+    assert cost.backend("window", window, 16384, True, 128) == "triton"
+    assert cost.backend("window", window, 16384, True, 128, whole_site=True) == "fa4"
+    assert cost.backend("sink_window", sink_window, 16384, True, 128, whole_site=True) == "triton"
+    fa4_rates, dense = cost.profile.fa4, cost.profile.dense
+    native = fa4_rates.launch_us * 1e-6 + 32 * (head_flops("window", window, 16384, True, 128)
+                                                / (fa4_rates.tflops * 1e12) + 128 * dense.row_block_us * 1e-6)
+    whole = cost.site_seconds([("window", window, 32)], 16384, True, 128)
+    assert whole == pytest.approx(max(native, cost.profile.host.sparse_seconds(1, 0, True)), rel=1e-6)
+    # The same window sharing its site with another group runs the block-sparse path (Triton here).
+    shared = cost.site_seconds([("window", window, 16), ("sink_window", sink_window, 16)], 16384, True, 128)
+    assert shared > whole
+    monkeypatch.setattr(fa4, "_arch", lambda device: "sm90")
+    q = torch.randn(1, 4, 16384, 128, dtype=torch.bfloat16)
+    k = v = torch.randn(1, 2, 16384, 128, dtype=torch.bfloat16)
+    group = HeadGroup("window", window, [0, 1, 2, 3])
+    from sparsec.ir.targets import running_for
+    with running_for("h200"):
+        assert fa4.serves(q, k, v, None, True, group, whole_site=True)
+        assert not fa4.serves(q, k, v, None, True, group)
+
+
 def test_the_op_follows_the_running_targets_cost_model(monkeypatch):
     """Under a compiled model's target the op asks its cost model per group and length;
     a direct call keeps the family rule (FA4 for every static group)."""

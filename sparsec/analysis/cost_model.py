@@ -174,19 +174,33 @@ class CostModel:
         self.target = get_target(target)
         self.profile = cost_profile(self.target)
 
-    def backend(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> str:
+    def backend(self, kind: str, params: dict, n: int, causal: bool, head_dim: int, whole_site: bool = False) -> str:
         """The kernel a sparse site's group of ``kind`` runs on this target at length ``n``:
         on GPUs ``"fa4"`` where :func:`attention_backend` allows it and the target's measured
-        FA4 rates predict it faster than Triton's (FA4 pays more per query row, Triton more per
-        computed block: FA4 wins on long rows), else ``"triton"`` (also for ``SPARSEC_FA4=0``
-        and targets without FA4 measurements); ``"cpu"`` (the block-sparse CPU path) elsewhere."""
+        FA4 rates predict it faster than Triton's (FA4's block-sparse path pays more per query
+        row, Triton more per computed block: FA4 wins on long rows; a plain window that is its
+        site's only group (``whole_site``) runs FA4's native window, which pays no more per row
+        than dense), else ``"triton"`` (also for ``SPARSEC_FA4=0`` and targets without FA4
+        measurements); ``"cpu"`` (the block-sparse CPU path) elsewhere."""
         if self.target.device_type != "cuda":
             return "cpu"
         if (not config.fa4_backend() or self.profile.fa4 is None
                 or attention_backend(self.target.arch, kind, head_dim) != "fa4"):
             return "triton"
-        return "fa4" if self._head_seconds(self.profile.fa4, kind, params, n, causal, head_dim) < \
+        fa4 = self._fa4_rates(kind, params, n, whole_site)
+        return "fa4" if self._head_seconds(fa4, kind, params, n, causal, head_dim) < \
             self._head_seconds(self.profile.sparse, kind, params, n, causal, head_dim) else "triton"
+
+    def _fa4_rates(self, kind: str, params: dict, n: int, whole_site: bool) -> KernelRates:
+        """FA4's rates for a group: its block-sparse path's (a mask_mod and block tables), or,
+        for a plain window over the whole site, its native window's: the same rate over
+        computed pairs with the dense kernel's per-query-block cost (FA4 walks the band
+        itself; on the H200, window 512 at 16k over 32 heads ran 0.341 ms against 0.33
+        predicted so, and GQA 32:8 at 4k 0.091 against 0.078: docs/benchmarks.md)."""
+        fa4 = self.profile.fa4
+        if whole_site and get_pattern(kind).native_window(params, n) is not None:
+            return KernelRates(fa4.tflops, self.profile.dense.row_block_us, fa4.launch_us)
+        return fa4
 
     def _rates(self, kind: str, backend: str) -> KernelRates:
         if get_pattern(kind).computes_all:
@@ -194,7 +208,7 @@ class CostModel:
         return self.profile.fa4 if backend == "fa4" else self.profile.sparse
 
     def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
-        """One head of one sequence, without the launch."""
+        """One head of one sequence, without the launch (a group sharing its site)."""
         if get_pattern(kind).computes_none:
             return 0.0
         backend = self.backend(kind, params, n, causal, head_dim)
@@ -230,16 +244,16 @@ class CostModel:
             gpu = self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
             return max(gpu, host.dense_site_us * 1e-6 if host else 0.0)
         work = launches = 0.0
-        on_fa4, triton_launches = False, 0
+        on_fa4, triton_launches, whole_site = False, 0, len(groups) == 1
         for kind, params, count in groups:
-            backend = self.backend(kind, params, n, causal, head_dim)
+            backend = self.backend(kind, params, n, causal, head_dim, whole_site)
             on_fa4 |= backend == "fa4"
             if backend != "fa4":
                 launches += self.launch_seconds(kind)
                 triton_launches += 1
+            rates = self._fa4_rates(kind, params, n, whole_site) if backend == "fa4" else self._rates(kind, backend)
             if not get_pattern(kind).computes_none:
-                work += batch * count * self._head_seconds(self._rates(kind, backend), kind, params, n, causal,
-                                                           head_dim)
+                work += batch * count * self._head_seconds(rates, kind, params, n, causal, head_dim)
         gpu = work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
         if host is None:
             return gpu
