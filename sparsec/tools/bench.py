@@ -12,7 +12,8 @@ is faster). The dynamic ``vertical_slash`` row times sparsec's whole op (estimat
 build, kernel) against FlexAttention's call alone, with its mask built beforehand.
 
 Where FlashAttention-4 is installed, sparsec is timed three ways: as a model compiled for
-``--target`` runs it (each group on the backend that target's cost model picks), with Triton
+``--target`` runs it (each group on the backend that target's cost model picks, the kernel
+called without the custom-op dispatcher, as a compiled model's graph does), with Triton
 alone (``triton ms``) and with FA4 for every group it can take (``all-fa4 ms``); FA4 is also
 called directly where the pattern is a plain window.
 """
@@ -122,6 +123,7 @@ def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: i
 
     from sparsec.codegen.triton.generator import has_kernel
     from sparsec.runtime import kernels
+    from sparsec.runtime.device_kernels import sparse_attention_direct
 
     device = torch.device("cuda")
     q = torch.randn(batch, num_heads, n, head_dim, device=device, dtype=dtype)
@@ -132,9 +134,9 @@ def bench_case(case: str, n: int, num_heads: int, num_kv_heads: int, head_dim: i
     groups = bench_groups(case, n, num_heads)
     table = encode_groups(groups)
 
-    def sparse():
+    def sparse():            # as a compiled model calls it: without the dispatcher (runtime/fast_graph.py)
         with running_for(target):
-            return torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table)
+            return sparse_attention_direct(q, k, v, None, scale, True, table)
 
     tuned = len(kernels.tuning_log)
     out = sparse()                                        # first use: generate, compile, autotune
@@ -188,12 +190,13 @@ def _fa4_rows(q, k, v, scale: float, groups: list[HeadGroup], table: str, sparse
     (no target: the family rule alone), and FlashAttention-4 called directly, where the
     pattern has a direct FA4 spelling (a sliding band: native window_size)."""
     from sparsec.runtime import fa4, kernels
+    from sparsec.runtime.device_kernels import sparse_attention_direct
     if not fa4.available(q.device):
         return {}
     with kernels.fa4_enabled(False):
         triton_ms = _try_median(sparse)
     with kernels.fa4_enabled(True):
-        fa4_ms = _try_median(lambda: torch.ops.sparsec.sparse_attention(q, k, v, None, scale, True, table))
+        fa4_ms = _try_median(lambda: sparse_attention_direct(q, k, v, None, scale, True, table))
     interface = fa4.interface()
     direct = math.nan
     width = fa4.native_window(groups, q.shape[1], k.shape[2])
