@@ -31,7 +31,7 @@ from collections import Counter
 
 import torch
 
-from sparsec.analysis.cost_model import CostModel
+from sparsec.analysis.cost_model import CostModel, head_flops
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns import get_pattern, pattern_kinds
 from sparsec.patterns.base import MODEL_WINDOW, baseline_pattern
@@ -57,7 +57,7 @@ def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, r
         candidates.append({
             "pattern": kind, "params": params, "recall": round(float(reached), 6),
             "density": round(float(pattern.density(params, length, causal)), 6),
-            "cost": pattern.cost(params, length, causal, head_dim),
+            "cost": head_flops(kind, params, length, causal, head_dim),
             "seconds": cost_model.head_seconds(kind, params, length, causal, head_dim),
         })
     baseline = next(c for c in candidates if get_pattern(c["pattern"]).computes_all)

@@ -50,14 +50,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-import sympy
 import torch
 
 from sparsec.analysis.measurements import packaged, packaged_targets
 from sparsec.ir import config
 
 from sparsec.patterns import get_pattern
-from sparsec.patterns.base import N
 from sparsec.ir.targets import Target, get_target
 
 ROW_BLOCK = 128          # query rows per block in the calibrated row cost
@@ -142,24 +140,16 @@ def cost_profile(target: "str | Target") -> CostProfile:
                        fa4=None if base.fa4 is None else scaled(base.fa4))
 
 
-@lru_cache(maxsize=4096)
-def _overhead_function(kind: str, params_json: str, head_dim: int):
-    expr = get_pattern(kind).overhead_expr(json.loads(params_json), head_dim)
-    return sympy.lambdify(N, expr, "math")
-
-
 def head_flops(kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
     return _head_flops(kind, json.dumps(params, sort_keys=True), n, causal, head_dim)
 
 
 @lru_cache(maxsize=1 << 16)
 def _head_flops(kind: str, params_json: str, n: int, causal: bool, head_dim: int) -> float:
-    """FLOPs of one head of ``kind`` at ``n_q = n_k = n``: ``4 * head_dim`` per computed pair
-    (the pattern's exact count, ``Pattern.pairs``) plus its overhead. Numeric, not the
-    symbolic ``cost_expr``: building and simplifying that per head dominated compile time
-    (70 of 86 s for SmolLM2 at 512 tokens)."""
-    overhead = _overhead_function(kind, params_json, head_dim)
-    return 4 * head_dim * float(get_pattern(kind).pairs(json.loads(params_json), n, causal)) + float(overhead(n))
+    """FLOPs of one head of ``kind`` at ``n_q = n_k = n`` (``Pattern.cost``: the pattern's
+    exact pair count and its overhead), kept per parameters: classification, merging and the
+    search price the same heads many times."""
+    return get_pattern(kind).cost(json.loads(params_json), n, causal, head_dim)
 
 
 @lru_cache(maxsize=1 << 14)
