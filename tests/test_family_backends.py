@@ -103,6 +103,17 @@ def test_reference_mask_layout_and_flex(kind, n_q, n_k, causal):
     assert torch.equal(flex[0, 0], mask)
 
 
+@pytest.mark.parametrize("kind", list(PARAMS))
+def test_flex_mask_mod_traces_without_graph_breaks(kind):
+    """FlexAttention compiles a mask_mod with dynamo; a break (numpy in block_topk's layout
+    once) makes it run eagerly, 50-150x slower on the H200 (docs/benchmarks.md)."""
+    n = 300
+    mask_mod = get_pattern(kind).mask_mod(PARAMS[kind], n, n, True)
+    index = torch.arange(n)
+    explained = torch._dynamo.explain(mask_mod)(torch.tensor(0), torch.tensor(0), index[:, None], index[None, :])
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n_q, n_k", SHAPES)
 @pytest.mark.parametrize("kind", list(PARAMS))

@@ -49,7 +49,10 @@ class BlockTopk(Pattern):
         blocks_q, blocks_k = (ops.n_q + block - 1) // block, (ops.n_k + block - 1) // block
         grid_row = ops.minimum((i // block) * grid_q // blocks_q, grid_q - 1)
         grid_col = ops.minimum((j // block) * grid_k // blocks_k, grid_k - 1)
-        layout = self.layout(params).flatten().tolist()
+        # The layout as a plain list (not numpy's): FlexAttention traces this with dynamo.
+        layout = [False] * (grid_q * grid_k)
+        for row, col in params["blocks"]:
+            layout[row * grid_k + col] = True
         kept = ops.lookup(layout, grid_row * grid_k + grid_col)
         return kept | ((j // block) == ((d + j) // block))
 
