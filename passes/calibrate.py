@@ -143,7 +143,10 @@ class _Recorder:
                                               _select(mask, h, slice(start, start + len(rows))), d, scale, causal)
                 # Scatter only the key columns holding any mass (about half of them under a
                 # causal mask): adding exact zeros changes no sum, so the statistics are the same.
-                span = _nonzero_columns(probs)
+                # Causal rows (by flag, or a mask found causal so far) end at the last row's
+                # diagonal, without a pass over the probabilities.
+                span = (0, max(0, min(n_k, start + len(rows) + n_k - n_q))) if causal or pure_causal else \
+                    _nonzero_columns(probs)
                 index = self._indices(sums, rows, cols[span[0]:span[1]], d[:, span[0]:span[1]])
                 sums.add(h, probs, valid, index, slice(*span))
         if mask is not None:

@@ -313,3 +313,28 @@ def test_column_trimming_and_index_cache_keep_statistics_bitwise(monkeypatch, ca
     for node in ("a", "b"):
         for field in ("rows", "block_mass", "column_mass", "diagonal_mass", "column_offset_mass"):
             assert torch.equal(getattr(trimmed.sums[node][n, n], field), getattr(full.sums[node][n, n], field))
+
+
+@pytest.mark.parametrize("n_q, n_k", [(50, 37), (37, 50), (45, 45)])
+def test_causal_statistics_match_brute_force_when_queries_and_keys_differ(n_q, n_k):
+    """Causal rows are scattered up to their last diagonal without looking at the values;
+    rows that see no key (n_q > n_k) hold no mass."""
+    from sparsec.passes import calibrate
+    from sparsec.patterns.base import offsets
+
+    torch.manual_seed(n_q + n_k)
+    q, k = torch.randn(2, 4, n_q, 8) * 2, torch.randn(2, 2, n_k, 8)
+
+    class Site:
+        name, num_heads = "site", 4
+
+    recorder = calibrate._Recorder({"a": Site()}, 16, chunk_elements=300)
+    recorder.record("a", q, k, None, 0.3, True)
+    profile = recorder.sums["a"][n_q, n_k].profile(True)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    scores.masked_fill_(offsets(torch.arange(n_q), torch.arange(n_k), n_q, n_k) < 0, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    expected = calibrate.profile_from_probabilities(probs.sum(0) / 2, True, 16)
+    assert torch.equal(profile.rows, expected.rows * 2)
+    for field in ("block_mass", "column_mass", "diagonal_mass", "column_offset_mass"):
+        torch.testing.assert_close(getattr(profile, field), getattr(expected, field), rtol=1e-5, atol=1e-7)
