@@ -115,7 +115,8 @@ def test_smollm2_compiled_agrees_with_dense_on_held_out_text(smollm2, compiled_s
 @pytest.mark.real
 @pytest.mark.slow
 def test_bench_quality_metrics_on_compiled_smollm2(smollm2, compiled_smollm2):
-    from sparsec.tools.bench_quality import PASSKEY_DEPTHS, evaluate_length, format_table, passkey_prompt
+    from sparsec.tools.bench_quality import (PASSKEY_DEPTHS, verification_summary, evaluate_length, format_table,
+                                             passkey_prompt)
 
     model, tokenizer = smollm2
     prompt = passkey_prompt(tokenizer, 200, 0.5, "12345")
@@ -131,8 +132,11 @@ def test_bench_quality_metrics_on_compiled_smollm2(smollm2, compiled_smollm2):
               "target": "h100", "recall": 0.95, "calibration_batches": 2, "calibration_length": 256}
     table = format_table({"config": config, "model": {"name": "SmolLM2"}, "lengths": [row], "failures": {},
                           "compile": {"compile_s": 1.0, "sparse_heads": 1, "heads": 270, "kinds": {},
-                                      "plan_error": dict(compiled_smollm2.plan.error)}})
+                                      "plan_error": dict(compiled_smollm2.plan.error),
+                                      "verification": verification_summary(compiled_smollm2.plan.verification)}})
+    verified = compiled_smollm2.plan.verification
     assert "plan.error" in table and "128" in table
+    assert f"{verified.rounds} round(s), {len(verified.densified)} head(s) made dense" in table
 
 
 # -- MiniLM -------------------------------------------------------------------------------------

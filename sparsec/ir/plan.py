@@ -241,7 +241,7 @@ class VerificationRecord(_Record):
     top1_agreement: float | None = None
     within_tolerance: bool = True
     rounds: int = 0
-    # Per head made dense here: site, head, pattern, local_error, model_error_before.
+    # Per head made dense here: site, head, pattern, local_error, model_error_before, top1_before.
     densified: list[dict] = field(default_factory=list)
     unverified_at_seq_len: int | None = None    # the serving length, when no input was that long
     # fp16 / bf16 models: error and top-1 with the verified sites dense in fp32 (verify.py).

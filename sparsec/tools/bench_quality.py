@@ -218,8 +218,19 @@ def compile_model(model, tokenizer, args, device, encoder: bool):
     record = {"compile_s": seconds, "compile_cpu_s": cpu_seconds,
               "calibration_tokens": args.calibration_length * args.calibration_batches,
               "sparse_heads": sum(not head.is_dense for site in compiled.plan.attention for head in site.heads),
-              "heads": sum(kinds.values()), "kinds": dict(kinds), "plan_error": dict(compiled.plan.error)}
+              "heads": sum(kinds.values()), "kinds": dict(kinds), "plan_error": dict(compiled.plan.error),
+              # what verification measured on calibration-part text (the table is held-out text)
+              "verification": verification_summary(compiled.plan.verification)}
     return compiled, record
+
+
+def verification_summary(record) -> dict | None:
+    """The verification record without its per-head list: how many heads it made dense."""
+    if record is None:
+        return None
+    summary = record.to_dict()
+    summary["densified"] = len(summary.get("densified", []))
+    return summary
 
 
 @torch.no_grad()
@@ -340,6 +351,12 @@ def format_table(data: dict) -> str:
                      f"{config['calibration_batches']} x {config['calibration_length']} calibration tokens; "
                      f"sparse heads {compile_record['sparse_heads']}/{compile_record['heads']} {compile_record['kinds']}")
         lines.append("plan.error: " + (format_plan_error(compile_record["plan_error"]) or "(empty)"))
+        verified = compile_record.get("verification")
+        if verified:
+            top1 = verified.get("top1_agreement")
+            lines.append(f"verified on calibration-part text at {verified['lengths']}: {verified['metric']} "
+                         f"{verified['measured']:.3g}" + ("" if top1 is None else f", top-1 {top1:.4f}")
+                         + f"; {verified['rounds']} round(s), {verified['densified']} head(s) made dense")
     encoder = config["model"] == "minilm"
     if encoder:
         header = f"{'length':>7} {'batches':>7} {'emb. cosine':>11} {'hidden rel L2':>13} {'attn FLOP cut':>13}"
