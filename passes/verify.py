@@ -143,8 +143,8 @@ class Verify:
         if not overrides:
             return 0.0, (1.0 if batches and logits_of(batches[0][1]) is not None else None), {}
         local: dict[tuple[str, int], float] = {}     # (site name, head) -> summed local error
-
-        reducible = {node: [head.head for head in site.heads if _reducible(site, head)] for node, site in sites.items()}
+        reducible = {node: [head.head for head in site.heads if _reducible(site, head)]
+                     for node, site in sites.items()}
 
         def observe(node, args, sparse_out):
             # Only the reducible heads are recomputed dense: every other head's sparse output is

@@ -164,7 +164,8 @@ class CostModel:
         self.target = get_target(target)
         self.profile = cost_profile(self.target)
 
-    def backend(self, kind: str, params: dict, n: int, causal: bool, head_dim: int, whole_site: bool = False) -> str:
+    def backend(self, kind: str, params: dict, n: int, causal: bool, head_dim: int,
+                whole_site: bool = False) -> str:
         """The kernel a sparse site's group of ``kind`` runs on this target at length ``n``:
         on GPUs ``"fa4"`` where :func:`attention_backend` allows it and the target's measured
         FA4 rates predict it faster than Triton's (FA4's block-sparse path pays more per query
@@ -188,14 +189,15 @@ class CostModel:
         itself; on the H200, window 512 at 16k over 32 heads ran 0.341 ms against 0.33
         predicted so, and GQA 32:8 at 4k 0.091 against 0.078: docs/benchmarks.md)."""
         fa4 = self.profile.fa4
-        if whole_site and get_pattern(kind).native_window(params, n) is not None:
+        if whole_site and params is not None and get_pattern(kind).native_window(params, n) is not None:
             return KernelRates(fa4.tflops, self.profile.dense.row_block_us, fa4.launch_us)
         return fa4
 
-    def _rates(self, kind: str, backend: str) -> KernelRates:
+    def _rates(self, kind: str, backend: str, params: dict | None = None, n: int = 0,
+               whole_site: bool = False) -> KernelRates:
         if get_pattern(kind).computes_all:
             return self.profile.dense
-        return self.profile.fa4 if backend == "fa4" else self.profile.sparse
+        return self._fa4_rates(kind, params, n, whole_site) if backend == "fa4" else self.profile.sparse
 
     def head_seconds(self, kind: str, params: dict, n: int, causal: bool, head_dim: int) -> float:
         """One head of one sequence, without the launch (a group sharing its site)."""
@@ -241,8 +243,8 @@ class CostModel:
             if backend != "fa4":
                 launches += self.launch_seconds(kind)
                 triton_launches += 1
-            rates = self._fa4_rates(kind, params, n, whole_site) if backend == "fa4" else self._rates(kind, backend)
             if not get_pattern(kind).computes_none:
+                rates = self._rates(kind, backend, params, n, whole_site)
                 work += batch * count * self._head_seconds(rates, kind, params, n, causal, head_dim)
         gpu = work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
         if host is None:
