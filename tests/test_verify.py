@@ -169,6 +169,15 @@ def test_the_heads_made_dense_first_are_those_whose_error_buys_the_least_saving(
     # error per saving: a1 1.0, b0 0.3, a0 0.04, b1 0.04 (a0 first among equals by key);
     # half of the total error (5) is covered after a1, b0 and a0.
     assert _worst(local, savings) == [("a", 1), ("b", 0), ("a", 0)]
+    assert _worst(local, savings, 0.3) == [("a", 1), ("b", 0)]           # 4 of 10 covers 3
+    assert _worst(local, savings, 0.9) == [("a", 1), ("b", 0), ("a", 0), ("b", 1)]
+
+
+def test_excess_is_the_larger_ratio_to_the_tolerance():
+    lm = Tolerance("kl", 0.02, min_top1=0.98)
+    assert lm.excess(0.01, 0.95) == pytest.approx(2.5)              # top-1: 0.05 of 0.02 allowed
+    assert lm.excess(0.06, 0.99) == pytest.approx(3.0)              # KL: 0.06 of 0.02
+    assert lm.excess(0.0, None) == 0.0 and Tolerance("rel_l2", 0.0).excess(1e-9, None) == float("inf")
 
 
 @pytest.mark.parametrize("mask_heads", [1, 6])

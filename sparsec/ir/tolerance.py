@@ -70,6 +70,14 @@ class Tolerance:
     def holds(self, error: float, top1: float | None) -> bool:
         return error <= self.max_error and (self.min_top1 is None or top1 is None or top1 >= self.min_top1)
 
+    def excess(self, error: float, top1: float | None) -> float:
+        """How far ``(error, top1)`` is from the tolerance as a ratio (1 at the limit): the
+        larger of the error over ``max_error`` and the top-1 disagreement over the allowed one."""
+        ratios = [_ratio(error, self.max_error)]
+        if self.min_top1 is not None and top1 is not None:
+            ratios.append(_ratio(1.0 - top1, 1.0 - self.min_top1))
+        return max(ratios)
+
     def describe(self) -> str:
         text = f"{self.metric_name} <= {self.max_error:g}"
         return text + (f" and top-1 agreement >= {self.min_top1:g}" if self.min_top1 is not None else "")
@@ -101,3 +109,9 @@ def resolve_tolerance(tolerance: Any, dense_output: Any, budget: Budget | None) 
     if isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool):
         return Tolerance(default.metric, float(tolerance), default.min_top1), True
     raise ValueError(f"tolerance must be 'auto', a number, a sparsec.Tolerance or None; got {tolerance!r}")
+
+
+def _ratio(value: float, limit: float) -> float:
+    if limit > 0:
+        return value / limit
+    return 0.0 if value <= 0 else float("inf")
