@@ -10,11 +10,10 @@ error (``||sparse - dense||²`` of the head's attention output at its site, rela
 site's mean head) per attention FLOP its pattern saves at the longest verified length are
 made dense (a greedy knapsack: the error that buys the least saving goes first), half of
 the local error at a time (three quarters after a first measurement at twice the tolerance
-or more), and the model is measured again. (Predicting the share to remove from the last
-rounds' errors took 2 rounds instead of 4 on SmolLM2 at 2k, but top-1 agreement falls far
-more slowly than the local error, and the prediction kept 2.5x fewer FLOPs sparse; the
-three-quarter first round gives the same plan there in 3 rounds.) With enforcement off (``tolerance=None``, a speed or density
-budget) nothing is undone; an error above the tolerance is warned about.
+or more: the same SmolLM2 plan in one round fewer; docs/benchmarks.md, "Which heads
+verification makes dense", says why the share is not predicted further), and the model is
+measured again. With enforcement off (``tolerance=None``, a speed or density budget) nothing
+is undone; an error above the tolerance is warned about.
 
 In fp16 / bf16 two dense computations of one model already differ (a long random-weight
 model: rel. L2 5e-2 between eager and torch.compile at 32k), and densifying cannot remove
@@ -149,12 +148,15 @@ class Verify:
         local: dict[tuple[str, int], float] = {}     # (site name, head) -> summed local error
         reducible = {node: [head.head for head in site.heads if _reducible(site, head)]
                      for node, site in sites.items()}
+        indices: dict = {}        # node -> its reducible heads on the device, made once for every batch
 
         def observe(node, args, sparse_out):
             # Only the reducible heads are recomputed dense: every other head's sparse output is
             # its dense one, and the site's energy (the scale) is made of both.
             site, heads = sites[node], reducible[node]
-            index = torch.tensor(heads, device=sparse_out.device)
+            if node not in indices:
+                indices[node] = torch.tensor(heads, device=sparse_out.device)
+            index = indices[node]
             sparse_part = sparse_out.index_select(1, index).double()
             dense_part = reference.dense_heads(*args[:6], index).double()
             per_head = (sparse_part - dense_part).pow(2).sum((0, 2, 3))

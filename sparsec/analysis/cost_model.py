@@ -189,7 +189,7 @@ class CostModel:
         itself; on the H200, window 512 at 16k over 32 heads ran 0.341 ms against 0.33
         predicted so, and GQA 32:8 at 4k 0.091 against 0.078: docs/benchmarks.md)."""
         fa4 = self.profile.fa4
-        if whole_site and params is not None and get_pattern(kind).native_window(params, n) is not None:
+        if whole_site and get_pattern(kind).native_window(params, n) is not None:
             return KernelRates(fa4.tflops, self.profile.dense.row_block_us, fa4.launch_us)
         return fa4
 
@@ -204,7 +204,7 @@ class CostModel:
         if get_pattern(kind).computes_none:
             return 0.0
         backend = self.backend(kind, params, n, causal, head_dim)
-        return self._head_seconds(self._rates(kind, backend), kind, params, n, causal, head_dim)
+        return self._head_seconds(self._rates(kind, backend, params, n), kind, params, n, causal, head_dim)
 
     def _head_seconds(self, rates: KernelRates, kind: str, params: dict, n: int, causal: bool,
                       head_dim: int) -> float:
