@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sparsec  # noqa: F401  (registers the ops and the CUDA kernel)
-from sparsec.tools.bench import CASES, _flex_mask_mod, bench_groups
+from sparsec.tools.bench import CASES, _flex_mask_mod, bench_groups, flex_block_mask
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import KernelSpec, generate, site_kernels, write_if_different, write_kernels
 from sparsec.patterns import get_pattern
@@ -278,6 +278,32 @@ def test_bench_flex_masks_are_the_pattern_masks(case):
             else:
                 expected = pattern.mask(group.params, n, n, True)
             got = mask_mod(0, torch.tensor(head), positions[:, None], positions[None, :])
+            assert torch.equal(got, expected), (case, group.pattern, head)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case != "vertical_slash"])
+def test_bench_flex_block_masks_keep_exactly_the_pattern(case):
+    """The BlockMask built from the block tables computes every kept pair (partial blocks
+    through the mask_mod, full blocks unmasked) and nothing else."""
+    n, num_heads, block = 300, 8, 128
+    groups = bench_groups(case, n, num_heads)
+    block_mask = flex_block_mask(groups, n, 1, num_heads, "cpu", {})
+    computed = block_mask.to_dense().bool()                  # [1, H or 1, query blocks, key blocks]
+    full = torch.zeros_like(computed)
+    for head in range(full.shape[1]):
+        for row in range(full.shape[2]):
+            count = int(block_mask.full_kv_num_blocks[0, head, row])
+            full[0, head, row, block_mask.full_kv_indices[0, head, row, :count].long()] = True
+    assert (computed | ~full).all()
+    partial = computed & ~full
+    positions = torch.arange(n)
+    for group in groups:
+        expected = get_pattern(group.pattern).mask(group.params, n, n, True)
+        for head in group.heads[:2]:
+            row = head if partial.shape[1] > 1 else 0
+            expand = lambda blocks: blocks[0, row].repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n]
+            masked = block_mask.mask_mod(0, torch.tensor(head), positions[:, None], positions[None, :])
+            got = expand(full) | (expand(partial) & masked)
             assert torch.equal(got, expected), (case, group.pattern, head)
 
 
