@@ -81,6 +81,13 @@ def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, r
     head.candidates = candidates
 
 
+def candidate_families(ctx: CompileContext) -> tuple[str, ...]:
+    """The families a head may take: the user's ``patterns`` (default every registered one),
+    always with the dense baseline first."""
+    everything = [kind for kind in pattern_kinds() if get_pattern(kind).computes_all]
+    return (*everything, *(kind for kind in ctx.patterns or pattern_kinds() if kind not in everything))
+
+
 class ClassifyHeads:
     """Choose each head's pattern from ``ctx.attention_stats``; see the module docstring."""
 
@@ -88,8 +95,7 @@ class ClassifyHeads:
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> PassResult:
         recall, min_saving = float(ctx.recall), float(ctx.min_saving)
-        everything = [kind for kind in pattern_kinds() if get_pattern(kind).computes_all]
-        families = (*everything, *(kind for kind in ctx.patterns or pattern_kinds() if kind not in everything))
+        families = candidate_families(ctx)
         ctx.plan.recall_threshold = recall
         kinds: Counter = Counter()
         cost_model = CostModel(ctx.target)

@@ -41,14 +41,15 @@ import warnings
 
 import torch
 
-from sparsec.analysis.cost_model import head_flops
+from sparsec.analysis.cost_model import CostModel, head_flops
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import baseline_pattern
-from sparsec.ir.plan import AttentionSite, VerificationRecord
+from sparsec.ir.plan import AttentionSite, HeadPlan, VerificationRecord
 from sparsec.ir import reference
 from sparsec.ir.tolerance import Tolerance, logits_of, top1_agreement
 
 from sparsec.passes.helpers.attention_sites import ATTENTION
+from sparsec.passes.classify_heads import candidate_families, classify_head
 from sparsec.passes.helpers.suffix_runs import SuffixRunner
 
 
@@ -84,6 +85,7 @@ class Verify:
         # Densify rounds measure the first batch alone; a plan within tolerance there is then
         # measured on every batch (and rounds go on over all of them if that fails).
         active = 1 if self.enforce else len(batches)
+        cost_model = CostModel(ctx.target)
         while True:
             error, top1, local = self._measure(runner, batches[:active], metrics[:active], sites)
             record.measured, record.top1_agreement = error, top1
@@ -104,11 +106,13 @@ class Verify:
             far = record.rounds == 1 and self.tolerance.excess(*above_floor) >= 2.0
             for name, head in _worst(local, savings, 0.75 if far else 0.5):
                 site = by_name[name]
-                record.densified.append({"site": name, "head": head, "pattern": _head(site, head).pattern,
-                                         "local_error": local[name, head], "model_error_before": error,
-                                         "top1_before": top1})
-                _densify(site, head, f"verify: made dense, the model's {self.tolerance.metric_name} was "
-                                     f"{error:.3g} over tolerance {self.tolerance.describe()}")
+                entry = {"site": name, "head": head, "pattern": _head(site, head).pattern,
+                         "local_error": local[name, head], "model_error_before": error, "top1_before": top1}
+                entry["refit"] = _make_denser(site, head, ctx, cost_model,
+                                              f"the model's {self.tolerance.metric_name} was {error:.3g} over "
+                                              f"tolerance {self.tolerance.describe()}")
+                entry["to"] = _head(site, head).pattern
+                record.densified.append(entry)
         record.within_tolerance = within
         ctx.plan.verification = record
         if not within:
@@ -225,11 +229,25 @@ def _head(site: AttentionSite, head: int):
     return next(plan for plan in site.heads if plan.head == head)
 
 
-def _densify(site: AttentionSite, head: int, reason: str) -> None:
-    plan = _head(site, head)
-    plan.assign(*baseline_pattern(site), reason)
+def _make_denser(site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel, why: str) -> bool:
+    """Move ``head`` to its pattern refitted to miss a quarter of the attention mass it
+    misses now, when that is another pattern still sparse enough to pay (classification's
+    rule), and return True; else to the site's baseline (False)."""
+    plan, stats = _head(site, head), ctx.attention_stats.get(site.name)
+    if stats is not None and stats.profiles and plan.recall is not None and plan.recall < 1:
+        recall = 1 - (1 - plan.recall) / 4
+        refit = HeadPlan(head)
+        classify_head(refit, stats.head(head), stats.causal, site.head_dim, recall, float(ctx.min_saving),
+                      cost_model, candidate_families(ctx), ctx.seq_len)
+        if not refit.is_dense and (refit.pattern, refit.params) != (plan.pattern, plan.params):
+            plan.assign(refit.pattern, refit.params, f"verify: refitted at recall {recall:.4g}, {why}")
+            plan.recall, plan.density = refit.recall, refit.density
+            site.regroup()
+            return True
+    plan.assign(*baseline_pattern(site), f"verify: made dense, {why}")
     plan.density, plan.recall = 1.0, 1.0
     site.regroup()
+    return False
 
 
 def _warning(record: VerificationRecord, tolerance: Tolerance, enforced: bool) -> str:

@@ -241,7 +241,9 @@ class VerificationRecord(_Record):
     top1_agreement: float | None = None
     within_tolerance: bool = True
     rounds: int = 0
-    # Per head made dense here: site, head, pattern, local_error, model_error_before, top1_before.
+    # Per step that made a head denser here: site, head, pattern, local_error, model_error_before,
+    # top1_before, ``to`` (the pattern it took) and ``refit`` (True: a refit at a higher recall;
+    # False: the site's baseline).
     densified: list[dict] = field(default_factory=list)
     unverified_at_seq_len: int | None = None    # the serving length, when no input was that long
     # fp16 / bf16 models: error and top-1 with the verified sites dense in fp32 (verify.py).
@@ -450,8 +452,14 @@ def _error_summary(plan: Plan) -> list[str]:
             f"{verification.max_error:g}" + ("" if verification.min_top1 is None
                                              else f", top-1 >= {verification.min_top1:g}")
             + f"; {'within' if verification.within_tolerance else 'OVER'}), "
-            f"{len(verification.densified)} head(s) made dense by verification")
+            f"{_denser_steps(verification.densified)}")
     return lines
+
+
+def _denser_steps(steps: list[dict]) -> str:
+    refits = sum(bool(step.get("refit")) for step in steps)
+    return (f"{len(steps)} step(s) of verification made heads denser ({len(steps) - refits} to the baseline, "
+            f"{refits} refitted at a higher recall)")
 
 
 # -- search: each layer's chosen level and sensitivity --------------------------------------------
