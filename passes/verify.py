@@ -86,6 +86,7 @@ class Verify:
         # measured on every batch (and rounds go on over all of them if that fails).
         active = 1 if self.enforce else len(batches)
         cost_model = CostModel(ctx.target)
+        refitted: set = set()        # heads refitted once: their next step is the baseline
         while True:
             error, top1, local = self._measure(runner, batches[:active], metrics[:active], sites)
             record.measured, record.top1_agreement = error, top1
@@ -104,13 +105,16 @@ class Verify:
             # A first measurement far over the tolerance (twice or more) loses three quarters of
             # its local error at once; every other round half.
             far = record.rounds == 1 and self.tolerance.excess(*above_floor) >= 2.0
-            for name, head in _worst(local, savings, 0.75 if far else 0.5):
+            removal = {key: 1.0 if key in refitted else REFIT_REMOVES for key in local}
+            for name, head in _worst(local, savings, 0.75 if far else 0.5, removal):
                 site = by_name[name]
                 entry = {"site": name, "head": head, "pattern": _head(site, head).pattern,
                          "local_error": local[name, head], "model_error_before": error, "top1_before": top1}
                 entry["refit"] = _make_denser(site, head, ctx, cost_model,
                                               f"the model's {self.tolerance.metric_name} was {error:.3g} over "
-                                              f"tolerance {self.tolerance.describe()}")
+                                              f"tolerance {self.tolerance.describe()}", (name, head) not in refitted)
+                if entry["refit"]:
+                    refitted.add((name, head))
                 entry["to"] = _head(site, head).pattern
                 record.densified.append(entry)
         record.within_tolerance = within
@@ -180,6 +184,11 @@ class Verify:
         return sum(errors) / len(errors), top1, local
 
 
+# The share of a head's local error a refit is counted to remove when a round chooses how
+# many heads to step (made dense: all of it).
+REFIT_REMOVES = 0.5
+
+
 def _fp32_attention(node, args, kwargs) -> torch.Tensor:
     q, k, v, mask, scale, causal = args[:6]
     mask = mask.float() if mask is not None and mask.is_floating_point() else mask
@@ -207,14 +216,15 @@ def _savings(by_name: dict, local: dict, n: int) -> dict:
     return savings
 
 
-def _worst(local: dict, savings: dict, share: float = 0.5) -> list:
-    """The heads holding ``share`` of the total local error, by local error per saved
-    FLOP, highest first (at least one)."""
+def _worst(local: dict, savings: dict, share: float = 0.5, removal: dict | None = None) -> list:
+    """The heads whose step removes ``share`` of the total local error, by local error per
+    saved FLOP, highest first (at least one); a step removes ``removal[head]`` of its head's
+    error (default all of it: made dense)."""
     ranked = sorted(local, key=lambda key: (-local[key] / savings[key], key))
     total, chosen, covered = sum(local.values()), [], 0.0
     for key in ranked:
         chosen.append(key)
-        covered += local[key]
+        covered += local[key] * (1.0 if removal is None else removal[key])
         if covered >= share * total:
             break
     return chosen
@@ -229,13 +239,14 @@ def _head(site: AttentionSite, head: int):
     return next(plan for plan in site.heads if plan.head == head)
 
 
-def _make_denser(site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel, why: str) -> bool:
-    """Move ``head`` to its pattern refitted to miss a quarter of the attention mass it
-    misses now, when that is another pattern still sparse enough to pay (classification's
-    rule), and return True; else to the site's baseline (False)."""
+def _make_denser(site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel, why: str,
+                 may_refit: bool = True) -> bool:
+    """Move ``head`` to its pattern refitted to miss an eighth of the attention mass it
+    misses now, when ``may_refit`` and that is another pattern still sparse enough to pay
+    (classification's rule), and return True; else to the site's baseline (False)."""
     plan, stats = _head(site, head), ctx.attention_stats.get(site.name)
-    if stats is not None and stats.profiles and plan.recall is not None and plan.recall < 1:
-        recall = 1 - (1 - plan.recall) / 4
+    if may_refit and stats is not None and stats.profiles and plan.recall is not None and plan.recall < 1:
+        recall = 1 - (1 - plan.recall) / 8
         refit = HeadPlan(head)
         classify_head(refit, stats.head(head), stats.causal, site.head_dim, recall, float(ctx.min_saving),
                       cost_model, candidate_families(ctx), ctx.seq_len)

@@ -307,6 +307,22 @@ def test_bench_flex_block_masks_keep_exactly_the_pattern(case):
             assert torch.equal(got, expected), (case, group.pattern, head)
 
 
+@pytest.mark.parametrize("case", ["block_topk", "mixed"])
+def test_compiled_flex_attention_with_the_bench_masks_equals_the_reference(case):
+    """FlexAttention compiled whole-graph (as the benchmark runs it) lowers the families'
+    mask_mods, lookup tables included, and computes sparsec's attention (GQA, n not a
+    multiple of the block)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n, num_heads, scale = 300, 8, 0.125
+    groups = bench_groups(case, n, num_heads)
+    q, k, v = torch.randn(1, num_heads, n, 32), torch.randn(1, 2, n, 32), torch.randn(1, 2, n, 32)
+    flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    got = flex(q, k, v, block_mask=flex_block_mask(groups, n, 1, num_heads, "cpu", {}), scale=scale, enable_gqa=True)
+    torch.testing.assert_close(got, reference.sparse_attention(q, k, v, None, scale, True, groups),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_vertical_slash_with_more_queries_than_keys_falls_back_to_the_reference():
     from sparsec.runtime.kernels import _kernel_unsupported
 

@@ -159,6 +159,7 @@ class TorchOps(MaskOps):
 
     def __init__(self, n_q: int, n_k: int, device: "torch.device | str" = "cpu"):
         self.n_q, self.n_k, self.device = n_q, n_k, torch.device(device)
+        self._tables: dict = {}        # lookup tables as tensors, made once (see Pattern.mask_mod)
 
     def size(self, value, minimum=1):
         return Elastic.from_json(value, minimum).at(self.n_k)
@@ -169,7 +170,10 @@ class TorchOps(MaskOps):
         return torch.where(condition, if_true, if_false)
 
     def lookup(self, table, index):
-        return torch.as_tensor(table, device=self.device)[index]
+        key = tuple(table) if isinstance(table, list) else id(table)
+        if key not in self._tables:
+            self._tables[key] = torch.as_tensor(table, device=self.device)
+        return self._tables[key][index]
 
     def full(self, like, value):
         return torch.full_like(like, value, dtype=torch.bool)
@@ -224,6 +228,10 @@ class Pattern:
             d = q_idx + (n_k - n_q) - kv_idx
             kept = self.index_keep(params, q_idx, kv_idx, d, ops)
             return kept & (d >= 0) if causal else kept
+        # One eager call makes the lookup tables: FlexAttention's compiler cannot lower a tensor
+        # created inside a traced mask_mod (aten.lift_fresh_copy), only one it captures.
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        mask_mod(zero, zero, zero, zero)
         return mask_mod
 
     def block_layout(self, params: dict, n_q: int, n_k: int, causal: bool,
