@@ -142,13 +142,18 @@ def _near_diagonal(a, period, band, last, const):
     return inner | ((nearest > last) & (a - last * period < band))
 
 
-def keep_terms(q, k, offset, window, sink, period, band, last, const):
+def keep_terms(q, k, offset, window, sink, bands, const):
     """Whether query ``q`` keeps key ``k`` under a head's arithmetic terms (see
     :class:`HeadTerms`), before the causal cut; ``offset = n_k - n_q``; ``const`` lifts a
-    Python int to the values' kind."""
+    Python int to the values' kind. ``bands``: ``(period, band, last_diagonal)``, or None
+    where no head of the site has diagonal bands (two integer divisions per element fewer
+    in the kernel)."""
     d = q + offset - k
     zero = const(0)
     kept = ((d < window) & (zero - d < window)) | (k < sink)
+    if bands is None:
+        return kept
+    period, band, last = bands
     # |d| without abs (CuTe values have none): each sign of d separately.
     kept = kept | ((d >= zero) & _near_diagonal(d, period, band, last, const))
     return kept | ((d < zero) & _near_diagonal(zero - d, period, band, last, const))
@@ -159,11 +164,12 @@ def _block_diagonal(q, k, offset, block):
     return k // block == (q + offset) // block
 
 
-def site_keeps(head, q, k, aux_tensors, causal: bool, has_stripes: bool, has_layout: bool, element, const):
+def site_keeps(head, q, k, aux_tensors, causal: bool, has_stripes: bool, has_layout: bool, has_diagonals: bool,
+               element, const):
     """Whether query ``q`` keeps key ``k`` in ``head``: the union of the head's arithmetic
     terms, stripe column and layout cell, read from ``aux_tensors = (table, columns,
     layouts)`` (see :class:`SiteTables`), then the causal cut, last, so that it cuts the
-    looked-up terms too.
+    looked-up terms too. The ``has_`` flags leave out what no head of the site uses.
 
     The kernel's mask_mod and :func:`torch_mask` are both this function. ``element`` turns
     an index value into a subscript (``x[0]`` of a one-element CuTe ``TensorSSA``, a torch
@@ -175,8 +181,8 @@ def site_keeps(head, q, k, aux_tensors, causal: bool, has_stripes: bool, has_lay
         return const(table[head, column])
 
     offset = field(OFFSET)
-    kept = keep_terms(q, k, offset, field(WINDOW), field(SINK), field(PERIOD), field(BAND), field(LAST_DIAGONAL),
-                      const)
+    bands = (field(PERIOD), field(BAND), field(LAST_DIAGONAL)) if has_diagonals else None
+    kept = keep_terms(q, k, offset, field(WINDOW), field(SINK), bands, const)
     if has_stripes:
         stripe = const(columns[table[head, STRIPE_ROW], element(k)])
         kept = kept | ((field(HAS_STRIPES) > const(0)) & (stripe > const(0)))
@@ -215,6 +221,10 @@ class SiteTables:
     @property
     def has_layout(self) -> bool:
         return bool(self.table[:, HAS_LAYOUT].any())
+
+    @property
+    def has_diagonals(self) -> bool:
+        return bool(self.table[:, BAND].any())
 
 
 def head_terms(group: HeadGroup, n_q: int, n_k: int) -> HeadTerms:
@@ -297,7 +307,7 @@ def torch_mask(tables: SiteTables, head: int, n_q: int, n_k: int, causal: bool) 
     q = torch.arange(n_q)[:, None]
     k = torch.arange(n_k)[None, :]
     aux_tensors = [t.cpu() for t in tables.aux_tensors]
-    return site_keeps(head, q, k, aux_tensors, causal, tables.has_stripes, tables.has_layout,
+    return site_keeps(head, q, k, aux_tensors, causal, tables.has_stripes, tables.has_layout, tables.has_diagonals,
                       element=lambda index: index, const=lambda value: value)
 
 
@@ -360,7 +370,7 @@ def key_block(head_dim: int, device: torch.device) -> int:
 
 
 @lru_cache(maxsize=8)
-def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool):
+def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool, has_diagonals: bool):
     """The CuTe mask_mod over the aux tensors ``(table, columns, layouts)``: :func:`site_keeps`
     on FA4's per-element one-value ``TensorSSA`` indices (mask.py ``apply_mask``)."""
     fa4 = _interface()
@@ -374,7 +384,8 @@ def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool):
 
     @cute.jit
     def sparsec_static_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, causal, has_stripes, has_layout, element, const)
+        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, causal, has_stripes, has_layout, has_diagonals,
+                          element, const)
 
     return sparsec_static_mask
 
@@ -407,7 +418,7 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
     sparse = fa4["BlockSparseTensorsTorch"](
         mask_block_cnt=tables.partial_count, mask_block_idx=tables.partial_index,
         full_block_cnt=tables.full_count, full_block_idx=tables.full_index, block_size=(BLOCK_M, tables.block_n))
-    mask_mod = _mask_mod(causal, tables.has_stripes, tables.has_layout)
+    mask_mod = _mask_mod(causal, tables.has_stripes, tables.has_layout, tables.has_diagonals)
     aux = tables.aux_tensors
 
     def launch(q, k, v, out) -> None:

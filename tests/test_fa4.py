@@ -79,6 +79,16 @@ def test_mixed_site_one_table_per_head():
     shared = fa4.build_tables([HeadGroup("window", CASES["window"], list(range(8)))], 8, n_q, n_k, True, 128,
                               torch.device("cpu"))
     assert shared.partial_count.shape[1] == 1 and shared.full_index.shape[1] == 1
+    # Without a multi_diagonal head the kernel's mask leaves the diagonal bands out.
+    assert not tables.has_diagonals and not shared.has_diagonals
+    banded = [*groups, HeadGroup("multi_diagonal", CASES["multi_diagonal"], [5])]
+    banded[0] = HeadGroup("window", CASES["window"], [0])
+    with_bands = fa4.build_tables(banded, 8, n_q, n_k, True, 128, torch.device("cpu"))
+    assert with_bands.has_diagonals
+    for group in banded:
+        expected = get_pattern(group.pattern).mask(group.params, n_q, n_k, True)
+        for head in group.heads:
+            assert torch.equal(fa4.torch_mask(with_bands, head, n_q, n_k, True), expected)
 
 
 def _mixed_site(n_q, n_k, causal, block_n):
@@ -109,7 +119,7 @@ def test_lookups_cover_every_index_the_kernel_evaluates(n_q, n_k, causal, block_
     q, k = torch.arange(rows)[:, None], torch.arange(keys)[None, :]
     for head in range(8):
         kept = fa4.site_keeps(head, q, k, tables.aux_tensors, causal, tables.has_stripes, tables.has_layout,
-                              element=lambda index: index, const=lambda value: value)
+                              tables.has_diagonals, element=lambda index: index, const=lambda value: value)
         assert kept.shape == (rows, keys)
         assert torch.equal(kept[:n_q, :n_k], _reference_mask(groups, head, n_q, n_k, causal)), head
 
@@ -127,7 +137,7 @@ def test_per_element_calls_match_the_reference():
         for query, key in pairs.tolist():
             kept = fa4.site_keeps(torch.tensor([head])[0], torch.tensor([query]), torch.tensor([key]),
                                   tables.aux_tensors, causal, tables.has_stripes, tables.has_layout,
-                                  element=lambda index: index[0], const=lambda value: torch.as_tensor(value).reshape(1))
+                                  tables.has_diagonals, element=lambda index: index[0], const=lambda value: torch.as_tensor(value).reshape(1))
             assert kept.shape == (1,) and bool(kept[0]) == bool(expected[query, key]), (head, query, key)
 
 
