@@ -41,13 +41,10 @@ class MergeHeadGroups:
         merged = densified = 0
         decisions = {}
         for site in ctx.plan.attention:
-            if site.node not in nodes or not get_pattern(baseline_pattern(site)[0]).computes_all:
+            record = (merge_site(site, cost, ctx.serving_length(site.name), ctx.attention_stats.get(site.name))
+                      if site.node in nodes else None)
+            if record is None:
                 continue
-            stats = ctx.attention_stats.get(site.name)
-            n = ctx.serving_length(site.name)
-            if not n or all(h.is_dense for h in site.heads):
-                continue
-            record = _merge_site(site, cost, n, stats)
             merged += record.merges
             densified += record.heads_densified
             decisions[site.name] = record.to_dict()
@@ -55,7 +52,12 @@ class MergeHeadGroups:
         return PassResult(gm, bool(decisions), {"merges": merged, "heads_densified": densified}, decisions)
 
 
-def _merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeRecord:
+def merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeRecord | None:
+    """Merge (or densify) ``site``'s groups while its predicted time at ``n`` drops (the
+    module docstring); None where there is nothing to merge (no sparse head, no length, a
+    baseline that is not dense attention)."""
+    if not n or all(h.is_dense for h in site.heads) or not get_pattern(baseline_pattern(site)[0]).computes_all:
+        return None
     causal = site.effective_causal()
     groups = [(g.pattern, g.params, list(g.heads)) for g in site.instance_groups() if not g.is_dense]
     dense_heads = [h.head for h in site.heads if h.is_dense]

@@ -51,6 +51,7 @@ from sparsec.ir.tolerance import Tolerance, logits_of, top1_agreement
 from sparsec.passes.helpers.attention_sites import ATTENTION
 from sparsec.passes.classify_heads import candidate_families, classify_head
 from sparsec.passes.helpers.suffix_runs import SuffixRunner
+from sparsec.passes.merge_head_groups import merge_site
 
 
 class Verify:
@@ -106,6 +107,7 @@ class Verify:
             # its local error at once; every other round half.
             far = record.rounds == 1 and self.tolerance.excess(*above_floor) >= 2.0
             removal = {key: 1.0 if key in refitted else REFIT_REMOVES for key in local}
+            touched = set()
             for name, head in _worst(local, savings, 0.75 if far else 0.5, removal):
                 site = by_name[name]
                 entry = {"site": name, "head": head, "pattern": _head(site, head).pattern,
@@ -117,6 +119,11 @@ class Verify:
                     refitted.add((name, head))
                 entry["to"] = _head(site, head).pattern
                 record.densified.append(entry)
+                touched.add(name)
+            # Refitted heads have parameters of their own: share launches again where it pays,
+            # before the plan is measured again (merged masks only keep more).
+            for name in touched:
+                merge_site(by_name[name], cost_model, ctx.serving_length(name), ctx.attention_stats.get(name))
         record.within_tolerance = within
         ctx.plan.verification = record
         if not within:

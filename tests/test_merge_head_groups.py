@@ -2,7 +2,7 @@
 import pytest
 
 from sparsec.analysis.cost_model import CostModel
-from sparsec.passes.merge_head_groups import _merge_site
+from sparsec.passes.merge_head_groups import merge_site
 from sparsec.patterns import get_pattern
 from sparsec.ir.plan import AttentionSite, HeadPlan
 
@@ -19,7 +19,7 @@ WINDOWS = [("window", {"window": [w, 0]}) for w in (60, 61, 62, 64)]
 
 def test_near_equal_windows_become_one_launch_at_length():
     site = _site([*WINDOWS, ("dense", {})])
-    record = _merge_site(site, CostModel("h100"), 16384, None)
+    record = merge_site(site, CostModel("h100"), 16384, None)
     assert record.merges == 3 and record.seconds_after < record.seconds_before
     assert [(g.pattern, g.params, g.heads) for g in site.groups] == [
         ("window", {"window": [64, 0]}, [0, 1, 2, 3]), ("dense", {}, [4])]
@@ -28,7 +28,7 @@ def test_near_equal_windows_become_one_launch_at_length():
 
 def test_sparse_that_does_not_pay_for_its_launches_goes_dense():
     site = _site([*WINDOWS, ("sink_window", {"sink": [4, 0], "window": [100, 0]})])
-    record = _merge_site(site, CostModel("h100"), 256, None)
+    record = merge_site(site, CostModel("h100"), 256, None)
     assert record.seconds_after == record.dense_seconds <= record.seconds_before
     assert all(h.pattern == "dense" and "launch" in h.reason for h in site.heads)
 
@@ -61,7 +61,7 @@ def test_a_site_costs_the_larger_of_its_gpu_and_host_times_where_the_host_was_me
     assert cost.site_seconds(dynamic, 8192, True, 64) >= host.sparse_seconds(1, 1, False) \
         > host.sparse_seconds(1, 0, False) + 1e-3                # the H200's host: ~1.6 ms an estimate
     site = _site([("sink_window", {"sink": [1, 0], "window": [128, 0]})] * 9)
-    record = _merge_site(site, cost, 1024, None)
+    record = merge_site(site, cost, 1024, None)
     assert record.seconds_after == record.dense_seconds and all(h.pattern == "dense" for h in site.heads)
 
 
