@@ -16,10 +16,10 @@ measured again. A head's first step refits it to miss an eighth of the attention
 misses (classification's rule at that recall: it stays sparse where that still pays), its
 second makes it dense; a refit is counted as removing half of the head's local error. The
 sites a round changed are merged again (``merge_head_groups.merge_site``), so refitted heads
-share launches where the cost model says so. Refits keep SmolLM2 at 8k at a 34 % attention-
-FLOP cut with held-out top-1 0.981, where densifying alone gave 36 % at 0.975
-(docs/benchmarks.md, "Refit before dense"). With enforcement off (``tolerance=None``, a speed or density budget) nothing
-is undone; an error above the tolerance is warned about.
+share launches where the cost model says so. Refits keep SmolLM2 at 8k at a 34 % cut of
+attention FLOPs with held-out top-1 0.981, where densifying alone gave 36 % at 0.975
+(docs/benchmarks.md, "Refit before dense"). With enforcement off (``tolerance=None``, a
+speed or density budget) nothing is undone; an error above the tolerance is warned about.
 
 In fp16 / bf16 two dense computations of one model already differ (a long random-weight
 model: rel. L2 5e-2 between eager and torch.compile at 32k), and densifying cannot remove

@@ -159,7 +159,7 @@ class TorchOps(MaskOps):
 
     def __init__(self, n_q: int, n_k: int, device: "torch.device | str" = "cpu"):
         self.n_q, self.n_k, self.device = n_q, n_k, torch.device(device)
-        self._tables: dict = {}        # lookup tables as tensors, made once (see Pattern.mask_mod)
+        self._tables: dict = {}        # list lookup tables as tensors, made once (see Pattern.mask_mod)
 
     def size(self, value, minimum=1):
         return Elastic.from_json(value, minimum).at(self.n_k)
@@ -170,7 +170,9 @@ class TorchOps(MaskOps):
         return torch.where(condition, if_true, if_false)
 
     def lookup(self, table, index):
-        key = tuple(table) if isinstance(table, list) else id(table)
+        if isinstance(table, torch.Tensor):
+            return table.to(self.device)[index]
+        key = tuple(table)
         if key not in self._tables:
             self._tables[key] = torch.as_tensor(table, device=self.device)
         return self._tables[key][index]
