@@ -136,7 +136,8 @@ def test_bench_quality_metrics_on_compiled_smollm2(smollm2, compiled_smollm2):
                                       "verification": verification_summary(compiled_smollm2.plan.verification)}})
     verified = compiled_smollm2.plan.verification
     assert "plan.error" in table and "128" in table
-    assert f"{verified.rounds} round(s), {len(verified.densified)} head(s) made dense" in table
+    refits = sum(step["refit"] for step in verified.densified)
+    assert f"{verified.rounds} round(s), {len(verified.densified)} step(s) made heads denser ({refits} refits)" in table
 
 
 # -- MiniLM -------------------------------------------------------------------------------------

@@ -225,11 +225,13 @@ def compile_model(model, tokenizer, args, device, encoder: bool):
 
 
 def verification_summary(record) -> dict | None:
-    """The verification record without its per-head list: how many heads it made dense."""
+    """The verification record without its per-step list: how many steps made heads denser,
+    and how many of them were refits."""
     if record is None:
         return None
     summary = record.to_dict()
-    summary["densified"] = len(summary.get("densified", []))
+    steps = summary.pop("densified", [])
+    summary["steps"], summary["refits"] = len(steps), sum(bool(step.get("refit")) for step in steps)
     return summary
 
 
@@ -356,7 +358,8 @@ def format_table(data: dict) -> str:
             top1 = verified.get("top1_agreement")
             lines.append(f"verified on calibration-part text at {verified['lengths']}: {verified['metric']} "
                          f"{verified['measured']:.3g}" + ("" if top1 is None else f", top-1 {top1:.4f}")
-                         + f"; {verified['rounds']} round(s), {verified['densified']} head(s) made dense")
+                         + f"; {verified['rounds']} round(s), {verified['steps']} step(s) made heads denser "
+                         f"({verified['refits']} refits)")
     encoder = config["model"] == "minilm"
     if encoder:
         header = f"{'length':>7} {'batches':>7} {'emb. cosine':>11} {'hidden rel L2':>13} {'attn FLOP cut':>13}"
