@@ -102,8 +102,8 @@ def _flex_mask_mod(groups: list[HeadGroup], n: int, num_heads: int, device, esti
 def flex_block_mask(groups: list[HeadGroup], n: int, batch: int, num_heads: int, device, estimates: dict):
     """The FlexAttention ``BlockMask`` of a case: static groups from each family's exact
     block classes (the tables sparsec gives FA4, :func:`sparsec.runtime.fa4.build_tables`),
-    so no ``[heads, n, n]`` token mask is ever evaluated (at 64k, 32 heads, a graph break
-    in ``create_block_mask`` once asked for 512 GiB); a dynamic group's mask from its estimate."""
+    so no ``[heads, n, n]`` token mask is ever evaluated (at 64k, 32 heads, that is 512 GiB
+    in fp32: the benchmark once died asking for it); a dynamic group's mask from its estimate."""
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     from sparsec.runtime import fa4
@@ -251,8 +251,8 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
         # Every case's mask_mod is a new function: let each compile rather than fall back to eager.
         _dynamo.config.cache_size_limit = 1024
         _dynamo.config.accumulated_cache_size_limit = 4096
-        # fullgraph: a graph break would run flex_attention eagerly, whose scores are dense
-        # ([heads, N, N] fp32: 512 GiB at 64k); an error leaves a gap in the table instead.
+        # fullgraph: a graph break would run part of flex_attention outside its fused kernel,
+        # on dense [heads, N, N] scores; an error leaves a gap in the table instead.
         flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     rows = []
