@@ -228,3 +228,21 @@ def test_a_head_over_tolerance_is_refitted_at_an_eighth_of_its_missing_recall_th
     sparse = next(h for h in site.heads if not h.is_dense)
     assert not _make_denser(site, sparse.head, ctx, cost_model, "over tolerance", may_refit=False)
     assert sparse.is_dense
+
+
+def test_a_layout_taken_from_the_calibration_text_is_never_a_refit():
+    """A block_topk layout is the calibration text's content, stretched to other lengths: a
+    head over tolerance is not refitted into one (its own family included), it goes dense."""
+    from sparsec.analysis.cost_model import CostModel
+    from sparsec.passes.calibrate import Calibrate
+    from sparsec.passes.classify_heads import ClassifyHeads
+    from sparsec.passes.verify import _make_denser
+    from test_calibrate_classify import run_passes
+
+    model, ids = _planted()
+    ctx = run_passes(model, (ids,), [(ids,)], [Calibrate(), ClassifyHeads()], target="h100", recall=0.5,
+                     seq_len=16384, patterns=("block_topk",))
+    site = next(s for s in ctx.plan.attention if any(h.pattern == "block_topk" for h in s.heads))
+    head = next(h for h in site.heads if h.pattern == "block_topk")
+    assert not _make_denser(site, head.head, ctx, CostModel(ctx.target), "over tolerance")
+    assert head.is_dense

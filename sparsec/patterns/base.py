@@ -194,6 +194,9 @@ class Pattern:
 
     kind: str = ""
     dynamic: bool = False          # the mask depends on the input (vertical_slash)
+    # Its mask is a layout taken from the calibration inputs' content and stretched to other
+    # lengths (block_topk): it may hold only for inputs like those, at their length.
+    layout_from_calibration: bool = False
     computes_all: bool = False     # every pair: runs plain attention (dense)
     computes_none: bool = False    # no pair: the heads' output is zero (skip)
     elastic_params: frozenset = frozenset()

@@ -29,6 +29,7 @@ MIN_GRID = 4
 @register
 class BlockTopk(Pattern):
     kind = "block_topk"
+    layout_from_calibration = True
     index_list_params = frozenset({"blocks"})
     # Lookup-table template, KEEP_KIND 1 with the calibration layout as the grid (keep_grid).
     triton_template = "lut"
