@@ -95,7 +95,6 @@ class Verify:
         # measured on every batch (and rounds go on over all of them if that fails).
         active = 1 if self.enforce else len(batches)
         cost_model = CostModel(ctx.target)
-        refitted: set = set()        # heads refitted once: their next step is the baseline
         while True:
             error, top1, local = self._measure(runner, batches[:active], metrics[:active], sites)
             record.measured, record.top1_agreement = error, top1
@@ -114,6 +113,7 @@ class Verify:
             # A first measurement far over the tolerance (twice or more) loses three quarters of
             # its local error at once; every other round half.
             far = record.rounds == 1 and self.tolerance.excess(*above_floor) >= 2.0
+            refitted = record.refitted            # refitted once: their next step is the baseline
             removal = {key: 1.0 if key in refitted else REFIT_REMOVES for key in local}
             touched = set()
             for name, head in _worst(local, savings, 0.75 if far else 0.5, removal):
@@ -123,8 +123,6 @@ class Verify:
                 entry["refit"] = _make_denser(site, head, ctx, cost_model,
                                               f"the model's {self.tolerance.metric_name} was {error:.3g} over "
                                               f"tolerance {self.tolerance.describe()}", (name, head) not in refitted)
-                if entry["refit"]:
-                    refitted.add((name, head))
                 entry["to"] = _head(site, head).pattern
                 record.densified.append(entry)
                 touched.add(name)

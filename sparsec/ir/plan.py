@@ -250,6 +250,16 @@ class VerificationRecord(_Record):
     noise_floor: float | None = None
     noise_floor_top1: float | None = None
 
+    @property
+    def refitted(self) -> set[tuple[str, int]]:
+        """``(site, head)`` of every head a step refitted (records before refits have none)."""
+        return {(step["site"], step["head"]) for step in self.densified if step.get("refit")}
+
+    def steps_summary(self) -> str:
+        refits = sum(bool(step.get("refit")) for step in self.densified)
+        return (f"{len(self.densified)} step(s) of verification made heads denser "
+                f"({len(self.densified) - refits} to the baseline, {refits} refitted at a higher recall)")
+
 
 @dataclass
 class SearchRecord(_Record):
@@ -452,14 +462,8 @@ def _error_summary(plan: Plan) -> list[str]:
             f"{verification.max_error:g}" + ("" if verification.min_top1 is None
                                              else f", top-1 >= {verification.min_top1:g}")
             + f"; {'within' if verification.within_tolerance else 'OVER'}), "
-            f"{_denser_steps(verification.densified)}")
+            f"{verification.steps_summary()}")
     return lines
-
-
-def _denser_steps(steps: list[dict]) -> str:
-    refits = sum(bool(step.get("refit")) for step in steps)
-    return (f"{len(steps)} step(s) of verification made heads denser ({len(steps) - refits} to the baseline, "
-            f"{refits} refitted at a higher recall)")
 
 
 # -- search: each layer's chosen level and sensitivity --------------------------------------------

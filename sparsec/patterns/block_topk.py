@@ -50,11 +50,7 @@ class BlockTopk(Pattern):
         blocks_q, blocks_k = (ops.n_q + block - 1) // block, (ops.n_k + block - 1) // block
         grid_row = ops.minimum((i // block) * grid_q // blocks_q, grid_q - 1)
         grid_col = ops.minimum((j // block) * grid_k // blocks_k, grid_k - 1)
-        # The layout as a plain list (not numpy's): FlexAttention traces this with dynamo.
-        layout = [False] * (grid_q * grid_k)
-        for row, col in params["blocks"]:
-            layout[row * grid_k + col] = True
-        kept = ops.lookup(layout, grid_row * grid_k + grid_col)
+        kept = ops.lookup(_flat_layout(params), grid_row * grid_k + grid_col)
         return kept | ((j // block) == ((d + j) // block))
 
     def without_leading_keys(self, params, dropped, n_q, n_k):
@@ -69,11 +65,7 @@ class BlockTopk(Pattern):
 
     def layout(self, params) -> np.ndarray:
         """The kept blocks as a boolean ``[grid_q, grid_k]`` array (the calibration grid)."""
-        grid_q, grid_k = params["grid"]
-        layout = np.zeros((grid_q, grid_k), dtype=bool)
-        for query_block, key_block in params["blocks"]:
-            layout[query_block, key_block] = True
-        return layout
+        return np.array(_flat_layout(params), dtype=bool).reshape(params["grid"])
 
     def keep_grid(self, params, n_q, n_k):
         return torch.from_numpy(self.layout(params)), int(params["block"])
@@ -170,3 +162,13 @@ class BlockTopk(Pattern):
         count = fitting.smallest_meeting(reached, recall, start=0)
         params["blocks"] = sorted(list(divmod(int(i), mass.shape[1])) for i in order[:count])
         return params, fitting.worst_recall(self, profiles, params)
+
+
+def _flat_layout(params) -> list[bool]:
+    """The kept blocks, row-major over the calibration grid, as a plain list (not numpy's:
+    FlexAttention traces the mask that reads it with dynamo)."""
+    grid_q, grid_k = params["grid"]
+    layout = [False] * (grid_q * grid_k)
+    for query_block, key_block in params["blocks"]:
+        layout[query_block * grid_k + key_block] = True
+    return layout

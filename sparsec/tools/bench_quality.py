@@ -230,8 +230,7 @@ def verification_summary(record) -> dict | None:
     if record is None:
         return None
     summary = record.to_dict()
-    steps = summary.pop("densified", [])
-    summary["steps"], summary["refits"] = len(steps), sum(bool(step.get("refit")) for step in steps)
+    summary["steps"], summary["refits"] = len(summary.pop("densified", [])), len(record.refitted)
     return summary
 
 
