@@ -11,16 +11,20 @@ another backend serves, gets zero rows here and is overwritten by that backend a
 The mask_mod is one function for every static family. FA4 takes a single mask_mod per
 call, so instead of one mask per group each head's *terms* are a row of an int32 aux
 table (window, sink, diagonal bands, a stripe-column row, a block-layout row); the mask is
-their union, then the causal cut (a mask_mod replaces FA4's own causal mask). One compiled
-kernel therefore serves every plan of a head dim and dtype, and heads of different groups
-share the launch. Each family's terms are its ``"fa4"`` piece in the pattern registry
-(:func:`family_terms`).
+their union, then the causal cut (a mask_mod replaces FA4's own causal mask). The kernel
+evaluates only the terms some head of the site uses (:class:`MaskForm`), so a few compiled
+kernels per head dim and dtype serve every plan, and heads of different groups share the
+launch. A head whose mask keeps all or nothing of every block carries it in the block
+tables alone (no term: a block_topk layout on the block grid). Each family's terms are its
+``"fa4"`` piece in the pattern registry (:func:`family_terms`).
 
 Two cheaper forms where the site allows them:
 - one sliding-band group over every head (``Pattern.native_window``): FA4's native
   ``window_size`` (no tables, no mask_mod, GQA packed);
 - one group over every head: its tables broadcast over heads, so ``pack_gqa`` stays on
-  (FA4 turns it off for per-head tables).
+  (FA4 turns it off for per-head tables);
+- every served head with one row of terms: the row is passed as kernel scalars
+  (``aux_scalars``), not read per score from the table.
 
 The mask (:func:`site_keeps`: the arithmetic terms, the table lookups, then the causal cut)
 is index arithmetic and table reads on values that support ``+ - * // < <= & |``: the same
@@ -142,20 +146,16 @@ def _near_diagonal(a, period, band, last, const):
     return inner | ((nearest > last) & (a - last * period < band))
 
 
-def keep_terms(q, k, offset, window, sink, bands, const):
-    """Whether query ``q`` keeps key ``k`` under a head's arithmetic terms (see
-    :class:`HeadTerms`), before the causal cut; ``offset = n_k - n_q``; ``const`` lifts a
-    Python int to the values' kind. ``bands``: ``(period, band, last_diagonal)``, or None
-    where no head of the site has diagonal bands (two integer divisions per element fewer
-    in the kernel)."""
-    d = q + offset - k
+def _band(d, window, causal: bool, const):
+    """``|d| < window``; ``d < window`` where the causal cut (``d >= 0``) follows anyway."""
+    return d < window if causal else (d < window) & (const(0) - d < window)
+
+
+def _diagonal_bands(d, period, band, last, const):
+    """``|d|`` within ``band`` of a kept diagonal (see :class:`HeadTerms`); without abs (CuTe
+    values have none): each sign of ``d`` separately."""
     zero = const(0)
-    kept = ((d < window) & (zero - d < window)) | (k < sink)
-    if bands is None:
-        return kept
-    period, band, last = bands
-    # |d| without abs (CuTe values have none): each sign of d separately.
-    kept = kept | ((d >= zero) & _near_diagonal(d, period, band, last, const))
+    kept = (d >= zero) & _near_diagonal(d, period, band, last, const)
     return kept | ((d < zero) & _near_diagonal(zero - d, period, band, last, const))
 
 
@@ -164,12 +164,28 @@ def _block_diagonal(q, k, offset, block):
     return k // block == (q + offset) // block
 
 
-def site_keeps(head, q, k, aux_tensors, causal: bool, has_stripes: bool, has_layout: bool, has_diagonals: bool,
-               element, const):
-    """Whether query ``q`` keeps key ``k`` in ``head``: the union of the head's arithmetic
-    terms, stripe column and layout cell, read from ``aux_tensors = (table, columns,
-    layouts)`` (see :class:`SiteTables`), then the causal cut, last, so that it cuts the
-    looked-up terms too. The ``has_`` flags leave out what no head of the site uses.
+@dataclass(frozen=True)
+class MaskForm:
+    """What one site's mask_mod evaluates: one compiled kernel per form, head dim and dtype.
+    A term no served head uses is left out of the kernel (a 16k block_topk site without its
+    layout lookup: 0.76 ms instead of 0.94 on the H200); ``uniform``: every served head has
+    the same row of terms, passed as kernel scalars instead of read per element from the
+    table (FA4's ``aux_scalars``)."""
+
+    causal: bool
+    band: bool = True            # a window or sink that cuts (a window of n_q + n_k keeps every key)
+    diagonals: bool = False
+    stripes: bool = False
+    layout: bool = False
+    uniform: bool = False
+
+
+def site_keeps(head, q, k, aux_tensors, scalars, form: MaskForm, element, const):
+    """Whether query ``q`` keeps key ``k`` in ``head``: the union of the head's terms that
+    ``form`` names (window and sink, diagonal bands, stripe column, layout cell), read from
+    its row of ``aux_tensors = (table, columns, layouts)`` (see :class:`SiteTables`), or from
+    ``scalars`` when the form is uniform, then the causal cut, last, so that it cuts the
+    looked-up terms too.
 
     The kernel's mask_mod and :func:`torch_mask` are both this function. ``element`` turns
     an index value into a subscript (``x[0]`` of a one-element CuTe ``TensorSSA``, a torch
@@ -177,21 +193,31 @@ def site_keeps(head, q, k, aux_tensors, causal: bool, has_stripes: bool, has_lay
     """
     table, columns, layouts = aux_tensors[0], aux_tensors[1], aux_tensors[2]
 
+    def raw(column):
+        return scalars[column] if form.uniform else table[head, column]
+
     def field(column):
-        return const(table[head, column])
+        return const(raw(column))
 
     offset = field(OFFSET)
-    bands = (field(PERIOD), field(BAND), field(LAST_DIAGONAL)) if has_diagonals else None
-    kept = keep_terms(q, k, offset, field(WINDOW), field(SINK), bands, const)
-    if has_stripes:
-        stripe = const(columns[table[head, STRIPE_ROW], element(k)])
-        kept = kept | ((field(HAS_STRIPES) > const(0)) & (stripe > const(0)))
-    if has_layout:
-        block = table[head, BLOCK]
-        cell = const(layouts[table[head, LAYOUT_ROW], element(q) // block, element(k) // block])
+    d = q + offset - k
+    terms = []
+    if form.band:
+        terms.append(_band(d, field(WINDOW), form.causal, const) | (k < field(SINK)))
+    if form.diagonals:
+        terms.append(_diagonal_bands(d, field(PERIOD), field(BAND), field(LAST_DIAGONAL), const))
+    if form.stripes:
+        stripe = const(columns[raw(STRIPE_ROW), element(k)])
+        terms.append((field(HAS_STRIPES) > const(0)) & (stripe > const(0)))
+    if form.layout:
+        block = raw(BLOCK)
+        cell = const(layouts[raw(LAYOUT_ROW), element(q) // block, element(k) // block])
         hit = (cell > const(0)) | _block_diagonal(q, k, offset, const(block))
-        kept = kept | ((field(HAS_LAYOUT) > const(0)) & hit)
-    return kept & (q + offset - k >= const(0)) if causal else kept
+        terms.append((field(HAS_LAYOUT) > const(0)) & hit)
+    kept = terms[0] if terms else k >= const(0)          # no term: every key (before the cut)
+    for term in terms[1:]:
+        kept = kept | term
+    return kept & (d >= const(0)) if form.causal else kept
 
 
 # -- the tables of one site -----------------------------------------------------------------
@@ -208,23 +234,21 @@ class SiteTables:
     full_count: torch.Tensor
     full_index: torch.Tensor
     block_n: int
+    form: MaskForm
+    scalars: "tuple[int, ...] | None"    # the served heads' one row of terms, when the form is uniform
 
     @property
     def aux_tensors(self) -> list[torch.Tensor]:
         """The mask_mod's aux tensors, in the order :func:`site_keeps` reads them."""
         return [self.table, self.columns, self.layouts]
 
-    @property
-    def has_stripes(self) -> bool:
-        return bool(self.table[:, HAS_STRIPES].any())
 
-    @property
-    def has_layout(self) -> bool:
-        return bool(self.table[:, HAS_LAYOUT].any())
-
-    @property
-    def has_diagonals(self) -> bool:
-        return bool(self.table[:, BAND].any())
+def _mask_form(table: torch.Tensor, served: list[int], causal: bool, n_q: int, n_k: int) -> MaskForm:
+    """The terms the served heads' rows of ``table`` use."""
+    rows = table[served]
+    return MaskForm(causal=causal, band=bool((rows[:, WINDOW] < n_q + n_k).any()),
+                    diagonals=bool(rows[:, BAND].any()), stripes=bool(rows[:, HAS_STRIPES].any()),
+                    layout=bool(rows[:, HAS_LAYOUT].any()), uniform=bool((rows == rows[0]).all()))
 
 
 def head_terms(group: HeadGroup, n_q: int, n_k: int) -> HeadTerms:
@@ -247,8 +271,19 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     table[:, BLOCK] = max(padded_q, padded_k)           # a head without a layout reads cell (0, 0)
     table[:, OFFSET] = n_k - n_q
     stripe_rows, layout_rows = [], []
+    shared = _one_group_over_all(groups, num_heads)
+    any_kept = torch.zeros(1 if shared else num_heads, n_qb, n_kb, dtype=torch.bool, device=device)
+    all_kept = torch.zeros_like(any_kept)
     for group in groups:
-        terms = head_terms(group, n_q, n_k)
+        pattern = get_pattern(group.pattern)
+        some, every = pattern.block_classes(group.params, n_q, n_k, causal, BLOCK_M, block_n, device)
+        rows = [0] if shared else group.heads
+        any_kept[rows], all_kept[rows] = some, every
+        # A mask that keeps all or nothing of every block before the causal cut is carried by
+        # the block tables alone: its mask_mod terms are dense's, so partial blocks evaluate
+        # the causal cut only (a block_topk layout on the block grid needs no lookup).
+        terms = _dense_terms(group.params, n_q, n_k) if _block_constant(pattern, group.params, n_q, n_k, block_n,
+                                                                         device) else head_terms(group, n_q, n_k)
         heads = torch.tensor(group.heads, dtype=torch.long)
         for column, value in ((WINDOW, terms.window), (SINK, terms.sink), (PERIOD, terms.period),
                               (BAND, terms.band), (LAST_DIAGONAL, terms.last_diagonal)):
@@ -265,18 +300,18 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     # Unused lookups get a 1 x 2 placeholder: FA4 needs one unique stride-1 dim per aux tensor.
     columns = torch.stack(stripe_rows) if stripe_rows else torch.zeros(1, 2, dtype=torch.int32)
     layouts = _stack_padded(layout_rows, padded_q, padded_k)
-
-    shared = _one_group_over_all(groups, num_heads)
-    any_kept = torch.zeros(1 if shared else num_heads, n_qb, n_kb, dtype=torch.bool, device=device)
-    all_kept = torch.zeros_like(any_kept)
-    for group in groups:
-        some, every = get_pattern(group.pattern).block_classes(group.params, n_q, n_k, causal, BLOCK_M, block_n, device)
-        rows = [0] if shared else group.heads
-        any_kept[rows], all_kept[rows] = some, every
     partial_count, partial_index = _compact(any_kept & ~all_kept)
     full_count, full_index = _compact(all_kept)
+    form = _mask_form(table, sorted(h for group in groups for h in group.heads), causal, n_q, n_k)
+    scalars = tuple(int(value) for value in table[groups[0].heads[0]]) if form.uniform else None
     return SiteTables(table.to(device), columns.to(device), layouts.to(device), partial_count, partial_index,
-                      full_count, full_index, block_n)
+                      full_count, full_index, block_n, form, scalars)
+
+
+def _block_constant(pattern, params: dict, n_q: int, n_k: int, block_n: int, device) -> bool:
+    """Whether ``pattern`` without the causal cut keeps every pair or none of each block."""
+    some, every = pattern.block_classes(params, n_q, n_k, False, BLOCK_M, block_n, device, keys_in_range_only=True)
+    return torch.equal(some, every)
 
 
 def _stack_padded(layouts: list[tuple[int, torch.Tensor]], padded_q: int, padded_k: int) -> torch.Tensor:
@@ -307,8 +342,15 @@ def torch_mask(tables: SiteTables, head: int, n_q: int, n_k: int, causal: bool) 
     q = torch.arange(n_q)[:, None]
     k = torch.arange(n_k)[None, :]
     aux_tensors = [t.cpu() for t in tables.aux_tensors]
-    return site_keeps(head, q, k, aux_tensors, causal, tables.has_stripes, tables.has_layout, tables.has_diagonals,
-                      element=lambda index: index, const=lambda value: value)
+    return site_keeps(head, q, k, aux_tensors, tables.scalars, tables.form, element=lambda index: index,
+                      const=lambda value: value)
+
+
+def kernel_mask(tables: SiteTables, head: int, n_q: int, n_k: int, causal: bool) -> torch.Tensor:
+    """The ``[n_q, n_k]`` mask the kernel computes for ``head``: its full blocks, and its
+    partial blocks through the mask_mod."""
+    partial = tables_mask(tables, head, n_q, n_k, full=False)
+    return tables_mask(tables, head, n_q, n_k, full=True) | (partial & torch_mask(tables, head, n_q, n_k, causal))
 
 
 def tables_mask(tables: SiteTables, head: int, n_q: int, n_k: int, full: bool) -> torch.Tensor:
@@ -369,10 +411,11 @@ def key_block(head_dim: int, device: torch.device) -> int:
     return config.n_block_size
 
 
-@lru_cache(maxsize=8)
-def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool, has_diagonals: bool):
-    """The CuTe mask_mod over the aux tensors ``(table, columns, layouts)``: :func:`site_keeps`
-    on FA4's per-element one-value ``TensorSSA`` indices (mask.py ``apply_mask``)."""
+@lru_cache(maxsize=16)
+def _mask_mod(form: MaskForm):
+    """The CuTe mask_mod of ``form``: :func:`site_keeps` on FA4's per-element one-value
+    ``TensorSSA`` indices (mask.py ``apply_mask``), its fields from the aux tensors or, for
+    a uniform form, from the aux scalars."""
     fa4 = _interface()
     cutlass, cute, utils = fa4["cutlass"], fa4["cute"], fa4["utils"]
 
@@ -382,11 +425,15 @@ def _mask_mod(causal: bool, has_stripes: bool, has_layout: bool, has_diagonals: 
     def element(index):
         return index[0]
 
+    if form.uniform:
+        @cute.jit
+        def sparsec_uniform_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors, aux_scalars):
+            return site_keeps(head[0], q_idx, kv_idx, aux_tensors, aux_scalars, form, element, const)
+        return sparsec_uniform_mask
+
     @cute.jit
     def sparsec_static_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, causal, has_stripes, has_layout, has_diagonals,
-                          element, const)
-
+        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, None, form, element, const)
     return sparsec_static_mask
 
 
@@ -418,13 +465,13 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
     sparse = fa4["BlockSparseTensorsTorch"](
         mask_block_cnt=tables.partial_count, mask_block_idx=tables.partial_index,
         full_block_cnt=tables.full_count, full_block_idx=tables.full_index, block_size=(BLOCK_M, tables.block_n))
-    mask_mod = _mask_mod(causal, tables.has_stripes, tables.has_layout, tables.has_diagonals)
-    aux = tables.aux_tensors
+    mask_mod = _mask_mod(tables.form)
+    aux, scalars = tables.aux_tensors, tables.scalars
 
     def launch(q, k, v, out) -> None:
         interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                                   causal=False, mask_mod=mask_mod, block_sparse_tensors=sparse, aux_tensors=aux,
-                                  out=out.transpose(1, 2))
+                                  aux_scalars=scalars, out=out.transpose(1, 2))
     return launch
 
 

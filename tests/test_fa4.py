@@ -2,6 +2,7 @@
 against each family's reference mask; the kernel itself against the reference on a GPU."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -53,7 +54,7 @@ def test_tables_and_mask_mod_match_the_reference(case, n_q, n_k, causal, block_n
     full_tokens = every.repeat_interleave(fa4.BLOCK_M, 0).repeat_interleave(block_n, 1)[:n_q, :n_k]
     partial_tokens = (some & ~every).repeat_interleave(fa4.BLOCK_M, 0).repeat_interleave(block_n, 1)[:n_q, :n_k]
     for head in heads:
-        assert torch.equal(fa4.torch_mask(tables, head, n_q, n_k, causal), expected), head
+        assert torch.equal(fa4.kernel_mask(tables, head, n_q, n_k, causal), expected), head
         assert torch.equal(fa4.tables_mask(tables, head, n_q, n_k, full=True), full_tokens)
         assert torch.equal(fa4.tables_mask(tables, head, n_q, n_k, full=False), partial_tokens)
     for head in (0, 2, 5):                              # heads of no group keep nothing here
@@ -69,26 +70,50 @@ def test_mixed_site_one_table_per_head():
               HeadGroup("block_topk", CASES["block_topk"], [3, 7]), HeadGroup("vertical_stripe",
                                                                               CASES["vertical_stripe"], [4, 6])]
     tables = fa4.build_tables(groups, 8, n_q, n_k, True, 128, torch.device("cpu"))
-    assert tables.partial_count.shape == (1, 8, 4) and tables.has_stripes and tables.has_layout
+    assert tables.partial_count.shape == (1, 8, 4) and tables.form.stripes and tables.form.layout
     for group in groups:
         expected = get_pattern(group.pattern).mask(group.params, n_q, n_k, True)
         for head in group.heads:
-            assert torch.equal(fa4.torch_mask(tables, head, n_q, n_k, True), expected)
+            assert torch.equal(fa4.kernel_mask(tables, head, n_q, n_k, True), expected)
             listed = fa4.tables_mask(tables, head, n_q, n_k, True) | fa4.tables_mask(tables, head, n_q, n_k, False)
             assert not (expected & ~listed).any()
     shared = fa4.build_tables([HeadGroup("window", CASES["window"], list(range(8)))], 8, n_q, n_k, True, 128,
                               torch.device("cpu"))
     assert shared.partial_count.shape[1] == 1 and shared.full_index.shape[1] == 1
+    # One row of terms for every served head: kernel scalars, not per-element table reads.
+    assert shared.form.uniform and shared.scalars is not None and not tables.form.uniform
     # Without a multi_diagonal head the kernel's mask leaves the diagonal bands out.
-    assert not tables.has_diagonals and not shared.has_diagonals
+    assert not tables.form.diagonals and not shared.form.diagonals
     banded = [*groups, HeadGroup("multi_diagonal", CASES["multi_diagonal"], [5])]
     banded[0] = HeadGroup("window", CASES["window"], [0])
     with_bands = fa4.build_tables(banded, 8, n_q, n_k, True, 128, torch.device("cpu"))
-    assert with_bands.has_diagonals
+    assert with_bands.form.diagonals
     for group in banded:
         expected = get_pattern(group.pattern).mask(group.params, n_q, n_k, True)
         for head in group.heads:
-            assert torch.equal(fa4.torch_mask(with_bands, head, n_q, n_k, True), expected)
+            assert torch.equal(fa4.kernel_mask(with_bands, head, n_q, n_k, True), expected)
+
+
+@pytest.mark.parametrize("n_q,n_k,causal", [(1024, 1024, True), (1000, 1000, True), (896, 1024, False),
+                                             (900, 1000, True)])
+def test_a_layout_on_the_block_grid_is_carried_by_the_tables_alone(n_q, n_k, causal):
+    """block_topk cells of 256 tokens hold whole 128-blocks: the kernel's mask_mod reads no
+    layout (partial blocks are cut by causality alone), and the kernel still keeps exactly
+    the pattern, at a length off the block grid and with n_q != n_k. Cells of 200 tokens,
+    or diagonal cells shifted by n_k - n_q = 100, split blocks: the layout stays a lookup."""
+    aligned = {"block": 256, "grid": [4, 4], "blocks": [[1, 0], [3, 1], [2, 2], [3, 0]]}
+    for params, on_grid in ((aligned, (n_k - n_q) % 128 == 0), ({**aligned, "block": 200, "grid": [5, 5]}, False)):
+        groups = [HeadGroup("block_topk", params, [0, 2]), HeadGroup("window", CASES["window"], [1, 3])]
+        tables = fa4.build_tables(groups, 4, n_q, n_k, causal, 128, torch.device("cpu"))
+        assert tables.form.layout is not on_grid
+        alone = fa4.build_tables(groups[:1], 4, n_q, n_k, causal, 128, torch.device("cpu"))
+        # Alone on the grid the layout needs no term at all: partial blocks are cut by causality.
+        assert (alone.form.band or alone.form.layout) is not on_grid
+        for site in (tables, alone):
+            for group in groups[: 2 if site is tables else 1]:
+                expected = get_pattern(group.pattern).mask(group.params, n_q, n_k, causal)
+                for head in group.heads:
+                    assert torch.equal(fa4.kernel_mask(site, head, n_q, n_k, causal), expected), (params, head)
 
 
 def _mixed_site(n_q, n_k, causal, block_n):
@@ -118,8 +143,8 @@ def test_lookups_cover_every_index_the_kernel_evaluates(n_q, n_k, causal, block_
     rows, keys = math.ceil(n_q / fa4.BLOCK_M) * fa4.BLOCK_M, math.ceil(n_k / block_n) * block_n
     q, k = torch.arange(rows)[:, None], torch.arange(keys)[None, :]
     for head in range(8):
-        kept = fa4.site_keeps(head, q, k, tables.aux_tensors, causal, tables.has_stripes, tables.has_layout,
-                              tables.has_diagonals, element=lambda index: index, const=lambda value: value)
+        kept = fa4.site_keeps(head, q, k, tables.aux_tensors, tables.scalars, tables.form,
+                              element=lambda index: index, const=lambda value: value)
         assert kept.shape == (rows, keys)
         assert torch.equal(kept[:n_q, :n_k], _reference_mask(groups, head, n_q, n_k, causal)), head
 
@@ -130,14 +155,16 @@ def test_per_element_calls_match_the_reference():
     back to one-element values; causal, so a lookup past the diagonal must be cut."""
     n_q, n_k, causal = 333, 333, True
     groups, tables = _mixed_site(n_q, n_k, causal, 128)
+    uniform_groups = [HeadGroup("vertical_stripe", CASES["vertical_stripe"], list(range(8)))]
+    uniform = fa4.build_tables(uniform_groups, 8, n_q, n_k, causal, 128, torch.device("cpu"))
     torch.manual_seed(0)
     pairs = torch.cat([torch.randint(0, n_q, (300, 2)), torch.tensor([[0, 1], [0, 77], [5, 300], [70, 77], [10, 60]])])
-    for head in range(8):
+    for head, (groups, tables) in itertools.product(range(8), [(groups, tables), (uniform_groups, uniform)]):
         expected = _reference_mask(groups, head, n_q, n_k, causal)
         for query, key in pairs.tolist():
             kept = fa4.site_keeps(torch.tensor([head])[0], torch.tensor([query]), torch.tensor([key]),
-                                  tables.aux_tensors, causal, tables.has_stripes, tables.has_layout,
-                                  tables.has_diagonals, element=lambda index: index[0], const=lambda value: torch.as_tensor(value).reshape(1))
+                                  tables.aux_tensors, tables.scalars, tables.form, element=lambda index: index[0],
+                                  const=lambda value: torch.as_tensor(value).reshape(1))
             assert kept.shape == (1,) and bool(kept[0]) == bool(expected[query, key]), (head, query, key)
 
 
@@ -225,7 +252,7 @@ def test_fa4_mixed_site_gqa(head_dim):
     At head dim 256 FA4's key tile is 80: the tables follow it, or the site falls back."""
     groups = [HeadGroup("window", CASES["window"], [0, 5]), HeadGroup("sink_window", CASES["sink_window"], [1, 2]),
               HeadGroup("multi_diagonal", CASES["multi_diagonal"], [3]), HeadGroup("dense", {}, [7]),
-              HeadGroup("vertical_slash", {"vertical": [64, 0], "slash": [64, 0], "last_q": 64}, [4, 6])]
+              HeadGroup("vertical_slash", {"vertical": [64, 0], "slash": [64, 0], "queries": 64}, [4, 6])]
     launches, rest = _check(groups, 8, 2, 777, head_dim, torch.bfloat16, True)
     assert [g.pattern for g in rest] == (["vertical_slash"] if launches else [g.pattern for g in groups])
 
@@ -235,6 +262,9 @@ LOOKUP_SITES = {                                       # GQA 4:2; per-head table
     "vertical_stripe_all": [HeadGroup("vertical_stripe", CASES["vertical_stripe"], [0, 1, 2, 3])],
     "block_topk": [HeadGroup("block_topk", CASES["block_topk"], [1, 2])],
     "block_topk_all": [HeadGroup("block_topk", CASES["block_topk"], [0, 1, 2, 3])],
+    # cells of 256 tokens: the tables alone carry the layout (no lookup) at head dim 128
+    "block_topk_on_grid": [HeadGroup("block_topk", {"block": 256, "grid": [4, 4],
+                                                    "blocks": [[1, 0], [3, 1], [2, 2], [3, 0]]}, [0, 1, 2, 3])],
     "mixed": [HeadGroup("window", CASES["window"], [0]), HeadGroup("vertical_stripe", CASES["vertical_stripe"], [1]),
               HeadGroup("block_topk", CASES["block_topk"], [2, 3])],
 }

@@ -245,10 +245,12 @@ class Pattern:
         return self.block_classes(params, n_q, n_k, causal, block_m, block_n)[0]
 
     def block_classes(self, params: dict, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
-                      device: "torch.device | str" = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                      device: "torch.device | str" = "cpu", keys_in_range_only: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(partial or full, full)`` per (query block, key block): any pair kept, and every
         pair kept with every key in range (a full block needs no mask), from the token mask
-        in row chunks."""
+        in row chunks. ``keys_in_range_only``: every pair that exists kept (keys past ``n_k``
+        do not count against a full block)."""
         n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
         rows_per_chunk = block_m * max(1, _MASK_CHUNK // (block_m * n_kb * block_n))
         any_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
@@ -263,6 +265,8 @@ class Pattern:
             qb = slice(start // block_m, start // block_m + blocks)
             any_kept[qb] = tiles.any(dim=3).any(dim=1)
             padded[len(rows):] = True                     # rows past n_q never spoil a full tile
+            if keys_in_range_only:
+                padded[:, n_k:] = True
             all_kept[qb] = tiles.all(dim=3).all(dim=1)
         return any_kept, all_kept
 
