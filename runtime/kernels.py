@@ -170,14 +170,14 @@ def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: 
     gathered."""
     family = get_pattern(group.pattern)
     heads = _head_index(tuple(group.heads), q.device, torch.long)
-    last_q = family.estimating_queries(group.params, q.shape[2])
-    q_last = q[:, :, q.shape[2] - last_q:].index_select(1, heads)
+    rows = family.estimating_rows(group.params, q.shape[2], q.device)
+    q_rows = q.index_select(2, rows).index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
     if mask is not None:
         mask = mask_4d(mask)
-        mask = mask if mask.shape[2] == 1 else mask[:, :, mask.shape[2] - last_q:]
+        mask = mask if mask.shape[2] == 1 else mask.index_select(2, rows)
         mask = _mask_heads(mask, heads)
-    return family.estimate_indices(group.params, q_last, k_group, scale, causal, mask)
+    return family.estimate_from_rows(group.params, q_rows, rows, q.shape[2], k_group, scale, causal, mask)
 
 
 class _Group:

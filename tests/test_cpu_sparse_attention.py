@@ -18,7 +18,7 @@ GROUPS = [
     HeadGroup("dense", {}, [3, 5]),
     HeadGroup("vertical_stripe", {"columns": [0, 7, 30, 100], "window": [3, 0]}, [4]),
     HeadGroup("multi_diagonal", {"period": [16, 0], "width": [3, 0], "count": 3}, [6]),
-    HeadGroup("vertical_slash", {"vertical": [3, 0.05], "slash": [3, 0], "last_q": 8}, [7]),
+    HeadGroup("vertical_slash", {"vertical": [3, 0.05], "slash": [3, 0], "queries": 8}, [7]),
 ]
 
 

@@ -56,7 +56,7 @@ PARAMS = {
     "block_topk": {"block": 8, "grid": [5, 7], "blocks": [[1, 0], [3, 5], [4, 6], [0, 2]]},
     "dilated_window": {"window": [9, 0]},
 }
-VERTICAL_SLASH = {"vertical": [3, 0], "slash": [4, 0], "last_q": 8}
+VERTICAL_SLASH = {"vertical": [3, 0], "slash": [4, 0], "queries": 8}
 SHAPES = [(37, 53), (53, 37), (41, 41)]         # n_q != n_k both ways, and a length off the block
 
 

@@ -29,7 +29,7 @@ SINK = ("sink_window", {"sink": [2, 0], "window": [4, 0]})
 STRIPE = ("vertical_stripe", {"columns": [0, 7], "window": [3, 0]})
 DIAG = ("multi_diagonal", {"period": [6, 0], "width": [1, 0], "count": 0})
 BLOCK = ("block_topk", {"block": 8, "grid": [3, 3], "blocks": [[0, 0], [1, 0], [2, 1]]})
-SLASH = ("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "last_q": 4})
+SLASH = ("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "queries": 4})
 DENSE = ("dense", {})
 DISTINCT = [W5, W8, SINK, STRIPE, DIAG, BLOCK, SLASH, DENSE]
 

@@ -49,7 +49,7 @@ def pattern_params(draw, kind: str, n_k: int):
         return {"block": draw(st.sampled_from([2, 4, 8])), "grid": [grid_q, grid_k], "blocks": blocks}
     if kind == "vertical_slash":
         return {"vertical": [draw(st.integers(1, n_k + 2)), 0], "slash": [draw(st.integers(1, 2 * n_k + 2)), 0],
-                "last_q": draw(st.integers(1, 12))}
+                "queries": draw(st.integers(1, 12))}
     raise AssertionError(kind)
 
 
@@ -147,10 +147,10 @@ def test_static_families_match_the_float64_oracle(case):
 
 
 def _cross_attention_case():
-    """n_q = 4 > n_k = 3 with last_q = 64: the estimate saw offsets below -(n_k - 1)."""
+    """n_q = 4 > n_k = 3 with 64 estimating queries: the estimate saw offsets below -(n_k - 1)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 8, generator=generator) for n in (4, 3, 3))
-    params = {"vertical": [1, 0], "slash": [2, 0], "last_q": 64}
+    params = {"vertical": [1, 0], "slash": [2, 0], "queries": 64}
     return q, k, v, None, 8 ** -0.5, False, [HeadGroup("vertical_slash", params, [0, 1])]
 
 

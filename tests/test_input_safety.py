@@ -95,12 +95,12 @@ def test_compiled_weights_are_not_the_users_tensors():
 VERTICAL_SLASH = get_pattern("vertical_slash")
 
 
-@pytest.mark.parametrize("n_q,n_k,last_q", [(4, 3, 64), (7, 2, 64), (9, 4, 6), (4, 3, 0)])
-def test_vertical_slash_with_more_queries_than_keys_keeping_every_line_is_dense(n_q, n_k, last_q):
-    """Cross-attention (n_q > n_k, last_q > n_k): every column and diagonal kept is dense."""
+@pytest.mark.parametrize("n_q,n_k,queries", [(4, 3, 64), (7, 2, 64), (9, 4, 6), (4, 3, 0)])
+def test_vertical_slash_with_more_queries_than_keys_keeping_every_line_is_dense(n_q, n_k, queries):
+    """Cross-attention (n_q > n_k, more estimating queries than keys): every column and diagonal kept is dense."""
     torch.manual_seed(n_q + n_k)
     q, k, v = torch.randn(1, 2, n_q, 8), torch.randn(1, 2, n_k, 8), torch.randn(1, 2, n_k, 8)
-    params = {"vertical": [n_k, 0], "slash": [n_q + n_k, 0], "last_q": last_q}
+    params = {"vertical": [n_k, 0], "slash": [n_q + n_k, 0], "queries": queries}
     out = sparse_attention(q, k, v, None, 0.35, False, [HeadGroup("vertical_slash", params, [0, 1])])
     torch.testing.assert_close(out, dense_attention(q, k, v, None, 0.35, False))
 
@@ -121,7 +121,7 @@ def test_vertical_slash_estimate_finds_the_heaviest_diagonal_of_cross_attention(
         j = i + (n_k - n_q) + 2                           # offset d = i + (n_k - n_q) - j = -2
         if 0 <= j < n_k:
             q[0, 0, i] = k[0, 0, j]
-    columns, diagonals = VERTICAL_SLASH.estimate_indices({"vertical": [1, 0], "slash": [2, 0], "last_q": 64},
+    columns, diagonals = VERTICAL_SLASH.estimate_indices({"vertical": [1, 0], "slash": [2, 0], "queries": 64},
                                                          q, k, 1.0, False)
     assert columns.tolist() == [[[0]]] and diagonals.tolist() == [[[-2, 0]]]
 
@@ -241,7 +241,7 @@ class CrossAttention(torch.nn.Module):
         from sparsec.ir.plan import encode_groups
 
         self.groups = encode_groups([HeadGroup("vertical_slash", {"vertical": [1, 0], "slash": [2, 0],
-                                                                  "last_q": 64}, [0, 1])])
+                                                                  "queries": 64}, [0, 1])])
 
     def forward(self, x, context):
         b, n_q, _ = x.shape
@@ -281,7 +281,7 @@ class MaskedHeads(torch.nn.Module):
 
         self.groups = encode_groups([
             HeadGroup("multi_diagonal", {"period": [3, 0], "width": [3, 0], "count": 2}, [0]),
-            HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [1, 0], "last_q": 64}, [1])])
+            HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [1, 0], "queries": 64}, [1])])
 
     def forward(self, x, padding):
         b, n, _ = x.shape

@@ -73,12 +73,12 @@ def test_dense_groups_take_every_mask_shape(monkeypatch, shape, dtype, split):
 
 @pytest.mark.parametrize("shape", [(HEADS, N_Q, N_K), (N_Q, N_K), (1, HEADS, N_Q, N_K)])
 def test_dynamic_estimate_takes_every_mask_shape(shape):
-    """The kernels' estimate (last queries and their mask rows only) equals the reference's."""
+    """The kernels' estimate (the estimating queries and their mask rows only) equals the reference's."""
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(1, HEADS, N_K, HEAD_DIM, generator=generator)
     k = torch.randn(1, KV_HEADS, N_K, HEAD_DIM, generator=generator)
     mask = random_mask(shape[:-2] + (N_K, N_K), torch.bool, generator)
-    group = HeadGroup("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "last_q": 5}, [5, 0, 3])
+    group = HeadGroup("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "queries": 5}, [5, 0, 3])
     heads = torch.tensor(group.heads)
     expected = get_pattern("vertical_slash").estimate_indices(
         group.params, q[:, heads], k[:, heads // 2], 0.25, True, mask.expand(1, HEADS, N_K, N_K)[:, heads])
@@ -133,7 +133,7 @@ def test_a_prepared_site_call_never_waits_for_the_gpu():
     q = torch.randn(2, 6, 300, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
     k, v = (torch.randn(2, 3, 300, 64, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
     groups = [HeadGroup("sink_window", {"sink": [4, 0], "window": [64, 0]}, [1, 2, 3]),
-              HeadGroup("vertical_slash", {"last_q": 64, "vertical": [16, 0], "slash": [16, 0]}, [4, 5]),
+              HeadGroup("vertical_slash", {"queries": 64, "vertical": [16, 0], "slash": [16, 0]}, [4, 5]),
               HeadGroup("dense", {}, [0])]                      # one head of a KV group: gathered
     expected = reference.sparse_attention(q, k, v, None, 0.125, True, groups)
     kernels.sparse_attention(q, k, v, None, 0.125, True, groups)           # prepares (compiles, tunes)

@@ -57,7 +57,7 @@ def test_a_site_costs_the_larger_of_its_gpu_and_host_times_where_the_host_was_me
     assert cost.site_seconds(wide, 32768, True, 64) == gpu_only.site_seconds(wide, 32768, True, 64) \
         > host.sparse_seconds(1, 0, False)
     assert cost.site_seconds(wide, 32768, True, 64) < cost.site_seconds([("dense", {}, 9)], 32768, True, 64)
-    dynamic = _nine_heads("vertical_slash", {"last_q": 64, "vertical": [64, 0], "slash": [64, 0]})
+    dynamic = _nine_heads("vertical_slash", {"queries": 64, "vertical": [64, 0], "slash": [64, 0]})
     assert cost.site_seconds(dynamic, 8192, True, 64) >= host.sparse_seconds(1, 1, False) \
         > host.sparse_seconds(1, 0, False) + 1e-3                # the H200's host: ~1.6 ms an estimate
     site = _site([("sink_window", {"sink": [1, 0], "window": [128, 0]})] * 9)

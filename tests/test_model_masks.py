@@ -165,7 +165,7 @@ def test_vertical_slash_estimate_never_picks_masked_keys(form):
     q, k, mask = _padded_slash_inputs()
     user_mask = mask if form == "bool" else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     pattern = get_pattern("vertical_slash")
-    params = {"vertical": [6, 0], "slash": [4, 0], "last_q": 32}
+    params = {"vertical": [6, 0], "slash": [4, 0], "queries": 32}
     blind, _ = pattern.estimate_indices(params, q, k, 0.25, True)
     assert (blind[1] >= 36).any()                         # ignoring the mask picks padded keys
     columns, diagonals = pattern.estimate_indices(params, q, k, 0.25, True, user_mask)
@@ -191,7 +191,7 @@ def test_vertical_slash_masked_diagonals_rank_last():
     k = torch.roll(q, shifts=-20, dims=2) * 3 + 0.1 * torch.randn(1, 2, 40, 8, generator=generator)
     d = torch.arange(40)[:, None] - torch.arange(40)[None, :]
     window = ((d >= 0) & (d < 6))[None, None]
-    params = {"vertical": [1, 0], "slash": [6, 0], "last_q": 16}
+    params = {"vertical": [1, 0], "slash": [6, 0], "queries": 16}
     pattern = get_pattern("vertical_slash")
     blind = pattern.estimate_indices(params, q, k, 0.35, True)[1]
     assert (blind >= 6).any()
@@ -200,7 +200,7 @@ def test_vertical_slash_masked_diagonals_rank_last():
 
 
 def test_gpu_path_estimate_matches_the_reference_with_a_mask():
-    """runtime.kernels' estimate (last queries and their mask rows gathered per group) is
+    """runtime.kernels' estimate (the estimating queries and their mask rows gathered per group) is
     the reference estimate on the full tensors."""
     from sparsec.patterns import get_pattern
     from sparsec.ir.plan import HeadGroup
@@ -208,7 +208,7 @@ def test_gpu_path_estimate_matches_the_reference_with_a_mask():
     q, k, mask = _padded_slash_inputs(seed=2)
     q4 = torch.cat([q, q.flip(1)], 1)                      # 4 query heads on 2 KV heads
     mask4 = mask.expand(2, 4, 48, 48)
-    group = HeadGroup("vertical_slash", {"vertical": [5, 0], "slash": [3, 0], "last_q": 16}, [1, 3])
+    group = HeadGroup("vertical_slash", {"vertical": [5, 0], "slash": [3, 0], "queries": 16}, [1, 3])
     got = estimate_dynamic(q4, k, group, 0.25, True, mask4)
     heads = torch.tensor([1, 3])
     expected = get_pattern("vertical_slash").estimate_indices(group.params, q4[:, heads], k[:, heads // 2], 0.25,

@@ -39,7 +39,7 @@ PATTERNS = [
     ("vertical_stripe", {"columns": [0, 7, 30, 100], "window": [3, 0]}),
     ("multi_diagonal", {"period": [9, 0], "width": [2, 0], "count": 3}),
     BLOCK_TOPK,
-    ("vertical_slash", {"vertical": [3, 0.05], "slash": [3, 0], "last_q": 8}),
+    ("vertical_slash", {"vertical": [3, 0.05], "slash": [3, 0], "queries": 8}),
     ("dense", {}),
     ("skip", {}),
 ]
@@ -97,7 +97,7 @@ def test_gather_plan_computes_only_kept_blocks():
 GROUPS = [HeadGroup("window", {"window": [3, 0.1]}, [0, 3]),
           HeadGroup("dense", {}, [1]),
           HeadGroup(*BLOCK_TOPK, [2]),
-          HeadGroup("vertical_slash", {"vertical": [3, 0], "slash": [3, 0], "last_q": 8}, [4, 5]),
+          HeadGroup("vertical_slash", {"vertical": [3, 0], "slash": [3, 0], "queries": 8}, [4, 5]),
           HeadGroup("sink_window", {"sink": [2, 0], "window": [3, 0]}, [6]),
           HeadGroup("multi_diagonal", {"period": [7, 0], "width": [2, 0], "count": 0}, [7]),
           HeadGroup("vertical_stripe", {"columns": [1, 9, 200], "window": [2, 0.05]}, [8]),
@@ -280,7 +280,7 @@ def test_sparse_linear_runs_in_stock_onnxruntime(structure, tmp_path):
 # -- Hugging Face models through sparsec.compile, planted patterns --
 
 HF_PATTERNS = {0: ("window", {"window": [3, 0.1]}), 1: ("sink_window", {"sink": [2, 0], "window": [4, 0]}),
-               2: ("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "last_q": 8}), 3: BLOCK_TOPK}
+               2: ("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "queries": 8}), 3: BLOCK_TOPK}
 # name -> (builder, inputs, two (batch, seq) calls); ViT's position embeddings fix its length.
 HF_MODELS = {"llama_gqa_causal_rope": (build_llama_gqa, llama_inputs, [(2, 24), (3, 45)]),
              "bert_padding_mask": (build_bert, bert_inputs, [(2, 20), (3, 37)]),

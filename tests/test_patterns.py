@@ -64,7 +64,7 @@ def test_cost_is_flops_per_pair_and_dynamic_adds_estimation():
     params = {"window": [8, 0]}
     assert sympy.simplify(window.cost_expr(params, True, 64) - 256 * window.pairs_expr(params, True)) == 0
     slash = get_pattern("vertical_slash")
-    vs = {"vertical": [4, 0], "slash": [8, 0], "last_q": 32}
+    vs = {"vertical": [4, 0], "slash": [8, 0], "queries": 32}
     cost = slash.cost_expr(vs, True, 64)
     assert float(cost.subs(N, 1000)) == 256 * 12 * 1000 + 2 * 64 * 32 * 1000
     assert slash.pairs(vs, 1000, True) == 12 * 1000
@@ -236,6 +236,25 @@ def test_reads_bounded_keys_when_the_last_querys_keys_stop_growing(kind, params)
     family = get_pattern(kind)
     keys_read = [int(family.mask(params, 1, n, causal=True).sum()) for n in (500, 1000)]
     assert family.reads_bounded_keys(params) == (keys_read[0] == keys_read[1])
+
+
+@pytest.mark.parametrize("n_q,n_k", [(256, 256), (200, 300)])
+def test_vertical_slash_estimates_from_queries_spread_over_the_sequence(n_q, n_k):
+    """The first half of the queries attends to key 5, the second half to key 150: 16
+    spread estimating queries keep both columns; the last 16 queries alone (MInference's
+    estimate) would see key 150 only. The rows are spread evenly and end at the last query."""
+    torch.manual_seed(0)
+    vs = get_pattern("vertical_slash")
+    params = {"vertical": [3, 0], "slash": [1, 0], "queries": 16}
+    rows = vs.estimating_rows(params, n_q)
+    assert len(rows) == 16 and int(rows[-1]) == n_q - 1 and int(rows[0]) < n_q // 8
+    d = 8
+    q = 0.01 * torch.randn(1, 1, n_q, d)
+    k = 0.01 * torch.randn(1, 1, n_k, d)
+    q[..., : n_q // 2, 0], q[..., n_q // 2:, 1] = 1.0, 1.0
+    k[..., 5, 0], k[..., 150, 1] = 40.0, 40.0
+    columns, _ = vs.estimate_indices(params, q, k, d ** -0.5, causal=True)
+    assert columns[0, 0].tolist() == [0, 5, 150]
 
 
 def test_estimated_patterns_read_every_key():

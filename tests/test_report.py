@@ -233,7 +233,7 @@ def test_heatmaps_show_the_calibration_maps(compiled):
 def test_report_of_a_hand_made_plan(tmp_path):
     """No search, a target this process does not know, a dynamic pattern, bare tensor maps and
     heads reordered by fuse_heads (the maps keep the model's head order)."""
-    heads = [HeadPlan(0, "vertical_slash", {"vertical": [4, 0], "slash": [4, 0], "last_q": 8}, 0.97, 0.3),
+    heads = [HeadPlan(0, "vertical_slash", {"vertical": [4, 0], "slash": [4, 0], "queries": 8}, 0.97, 0.3),
              HeadPlan(1)]
     swapped = FuseRecord(strategy="weights", reason="", head_permutation=[1, 0], kv_head_permutation=[1, 0],
                          launches_before=2, launches_after=2, groups_split_by_gqa=0, gqa_split=None,

@@ -64,7 +64,7 @@ def random_params(family: str, rng: random.Random, n: int) -> dict:
         return {"block": block, "grid": [grid_q, grid_k], "blocks": blocks}
     if family == "vertical_slash":
         return {"vertical": _elastic(rng, 1, 10, n), "slash": _elastic(rng, 1, 10, n),
-                "last_q": rng.randint(4, 40)}
+                "queries": rng.randint(4, 40)}
     raise ValueError(family)
 
 
@@ -327,7 +327,7 @@ def test_vertical_slash_with_more_queries_than_keys_falls_back_to_the_reference(
     from sparsec.runtime.kernels import _kernel_unsupported
 
     q, k = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 5, 16)
-    group = HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [2, 0], "last_q": 4}, [0, 1])
+    group = HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [2, 0], "queries": 4}, [0, 1])
     assert _kernel_unsupported(q, k, k, group) == "vertical_slash with more queries than keys"
     assert _kernel_unsupported(k, q, q, group) == ""
 

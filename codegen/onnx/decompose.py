@@ -155,36 +155,37 @@ def _scatter_flags(length_shape, indices):
 def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions, bias=None):
     """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX;
     ``bias`` (the group's additive mask, or None) enters the estimate as it does there."""
-    last_q = op.Max(const_i64([1]), op.Min(const_i64([int(params.get("last_q", 64))]), pos.n_q))
-    first = op.Sub(pos.n_q, last_q)
-    last_rows = op.Range(op.Squeeze(first), op.Squeeze(pos.n_q), const_i64(1))
-    d_last = pos.offsets(last_rows)                                    # [L, Nk]
-    q_last = op.Slice(q, first, pos.n_q, const_i64([2]))
-    scores = op.Mul(op.MatMul(q_last, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
+    # VerticalSlash.estimating_rows: count queries spread evenly, the last one included.
+    count = op.Max(const_i64([1]), op.Min(const_i64([int(params.get("queries", 64))]), pos.n_q))
+    ordinals = op.Range(const_i64(1), op.Squeeze(op.Add(count, const_i64([1]))), const_i64(1))
+    rows = op.Sub(op.Div(op.Mul(ordinals, pos.n_q), count), const_i64([1]))
+    d_rows = pos.offsets(rows)                                         # [L, Nk]
+    q_rows = op.Gather(q, rows, axis=2)
+    scores = op.Mul(op.MatMul(q_rows, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
     allowed = None
     if bias is not None:
-        # The mask's rows of the last queries (broadcast rows expanded first), added to the
-        # scores; masked keys (<= MASKED_ADDITIVE) get no mass and rank last.
+        # The mask's rows of the estimating queries (broadcast rows expanded first), added to
+        # the scores; masked keys (<= MASKED_ADDITIVE) get no mass and rank last.
         full = op.Expand(bias, op.Concat(const_i64([1, 1]), pos.n_q, pos.n_k, axis=0))
-        bias_last = op.Slice(full, first, pos.n_q, const_i64([2]))
-        scores = op.Add(scores, bias_last)
-        allowed = op.Greater(bias_last, _const(MASKED_ADDITIVE, np.float32))
+        bias_rows = op.Gather(full, rows, axis=2)
+        scores = op.Add(scores, bias_rows)
+        allowed = op.Greater(bias_rows, _const(MASKED_ADDITIVE, np.float32))
         if causal:
-            allowed = op.And(allowed, op.GreaterOrEqual(d_last, const_i64(0)))
+            allowed = op.And(allowed, op.GreaterOrEqual(d_rows, const_i64(0)))
         allowed = op.Expand(allowed, op.Shape(scores))
         scores = op.Where(allowed, scores, _const(-_INF, np.float32))
     elif causal:
-        scores = op.Where(op.Less(d_last, const_i64(0)), _const(-_INF, np.float32), scores)
+        scores = op.Where(op.Less(d_rows, const_i64(0)), _const(-_INF, np.float32), scores)
     probs = op.Softmax(scores, axis=-1)                                # [B, H, L, Nk]
     probs = op.Where(op.IsNaN(probs), _const(0.0, np.float32), probs)  # a fully masked row: no mass
     column_score = op.ReduceSum(probs, const_i64([2]), keepdims=0)     # [B, H, Nk]
     # Slash scores: attention summed along each offset, offset d stored at d + shift with
-    # shift = max(last_q, Nk) - 1 (the estimating queries see offsets down to 1 - last_q).
-    shift = op.Sub(op.Max(last_q, pos.n_k), const_i64([1]))
+    # shift = max(Nq, Nk) - 1 (every offset of the score matrix, [1 - Nq, Nk - 1]).
+    shift = op.Sub(op.Max(pos.n_q, pos.n_k), const_i64([1]))
     span = op.Add(shift, pos.n_k)
     batch_heads = op.Shape(probs, start=0, end=2)
     flat_probs = op.Reshape(probs, op.Concat(batch_heads, const_i64([-1]), axis=0))
-    index = op.Expand(op.Reshape(op.Add(d_last, shift), const_i64([1, 1, -1])), op.Shape(flat_probs))
+    index = op.Expand(op.Reshape(op.Add(d_rows, shift), const_i64([1, 1, -1])), op.Shape(flat_probs))
     zeros = op.ConstantOfShape(op.Concat(batch_heads, span, axis=0),
                                value=ir.tensor(np.zeros(1, dtype=np.float32)))
     slash_score = op.ScatterElements(zeros, index, flat_probs, axis=2, reduction="add")
@@ -208,11 +209,8 @@ def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _P
     _, columns = op.TopK(column_score, n_vertical, axis=-1)
     _, diagonals = op.TopK(slash_score, n_slash, axis=-1)
     column_mask = _scatter_flags(op.Concat(batch_heads, pos.n_k, axis=0), columns)
-    # The score matrix's offsets lie in [1 - Nq, Nk - 1]: offset d of the mask at d + mask_shift.
-    mask_shift = op.Sub(op.Max(pos.n_q, pos.n_k), const_i64([1]))
-    offset_mask = _scatter_flags(op.Concat(batch_heads, op.Add(mask_shift, pos.n_k), axis=0),
-                                 op.Add(diagonals, op.Sub(mask_shift, shift)))
-    slash = op.Gather(offset_mask, op.Add(pos.d, mask_shift), axis=2)  # [B, H, Nq, Nk]
+    offset_mask = _scatter_flags(op.Concat(batch_heads, span, axis=0), diagonals)    # offset d at d + shift
+    slash = op.Gather(offset_mask, op.Add(pos.d, shift), axis=2)       # [B, H, Nq, Nk]
     keep = op.Or(op.Unsqueeze(column_mask, const_i64([2])), slash)
     return op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
 

@@ -62,7 +62,7 @@ def _case_params(case: str, n: int) -> tuple[str, dict]:
         blocks = [[i, j] for i in range(32) for j in range(i + 1) if rng.random() < 0.15]
         return "block_topk", {"block": 128, "grid": [32, 32], "blocks": blocks}
     if case == "vertical_slash":
-        return "vertical_slash", {"vertical": [256, 0.01], "slash": [256, 0.02], "last_q": 64}
+        return "vertical_slash", {"vertical": [256, 0.01], "slash": [256, 0.02], "queries": 64}
     raise ValueError(f"unknown benchmark case {case!r}; choose from {CASES}")
 
 

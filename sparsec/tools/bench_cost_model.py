@@ -207,7 +207,7 @@ def measure_host() -> dict:
         table = encode_groups(groups)
         return _host_us_per_call(lambda: sparse_attention_direct(q, k, v, None, scale, True, table))
 
-    dynamic = HeadGroup("vertical_slash", {"last_q": 64, "vertical": [16, 0], "slash": [16, 0]}, heads)
+    dynamic = HeadGroup("vertical_slash", {"queries": 64, "vertical": [16, 0], "slash": [16, 0]}, heads)
     with kernels.fa4_enabled(False):
         result = {"dense_site_us": _host_us_per_call(lambda: dense_attention_op(q, k, v, None, scale, True)),
                   "one_group_site_us": site_us([window(heads, 64)]),
@@ -231,7 +231,7 @@ def measure_dynamic() -> list[dict]:
     rows = []
     for n in DYNAMIC_LENGTHS:
         q, k, _ = _qkv(n)
-        group = HeadGroup("vertical_slash", {"last_q": 64, "vertical": [256, 0], "slash": [256, 0]},
+        group = HeadGroup("vertical_slash", {"queries": 64, "vertical": [256, 0], "slash": [256, 0]},
                           list(range(HEADS)))
 
         def estimate():
