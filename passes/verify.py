@@ -5,17 +5,21 @@ fusion). The canonical graph runs on the verification inputs twice: dense, and w
 sparse site computed by sparse attention (the reference every kernel is tested against; on
 CPU the block-sparse path the compiled model runs there, equal to it up to rounding). The error of the whole model's output is measured with the
 :class:`~sparsec.ir.tolerance.Tolerance` (KL and top-1 agreement for language models, relative
-L2 otherwise). While it is over tolerance, the heads with the largest *measured* local
-error (``||sparse - dense||²`` of the head's attention output at its site, relative to the
-site's mean head) per attention FLOP its pattern saves at the longest verified length are
-made denser (a greedy knapsack: the error that buys the least saving goes first), half of
-the local error at a time (three quarters after a first measurement at twice the tolerance
-or more: the same SmolLM2 plan in one round fewer; docs/benchmarks.md, "Which heads
-verification makes dense", says why the share is not predicted further), and the model is
-measured again. A head's first step refits it to miss an eighth of the attention mass it
-misses (classification's rule at that recall, within its own family or a dynamic one, never
-a layout taken from the calibration text: it stays sparse where that still pays), its
-second makes it dense; a refit is counted as removing half of the head's local error. The
+L2 otherwise). While it is over tolerance, heads are made denser one step each and the
+model is measured again. A head's first step refits it to miss an eighth of the attention
+mass it misses (classification's rule at that recall, within its own family or a dynamic
+one, never a layout taken from the calibration text; where no fit reaches that recall, the
+one that keeps the most while it still pays), its second makes it dense; a refit is counted
+as removing half of the head's *measured* local error (``||sparse - dense||²`` of the
+head's attention output at its site, relative to the site's mean head), a dense step all of
+it. A round takes the steps that remove the most local error per attention FLOP they give
+up at the longest verified length (a greedy knapsack), until they remove half of what every
+step could (three quarters after a first measurement at twice the tolerance or more: the
+same SmolLM2 plan in one round fewer; docs/benchmarks.md, "Which heads verification makes
+dense", says why the share is not predicted further). Pricing a step by what it gives up,
+not by all the head saves, matters: priced as a dense step each, the first round at 8k
+stepped every sparse head of SmolLM2 and made 92 heads dense whose refit did not reach its
+recall (docs/benchmarks.md, "Steps priced by what they give up"). The
 sites a round changed are merged again (``merge_head_groups.merge_site``), so refitted heads
 share launches where the cost model says so. Refits keep SmolLM2 at 8k at a 34 % cut of
 attention FLOPs with held-out top-1 0.981, where densifying alone gave 36 % at 0.975
@@ -44,7 +48,9 @@ are about ``log2(sparse heads)`` of them (6 for SmolLM2 verified at 8k).
 """
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -95,6 +101,7 @@ class Verify:
         # measured on every batch (and rounds go on over all of them if that fails).
         active = 1 if self.enforce else len(batches)
         cost_model = CostModel(ctx.target)
+        next_steps = _NextSteps()
         while True:
             error, top1, local = self._measure(runner, batches[:active], metrics[:active], sites)
             record.measured, record.top1_agreement = error, top1
@@ -109,22 +116,22 @@ class Verify:
                 break
             record.rounds += 1
             by_name = {site.name: site for site in sites.values()}
-            savings = _savings(by_name, local, max(record.lengths))
             # A first measurement far over the tolerance (twice or more) loses three quarters of
-            # its local error at once; every other round half.
+            # what this round's steps could remove at once; every other round half.
             far = record.rounds == 1 and self.tolerance.excess(*above_floor) >= 2.0
             refitted = record.refitted            # refitted once: their next step is the baseline
-            removal = {key: 1.0 if key in refitted else REFIT_REMOVES for key in local}
+            steps = {key: next_steps.get(by_name[key[0]], key[1], ctx, cost_model, key not in refitted)
+                     for key in local}
+            costs = _step_costs(by_name, steps, max(record.lengths))
+            removal = {key: REFIT_REMOVES if step.refit else 1.0 for key, step in steps.items()}
+            why = f"the model's {self.tolerance.metric_name} was {error:.3g} over tolerance {self.tolerance.describe()}"
             touched = set()
-            for name, head in _worst(local, savings, 0.75 if far else 0.5, removal):
-                site = by_name[name]
-                entry = {"site": name, "head": head, "pattern": _head(site, head).pattern,
-                         "local_error": local[name, head], "model_error_before": error, "top1_before": top1}
-                entry["refit"] = _make_denser(site, head, ctx, cost_model,
-                                              f"the model's {self.tolerance.metric_name} was {error:.3g} over "
-                                              f"tolerance {self.tolerance.describe()}", (name, head) not in refitted)
-                entry["to"] = _head(site, head).pattern
-                record.densified.append(entry)
+            for name, head in _worst(local, costs, 0.75 if far else 0.5, removal):
+                site, step = by_name[name], steps[name, head]
+                record.densified.append({"site": name, "head": head, "pattern": _head(site, head).pattern,
+                                         "local_error": local[name, head], "model_error_before": error,
+                                         "top1_before": top1, "refit": step.refit, "to": step.pattern})
+                step.take(site, head, why)
                 touched.add(name)
             # Refitted heads have parameters of their own: share launches again where it pays,
             # before the plan is measured again (merged masks only keep more).
@@ -216,28 +223,30 @@ def _low_precision(output) -> bool:
     return any(leaf.dtype in (torch.float16, torch.bfloat16) for leaf in leaves)
 
 
-def _savings(by_name: dict, local: dict, n: int) -> dict:
-    """The attention FLOPs each head of ``local`` saves at length ``n`` against its site's
-    baseline (at least a thousandth of the baseline's, so that every ratio is finite)."""
-    savings = {}
-    for name, head in local:
+def _step_costs(by_name: dict, steps: dict, n: int) -> dict:
+    """The attention FLOPs each head's next step gives up at length ``n`` (at least a
+    thousandth of its site's baseline, so that every ratio is finite)."""
+    costs = {}
+    for (name, head), step in steps.items():
         site = by_name[name]
         causal, plan = site.effective_causal(), _head(site, head)
         baseline = head_flops(*baseline_pattern(site), n, causal, site.head_dim)
-        savings[name, head] = max(baseline - head_flops(plan.pattern, plan.params, n, causal, site.head_dim),
-                                  1e-3 * baseline)
-    return savings
+        now = head_flops(plan.pattern, plan.params, n, causal, site.head_dim)
+        after = head_flops(step.pattern, step.params, n, causal, site.head_dim)
+        costs[name, head] = max(after - now, 1e-3 * baseline)
+    return costs
 
 
-def _worst(local: dict, savings: dict, share: float = 0.5, removal: dict | None = None) -> list:
-    """The heads whose step removes ``share`` of the total local error, by local error per
-    saved FLOP, highest first (at least one); a step removes ``removal[head]`` of its head's
-    error (default all of it: made dense)."""
-    ranked = sorted(local, key=lambda key: (-local[key] / savings[key], key))
-    total, chosen, covered = sum(local.values()), [], 0.0
+def _worst(local: dict, costs: dict, share: float = 0.5, removal: dict | None = None) -> list:
+    """The heads whose steps remove ``share`` of the local error this round's steps could
+    remove, by removed error per FLOP given up, highest first (at least one); a step removes
+    ``removal[head]`` of its head's error (default all of it: made dense)."""
+    removed = {key: local[key] * (1.0 if removal is None else removal[key]) for key in local}
+    ranked = sorted(local, key=lambda key: (-removed[key] / costs[key], key))
+    total, chosen, covered = sum(removed.values()), [], 0.0
     for key in ranked:
         chosen.append(key)
-        covered += local[key] * (1.0 if removal is None else removal[key])
+        covered += removed[key]
         if covered >= share * total:
             break
     return chosen
@@ -252,12 +261,46 @@ def _head(site: AttentionSite, head: int):
     return next(plan for plan in site.heads if plan.head == head)
 
 
-def _make_denser(site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel, why: str,
-                 may_refit: bool = True) -> bool:
-    """Move ``head`` to its pattern refitted to miss an eighth of the attention mass it
-    misses now (its own family, or a dynamic one), when ``may_refit`` and that is another
-    pattern still sparse enough to pay (classification's rule), and return True; else to the
-    site's baseline (False)."""
+@dataclass
+class _Step:
+    """A head's next step: a refit (``refit``) or the site's baseline."""
+
+    pattern: str
+    params: dict
+    recall: float
+    density: float
+    refit: bool
+    reason: str
+
+    def take(self, site: AttentionSite, head: int, why: str) -> None:
+        plan = _head(site, head)
+        plan.assign(self.pattern, self.params, f"{self.reason}, {why}")
+        plan.recall, plan.density = self.recall, self.density
+        site.regroup()
+
+
+class _NextSteps:
+    """:func:`_next_step` of each head, kept while the head's plan is unchanged (a round
+    prices every head's step; most heads are not stepped, and a refit fits every family)."""
+
+    def __init__(self):
+        self._steps: dict = {}
+
+    def get(self, site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel,
+            may_refit: bool) -> _Step:
+        plan = _head(site, head)
+        key = (site.name, head, plan.pattern, json.dumps(plan.params, sort_keys=True), plan.recall, may_refit)
+        if key not in self._steps:
+            self._steps[key] = _next_step(site, head, ctx, cost_model, may_refit)
+        return self._steps[key]
+
+
+def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel,
+               may_refit: bool = True) -> _Step:
+    """``head`` refitted to miss an eighth of the attention mass it misses now (its own family,
+    or a dynamic one), when ``may_refit`` and that is another pattern still sparse enough to
+    pay (classification's rule); where no such fit reaches that recall, the fit that keeps
+    the most mass above the head's own recall while it pays; else the site's baseline."""
     plan, stats = _head(site, head), ctx.attention_stats.get(site.name)
     if may_refit and stats is not None and stats.profiles and plan.recall is not None and plan.recall < 1:
         recall = 1 - (1 - plan.recall) / 8
@@ -273,15 +316,21 @@ def _make_denser(site: AttentionSite, head: int, ctx: CompileContext, cost_model
             dense = [kind for kind in families if get_pattern(kind).computes_all]
             classify_head(refit, stats.head(head), stats.causal, site.head_dim, recall, float(ctx.min_saving),
                           cost_model, (*dense, *sparse), ctx.seq_len)
+        reason = f"verify: refitted at recall {recall:.4g}"
+        if refit.is_dense and refit.candidates:
+            # No fit reaches that recall (vertical_slash fits at most an eighth of the keys as
+            # lines): the one that keeps the most, where it keeps more than now and still pays.
+            dense_seconds = next(c["seconds"] for c in refit.candidates if get_pattern(c["pattern"]).computes_all)
+            paying = [c for c in refit.candidates if not get_pattern(c["pattern"]).computes_all
+                      and c["seconds"] <= (1 - float(ctx.min_saving)) * dense_seconds and c["recall"] > plan.recall]
+            best = max(paying, key=lambda c: (c["recall"], -c["seconds"]), default=None)
+            if best is not None:
+                refit.assign(best["pattern"], best["params"], "")
+                refit.recall, refit.density = best["recall"], best["density"]
+                reason = f"verify: refitted at recall {best['recall']:.4g}, the most its family keeps ({recall:.4g} asked)"
         if not refit.is_dense and (refit.pattern, refit.params) != (plan.pattern, plan.params):
-            plan.assign(refit.pattern, refit.params, f"verify: refitted at recall {recall:.4g}, {why}")
-            plan.recall, plan.density = refit.recall, refit.density
-            site.regroup()
-            return True
-    plan.assign(*baseline_pattern(site), f"verify: made dense, {why}")
-    plan.density, plan.recall = 1.0, 1.0
-    site.regroup()
-    return False
+            return _Step(refit.pattern, refit.params, refit.recall, refit.density, True, reason)
+    return _Step(*baseline_pattern(site), 1.0, 1.0, False, "verify: made dense")
 
 
 def _warning(record: VerificationRecord, tolerance: Tolerance, enforced: bool) -> str:
