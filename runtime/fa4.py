@@ -22,9 +22,7 @@ Two cheaper forms where the site allows them:
 - one sliding-band group over every head (``Pattern.native_window``): FA4's native
   ``window_size`` (no tables, no mask_mod, GQA packed);
 - one group over every head: its tables broadcast over heads, so ``pack_gqa`` stays on
-  (FA4 turns it off for per-head tables);
-- every served head with one row of terms: the row is passed as kernel scalars
-  (``aux_scalars``), not read per score from the table.
+  (FA4 turns it off for per-head tables).
 
 The mask (:func:`site_keeps`: the arithmetic terms, the table lookups, then the causal cut)
 is index arithmetic and table reads on values that support ``+ - * // < <= & |``: the same
@@ -168,24 +166,23 @@ def _block_diagonal(q, k, offset, block):
 class MaskForm:
     """What one site's mask_mod evaluates: one compiled kernel per form, head dim and dtype.
     A term no served head uses is left out of the kernel (a 16k block_topk site without its
-    layout lookup: 0.76 ms instead of 0.94 on the H200); ``uniform``: every served head has
-    the same row of terms, passed as kernel scalars instead of read per element from the
-    table (FA4's ``aux_scalars``)."""
+    layout lookup: 0.76 ms instead of 0.94 on the H200). FA4's ``aux_scalars`` would spare
+    the per-score table reads of a site whose heads share one row (sink_window at 16k: 0.44
+    ms with the values compiled in, 0.49 read from the table), but flash-attn-4 4.0.0b36's
+    sm90 kernel does not compile with them (an internal compiler error)."""
 
     causal: bool
     band: bool = True            # a window or sink that cuts (a window of n_q + n_k keeps every key)
     diagonals: bool = False
     stripes: bool = False
     layout: bool = False
-    uniform: bool = False
 
 
-def site_keeps(head, q, k, aux_tensors, scalars, form: MaskForm, element, const):
+def site_keeps(head, q, k, aux_tensors, form: MaskForm, element, const):
     """Whether query ``q`` keeps key ``k`` in ``head``: the union of the head's terms that
     ``form`` names (window and sink, diagonal bands, stripe column, layout cell), read from
-    its row of ``aux_tensors = (table, columns, layouts)`` (see :class:`SiteTables`), or from
-    ``scalars`` when the form is uniform, then the causal cut, last, so that it cuts the
-    looked-up terms too.
+    its row of ``aux_tensors = (table, columns, layouts)`` (see :class:`SiteTables`), then
+    the causal cut, last, so that it cuts the looked-up terms too.
 
     The kernel's mask_mod and :func:`torch_mask` are both this function. ``element`` turns
     an index value into a subscript (``x[0]`` of a one-element CuTe ``TensorSSA``, a torch
@@ -193,11 +190,8 @@ def site_keeps(head, q, k, aux_tensors, scalars, form: MaskForm, element, const)
     """
     table, columns, layouts = aux_tensors[0], aux_tensors[1], aux_tensors[2]
 
-    def raw(column):
-        return scalars[column] if form.uniform else table[head, column]
-
     def field(column):
-        return const(raw(column))
+        return const(table[head, column])
 
     offset = field(OFFSET)
     d = q + offset - k
@@ -207,11 +201,11 @@ def site_keeps(head, q, k, aux_tensors, scalars, form: MaskForm, element, const)
     if form.diagonals:
         terms.append(_diagonal_bands(d, field(PERIOD), field(BAND), field(LAST_DIAGONAL), const))
     if form.stripes:
-        stripe = const(columns[raw(STRIPE_ROW), element(k)])
+        stripe = const(columns[table[head, STRIPE_ROW], element(k)])
         terms.append((field(HAS_STRIPES) > const(0)) & (stripe > const(0)))
     if form.layout:
-        block = raw(BLOCK)
-        cell = const(layouts[raw(LAYOUT_ROW), element(q) // block, element(k) // block])
+        block = table[head, BLOCK]
+        cell = const(layouts[table[head, LAYOUT_ROW], element(q) // block, element(k) // block])
         hit = (cell > const(0)) | _block_diagonal(q, k, offset, const(block))
         terms.append((field(HAS_LAYOUT) > const(0)) & hit)
     kept = terms[0] if terms else k >= const(0)          # no term: every key (before the cut)
@@ -235,7 +229,6 @@ class SiteTables:
     full_index: torch.Tensor
     block_n: int
     form: MaskForm
-    scalars: "tuple[int, ...] | None"    # the served heads' one row of terms, when the form is uniform
 
     @property
     def aux_tensors(self) -> list[torch.Tensor]:
@@ -248,7 +241,7 @@ def _mask_form(table: torch.Tensor, served: list[int], causal: bool, n_q: int, n
     rows = table[served]
     return MaskForm(causal=causal, band=bool((rows[:, WINDOW] < n_q + n_k).any()),
                     diagonals=bool(rows[:, BAND].any()), stripes=bool(rows[:, HAS_STRIPES].any()),
-                    layout=bool(rows[:, HAS_LAYOUT].any()), uniform=bool((rows == rows[0]).all()))
+                    layout=bool(rows[:, HAS_LAYOUT].any()))
 
 
 def head_terms(group: HeadGroup, n_q: int, n_k: int) -> HeadTerms:
@@ -303,9 +296,8 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     partial_count, partial_index = _compact(any_kept & ~all_kept)
     full_count, full_index = _compact(all_kept)
     form = _mask_form(table, sorted(h for group in groups for h in group.heads), causal, n_q, n_k)
-    scalars = tuple(int(value) for value in table[groups[0].heads[0]]) if form.uniform else None
     return SiteTables(table.to(device), columns.to(device), layouts.to(device), partial_count, partial_index,
-                      full_count, full_index, block_n, form, scalars)
+                      full_count, full_index, block_n, form)
 
 
 def _block_constant(pattern, params: dict, n_q: int, n_k: int, block_n: int, device) -> bool:
@@ -342,8 +334,7 @@ def torch_mask(tables: SiteTables, head: int, n_q: int, n_k: int, causal: bool) 
     q = torch.arange(n_q)[:, None]
     k = torch.arange(n_k)[None, :]
     aux_tensors = [t.cpu() for t in tables.aux_tensors]
-    return site_keeps(head, q, k, aux_tensors, tables.scalars, tables.form, element=lambda index: index,
-                      const=lambda value: value)
+    return site_keeps(head, q, k, aux_tensors, tables.form, element=lambda index: index, const=lambda value: value)
 
 
 def kernel_mask(tables: SiteTables, head: int, n_q: int, n_k: int, causal: bool) -> torch.Tensor:
@@ -414,8 +405,7 @@ def key_block(head_dim: int, device: torch.device) -> int:
 @lru_cache(maxsize=16)
 def _mask_mod(form: MaskForm):
     """The CuTe mask_mod of ``form``: :func:`site_keeps` on FA4's per-element one-value
-    ``TensorSSA`` indices (mask.py ``apply_mask``), its fields from the aux tensors or, for
-    a uniform form, from the aux scalars."""
+    ``TensorSSA`` indices (mask.py ``apply_mask``)."""
     fa4 = _interface()
     cutlass, cute, utils = fa4["cutlass"], fa4["cute"], fa4["utils"]
 
@@ -425,15 +415,9 @@ def _mask_mod(form: MaskForm):
     def element(index):
         return index[0]
 
-    if form.uniform:
-        @cute.jit
-        def sparsec_uniform_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors, aux_scalars):
-            return site_keeps(head[0], q_idx, kv_idx, aux_tensors, aux_scalars, form, element, const)
-        return sparsec_uniform_mask
-
     @cute.jit
     def sparsec_static_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, None, form, element, const)
+        return site_keeps(head[0], q_idx, kv_idx, aux_tensors, form, element, const)
     return sparsec_static_mask
 
 
@@ -466,12 +450,12 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
         mask_block_cnt=tables.partial_count, mask_block_idx=tables.partial_index,
         full_block_cnt=tables.full_count, full_block_idx=tables.full_index, block_size=(BLOCK_M, tables.block_n))
     mask_mod = _mask_mod(tables.form)
-    aux, scalars = tables.aux_tensors, tables.scalars
+    aux = tables.aux_tensors
 
     def launch(q, k, v, out) -> None:
         interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                                   causal=False, mask_mod=mask_mod, block_sparse_tensors=sparse, aux_tensors=aux,
-                                  aux_scalars=scalars, out=out.transpose(1, 2))
+                                  out=out.transpose(1, 2))
     return launch
 
 
@@ -516,7 +500,7 @@ def site_launches(q, k, v, mask, scale: float, causal: bool, groups: list[HeadGr
         call = site_call(q, k, v, scale, causal, mine)
         probe = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         call(q, k, v, probe)        # compiles, and proves FA4 takes the shape before it is relied on
-    except (ValueError, AssertionError, NotImplementedError, RuntimeError, TypeError) as error:
+    except Exception as error:      # whatever FA4's JIT raises (CuTe DSL errors included): fall back
         reason = f"{type(error).__name__}: {str(error)[:200]}"
         if reason not in _WARNED:
             _WARNED.add(reason)

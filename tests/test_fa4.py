@@ -80,8 +80,6 @@ def test_mixed_site_one_table_per_head():
     shared = fa4.build_tables([HeadGroup("window", CASES["window"], list(range(8)))], 8, n_q, n_k, True, 128,
                               torch.device("cpu"))
     assert shared.partial_count.shape[1] == 1 and shared.full_index.shape[1] == 1
-    # One row of terms for every served head: kernel scalars, not per-element table reads.
-    assert shared.form.uniform and shared.scalars is not None and not tables.form.uniform
     # Without a multi_diagonal head the kernel's mask leaves the diagonal bands out.
     assert not tables.form.diagonals and not shared.form.diagonals
     banded = [*groups, HeadGroup("multi_diagonal", CASES["multi_diagonal"], [5])]
@@ -143,8 +141,8 @@ def test_lookups_cover_every_index_the_kernel_evaluates(n_q, n_k, causal, block_
     rows, keys = math.ceil(n_q / fa4.BLOCK_M) * fa4.BLOCK_M, math.ceil(n_k / block_n) * block_n
     q, k = torch.arange(rows)[:, None], torch.arange(keys)[None, :]
     for head in range(8):
-        kept = fa4.site_keeps(head, q, k, tables.aux_tensors, tables.scalars, tables.form,
-                              element=lambda index: index, const=lambda value: value)
+        kept = fa4.site_keeps(head, q, k, tables.aux_tensors, tables.form, element=lambda index: index,
+                              const=lambda value: value)
         assert kept.shape == (rows, keys)
         assert torch.equal(kept[:n_q, :n_k], _reference_mask(groups, head, n_q, n_k, causal)), head
 
@@ -155,15 +153,15 @@ def test_per_element_calls_match_the_reference():
     back to one-element values; causal, so a lookup past the diagonal must be cut."""
     n_q, n_k, causal = 333, 333, True
     groups, tables = _mixed_site(n_q, n_k, causal, 128)
-    uniform_groups = [HeadGroup("vertical_stripe", CASES["vertical_stripe"], list(range(8)))]
-    uniform = fa4.build_tables(uniform_groups, 8, n_q, n_k, causal, 128, torch.device("cpu"))
+    shared_groups = [HeadGroup("vertical_stripe", CASES["vertical_stripe"], list(range(8)))]
+    shared = fa4.build_tables(shared_groups, 8, n_q, n_k, causal, 128, torch.device("cpu"))
     torch.manual_seed(0)
     pairs = torch.cat([torch.randint(0, n_q, (300, 2)), torch.tensor([[0, 1], [0, 77], [5, 300], [70, 77], [10, 60]])])
-    for head, (groups, tables) in itertools.product(range(8), [(groups, tables), (uniform_groups, uniform)]):
+    for head, (groups, tables) in itertools.product(range(8), [(groups, tables), (shared_groups, shared)]):
         expected = _reference_mask(groups, head, n_q, n_k, causal)
         for query, key in pairs.tolist():
             kept = fa4.site_keeps(torch.tensor([head])[0], torch.tensor([query]), torch.tensor([key]),
-                                  tables.aux_tensors, tables.scalars, tables.form, element=lambda index: index[0],
+                                  tables.aux_tensors, tables.form, element=lambda index: index[0],
                                   const=lambda value: torch.as_tensor(value).reshape(1))
             assert kept.shape == (1,) and bool(kept[0]) == bool(expected[query, key]), (head, query, key)
 
@@ -185,6 +183,30 @@ def test_every_static_family_has_fa4_terms():
     static = {kind for kind in pattern_kinds() if not get_pattern(kind).dynamic}
     assert all(fa4.family_terms(kind) is not None for kind in static)
     assert fa4.family_terms("vertical_slash") is None
+
+
+def test_a_site_fa4_cannot_build_falls_back_with_one_warning(monkeypatch):
+    """FA4's JIT raises its own errors (flash-attn-4 4.0.0b36 raised a CuTe DSLRuntimeError,
+    an internal compiler error, for a mask_mod with aux_scalars): the site's groups go to
+    the other kernels, with one warning per reason, never a crash."""
+    class DSLRuntimeError(Exception):
+        pass
+
+    def refuse(*args):
+        raise DSLRuntimeError("ICE: 'llvm.call' op incorrect number of operands")
+
+    monkeypatch.setattr(fa4, "available", lambda device: True)
+    monkeypatch.setattr(fa4, "serves", lambda *args: True)
+    monkeypatch.setattr(fa4, "site_call", refuse)
+    monkeypatch.setattr(fa4, "_WARNED", set())
+    q = k = v = torch.randn(1, 2, 40, 16)
+    groups = [HeadGroup("window", CASES["window"], [0, 1])]
+    with pytest.warns(UserWarning, match="DSLRuntimeError"):
+        assert fa4.site_launches(q, k, v, None, 0.25, True, groups) == ([], groups)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fa4.site_launches(q, k, v, None, 0.25, True, groups) == ([], groups)
 
 
 def test_backend_rule():
