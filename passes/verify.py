@@ -307,7 +307,7 @@ def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: 
         # Its own family or one estimated per input, never a layout taken from the calibration
         # text: refitted to keep more of it, a block_topk head held rel. L2 1.5e-2 at the
         # calibration length and gave 0.46 at 1.5x it (examples/compile_llama.py).
-        families = candidate_families(ctx)
+        families = candidate_families(ctx, stats.causal)
         sparse = [kind for kind in families if not get_pattern(kind).computes_all
                   and (kind == plan.pattern or get_pattern(kind).dynamic)
                   and not get_pattern(kind).layout_from_calibration]

@@ -10,7 +10,7 @@ from sparsec.passes.calibrate import Calibrate
 from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.helpers.capture import capture
 from sparsec.passes.classify_heads import ClassifyHeads
-from sparsec.patterns import get_pattern, instance_key
+from sparsec.patterns import get_pattern, instance_key, pattern_kinds
 from sparsec.patterns.fitting import offset_bucket
 from sparsec.ir.plan import Plan
 from sparsec.ir.targets import get_target
@@ -200,14 +200,29 @@ def test_planted_heads_have_their_pattern(causal):
                 assert 0.3 < special < 0.7            # the special keys hold about half the mass
 
 
+def test_a_calibration_layout_is_a_candidate_at_a_causal_site_only_when_named():
+    """By default a causal site never takes block_topk (its layout is the calibration text's
+    content); a non-causal one does, and so does a causal one whose user names it."""
+    torch.manual_seed(3)
+    found = {}
+    for causal, patterns in ((True, None), (False, None), (True, pattern_kinds())):
+        model = PlantedAttention(PLANTED_LAYERS, causal=causal)
+        ctx = run_passes(model, (torch.randn(2, 64, 32),), [(torch.randn(1, 512, 32),)],
+                         [Calibrate(), ClassifyHeads()], target="h100", min_saving=0.0, patterns=patterns)
+        found[causal, patterns is None] = [h.pattern for site in ctx.plan.attention for h in site.heads]
+    assert "block_topk" not in found[True, True]
+    assert "block_topk" in found[False, True] and "block_topk" in found[True, False]
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_classification_recovers_planted_heads(causal):
     torch.manual_seed(3)
     model = PlantedAttention(PLANTED_LAYERS, causal=causal)
     # Pattern recovery, not speed: any pattern no slower than dense, on a GPU target. (On the
     # cpu target's measured costs block_topk heads of density 0.44-0.5 at N = 512 lose to SDPA.)
+    # Every family named: at causal sites block_topk is a candidate only when asked for.
     ctx = run_passes(model, (torch.randn(2, 64, 32),), [(torch.randn(1, 512, 32),)],
-                     [Calibrate(), ClassifyHeads()], target="h100", min_saving=0.0)
+                     [Calibrate(), ClassifyHeads()], target="h100", min_saving=0.0, patterns=pattern_kinds())
     planted = [kind for layer in PLANTED_LAYERS for kind, _ in layer]
     found = [head.pattern for site in ctx.plan.attention for head in site.heads]
     assert sum(p == f for p, f in zip(planted, found)) >= 0.95 * len(planted), list(zip(planted, found))
