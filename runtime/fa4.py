@@ -476,6 +476,17 @@ def serves(q, k, v, mask, causal: bool, group: HeadGroup, whole_site: bool = Fal
                                      whole_site) == "fa4"
 
 
+def _pays(q, k, causal: bool, groups: list[HeadGroup]) -> bool:
+    """Under a compiled model's target, whether its cost model runs this site's groups on FA4
+    at all (``CostModel.fa4_pays``: GPU and host time, against Triton for every group)."""
+    from sparsec.analysis.cost_model import CostModel
+    target = running_target()
+    if target is None or target.arch != _arch(q.device):
+        return True
+    sizes = [(group.pattern, group.params, len(group.heads)) for group in groups]
+    return CostModel(target).fa4_pays(sizes, k.shape[-2], causal, q.shape[-1], q.shape[0])
+
+
 def _arch(device: torch.device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm{major}{minor}"
@@ -493,7 +504,7 @@ def site_launches(q, k, v, mask, scale: float, causal: bool, groups: list[HeadGr
         return [], groups
     whole_site = _one_group_over_all(groups, q.shape[1])
     mine = [g for g in groups if serves(q, k, v, mask, causal, g, whole_site)]
-    if not mine:
+    if not mine or not _pays(q, k, causal, groups):
         return [], groups
     rest = [g for g in groups if g not in mine]
     try:

@@ -209,6 +209,33 @@ def test_a_site_fa4_cannot_build_falls_back_with_one_warning(monkeypatch):
         assert fa4.site_launches(q, k, v, None, 0.25, True, groups) == ([], groups)
 
 
+def test_a_short_host_bound_site_stays_on_triton_as_a_whole(monkeypatch):
+    """FA4's call costs more host time than a Triton site's (82 us more on the H200): where the
+    host bounds the site (SmolLM2's shape at 1k) the site runs Triton for every group, priced
+    so, and the op follows; at 32k the GPU time decides and FA4 serves it."""
+    from sparsec.analysis.cost_model import CostModel
+    from sparsec.ir.targets import running_for
+
+    monkeypatch.setenv("SPARSEC_FA4", "1")
+    cost = CostModel("h200")
+    groups = [("sink_window", {"sink": [1, 0], "window": [256, 0]}, 6), ("dense", {}, 3)]
+    assert cost.backend("sink_window", groups[0][1], 1024, True, 64) == "fa4"      # per group, GPU time
+    assert not cost.fa4_pays(groups, 1024, True, 64) and cost.fa4_pays(groups, 32768, True, 64)
+    triton_only = cost._sparse_site_seconds(groups, 1024, True, 64, 1, fa4=False)
+    assert cost.site_seconds(groups, 1024, True, 64) == triton_only < cost._sparse_site_seconds(
+        groups, 1024, True, 64, 1, fa4=True)
+    monkeypatch.setattr(fa4, "available", lambda device: True)
+    monkeypatch.setattr(fa4, "_arch", lambda device: "sm90")
+    monkeypatch.setattr(fa4, "site_call", lambda *args: lambda q, k, v, out: None)
+    heads = [HeadGroup("sink_window", groups[0][1], [0, 1, 3, 4, 6, 7]), HeadGroup("dense", {}, [2, 5, 8])]
+    for n, served in ((1024, False), (32768, True)):
+        q = torch.randn(1, 9, n, 64, dtype=torch.bfloat16)
+        k = v = torch.randn(1, 3, n, 64, dtype=torch.bfloat16)
+        with running_for("h200"):
+            launches, rest = fa4.site_launches(q, k, v, None, 0.125, True, heads)
+        assert (len(launches) == 1) is served and (rest == heads) is not served
+
+
 def test_backend_rule():
     from sparsec.analysis.cost_model import attention_backend
     assert attention_backend("sm90", "window", 128) == "fa4"

@@ -174,8 +174,8 @@ class CostModel:
         window that is its site's only group (``whole_site``) runs FA4's native window, which
         pays no more per row than dense), else ``"triton"`` (also for ``SPARSEC_FA4=0`` and
         targets without FA4 measurements); ``"cpu"`` (the block-sparse CPU path) elsewhere.
-        The host time of a site (FA4's call costs 82 us more than Triton's on the H200) is
-        not part of this choice, only of the site's price."""
+        Whether a site uses FA4 at all is decided for the site as a whole, host time included
+        (:meth:`fa4_pays`)."""
         if self.target.device_type != "cuda":
             return "cpu"
         if (not config.fa4_backend() or self.profile.fa4 is None
@@ -231,17 +231,32 @@ class CostModel:
                      batch: int = 1) -> float:
         """A site whose head groups are ``(kind, params, number of heads)``: one dense launch
         when every head is dense, else one launch for all the groups FA4 serves (one call with
-        per-head tables) and one per other group; the larger of its GPU and host times where
-        the host's are measured."""
+        per-head tables) and one per other group, or Triton for every group where that is
+        cheaper (:meth:`fa4_pays`); the larger of its GPU and host times where the host's are
+        measured."""
         host = self.profile.host
         if all(get_pattern(kind).computes_all for kind, _, _ in groups):
             heads = sum(count for _, _, count in groups)
             gpu = self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
             return max(gpu, host.dense_site_us * 1e-6 if host else 0.0)
+        return min(self._sparse_site_seconds(groups, n, causal, head_dim, batch, fa4)
+                   for fa4 in (True, False))
+
+    def fa4_pays(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
+                 batch: int = 1) -> bool:
+        """Whether the site runs the groups FA4 serves on FA4: cheaper as a whole, GPU and host
+        time, than Triton for every group. FA4's call costs the H200's host 82 us more than a
+        Triton site: SmolLM2's sites at 1k are host-bound and stay on Triton."""
+        return self._sparse_site_seconds(groups, n, causal, head_dim, batch, True) < \
+            self._sparse_site_seconds(groups, n, causal, head_dim, batch, False)
+
+    def _sparse_site_seconds(self, groups, n: int, causal: bool, head_dim: int, batch: int, fa4: bool) -> float:
+        host = self.profile.host
         work = launches = 0.0
         on_fa4, triton_launches, whole_site = False, 0, len(groups) == 1
         for kind, params, count in groups:
             backend = self.backend(kind, params, n, causal, head_dim, whole_site)
+            backend = "triton" if backend == "fa4" and not fa4 else backend
             on_fa4 |= backend == "fa4"
             if backend != "fa4":
                 launches += self.launch_seconds(kind)
