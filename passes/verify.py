@@ -19,7 +19,8 @@ same SmolLM2 plan in one round fewer; docs/benchmarks.md, "Which heads verificat
 dense", says why the share is not predicted further). Pricing a step by what it gives up,
 not by all the head saves, matters: priced as a dense step each, the first round at 8k
 stepped every sparse head of SmolLM2 and made 92 heads dense whose refit did not reach its
-recall (docs/benchmarks.md, "Steps priced by what they give up"). The
+recall (docs/benchmarks.md, "Spread estimating queries, steps priced by what they give
+up"). The
 sites a round changed are merged again (``merge_head_groups.merge_site``), so refitted heads
 share launches where the cost model says so. Refits keep SmolLM2 at 8k at a 34 % cut of
 attention FLOPs with held-out top-1 0.981, where densifying alone gave 36 % at 0.975

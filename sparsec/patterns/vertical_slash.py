@@ -58,7 +58,7 @@ class VerticalSlash(Pattern):
     def estimating_rows(self, params: dict, n_q: int, device=None) -> torch.Tensor:
         """The positions of the estimating queries: spread evenly over the sequence, the last
         query included. MInference reads the last 64; on SmolLM2 at 8k the columns those pick
-        keep 0.58-0.98 of a middle layer's attention mass where 64 spread queries keep
+        keep 0.57-0.98 of a middle layer's attention mass where 64 spread queries keep
         0.69-0.98 (docs/benchmarks.md, "Spread estimating queries"): which keys matter
         drifts along a long input."""
         return _spread_rows(self.estimating_queries(params, n_q), n_q, torch.device(device or "cpu"))
