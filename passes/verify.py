@@ -20,11 +20,10 @@ dense", says why the share is not predicted further). Pricing a step by what it 
 not by all the head saves, matters: priced as a dense step each, the first round at 8k
 stepped every sparse head of SmolLM2 and made 92 heads dense whose refit did not reach its
 recall (docs/benchmarks.md, "Spread estimating queries, steps priced by what they give
-up"). The
-sites a round changed are merged again (``merge_head_groups.merge_site``), so refitted heads
-share launches where the cost model says so. Refits keep SmolLM2 at 8k at a 34 % cut of
-attention FLOPs with held-out top-1 0.981, where densifying alone gave 36 % at 0.975
-(docs/benchmarks.md, "Refit before dense"). With enforcement off (``tolerance=None``, a
+up"). The sites a round changed are merged again (``merge_head_groups.merge_site``), so
+refitted heads share launches where the cost model says so. Refits kept SmolLM2 at 8k at a
+34 % cut of attention FLOPs with held-out top-1 0.981, where densifying alone gave 36 % at
+0.975 (docs/benchmarks.md, "Refit before dense"); priced steps at 42 % (0.976 held out). With enforcement off (``tolerance=None``, a
 speed or density budget) nothing is undone; an error above the tolerance is warned about.
 
 In fp16 / bf16 two dense computations of one model already differ (a long random-weight
