@@ -203,8 +203,8 @@ def compile_model(model, tokenizer, args, device, encoder: bool):
     verification = None
     if serving > args.calibration_length:
         offset = math.ceil(args.calibration_length * args.calibration_batches / serving)   # in windows
-        verification = [(ids.to(device),) for ids in text_windows(tokenizer, "calibration", serving, 1, encoder,
-                                                                   offset)]
+        verification = [(ids.to(device),) for ids in text_windows(tokenizer, "calibration", serving,
+                                                                   args.verify_batches, encoder, offset)]
     start, start_cpu = time.perf_counter(), time.process_time()
     compiled = sparsec.compile(model, (windows[0],), calibration=[(ids,) for ids in windows],
                                target=args.target, recall=args.recall, seq_len=max(serving, args.calibration_length),
@@ -395,6 +395,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-length", type=int,
                         help="length compile verifies (and costs) the plan at; default the longest of --lengths "
                              "(0: the calibration length only)")
+    parser.add_argument("--verify-batches", type=int, default=2,
+                        help="calibration-part windows compile verifies the plan on at that length: rounds run on "
+                             "the first, the plan must hold on all (one window let the rounds fit its text: "
+                             "SmolLM2 at 8k verified top-1 0.982, held-out 0.976)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--passkey-tokens", type=int, default=6, help="tokens decoded for the passkey answer")
