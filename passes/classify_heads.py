@@ -66,7 +66,7 @@ def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, r
     dense_seconds = baseline["seconds"]
     meeting = [c for c in candidates if c["recall"] >= recall and c is not baseline]
     cheapest = min(meeting, key=lambda c: c["seconds"], default=None)      # min keeps the first tie
-    if cheapest is not None and cheapest["seconds"] <= (1 - min_saving) * dense_seconds:
+    if cheapest is not None and pays(cheapest, dense_seconds, min_saving):
         chosen, reason = cheapest, f"fastest pattern with recall >= {recall} on {cost_model.target.name}"
     else:
         chosen = baseline
@@ -81,6 +81,11 @@ def classify_head(head: HeadPlan, profiles: list, causal: bool, head_dim: int, r
     head.assign(chosen["pattern"], chosen["params"], reason)
     head.recall, head.density = chosen["recall"], chosen["density"]
     head.candidates = candidates
+
+
+def pays(candidate: dict, dense_seconds: float, min_saving: float) -> bool:
+    """Whether a sparse candidate saves at least ``min_saving`` of the dense head's time."""
+    return candidate["seconds"] <= (1 - min_saving) * dense_seconds
 
 
 def candidate_families(ctx: CompileContext, causal: bool = False) -> tuple[str, ...]:

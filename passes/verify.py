@@ -63,7 +63,7 @@ from sparsec.ir import reference
 from sparsec.ir.tolerance import Tolerance, logits_of, top1_agreement
 
 from sparsec.passes.helpers.attention_sites import ATTENTION
-from sparsec.passes.classify_heads import candidate_families, classify_head
+from sparsec.passes.classify_heads import candidate_families, classify_head, pays
 from sparsec.passes.helpers.suffix_runs import SuffixRunner
 from sparsec.passes.merge_head_groups import merge_site
 
@@ -322,7 +322,7 @@ def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: 
             # lines): the one that keeps the most, where it keeps more than now and still pays.
             dense_seconds = next(c["seconds"] for c in refit.candidates if get_pattern(c["pattern"]).computes_all)
             paying = [c for c in refit.candidates if not get_pattern(c["pattern"]).computes_all
-                      and c["seconds"] <= (1 - float(ctx.min_saving)) * dense_seconds and c["recall"] > plan.recall]
+                      and pays(c, dense_seconds, float(ctx.min_saving)) and c["recall"] > plan.recall]
             best = max(paying, key=lambda c: (c["recall"], -c["seconds"]), default=None)
             if best is not None:
                 refit.assign(best["pattern"], best["params"], "")
