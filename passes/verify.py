@@ -316,7 +316,9 @@ def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: 
             dense = [kind for kind in families if get_pattern(kind).computes_all]
             classify_head(refit, stats.head(head), stats.causal, site.head_dim, recall, float(ctx.min_saving),
                           cost_model, (*dense, *sparse), ctx.seq_len)
-        reason = f"verify: refitted at recall {recall:.4g}"
+        if not refit.is_dense and (refit.pattern, refit.params) != (plan.pattern, plan.params):
+            return _Step(refit.pattern, refit.params, refit.recall, refit.density, True,
+                         f"verify: refitted at recall {recall:.4g}")
         if refit.is_dense and refit.candidates:
             # No fit reaches that recall (vertical_slash fits at most an eighth of the keys as
             # lines): the one that keeps the most, where it keeps more than now and still pays.
@@ -325,11 +327,9 @@ def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: 
                       and pays(c, dense_seconds, float(ctx.min_saving)) and c["recall"] > plan.recall]
             best = max(paying, key=lambda c: (c["recall"], -c["seconds"]), default=None)
             if best is not None:
-                refit.assign(best["pattern"], best["params"], "")
-                refit.recall, refit.density = best["recall"], best["density"]
-                reason = f"verify: refitted at recall {best['recall']:.4g}, the most its family keeps ({recall:.4g} asked)"
-        if not refit.is_dense and (refit.pattern, refit.params) != (plan.pattern, plan.params):
-            return _Step(refit.pattern, refit.params, refit.recall, refit.density, True, reason)
+                return _Step(best["pattern"], best["params"], best["recall"], best["density"], True,
+                             f"verify: refitted at recall {best['recall']:.4g}, the most its family keeps "
+                             f"({recall:.4g} asked)")
     return _Step(*baseline_pattern(site), 1.0, 1.0, False, "verify: made dense")
 
 

@@ -221,9 +221,9 @@ def test_a_short_host_bound_site_stays_on_triton_as_a_whole(monkeypatch):
     groups = [("sink_window", {"sink": [1, 0], "window": [256, 0]}, 6), ("dense", {}, 3)]
     assert cost.backend("sink_window", groups[0][1], 1024, True, 64) == "fa4"      # per group, GPU time
     assert not cost.fa4_pays(groups, 1024, True, 64) and cost.fa4_pays(groups, 32768, True, 64)
-    triton_only = cost._sparse_site_seconds(groups, 1024, True, 64, 1, fa4=False)
+    triton_only = cost._sparse_site_seconds(groups, 1024, True, 64, 1, fa4=False)[0]
     assert cost.site_seconds(groups, 1024, True, 64) == triton_only < cost._sparse_site_seconds(
-        groups, 1024, True, 64, 1, fa4=True)
+        groups, 1024, True, 64, 1, fa4=True)[0]
     monkeypatch.setattr(fa4, "available", lambda device: True)
     monkeypatch.setattr(fa4, "_arch", lambda device: "sm90")
     monkeypatch.setattr(fa4, "site_call", lambda *args: lambda q, k, v, out: None)

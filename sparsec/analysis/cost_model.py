@@ -239,18 +239,26 @@ class CostModel:
             heads = sum(count for _, _, count in groups)
             gpu = self.launch_seconds("dense") + batch * heads * self.head_seconds("dense", {}, n, causal, head_dim)
             return max(gpu, host.dense_site_us * 1e-6 if host else 0.0)
-        return min(self._sparse_site_seconds(groups, n, causal, head_dim, batch, fa4)
-                   for fa4 in (True, False))
+        chosen, triton = self._site_options(groups, n, causal, head_dim, batch)
+        return chosen if triton is None else min(chosen, triton)
 
     def fa4_pays(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
                  batch: int = 1) -> bool:
         """Whether the site runs the groups FA4 serves on FA4: cheaper as a whole, GPU and host
         time, than Triton for every group. FA4's call costs the H200's host 82 us more than a
         Triton site: SmolLM2's sites at 1k are host-bound and stay on Triton."""
-        return self._sparse_site_seconds(groups, n, causal, head_dim, batch, True) < \
-            self._sparse_site_seconds(groups, n, causal, head_dim, batch, False)
+        chosen, triton = self._site_options(groups, n, causal, head_dim, batch)
+        return triton is not None and chosen < triton
 
-    def _sparse_site_seconds(self, groups, n: int, causal: bool, head_dim: int, batch: int, fa4: bool) -> float:
+    def _site_options(self, groups, n: int, causal: bool, head_dim: int, batch: int) -> tuple[float, float | None]:
+        """A sparse site's seconds with each group on the backend :meth:`backend` picks, and
+        with Triton for every group (None where no group picked FA4: the same site)."""
+        chosen, on_fa4 = self._sparse_site_seconds(groups, n, causal, head_dim, batch, True)
+        return chosen, (self._sparse_site_seconds(groups, n, causal, head_dim, batch, False)[0] if on_fa4 else None)
+
+    def _sparse_site_seconds(self, groups, n: int, causal: bool, head_dim: int, batch: int,
+                             fa4: bool) -> tuple[float, bool]:
+        """``(seconds, whether FA4 runs any group)`` of a sparse site, FA4 allowed or not."""
         host = self.profile.host
         work = launches = 0.0
         on_fa4, triton_launches, whole_site = False, 0, len(groups) == 1
@@ -266,9 +274,9 @@ class CostModel:
                 work += batch * count * self._head_seconds(rates, kind, params, n, causal, head_dim)
         gpu = work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
         if host is None:
-            return gpu
+            return gpu, on_fa4
         dynamic = sum(get_pattern(kind).dynamic for kind, _, _ in groups)
-        return max(gpu, host.sparse_seconds(triton_launches + on_fa4, dynamic, on_fa4))
+        return max(gpu, host.sparse_seconds(triton_launches + on_fa4, dynamic, on_fa4)), on_fa4
 
     def attention_record(self, sites: list, n: int) -> dict:
         """Predicted attention time of ``sites`` (plan sites, as grouped now) at length ``n``,
