@@ -56,6 +56,8 @@ FA4_DTYPES = (torch.float16, torch.bfloat16)
 WINDOW, SINK, PERIOD, BAND, LAST_DIAGONAL, BLOCK, OFFSET = range(7)
 STRIPE_ROW, HAS_STRIPES, LAYOUT_ROW, HAS_LAYOUT = range(7, 11)
 TABLE_COLUMNS = 11
+# The columns a kernel may hold as literals (MaskForm.fixed) instead of reading them per score.
+SCALAR_COLUMNS = (WINDOW, SINK, PERIOD, BAND, LAST_DIAGONAL, OFFSET)
 
 
 # -- per-family terms -----------------------------------------------------------------------
@@ -78,6 +80,11 @@ class HeadTerms:
     last_diagonal: int = 0
     columns: tuple[int, ...] = ()
     layout: "tuple[int, torch.Tensor] | None" = None
+
+    def scalars(self, n_q: int, n_k: int) -> dict[int, int]:
+        """The head's :data:`SCALAR_COLUMNS` values at ``(n_q, n_k)``."""
+        return {WINDOW: self.window, SINK: self.sink, PERIOD: self.period, BAND: self.band,
+                LAST_DIAGONAL: self.last_diagonal, OFFSET: n_k - n_q}
 
 
 def _one_group_over_all(groups: list[HeadGroup], num_heads: int) -> bool:
@@ -166,16 +173,18 @@ def _block_diagonal(q, k, offset, block):
 class MaskForm:
     """What one site's mask_mod evaluates: one compiled kernel per form, head dim and dtype.
     A term no served head uses is left out of the kernel (a 16k block_topk site without its
-    layout lookup: 0.76 ms instead of 0.94 on the H200). FA4's ``aux_scalars`` would spare
-    the per-score table reads of a site whose heads share one row (sink_window at 16k: 0.44
-    ms with the values compiled in, 0.49 read from the table), but flash-attn-4 4.0.0b36's
-    sm90 kernel does not compile with them (an internal compiler error)."""
+    layout lookup: 0.76 ms instead of 0.94 on the H200). ``fixed``: ``(column, value)`` pairs
+    of the table that every served head shares, held in the kernel as literals instead of
+    read per score (sink_window at 16k: 0.44 ms so, 0.49 read from the table; FA4's
+    ``aux_scalars`` would do it without a kernel per value, but flash-attn-4 4.0.0b36's sm90
+    kernel does not compile with them, an internal compiler error)."""
 
     causal: bool
     band: bool = True            # a window or sink that cuts (a window of n_q + n_k keeps every key)
     diagonals: bool = False
     stripes: bool = False
     layout: bool = False
+    fixed: tuple[tuple[int, int], ...] = ()
 
 
 def site_keeps(head, q, k, aux_tensors, form: MaskForm, element, const):
@@ -189,9 +198,10 @@ def site_keeps(head, q, k, aux_tensors, form: MaskForm, element, const):
     index tensor as it is); ``const`` lifts a Python int or a table read to the values' kind.
     """
     table, columns, layouts = aux_tensors[0], aux_tensors[1], aux_tensors[2]
+    fixed = dict(form.fixed)
 
     def field(column):
-        return const(table[head, column])
+        return const(fixed[column] if column in fixed else table[head, column])
 
     offset = field(OFFSET)
     d = q + offset - k
@@ -236,12 +246,22 @@ class SiteTables:
         return [self.table, self.columns, self.layouts]
 
 
-def _mask_form(table: torch.Tensor, served: list[int], causal: bool, n_q: int, n_k: int) -> MaskForm:
+def _mask_form(table: torch.Tensor, served: list[int], causal: bool, n_q: int, n_k: int,
+               fixed: tuple[tuple[int, int], ...]) -> MaskForm:
     """The terms the served heads' rows of ``table`` use."""
     rows = table[served]
     return MaskForm(causal=causal, band=bool((rows[:, WINDOW] < n_q + n_k).any()),
                     diagonals=bool(rows[:, BAND].any()), stripes=bool(rows[:, HAS_STRIPES].any()),
-                    layout=bool(rows[:, HAS_LAYOUT].any()))
+                    layout=bool(rows[:, HAS_LAYOUT].any()), fixed=fixed)
+
+
+def _fixed_scalars(terms_at: Callable[[int, int, int], HeadTerms], count: int, n_q: int,
+                   n_k: int) -> tuple[tuple[int, int], ...]:
+    """The scalar columns the ``count`` groups' terms (``terms_at(group, n_q, n_k)``) share at
+    ``(n_q, n_k)`` and at twice that length: a value that changes with the length stays a table
+    read, so serving many lengths does not compile a kernel for each."""
+    rows = [terms_at(i, n, m).scalars(n, m) for i in range(count) for n, m in ((n_q, n_k), (2 * n_q, 2 * n_k))]
+    return tuple((column, rows[0][column]) for column in SCALAR_COLUMNS if len({row[column] for row in rows}) == 1)
 
 
 def head_terms(group: HeadGroup, n_q: int, n_k: int) -> HeadTerms:
@@ -263,23 +283,26 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     table[:, PERIOD] = 1
     table[:, BLOCK] = max(padded_q, padded_k)           # a head without a layout reads cell (0, 0)
     table[:, OFFSET] = n_k - n_q
+    # A mask that keeps all or nothing of every block before the causal cut is carried by the
+    # block tables alone: its mask_mod terms are dense's, so partial blocks evaluate the causal
+    # cut only (a block_topk layout on the block grid needs no lookup).
+    by_blocks = [_block_constant(get_pattern(g.pattern), g.params, n_q, n_k, block_n, device) for g in groups]
+
+    def terms_at(i: int, n: int, m: int) -> HeadTerms:
+        return _dense_terms(groups[i].params, n, m) if by_blocks[i] else head_terms(groups[i], n, m)
+
     stripe_rows, layout_rows = [], []
     shared = _one_group_over_all(groups, num_heads)
     any_kept = torch.zeros(1 if shared else num_heads, n_qb, n_kb, dtype=torch.bool, device=device)
     all_kept = torch.zeros_like(any_kept)
-    for group in groups:
-        pattern = get_pattern(group.pattern)
-        some, every = pattern.block_classes(group.params, n_q, n_k, causal, BLOCK_M, block_n, device)
+    for i, group in enumerate(groups):
+        some, every = get_pattern(group.pattern).block_classes(group.params, n_q, n_k, causal, BLOCK_M, block_n,
+                                                               device)
         rows = [0] if shared else group.heads
         any_kept[rows], all_kept[rows] = some, every
-        # A mask that keeps all or nothing of every block before the causal cut is carried by
-        # the block tables alone: its mask_mod terms are dense's, so partial blocks evaluate
-        # the causal cut only (a block_topk layout on the block grid needs no lookup).
-        terms = _dense_terms(group.params, n_q, n_k) if _block_constant(pattern, group.params, n_q, n_k, block_n,
-                                                                         device) else head_terms(group, n_q, n_k)
+        terms = terms_at(i, n_q, n_k)
         heads = torch.tensor(group.heads, dtype=torch.long)
-        for column, value in ((WINDOW, terms.window), (SINK, terms.sink), (PERIOD, terms.period),
-                              (BAND, terms.band), (LAST_DIAGONAL, terms.last_diagonal)):
+        for column, value in terms.scalars(n_q, n_k).items():
             table[heads, column] = value
         if terms.columns:
             row = torch.zeros(padded_k, dtype=torch.int32)
@@ -295,7 +318,8 @@ def build_tables(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, ca
     layouts = _stack_padded(layout_rows, padded_q, padded_k)
     partial_count, partial_index = _compact(any_kept & ~all_kept)
     full_count, full_index = _compact(all_kept)
-    form = _mask_form(table, sorted(h for group in groups for h in group.heads), causal, n_q, n_k)
+    form = _mask_form(table, sorted(h for group in groups for h in group.heads), causal, n_q, n_k,
+                      _fixed_scalars(terms_at, len(groups), n_q, n_k))
     return SiteTables(table.to(device), columns.to(device), layouts.to(device), partial_count, partial_index,
                       full_count, full_index, block_n, form)
 

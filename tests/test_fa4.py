@@ -114,6 +114,30 @@ def test_a_layout_on_the_block_grid_is_carried_by_the_tables_alone(n_q, n_k, cau
                     assert torch.equal(fa4.kernel_mask(site, head, n_q, n_k, causal), expected), (params, head)
 
 
+@pytest.mark.parametrize("n_q,n_k", [(300, 300), (200, 333)])
+def test_values_every_served_head_shares_at_every_length_are_compiled_in(n_q, n_k):
+    """A window and sink that do not change with the length and that every served head shares
+    become literals of the kernel (MaskForm.fixed), and the kernel still keeps each head's
+    pattern; an elastic window, two different windows, or an offset n_k - n_q that grows with
+    the length stay table reads (a kernel per length otherwise)."""
+    def fixed(groups):
+        tables = fa4.build_tables(groups, 6, n_q, n_k, True, 128, torch.device("cpu"))
+        for group in groups:
+            expected = get_pattern(group.pattern).mask(group.params, n_q, n_k, True)
+            for head in group.heads:
+                assert torch.equal(fa4.kernel_mask(tables, head, n_q, n_k, True), expected), (group, head)
+        return dict(tables.form.fixed)
+
+    sink_window = CASES["sink_window"]
+    one = fixed([HeadGroup("sink_window", sink_window, [1, 3, 4])])
+    assert one[fa4.WINDOW] == 50 and one[fa4.SINK] == 4
+    assert (fa4.OFFSET in one) is (n_q == n_k)
+    elastic = fixed([HeadGroup("sink_window", {**sink_window, "window": [50, 0.05]}, [1, 3, 4])])
+    assert fa4.WINDOW not in elastic and elastic[fa4.SINK] == 4
+    two = fixed([HeadGroup("sink_window", sink_window, [1, 3]), HeadGroup("window", CASES["window"], [4])])
+    assert fa4.WINDOW not in two and fa4.SINK not in two
+
+
 def _mixed_site(n_q, n_k, causal, block_n):
     """Every lookup kind in one site (GQA 8:2, interleaved): heads with stripes, with a layout,
     with neither (they still read both lookups), and a head in no group."""
