@@ -1,8 +1,8 @@
 """Registers sparsec's device kernels behind its ops (:mod:`sparsec.ir.ops`,
 :mod:`sparsec.ir.linear_ops`), whose own bodies are the pure-torch reference.
 
-- CPU tensors: block-sparse attention (:mod:`sparsec.runtime.block_sparse`): only the kept
-  key blocks are computed, where the reference computes every score and then masks.
+- CPU tensors: :mod:`sparsec.runtime.cpu_attention`: each chunk of queries reads only the
+  keys its rows keep, where the reference computes every score and then masks.
 - CUDA tensors: the Triton and FlashAttention-4 attention kernels
   (:mod:`sparsec.runtime.kernels`) and the sparse linear kernels
   (:mod:`sparsec.runtime.sparse_linear_gpu`), imported at their first call, so that
@@ -17,14 +17,14 @@ import torch
 
 from sparsec.ir.ops import check_attention_inputs, check_causal_alignment
 from sparsec.ir.plan import decoded_groups
-from sparsec.runtime import block_sparse
+from sparsec.runtime import cpu_attention
 
 
 @torch.library.register_kernel("sparsec::sparse_attention", "cpu")
 def _sparse_attention_cpu(q, k, v, mask, scale, causal, groups):
     check_attention_inputs(q, k, v)
     check_causal_alignment(q, k, causal)
-    return block_sparse.sparse_attention(q, k, v, mask, scale, causal, decoded_groups(groups))
+    return cpu_attention.sparse_attention(q, k, v, mask, scale, causal, decoded_groups(groups))
 
 
 @torch.library.register_kernel("sparsec::sparse_attention", "cuda")

@@ -3,7 +3,7 @@
 :func:`ort_session` opens an ONNX file. When the model uses the ``ai.sparsec`` operator
 set (custom mode, see :mod:`sparsec.codegen.onnx.schema`), it registers the ops'
 implementations first: onnxruntime-extensions Python ops backed by
-:mod:`sparsec.runtime.block_sparse`, which computes only the key blocks each pattern keeps.
+:mod:`sparsec.runtime.cpu_attention`, which reads only the keys each chunk of queries keeps.
 
 onnxruntime-extensions serves Python ops from its own domain ``ai.onnx.contrib`` with a
 fixed number of inputs, so the session is built from an in-memory copy of the model whose
@@ -28,7 +28,7 @@ from sparsec.ir import config
 from sparsec.codegen.onnx.schema import DOMAIN, OP_VERSION, SPARSE_ATTENTION
 from sparsec.ir.errors import ArtifactVersionError, UnservableInputError
 from sparsec.patterns import get_pattern
-from sparsec.runtime.block_sparse import group_attention
+from sparsec.runtime.cpu_attention import group_attention
 
 KNOWN_OP_VERSIONS = (OP_VERSION,)
 _PYOP_DOMAIN = "ai.onnx.contrib"
@@ -57,7 +57,7 @@ def _sparse_attention(q, k, v, attn_bias, layout, pattern, params, scale, causal
             params = get_pattern(pattern).join_initializer(params, layout)
         bias = torch.from_numpy(attn_bias) if attn_bias.size else None
         out = group_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), bias, scale,
-                              bool(causal), pattern, params, config.ort_block(), config.ort_op_threads())
+                              bool(causal), pattern, params, config.ort_rows(), config.ort_op_threads())
         return out.numpy()
     except Exception as error:  # noqa: BLE001 — re-raised by SparsecSession.run
         # An exception escaping a Python op aborts the process (onnxruntime-extensions'

@@ -1,5 +1,5 @@
-"""The CPU path of ``sparsec::sparse_attention`` (runtime/block_sparse.py, ``sparse_attention``):
-block-sparse, only kept key blocks computed; checked against the reference kernel (the
+"""The CPU path of ``sparsec::sparse_attention`` (runtime/cpu_attention.py, ``sparse_attention``):
+each chunk of queries reads only the keys its rows keep; checked against the reference kernel (the
 oracle) at awkward shapes, and shown to be what the op runs for CPU tensors."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from sparsec.ir import ops  # noqa: F401  (registers torch.ops.sparsec)
 from sparsec.ir.plan import HeadGroup, encode_groups
-from sparsec.runtime import block_sparse
+from sparsec.runtime import cpu_attention
 from sparsec.ir import reference
 
 GROUPS = [
@@ -38,11 +38,10 @@ def _inputs(batch, heads, kv_heads, n, dim, dtype, mask_kind, causal):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n,mask_kind", [(37, None), (131, "padding_bool"), (70, "additive_per_head")])
 def test_cpu_path_matches_reference(dtype, causal, n, mask_kind, monkeypatch):
-    monkeypatch.setattr(block_sparse, "_CHUNK_ELEMENTS", 4096)     # several chunks of query blocks
     torch.manual_seed(n)
     q, k, v, mask = _inputs(2, 8, 2, n, 16, dtype, mask_kind, causal)
     expected = reference.sparse_attention(q, k, v, mask, 0.25, causal, GROUPS)
-    got = block_sparse.sparse_attention(q, k, v, mask, 0.25, causal, GROUPS, block=16)
+    got = cpu_attention.sparse_attention(q, k, v, mask, 0.25, causal, GROUPS, rows=16)      # several chunks
     assert got.dtype == dtype and got.shape == expected.shape
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
     torch.testing.assert_close(got, expected, **tolerance)
@@ -52,8 +51,8 @@ def test_op_runs_the_cpu_path_on_cpu_tensors(monkeypatch):
     torch.manual_seed(0)
     q, k, v, mask = _inputs(2, 8, 2, 45, 16, torch.float32, "padding_bool", True)
     calls = []
-    original = block_sparse.group_attention
-    monkeypatch.setattr(block_sparse, "group_attention",
+    original = cpu_attention.group_attention
+    monkeypatch.setattr(cpu_attention, "group_attention",
                         lambda *args, **kwargs: calls.append(args[6]) or original(*args, **kwargs))
     got = torch.ops.sparsec.sparse_attention(q, k, v, mask, 0.25, True, encode_groups(GROUPS))
     assert set(calls) == {g.pattern for g in GROUPS if g.pattern != "dense"}
@@ -61,7 +60,8 @@ def test_op_runs_the_cpu_path_on_cpu_tensors(monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_path_computes_only_kept_blocks():
-    # a causal 64-key window at N = 2048 in 64-blocks: 2 of 32 key blocks per query block
-    plan = block_sparse.static_plan("window", '{"window": [64, 0]}', 2048, 2048, True, block_sparse.CPU_BLOCK)
-    assert plan.gathered_fraction == pytest.approx(2 / 32)
+def test_cpu_path_reads_only_kept_keys():
+    # a causal 64-key window at N = 2048 in chunks of 128 rows: each chunk after the first
+    # reads its 128 rows' keys and the 63 before them
+    plan = cpu_attention.static_plan("window", '{"window": [64, 0]}', 2048, 2048, True, cpu_attention.CPU_ROWS)
+    assert plan.gathered_fraction == pytest.approx((128 + 15 * 191) / 2048 ** 2 * 128)

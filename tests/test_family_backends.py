@@ -22,7 +22,7 @@ from sparsec.codegen.onnx import decompose
 from sparsec.patterns import Pattern, get_pattern, pattern_kinds, register, unregister
 from sparsec.patterns.base import offsets
 from sparsec.ir.plan import HeadGroup
-from sparsec.runtime import block_sparse, sparse_tables
+from sparsec.runtime import cpu_attention, sparse_tables
 from sparsec.ir import reference
 from sparsec.testing.triton_interpreter import interpreter_worker
 
@@ -151,7 +151,7 @@ def test_cpu_block_sparse_runtime_matches_reference(kind, causal):
     k, v = (torch.randn(2, 2, n_k, 16, generator=generator) for _ in range(2))
     params = VERTICAL_SLASH if kind == "vertical_slash" else PARAMS[kind]
     groups = [HeadGroup(kind, params, [0, 1, 3]), HeadGroup("window", {"window": [5, 0]}, [2])]
-    out = block_sparse.sparse_attention(q, k, v, None, 0.3, causal, groups, block=8, workers=1)
+    out = cpu_attention.sparse_attention(q, k, v, None, 0.3, causal, groups, rows=8, workers=1)
     expected = reference.sparse_attention(q, k, v, None, 0.3, causal, groups)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     family = get_pattern(kind)

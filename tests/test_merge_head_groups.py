@@ -95,19 +95,20 @@ def test_families_without_a_union_refuse():
     assert get_pattern("dense").merge({}, {}) is None
 
 
-def test_the_cpu_prices_a_layouts_rows_padded_to_the_longest():
-    """The CPU block-sparse path gathers every query block's kept key blocks padded to the
-    longest row: a block_topk layout with one long row costs there as if every row were that
-    long (measured on SmolLM2's layouts at 2k: 7.5-11 ms a head against dense SDPA's 6.1 ms,
-    where the unpadded price said 3.2). GPU kernels walk each row's own list."""
+def test_the_cpu_prices_a_layouts_chunks_over_the_union_of_their_rows():
+    """The CPU path runs each chunk of 128 query rows over the union of their kept keys: a
+    block_topk layout with one long row costs there as if its chunk's other row were that long
+    too. GPU kernels walk each row's own list."""
     from sparsec.analysis.cost_model import head_flops
 
     grid = 8
     diagonal = [[i, i] for i in range(grid)]
     long_row = {"block": 64, "grid": [grid, grid], "blocks": diagonal + [[grid - 1, j] for j in range(grid - 1)]}
-    padding = get_pattern("block_topk").row_padding(long_row, 512, True)
-    assert padding == pytest.approx(grid * grid / (grid + grid - 1))            # 8 rows of 8 over 15 kept
-    assert get_pattern("window").row_padding({"window": [64, 0]}, 512, True) == 1.0
+    padding = get_pattern("block_topk").chunk_padding(long_row, 512, True, 128)
+    # Chunks of two 64-row layout rows: three keep 2 blocks (their diagonals), the last 8
+    # (the long row's); 15 blocks kept.
+    assert padding == pytest.approx(2 * (2 + 2 + 2 + 8) / 15)
+    assert get_pattern("window").chunk_padding({"window": [64, 0]}, 512, True, 128) == 1.0
     cpu, gpu = CostModel("cpu"), CostModel("h100")
     rates = cpu.profile.sparse
     rows = 4 * rates.row_block_us * 1e-6 * 64 / 128

@@ -25,7 +25,7 @@ from sparsec.testing.plant_patterns import PlantPatterns
 from sparsec.passes.helpers.capture import capture
 from sparsec.passes.lower import Lower
 from sparsec.ir.plan import HeadGroup, Plan, encode_groups
-from sparsec.runtime import block_sparse
+from sparsec.runtime import cpu_attention
 from sparsec.ir import reference
 from sparsec.runtime.ort import ort_feeds, ort_session
 from sparsec.weights.storage import compress
@@ -46,9 +46,9 @@ PATTERNS = [
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    # Lengths here are <= 64: 8-token blocks make the kernel gather several blocks.
-    monkeypatch.setenv("SPARSEC_ORT_BLOCK", "8")
+def small_chunks(monkeypatch):
+    # Lengths here are <= 64: chunks of 8 query rows make the kernel gather several chunks.
+    monkeypatch.setenv("SPARSEC_ORT_ROWS", "8")
 
 
 def _first(result) -> torch.Tensor:
@@ -65,10 +65,8 @@ def _run(session, *args, **kwargs) -> np.ndarray:
 @pytest.mark.parametrize("pattern,params", PATTERNS, ids=[p for p, _ in PATTERNS])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n,bias_kind", [(37, None), (64, "padding"), (45, "per_head")])
-def test_block_sparse_kernel_matches_reference(pattern, params, causal, n, bias_kind, monkeypatch):
-    # Small chunks: several chunks of query blocks, each gathering its own most kept
-    # blocks, spread over two worker threads.
-    monkeypatch.setattr(block_sparse, "_CHUNK_ELEMENTS", 2048)
+def test_cpu_kernel_matches_reference(pattern, params, causal, n, bias_kind):
+    # Chunks of 8 query rows, each gathering its own keys, spread over two worker threads.
     torch.manual_seed(n)
     batch, heads, kv_heads, dim = 2, 4, 2, 8
     q = torch.randn(batch, heads, n, dim)
@@ -79,17 +77,17 @@ def test_block_sparse_kernel_matches_reference(pattern, params, causal, n, bias_
     elif bias_kind == "per_head" and not (pattern == "dense" and causal):   # SDPA: mask or causal
         bias = torch.randn(batch, heads, n, n)
     expected = reference.sparse_attention(q, k, v, bias, 0.3, causal, [HeadGroup(pattern, params, list(range(heads)))])
-    got = block_sparse.group_attention(q, k, v, bias, 0.3, causal, pattern, params, block=8, workers=2)
+    got = cpu_attention.group_attention(q, k, v, bias, 0.3, causal, pattern, params, rows=8, workers=2)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_gather_plan_computes_only_kept_blocks():
-    plan = block_sparse.static_plan("window", json.dumps({"window": [8, 0]}), 256, 256, True, 16)
-    # A causal 8-wide window touches at most 2 of the 16 key blocks of any query block
-    # (only the first query block, at the sequence start, touches one).
-    assert plan.index.shape == (16, 2)
-    assert plan.counts.tolist() == [1] + [2] * 15
-    assert plan.gathered_fraction == pytest.approx(2 / 16)
+def test_gather_plan_reads_only_kept_keys():
+    plan = cpu_attention.static_plan("window", json.dumps({"window": [8, 0]}), 256, 256, True, 16)
+    # A causal 8-wide window: chunk c of 16 rows reads keys 16c - 7 ... 16c + 15 (the first
+    # chunk, at the sequence start, its own 16).
+    assert [c.keys.tolist() for c in plan.chunks[:2]] == [list(range(16)), list(range(9, 32))]
+    assert all(torch.equal(c.keys, torch.arange(16 * i - 7, 16 * i + 16)) for i, c in enumerate(plan.chunks) if i)
+    assert plan.gathered_fraction == pytest.approx((16 + 15 * 23) / (16 * 256))
 
 
 # -- a hand-written GQA module with every family, captured directly --

@@ -22,7 +22,7 @@ from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import KernelSpec, generate, site_kernels, write_if_different, write_kernels
 from sparsec.patterns import get_pattern
 from sparsec.ir.plan import AttentionSite, HeadGroup, encode_groups
-from sparsec.runtime import block_sparse, kernels
+from sparsec.runtime import cpu_attention, kernels
 from sparsec.ir import reference
 from sparsec.testing.oracle import float64_attention
 from sparsec.testing.triton_interpreter import interpreter_worker
@@ -253,7 +253,7 @@ def test_op_uses_kernels_on_cuda_and_reference_on_cpu():
     torch.testing.assert_close(through_op, direct, atol=0, rtol=0)
     on_cpu = torch.ops.sparsec.sparse_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125, True,
                                                 encode_groups(groups))
-    cpu_path = block_sparse.sparse_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125, True, groups)
+    cpu_path = cpu_attention.sparse_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125, True, groups)
     torch.testing.assert_close(on_cpu, cpu_path, atol=0, rtol=0)          # CPU tensors: the block-sparse path
     expected = reference.sparse_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.125, True, groups)
     torch.testing.assert_close(on_cpu, expected, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])

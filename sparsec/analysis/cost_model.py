@@ -67,6 +67,7 @@ class KernelRates:
     tflops: float            # effective rate over computed pairs
     row_block_us: float      # per (sequence, head, 128-row query block), at head_dim 128
     launch_us: float         # fixed cost of one launch
+    chunk_us: float = 0.0    # per group and 128-row query chunk (the CPU path: one SDPA call a chunk)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class CostProfile:
     host: HostCosts | None = None      # where measured (GPUs)
     # Per head and (estimating query, key) element: a dynamic group's estimate on a GPU.
     dynamic_estimate_ps: float = 0.0
+    # Per (sequence, dense head, 128-row block) of a site that also runs sparse groups: the CPU
+    # path gathers those heads apart from their key/value group and scatters them back.
+    split_row_block_us: float = 0.0
 
     def to_dict(self) -> dict:
         return {"target": self.target, "calibrated": self.calibrated,
@@ -104,7 +108,7 @@ class CostProfile:
                 "fa4": None if self.fa4 is None else vars(self.fa4),
                 "dynamic_layout_ns": self.dynamic_layout_ns,
                 "host": None if self.host is None else vars(self.host),
-                "dynamic_estimate_ps": self.dynamic_estimate_ps}
+                "dynamic_estimate_ps": self.dynamic_estimate_ps, "split_row_block_us": self.split_row_block_us}
 
 
 def _calibrated(target: str) -> CostProfile:
@@ -115,7 +119,8 @@ def _calibrated(target: str) -> CostProfile:
                        calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0),
                        fa4=KernelRates(**fit["fa4"]) if "fa4" in fit else None,
                        host=HostCosts(**fit["host"]) if "host" in fit else None,
-                       dynamic_estimate_ps=fit.get("dynamic_estimate_ps", 0.0))
+                       dynamic_estimate_ps=fit.get("dynamic_estimate_ps", 0.0),
+                       split_row_block_us=fit.get("split_row_block_us", 0.0))
 
 
 # Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
@@ -153,8 +158,8 @@ def _head_flops(kind: str, params_json: str, n: int, causal: bool, head_dim: int
 
 
 @lru_cache(maxsize=1 << 14)
-def _row_padding(kind: str, params_json: str, n: int, causal: bool) -> float:
-    return get_pattern(kind).row_padding(json.loads(params_json), n, causal)
+def _chunk_padding(kind: str, params_json: str, n: int, causal: bool) -> float:
+    return get_pattern(kind).chunk_padding(json.loads(params_json), n, causal, ROW_BLOCK)
 
 
 class CostModel:
@@ -219,8 +224,8 @@ class CostModel:
         params_json = json.dumps(params, sort_keys=True)
         flops = _head_flops(kind, params_json, n, causal, head_dim)
         if self.target.device_type == "cpu" and not (family.computes_all or family.dynamic):
-            # The CPU path gathers every query block's kept key blocks padded to the longest row.
-            flops *= _row_padding(kind, params_json, n, causal)
+            # The CPU path runs each chunk of ROW_BLOCK rows over the union of their kept keys.
+            flops *= _chunk_padding(kind, params_json, n, causal)
         return flops / (rates.tflops * 1e12) + rows + layout
 
     def launch_seconds(self, kind: str) -> float:
@@ -262,16 +267,21 @@ class CostModel:
         host = self.profile.host
         work = launches = 0.0
         on_fa4, triton_launches, whole_site = False, 0, len(groups) == 1
+        row_blocks = math.ceil(n / ROW_BLOCK)
         for kind, params, count in groups:
             backend = self.backend(kind, params, n, causal, head_dim, whole_site)
             backend = "triton" if backend == "fa4" and not fa4 else backend
             on_fa4 |= backend == "fa4"
+            family = get_pattern(kind)
             if backend != "fa4":
                 launches += self.launch_seconds(kind)
                 triton_launches += 1
-            if not get_pattern(kind).computes_none:
+            if family.computes_all:
+                work += batch * count * row_blocks * self.profile.split_row_block_us * 1e-6
+            if not family.computes_none:
                 rates = self._rates(kind, backend, params, n, whole_site)
                 work += batch * count * self._head_seconds(rates, kind, params, n, causal, head_dim)
+                work += row_blocks * rates.chunk_us * 1e-6
         gpu = work + launches + (self.profile.fa4.launch_us * 1e-6 if on_fa4 else 0.0)
         if host is None:
             return gpu, on_fa4

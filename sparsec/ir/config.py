@@ -72,11 +72,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def ort_block() -> int:
-    block = _int("SPARSEC_ORT_BLOCK", 64, "set it to a block size in tokens, e.g. 64")
-    if block < 1:
-        raise ValueError(f"SPARSEC_ORT_BLOCK={block} must be a positive block size, e.g. 64")
-    return block
+def ort_rows() -> int:
+    rows = _int("SPARSEC_ORT_ROWS", 128, "set it to a number of query rows per chunk, e.g. 128")
+    if rows < 1:
+        raise ValueError(f"SPARSEC_ORT_ROWS={rows} must be a positive number of query rows, e.g. 128")
+    return rows
 
 
 def ort_op_threads() -> int:

@@ -337,10 +337,11 @@ class Pattern:
         closed form (the generic count builds the mask, which is slow at large ``n``)."""
         return self.kept_pairs(params, n, n, causal)
 
-    def row_padding(self, params: dict, n: int, causal: bool) -> float:
-        """Work of a kernel that pads every query block's row of kept key blocks to the
-        longest row (the CPU block-sparse path), over the kept work, at ``n_q = n_k = n``.
-        1 where every row keeps about as many blocks as any other (bands, stripes)."""
+    def chunk_padding(self, params: dict, n: int, causal: bool, rows: int) -> float:
+        """Work of a kernel that runs each chunk of ``rows`` query rows over the union of its
+        rows' kept keys (the CPU path), over the kept work, at ``n_q = n_k = n``. 1 where a
+        chunk's rows keep about the same keys (bands and stripes: the band's spread over a
+        chunk is the CPU's per-row cost)."""
         return 1.0
 
     def density(self, params: dict, n: int, causal: bool) -> float:

@@ -104,14 +104,16 @@ class BlockTopk(Pattern):
         key_block = torch.arange(stretched.shape[1])
         return stretched | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] <= hi[:, None]))
 
-    def row_padding(self, params, n, causal):
-        """Rows keep different numbers of blocks (the layout is where calibration mass was):
-        the longest row's count over the mean, at the layout's block size."""
+    def chunk_padding(self, params, n, causal, rows):
+        """Rows keep different key blocks (the layout is where calibration mass was): each
+        chunk's union of its layout rows' kept blocks, over the rows' own."""
+        block = int(params["block"])
         kept = self.grid_layout(params, n, n)
         if causal:
             kept &= torch.ones_like(kept).tril()
-        counts = kept.sum(-1)
-        return float(counts.max()) * len(counts) / max(float(counts.sum()), 1.0)
+        work = sum((min(start + rows, n) - start) * int(kept[start // block:(min(start + rows, n) - 1) // block + 1]
+                                                         .any(0).sum()) for start in range(0, n, rows))
+        return work / max(block * float(kept.sum()), 1.0)
 
     def pairs(self, params, n, causal):
         """Exact: at ``n_q = n_k`` the kept set is whole tiles (diagonal ones included), each

@@ -130,13 +130,15 @@ class VerticalSlash(Pattern):
         return columns, diagonals
 
     def dynamic_mask(self, columns: torch.Tensor, diagonals: torch.Tensor, n_q: int, n_k: int,
-                     causal: bool) -> torch.Tensor:
-        """Boolean ``[B, H, n_q, n_k]`` mask from estimated columns and diagonals."""
+                     causal: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean ``[B, H, n_q, n_k]`` mask from estimated columns and diagonals (``[B, H,
+        len(rows), n_k]``: the query rows ``rows`` alone)."""
         device = columns.device
         batch_heads = columns.shape[:-1]
         column_mask = torch.zeros(*batch_heads, n_k, dtype=torch.bool, device=device)
         column_mask.scatter_(-1, columns, True)
-        d = offsets(torch.arange(n_q, device=device), torch.arange(n_k, device=device), n_q, n_k)
+        rows = torch.arange(n_q, device=device) if rows is None else rows.to(device)
+        d = offsets(rows, torch.arange(n_k, device=device), n_q, n_k)
         # Offsets of the score matrix lie in [1 - n_q, n_k - 1]; estimated ones in [-shift, n_k - 1].
         shift = max(n_q, n_k) - 1
         offset_mask = torch.zeros(*batch_heads, shift + n_k, dtype=torch.bool, device=device)

@@ -8,6 +8,7 @@ reads; ``docs/benchmarks.md`` records each calibration and its fit)::
     sparsec bench cost-model --refit                     # fit the packaged h100 measurements again
     sparsec bench cost-model --refit h200                # ... or another packaged target's
     sparsec bench cost-model --refit calibration.json    # fit an earlier --json file (no GPU needed)
+    sparsec bench cost-model --cpu --json calibration.json   # the cpu target, here (bench_cost_model_cpu.py)
 
 What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``):
 
@@ -345,12 +346,29 @@ SERIES = ("dense", "dense_flash", "sparse", "fa4")       # fitted to the launch 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_saved_run_arguments(parser, "--refit", "attention_calibration", "fit earlier measurements",
                             "the measurements and the fit")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the cpu target: time sparsec's CPU attention path here (with --refit cpu: fit the "
+                             "packaged CPU run); see sparsec/tools/bench_cost_model_cpu.py")
     parser.add_argument("--add-series", metavar="NAME[,NAME]",
                         help=f"measure only these series here ({', '.join(MEASURED)}) and fit them with the "
                              "rest of the --refit run")
 
 
+def _run_cpu(args: argparse.Namespace) -> int:
+    from sparsec.tools import bench_cost_model_cpu as cpu
+
+    data = saved_or_measured(args.refit, "attention_calibration", cpu.measure)
+    # Not measured by this run: the dynamic layout cost is carried over from the shipped fit.
+    kept = {"dynamic_layout_ns": packaged_measurements("cpu")["fit"]["dynamic_layout_ns"]}
+    data["fit"] = cpu.fit(data, kept)
+    print(cpu.format_fit(data, data["fit"]))
+    write_run(args.json, data)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.cpu:
+        return _run_cpu(args)
     names = args.add_series.split(",") if args.add_series else []
     if names and (args.refit is None or not set(names) <= set(MEASURED)):
         raise SystemExit(f"--add-series takes {', '.join(MEASURED)} and needs --refit RUN for the other series")
