@@ -12,7 +12,8 @@ the one dense launch it replaced. Per site, greedily and while the site's predic
 - **densify** a group whose saving does not pay for its launch (its heads join the dense
   group, which is one launch for all of them).
 
-A site still predicted no faster than all-dense becomes all-dense. Each changed head's
+A site still predicted no faster than all-dense (by the target's margin,
+``CostProfile.min_site_saving``) becomes all-dense. Each changed head's
 ``reason`` says what happened; ``site.merge`` (:class:`~sparsec.ir.plan.MergeRecord`) records the site's predicted time
 before and after. The length is ``compile(seq_len=...)`` (the serving length) or the
 longest calibration length.
@@ -86,7 +87,7 @@ def merge_site(site: AttentionSite, cost: CostModel, n: int, stats) -> MergeReco
         current, action, groups, dense_heads = best
         merges += action == "merge"
     all_dense = seconds([], [h.head for h in site.heads])
-    if current >= all_dense:
+    if not cost.site_pays(current, all_dense):
         groups, dense_heads, current = [], [h.head for h in site.heads], all_dense
     densified = sum(h.head in dense_heads and not h.is_dense for h in site.heads)
     _write(site, groups, dense_heads, cost, n, stats)

@@ -67,6 +67,26 @@ def test_a_site_costs_the_larger_of_its_gpu_and_host_times_where_the_host_was_me
     assert record.seconds_after == record.dense_seconds and all(h.pattern == "dense" for h in site.heads)
 
 
+def test_on_the_cpu_a_site_must_save_the_profiles_margin_or_it_goes_dense():
+    """The cpu profile's timings spread ~15 % around its fit, so a CPU site predicted a few
+    percent faster than dense would run slower about as often: it must save the profile's
+    margin (``min_site_saving``, from the fit's slowest tenth of points). GPU profiles take
+    any predicted saving."""
+    cpu, gpu = CostModel("cpu"), CostModel("h100")
+    margin = cpu.profile.min_site_saving
+    assert 0.05 < margin < 0.3 and gpu.profile.min_site_saving == 0.0
+    assert cpu.site_pays((1 - margin) * 0.99, 1.0) and not cpu.site_pays((1 - margin) * 1.01, 1.0)
+    assert gpu.site_pays(0.99, 1.0) and not gpu.site_pays(1.0, 1.0)
+    # Two window-256 heads beside seven dense heads (SmolLM2's shape) at 2k: predicted faster
+    # than dense, by less than the margin, so the site goes dense on the cpu target.
+    site = _site([("sink_window", {"sink": [1, 0], "window": [256, 0]})] * 2 + [("dense", {})] * 7)
+    sizes = [(g.pattern, g.params, len(g.heads)) for g in site.groups]
+    sparse, dense = cpu.site_seconds(sizes, 2048, True, 64), cpu.site_seconds([("dense", {}, 9)], 2048, True, 64)
+    assert (1 - margin) * dense < sparse < dense
+    record = merge_site(site, cpu, 2048, None)
+    assert record.seconds_after == record.dense_seconds and all(h.pattern == "dense" for h in site.heads)
+
+
 @pytest.mark.parametrize("kind,first,second", [
     ("window", {"window": [4, 0.1]}, {"window": [9, 0]}),
     ("sink_window", {"sink": [2, 0], "window": [5, 0]}, {"sink": [1, 0.01], "window": [3, 0]}),

@@ -101,6 +101,10 @@ class CostProfile:
     # Per (sequence, dense head, 128-row block) of a site that also runs sparse groups: the CPU
     # path gathers those heads apart from their key/value group and scatters them back.
     split_row_block_us: float = 0.0
+    # The share of its dense time a sparse site must be predicted to save: the spread of the
+    # fit and of run-to-run timings where they are wide (a shared CPU), 0 where the profile
+    # predicts a site's side of dense reliably.
+    min_site_saving: float = 0.0
 
     def to_dict(self) -> dict:
         return {"target": self.target, "calibrated": self.calibrated,
@@ -108,7 +112,8 @@ class CostProfile:
                 "fa4": None if self.fa4 is None else vars(self.fa4),
                 "dynamic_layout_ns": self.dynamic_layout_ns,
                 "host": None if self.host is None else vars(self.host),
-                "dynamic_estimate_ps": self.dynamic_estimate_ps, "split_row_block_us": self.split_row_block_us}
+                "dynamic_estimate_ps": self.dynamic_estimate_ps, "split_row_block_us": self.split_row_block_us,
+                "min_site_saving": self.min_site_saving}
 
 
 def _calibrated(target: str) -> CostProfile:
@@ -120,7 +125,8 @@ def _calibrated(target: str) -> CostProfile:
                        fa4=KernelRates(**fit["fa4"]) if "fa4" in fit else None,
                        host=HostCosts(**fit["host"]) if "host" in fit else None,
                        dynamic_estimate_ps=fit.get("dynamic_estimate_ps", 0.0),
-                       split_row_block_us=fit.get("split_row_block_us", 0.0))
+                       split_row_block_us=fit.get("split_row_block_us", 0.0),
+                       min_site_saving=fit.get("min_site_saving", 0.0))
 
 
 # Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
@@ -246,6 +252,11 @@ class CostModel:
             return max(gpu, host.dense_site_us * 1e-6 if host else 0.0)
         chosen, triton = self._site_options(groups, n, causal, head_dim, batch)
         return chosen if triton is None else min(chosen, triton)
+
+    def site_pays(self, seconds: float, dense_seconds: float) -> bool:
+        """Whether a sparse site predicted at ``seconds`` runs faster than the same site dense,
+        by the profile's margin (:attr:`CostProfile.min_site_saving`)."""
+        return seconds < (1 - self.profile.min_site_saving) * dense_seconds
 
     def fa4_pays(self, groups: list[tuple[str, dict, int]], n: int, causal: bool, head_dim: int,
                  batch: int = 1) -> bool:

@@ -137,9 +137,15 @@ def fit_split(rows: list[dict]) -> float:
 
 
 def fit(data: dict, kept: dict) -> dict:
-    """The ``cpu`` fit; ``kept``: constants carried over from the previous fit (not measured here)."""
-    return {"dense": fit_series(data["dense"], chunks=False), "sparse": fit_series(data["sparse"], chunks=True),
-            "split_row_block_us": fit_split(data["split"]), **kept}
+    """The ``cpu`` fit; ``kept``: constants carried over from the previous fit (not measured here).
+    ``min_site_saving``: a sparse site must be predicted to save what the sparse path's slowest
+    tenth of points took beyond their fitted time, so that a site the fit puts just below dense
+    does not run slower than dense."""
+    import numpy as np
+    fitted = {"dense": fit_series(data["dense"], chunks=False), "sparse": fit_series(data["sparse"], chunks=True),
+              "split_row_block_us": fit_split(data["split"]), **kept}
+    slow = float(np.quantile([r["ms"] / predict_ms(fitted["sparse"], r) for r in data["sparse"]], 0.9))
+    return {**fitted, "min_site_saving": round(max(0.0, 1 - 1 / slow), 3)}
 
 
 def predict_ms(fitted: dict, row: dict) -> float:
@@ -152,6 +158,7 @@ def format_fit(data: dict, fitted: dict) -> str:
              f" launch {fitted[name]['launch_us']:.1f} us, chunk {fitted[name].get('chunk_us', 0.0):.1f} us"
              for name in ("dense", "sparse")]
     lines.append(f"split   {fitted['split_row_block_us']:.2f} us per dense head and row block")
+    lines.append(f"a sparse site must be predicted to save {fitted['min_site_saving']:.0%} of its dense time")
     lines.append(f"{'series':<7} {'n':>5} {'window':>6} {'heads':>5} {'ms':>9} {'fitted':>9} {'ratio':>6}")
     for name in ("dense", "sparse"):
         for r in data[name]:
