@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from sparsec.analysis.cost_model import FA4_BLOCK_M
 from sparsec.ir import config
 from sparsec.patterns import get_pattern
 from sparsec.patterns.base import backend_piece, register_piece
@@ -49,7 +50,7 @@ from sparsec.patterns.shared import size_at
 from sparsec.ir.plan import HeadGroup
 from sparsec.ir.targets import running_target
 
-BLOCK_M = 128                  # query rows per sparse block (a multiple of every FA4 sm90 tile_m we use)
+BLOCK_M = FA4_BLOCK_M          # query rows per sparse block (a multiple of every FA4 sm90 tile_m we use)
 FA4_DTYPES = (torch.float16, torch.bfloat16)
 
 # Columns of the per-head aux table the mask_mod reads.

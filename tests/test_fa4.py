@@ -270,6 +270,23 @@ def test_backend_rule():
     assert attention_backend("sm90", "window", 96) == "triton"
 
 
+def test_groups_whose_fa4_mask_reads_a_table_per_score_run_triton():
+    """FA4's rates are measured on arithmetic masks; a mask that reads a table per score
+    (stripe columns, a layout whose cells split FA4's 128 x 128 blocks, or its 128 x 80 blocks
+    at head dim 256) ran slower there than on Triton (a mixed 16k site: 1.07 ms against
+    0.62), so the h200 cost model keeps those groups on Triton; a layout of whole blocks is
+    carried by the block tables alone and may take FA4."""
+    from sparsec.analysis.cost_model import CostModel
+    model = CostModel("h200")
+    whole = {"block": 256, "grid": [4, 4], "blocks": [[1, 0], [3, 1], [2, 2], [0, 3]]}
+    split = {**whole, "block": 64}
+    assert model.backend("block_topk", whole, 16384, True, 128) == "fa4"
+    assert model.backend("block_topk", whole, 16384, True, 256) == "triton"      # 256 % 80 != 0
+    assert model.backend("block_topk", split, 16384, True, 128) == "triton"
+    assert model.backend("vertical_stripe", CASES["vertical_stripe"], 16384, True, 128) == "triton"
+    assert model.backend("sink_window", {"sink": [4, 0], "window": [512, 0]}, 16384, True, 128) == "fa4"
+
+
 # -- GPU: the kernel against the reference ----------------------------------------------------
 
 def _fa4_device() -> bool:
@@ -286,6 +303,16 @@ def _fa4_switched_on(monkeypatch):
     from sparsec.runtime import kernels
     monkeypatch.setattr(fa4, "ENABLED", True)
     kernels.clear_call_plans()          # launches prepared while it was off
+
+
+@gpu
+@needs_fa4
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_the_cost_models_key_block_is_fa4s(head_dim):
+    from sparsec.analysis.cost_model import fa4_key_block
+    from sparsec.runtime.kernels import device_arch
+    device = torch.device("cuda")
+    assert fa4.key_block(head_dim, device) == fa4_key_block(device_arch(device), head_dim)
 
 
 def _check(groups, heads, kv_heads, n, head_dim, dtype, causal):

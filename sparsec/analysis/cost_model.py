@@ -190,7 +190,10 @@ class CostModel:
         if self.target.device_type != "cuda":
             return "cpu"
         if (not config.fa4_backend() or self.profile.fa4 is None
-                or attention_backend(self.target.arch, kind, head_dim) != "fa4"):
+                or attention_backend(self.target.arch, kind, head_dim) != "fa4"
+                or get_pattern(kind).reads_tables(params, FA4_BLOCK_M, fa4_key_block(self.target.arch, head_dim))):
+            # FA4's rates are measured on arithmetic masks: a table read per score (a mixed
+            # 16k site of stripes and layouts ran 1.07 ms on FA4 against 0.62 on Triton).
             return "triton"
         fa4 = self._fa4_rates(kind, params, n, whole_site)
         return "fa4" if self._head_seconds(fa4, kind, params, n, causal, head_dim) < \
@@ -360,6 +363,14 @@ class CostModel:
 # -- attention backend per group ------------------------------------------------------------
 
 FA4_HEAD_DIMS = (64, 128, 256)
+FA4_BLOCK_M = 128           # runtime/fa4.BLOCK_M
+
+
+def fa4_key_block(arch: str, head_dim: int) -> int:
+    """FA4's sparse key block on ``arch``: its sm90 tile_n, 80 at head dim 256 and 128 below
+    (flash-attn-4 4.0.0b36; ``runtime/fa4.key_block`` reads it from FA4 at run time, and a GPU
+    test checks the two agree), 128 on newer chips."""
+    return 80 if arch == "sm90" and head_dim == 256 else 128
 
 
 def attention_backend(arch: str, kind: str, head_dim: int) -> str:

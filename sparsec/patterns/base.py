@@ -298,6 +298,13 @@ class Pattern:
         native window (FlashAttention's ``window_size``); None otherwise (the default)."""
         return None
 
+    def reads_tables(self, params: dict, block_m: int, block_n: int) -> bool:
+        """Whether a kernel that evaluates the mask per pair in ``block_m x block_n`` tiles reads
+        a table per pair (stripe columns, a layout cell) rather than index arithmetic alone; a
+        mask that keeps each tile whole or not at all reads none (block tables carry it).
+        The default: no table."""
+        return False
+
     def reads_bounded_keys(self, params: dict) -> bool:
         """Whether one query reads a number of keys that does not grow with the length, so
         a decode step reads only part of the cache (``attach(decode="sparse")`` keeps such

@@ -104,6 +104,12 @@ class BlockTopk(Pattern):
         key_block = torch.arange(stretched.shape[1])
         return stretched | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] <= hi[:, None]))
 
+    def reads_tables(self, params, block_m, block_n):
+        """A layout cell per pair, unless its cells are whole tiles (then with the diagonal
+        cells too, at an offset ``n_k - n_q`` on the cell grid, as in prefill)."""
+        block = int(params["block"])
+        return block % block_m != 0 or block % block_n != 0
+
     def chunk_padding(self, params, n, causal, rows):
         """Rows keep different key blocks (the layout is where calibration mass was): each
         chunk's union of its layout rows' kept blocks, over the rows' own."""

@@ -95,6 +95,10 @@ class VerticalStripe(Pattern):
         return window_pairs(N, w, causal, lo=sympy.Min) + sum(
             column_pairs(N, c, w, causal, **SYMBOLIC) for c in set(params["columns"]))
 
+    def reads_tables(self, params, block_m, block_n):
+        """The stripe columns are a per-key table."""
+        return bool(params["columns"])
+
     def describe(self, params):
         return f"columns={params['columns']}, window={Elastic.from_json(params['window'])}"
 
