@@ -258,7 +258,7 @@ def _mask_form(table: torch.Tensor, served: list[int], causal: bool, n_q: int, n
 
 def _fixed_scalars(terms_at: Callable[[int, int, int], HeadTerms], count: int, n_q: int,
                    n_k: int) -> tuple[tuple[int, int], ...]:
-    """The scalar columns the ``count`` groups' terms (``terms_at(group, n_q, n_k)``) share at
+    """The scalar columns the ``count`` groups' terms (``terms_at(i, n_q, n_k)``) share at
     ``(n_q, n_k)`` and at twice that length: a value that changes with the length stays a table
     read, so serving many lengths does not compile a kernel for each."""
     rows = [terms_at(i, n, m).scalars(n, m) for i in range(count) for n, m in ((n_q, n_k), (2 * n_q, 2 * n_k))]

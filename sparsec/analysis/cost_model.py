@@ -15,10 +15,13 @@ per head group (``sparse_attention``). A pattern slower than dense at ``N`` (bel
 
 The constants are fitted to measurements: on an H100 by ``sparsec bench cost-model``
 (dense SDPA and block-sparse FlexAttention, the raw numbers in
-``sparsec/data/attention_calibration_h100.json``), on the CPU against sparsec's
-block-sparse CPU path, whose dynamic patterns also pay ``dynamic_layout_ns`` per score
-element to build their layout per input. ``docs/benchmarks.md`` records both calibrations
-and how well the fits hold.
+``sparsec/data/attention_calibration_h100.json``), on the CPU by ``sparsec bench cost-model
+--cpu`` against sparsec's CPU path (:mod:`sparsec.runtime.cpu_attention`), whose sparse groups
+also pay ``chunk_us`` per 128-row chunk (one SDPA call serves a group's heads), whose split
+sites pay ``split_row_block_us`` per dense head and row block, whose dynamic patterns pay
+``dynamic_layout_ns`` per score element, and whose sites must be predicted to save
+``min_site_saving`` of their dense time (the fit's spread). ``docs/benchmarks.md`` records
+the calibrations and how well the fits hold.
 
 Groups that FlashAttention-4 serves (:func:`attention_backend`) take the ``fa4`` rates where
 the target's calibration has them, and all of a site's FA4 groups share one launch.
@@ -129,7 +132,7 @@ def _calibrated(target: str) -> CostProfile:
                        min_site_saving=fit.get("min_site_saving", 0.0))
 
 
-# Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by hand
+# Every target with a shipped calibration: GPUs by `sparsec bench cost-model`, the CPU by its `--cpu`
 # (docs/benchmarks.md says how each was measured).
 CALIBRATED = {target: _calibrated(target) for target in packaged_targets("attention_calibration")}
 _REFERENCE = get_target("h100")
@@ -184,7 +187,8 @@ class CostModel:
         before its mask_mod was trimmed it paid 0.26 us a row and lost on short rows; a plain
         window that is its site's only group (``whole_site``) runs FA4's native window, which
         pays no more per row than dense), else ``"triton"`` (also for ``SPARSEC_FA4=0`` and
-        targets without FA4 measurements); ``"cpu"`` (the block-sparse CPU path) elsewhere.
+        targets without FA4 measurements, and for groups whose mask reads a table per pair:
+        :meth:`~sparsec.patterns.Pattern.reads_tables`); ``"cpu"`` (the CPU path) elsewhere.
         Whether a site uses FA4 at all is decided for the site as a whole, host time included
         (:meth:`fa4_pays`)."""
         if self.target.device_type != "cuda":
