@@ -173,6 +173,9 @@ def test_vertical_slash_backends_given_one_estimate(causal):
     q, k = torch.randn(1, 2, n_q, 8, generator=generator), torch.randn(1, 2, n_k, 8, generator=generator)
     columns, diagonals = family.estimate_indices(VERTICAL_SLASH, q, k, 0.5, causal)
     mask = family.dynamic_mask(columns, diagonals, n_q, n_k, causal)
+    # One chunk's rows (the reference's and the CPU path's query chunks) are the same rows.
+    rows = torch.tensor([0, 5, 17, n_q - 1])
+    assert torch.equal(family.dynamic_mask(columns, diagonals, n_q, n_k, causal, rows=rows), mask[..., rows, :])
     flex = create_mask(family.dynamic_mask_mod(columns, diagonals, n_q, n_k, causal), 1, 2, n_q, n_k,
                        device="cpu")
     assert torch.equal(flex, mask)
