@@ -268,19 +268,25 @@ def _row_blocks(row: dict) -> int:
     return HEADS * -(-row["n"] // BLOCK)
 
 
-def fit_series(rows: list[dict], key: str = "ms") -> dict:
-    """``t = launch + flops / rate + row_blocks * row_cost`` by least squares on relative
-    residuals (each row weighted by 1 / its measured time)."""
+def fit_relative(seconds: list[float], terms: list[list[float]]) -> list[float]:
+    """Coefficients ``c`` of ``t = c[0] + sum(c[i] * terms[i - 1])`` by least squares on relative
+    residuals (each row weighted by 1 / its measured time); the fixed cost ``c[0]`` is kept
+    >= 0 (no launch is free: the other terms are fitted alone)."""
     import numpy as np
 
-    times = np.array([r[key] * 1e-3 for r in rows])
-    columns = [np.ones(len(rows)), np.array([r["flops"] for r in rows], float),
-               np.array([_row_blocks(r) for r in rows], float)]
-    design = np.stack(columns, axis=1) / times[:, None]
-    (launch, per_flop, per_row_block), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
-    if launch < 0:          # no launch is free: fit the other two terms alone
-        launch = 0.0
-        (per_flop, per_row_block), *_ = np.linalg.lstsq(design[:, 1:], np.ones_like(times), rcond=None)
+    times = np.array(seconds)
+    design = np.stack([np.ones(len(times)), *(np.array(term, float) for term in terms)], axis=1) / times[:, None]
+    solution, *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
+    if solution[0] < 0:
+        solution, *_ = np.linalg.lstsq(design[:, 1:], np.ones_like(times), rcond=None)
+        solution = np.concatenate([[0.0], solution])
+    return [float(x) for x in solution]
+
+
+def fit_series(rows: list[dict], key: str = "ms") -> dict:
+    """``t = launch + flops / rate + row_blocks * row_cost`` (:func:`fit_relative`)."""
+    launch, per_flop, per_row_block = fit_relative([r[key] * 1e-3 for r in rows], [
+        [r["flops"] for r in rows], [_row_blocks(r) for r in rows]])
     return {"launch_us": launch * 1e6, "tflops": 1e-12 / per_flop, "row_block_us": per_row_block * 1e6}
 
 

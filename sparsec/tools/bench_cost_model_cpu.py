@@ -25,11 +25,10 @@ import time
 
 import torch
 
+from sparsec.analysis.cost_model import REFERENCE_HEAD_DIM, ROW_BLOCK, head_flops
 from sparsec.ir.plan import HeadGroup
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-ROW_BLOCK = 128                      # the cost model's row block (analysis/cost_model.py)
-REFERENCE_HEAD_DIM = 128
 LENGTHS = [256, 512, 1024, 2048, 4096]
 WINDOWS = [16, 64, 256, 1024, 4096]
 REPS = 9
@@ -55,8 +54,7 @@ def _sink_window(window: int, heads: list[int]) -> HeadGroup:
 
 
 def _flops(group: HeadGroup, n: int) -> float:
-    from sparsec.patterns import get_pattern
-    return len(group.heads) * get_pattern(group.pattern).cost(group.params, n, True, HEAD_DIM)
+    return len(group.heads) * head_flops(group.pattern, group.params, n, True, HEAD_DIM)
 
 
 def measure_dense() -> list[dict]:
@@ -115,17 +113,10 @@ def fit_series(rows: list[dict], chunks: bool) -> dict:
     """``t = launch + flops / rate + row_blocks * row_cost [+ chunks * chunk_cost]``: the cost
     model's form at head_dim 64; ``chunks``: a cost per group and 128-row chunk too (the sparse
     path runs one SDPA call per chunk for all of a group's heads)."""
-    import numpy as np
-    times = np.array([r["ms"] * 1e-3 for r in rows])
-    columns = [np.ones(len(rows)), np.array([r["flops"] for r in rows]), np.array([_row_blocks(r) for r in rows])]
-    if chunks:
-        columns.append(np.array([_chunks(r) for r in rows], float))
-    design = np.stack(columns, axis=1) / times[:, None]
-    solution, *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
-    if solution[0] < 0:
-        solution, *_ = np.linalg.lstsq(design[:, 1:], np.ones_like(times), rcond=None)
-        solution = np.concatenate([[0.0], solution])
-    launch, per_flop, per_row_block, *per_chunk = solution
+    from sparsec.tools.bench_cost_model import fit_relative
+    terms = [[r["flops"] for r in rows], [_row_blocks(r) for r in rows]]
+    launch, per_flop, per_row_block, *per_chunk = fit_relative(
+        [r["ms"] * 1e-3 for r in rows], terms + ([[_chunks(r) for r in rows]] if chunks else []))
     fitted = {"launch_us": launch * 1e6, "tflops": 1e-12 / per_flop, "row_block_us": max(per_row_block, 0.0) * 1e6}
     return {**fitted, "chunk_us": max(per_chunk[0], 0.0) * 1e6} if chunks else fitted
 
