@@ -58,6 +58,11 @@ class GatherPlan:
         return sum((c.end - c.start) * len(c.keys) for c in self.chunks) / max(rows * self.n_k, 1)
 
 
+def _chunk_bounds(n_q: int, rows: int):
+    """``(start, end)`` of each chunk of ``rows`` query rows."""
+    return [(start, min(start + rows, n_q)) for start in range(0, n_q, rows)]
+
+
 def gathered_chunk(start: int, end: int, keep: torch.Tensor) -> Chunk:
     """The chunk of rows ``start:end`` from their boolean mask ``[..., end - start, n_k]``."""
     keys = keep.reshape(-1, keep.shape[-1]).any(0).nonzero().flatten()
@@ -69,9 +74,8 @@ def gathered_chunk(start: int, end: int, keep: torch.Tensor) -> Chunk:
 def static_plan(kind: str, params_json: str, n_q: int, n_k: int, causal: bool, rows: int) -> GatherPlan:
     """The cached plan of a static pattern at one length."""
     pattern, params = get_pattern(kind), json.loads(params_json)
-    return GatherPlan([gathered_chunk(s, min(s + rows, n_q),
-                                      pattern.mask(params, n_q, n_k, causal, rows=positions(s, min(s + rows, n_q))))
-                       for s in range(0, n_q, rows)], n_k)
+    return GatherPlan([gathered_chunk(start, end, pattern.mask(params, n_q, n_k, causal, rows=positions(start, end)))
+                       for start, end in _chunk_bounds(n_q, rows)], n_k)
 
 
 def dynamic_plan(family, params: dict, q, k, bias, scale: float, causal: bool, rows: int) -> GatherPlan:
@@ -80,9 +84,9 @@ def dynamic_plan(family, params: dict, q, k, bias, scale: float, causal: bool, r
     n_q, n_k = q.shape[2], k.shape[2]
     k_heads = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     columns, diagonals = family.estimate_indices(params, q, k_heads, scale, causal, bias)
-    return GatherPlan([gathered_chunk(s, min(s + rows, n_q), family.dynamic_mask(
-        columns, diagonals, n_q, n_k, causal, rows=torch.arange(s, min(s + rows, n_q)))) for s in range(0, n_q, rows)],
-        n_k)
+    return GatherPlan([gathered_chunk(start, end, family.dynamic_mask(columns, diagonals, n_q, n_k, causal,
+                                                                       rows=torch.arange(start, end)))
+                       for start, end in _chunk_bounds(n_q, rows)], n_k)
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,9 +112,9 @@ def _attend(q, k, v, bias, scale: float, chunk: Chunk) -> torch.Tensor:
 def run_plan(q, k, v, bias, scale: float, plan: GatherPlan, workers: int = 1) -> torch.Tensor:
     """Attention over the plan's chunks, ``q``'s dtype out. ``q`` ``[B, Hq, Nq, D]``, ``k``/``v``
     ``[B, Hkv, Nk, D]`` (GQA when fewer), ``bias`` additive, rank 4, broadcastable to ``[B, Hq,
-    Nq, Nk]``, or None. Chunks run on ``workers`` threads, each with one torch thread (threads
-    that sleep when idle, where an OpenMP team spins and starves the onnxruntime ops around
-    this one, and a one-head chunk gives a team nothing to split)."""
+    Nq, Nk]``, or None. With ``workers > 1`` chunks run on that many threads, each with one torch
+    thread (onnxruntime's op: threads that sleep when idle, where an OpenMP team spins and
+    starves the onnxruntime ops around this one); with one, in turn on torch's own threads."""
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
 
     def attend(chunk: Chunk) -> None:

@@ -117,8 +117,11 @@ class BlockTopk(Pattern):
         kept = self.grid_layout(params, n, n)
         if causal:
             kept &= torch.ones_like(kept).tril()
-        work = sum((min(start + rows, n) - start) * int(kept[start // block:(min(start + rows, n) - 1) // block + 1]
-                                                         .any(0).sum()) for start in range(0, n, rows))
+        work = 0
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            union = kept[start // block:(end - 1) // block + 1].any(0)     # the chunk's layout rows
+            work += (end - start) * int(union.sum())
         return work / max(block * float(kept.sum()), 1.0)
 
     def pairs(self, params, n, causal):
