@@ -8,8 +8,9 @@ Loads SmolLM2-135M-Instruct (fp32; :mod:`sparsec.testing.real_models`), keeps it
 ``--layers`` layers, and compiles it with default settings on ``--batches`` windows of
 ``--length`` tokens of CPython text. Prints one JSON line: wall and CPU seconds of
 ``sparsec.compile``, the load average before and after (the machine may be shared), each
-pass's seconds (a :class:`~sparsec.passes.infra.pass_manager.PassTimer`) and the number of
-sparse heads. ``--plan-out`` writes the plan (without ``extra``) to compare plans across commits.
+pass's seconds (a :class:`~sparsec.passes.infra.pass_manager.PassTimer`), the number of
+sparse heads and the plan's measured error (verification's metric, value and top-1 agreement
+on the calibration windows). ``--plan-out`` writes the plan (without ``extra``) to compare plans across commits.
 ``--time-sites`` (target cpu: this machine is the target) then times every site that runs
 sparse heads alone, on random inputs at ``--length``: the CPU path of its groups against dense
 SDPA of all its heads, in turn, medians of 5, beside what the cost model predicts for both.
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         profile.disable()
         profile.dump_stats(args.profile)
     heads = [head for site in compiled.plan.attention for head in site.heads]
+    verified = compiled.plan.verification
     print(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "handler"},
                       "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                       "load_before": [round(x, 2) for x in load_before],
@@ -106,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
                       "passes": {name: round(s, 2) for name, s in timer.seconds.items()},
                       "outside_passes_s": round(wall - sum(timer.seconds.values()), 1),
                       "sparse_heads": sum(not head.is_dense for head in heads), "heads": len(heads),
+                      "verified": verified and {"metric": verified.metric, "error": verified.measured,
+                                                "top1": verified.top1_agreement,
+                                                "within_tolerance": verified.within_tolerance},
                       **({"site_times": time_sites(compiled.plan, args.length)} if args.time_sites else {})}))
     if args.plan_out:
         plan = compiled.plan.to_dict()

@@ -364,6 +364,9 @@ def _run_cpu(args: argparse.Namespace) -> int:
     from sparsec.tools import bench_cost_model_cpu as cpu
 
     data = saved_or_measured(args.refit, "attention_calibration", cpu.measure)
+    if "split" not in data:
+        raise SystemExit(f"--cpu --refit {args.refit}: not a CPU run (no split series); "
+                         "fit the packaged one with --cpu --refit cpu, or a --cpu --json file")
     # Not measured by this run: the dynamic layout cost is carried over from the shipped fit.
     kept = {"dynamic_layout_ns": packaged_measurements("cpu")["fit"]["dynamic_layout_ns"]}
     data["fit"] = cpu.fit(data, kept)
