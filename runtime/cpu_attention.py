@@ -6,8 +6,8 @@ union of its rows' kept keys, in key order) and runs PyTorch's fused CPU attenti
 (``F.scaled_dot_product_attention``) on them, with the pattern's exact mask over the gathered
 keys: a causal window of ``w`` at chunk ``R`` reads ``R + w`` keys a row instead of the row's
 whole prefix. Static patterns' chunks are derived from the pattern's mask at the length being
-served and cached; ``vertical_slash`` estimates its columns and diagonals per input and
-gathers per chunk. Fp32 inside, the input's dtype out. The result equals
+served and cached; dynamic families (``vertical_slash``, ``dynamic_blocks``) estimate their
+mask per input and gather per chunk. Fp32 inside, the input's dtype out. The result equals
 ``sparsec.ir.reference.sparse_attention`` for each head group.
 
 Gathered keys per chunk rather than 64 x 64 blocks (the path before, session 10): on two
@@ -83,8 +83,8 @@ def dynamic_plan(family, params: dict, q, k, bias, scale: float, causal: bool, r
     (``[B, H, rows, n_k]``, per sequence and head)."""
     n_q, n_k = q.shape[2], k.shape[2]
     k_heads = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    columns, diagonals = family.estimate_indices(params, q, k_heads, scale, causal, bias)
-    return GatherPlan([gathered_chunk(start, end, family.dynamic_mask(columns, diagonals, n_q, n_k, causal,
+    estimate = family.estimate_indices(params, q, k_heads, scale, causal, bias)
+    return GatherPlan([gathered_chunk(start, end, family.dynamic_mask(*estimate, n_q, n_k, causal,
                                                                        rows=torch.arange(start, end)))
                        for start, end in _chunk_bounds(n_q, rows)], n_k)
 

@@ -138,7 +138,7 @@ def _block_topk_terms(params, n_q, n_k) -> HeadTerms:
 def family_terms(kind: str) -> "Callable[[dict, int, int], HeadTerms] | None":
     """Family ``kind``'s FA4 piece (its mask as :class:`HeadTerms` at ``(params, n_q, n_k)``),
     registered above through the pattern registry; None for families FA4 does not serve
-    (dynamic ones, ``vertical_slash``, stay on the Triton kernels)."""
+    (dynamic ones, estimated per input, stay on the Triton kernels)."""
     return backend_piece("fa4", kind)
 
 

@@ -41,7 +41,7 @@ from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
                                               padded_head_dim, write_atomic, write_if_different)
 from sparsec.patterns import get_pattern
-from sparsec.patterns.base import mask_4d
+from sparsec.patterns.base import backend_piece, mask_4d
 from sparsec.ir.plan import HeadGroup, decoded_groups, encode_groups
 from sparsec.runtime import fa4, sparse_tables
 from sparsec.ir import reference
@@ -163,8 +163,9 @@ def _lead_strides(table: torch.Tensor, leading: int, trailing: int) -> tuple[int
 
 
 def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: float,
-                     causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A dynamic group's estimated columns and diagonals: the reference's own estimate
+                     causal: bool, mask: torch.Tensor | None = None) -> tuple:
+    """A dynamic group's estimate (``vertical_slash``: columns and diagonals; ``dynamic_blocks``:
+    its layout and block): the reference's own estimate
     (``estimate_indices`` of the family, same ops on the same values, the site's user mask
     included). Only the estimating queries are read, so only they (and their mask rows) are
     gathered."""
@@ -239,7 +240,7 @@ class _Group:
         def tables_strides(tables: sparse_tables.LutTables) -> tuple:
             return (*_lead_strides(tables.lut, 3, 1), *_lead_strides(tables.counts, 3, 1),
                     *_lead_strides(tables.columns, 3, 1), *_lead_strides(tables.colmap, 2, 1),
-                    *_lead_strides(tables.offmap, 2, 1))
+                    *_lead_strides(tables.offmap, 2, 1), *_lead_strides(tables.layout, 2, 2))
 
         if spec.template == "index":
             index = sparse_tables.index_arguments(spec.params, n_q, n_k, q.device)
@@ -257,7 +258,7 @@ class _Group:
         def launch(q, k, v, out, mask) -> None:
             nonlocal before, after
             if dynamic:                                     # estimated per input
-                tables = sparse_tables.vertical_slash_tables(
+                tables = backend_piece("triton_tables", group.pattern)(
                     *estimate_dynamic(q, k, group, scale, causal, mask), n_q, n_k, causal, bm, bn)
                 before = tables_args(tables)
                 after = (*common, *tables_strides(tables), *sizes, *tables.layout_shape)

@@ -8,7 +8,11 @@ kernel's device.
 - :func:`grid_tables`: a static family's lookup table per length, with its kept-cell grid
   (``Pattern.keep_grid``), built once and cached;
 - :func:`vertical_slash_tables`: per input, the block table and column lists of the
-  estimated columns and diagonals (the index build of MInference's vertical-slash kernel).
+  estimated columns and diagonals (the index build of MInference's vertical-slash kernel);
+- :func:`dynamic_blocks_tables`: per input, the block table of an estimated block layout.
+
+A dynamic family's builder is its ``"triton_tables"`` piece (``register_piece``), called
+with its estimate, the lengths, ``causal`` and the kernel's tile.
 
 Tables list key blocks per query block, *full* blocks (every pair of the tile kept, every
 key in range) before *partial* ones, with ``counts[..., :] = (n_full, n_blocks, n_columns)``.
@@ -22,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from sparsec.patterns import Elastic, get_pattern
+from sparsec.patterns import Elastic, get_pattern, register_piece
 
 @dataclass
 class IndexArguments:
@@ -81,7 +85,7 @@ class LutTables:
     lut: torch.Tensor          # int32 [..., n_query_blocks, n_key_blocks]
     counts: torch.Tensor       # int32 [..., n_query_blocks, 3]
     columns: torch.Tensor      # int32 [..., n_query_blocks, n_columns] (or a 1-element dummy)
-    layout: torch.Tensor       # int8 kept-cell grid (static families) or a 1-element dummy
+    layout: torch.Tensor       # int8 kept-cell grid ([..., grid_q, grid_k]) or a 1-element dummy
     colmap: torch.Tensor       # int8 [..., n_k] (vertical_slash) or a 1-element dummy
     offmap: torch.Tensor       # int8 [..., 2 n_k - 1] (vertical_slash) or a 1-element dummy
     layout_shape: tuple = (1, 1, 1, 1, 1)   # block, grid_q, grid_k, blocks_q, blocks_k
@@ -104,6 +108,7 @@ def grid_tables(pattern: str, params_json: str, n_q: int, n_k: int, causal: bool
                      (block, *grid.shape, math.ceil(n_q / block), math.ceil(n_k / block)))
 
 
+@register_piece("triton_tables", "vertical_slash")
 def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: int, n_k: int, causal: bool,
                           block_m: int, block_n: int) -> LutTables:
     """Per input (a dynamic family's estimate): key-block tables of the estimated diagonals
@@ -152,3 +157,39 @@ def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: i
     counts = torch.stack([n_full, n_blocks, n_columns], dim=-1).contiguous()
     return LutTables(lut, counts, column_table, torch.zeros(1, dtype=torch.int8, device=device),
                      colmap, offmap)
+
+
+@register_piece("triton_tables", "dynamic_blocks")
+def dynamic_blocks_tables(layout: torch.Tensor, block: int, n_q: int, n_k: int, causal: bool,
+                          block_m: int, block_n: int) -> LutTables:
+    """Per input: the key-block tables of an estimated ``dynamic_blocks`` layout (``[B, G,
+    ceil(n_q/block), ceil(n_k/block)]``, from ``DynamicBlocks.estimate_indices``), which is also
+    the partial tiles' kept-cell grid. A tile is listed when a kept cell overlaps it (and,
+    causal, it starts at or before its last row's position); it is full when every cell it
+    overlaps is kept, every key is in range and, causal, it ends at or before its first row's
+    position."""
+    device = layout.device
+    step = math.gcd(block, block_m, block_n)              # a grid that tiles cells and kernel tiles
+    n_qt, n_kt = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+    fine_q = torch.arange(math.ceil(n_q / step), device=device) * step // block
+    fine_k = torch.arange(math.ceil(n_k / step), device=device) * step // block
+    fine = layout.index_select(-2, fine_q).index_select(-1, fine_k)
+    pad = (0, n_kt * block_n // step - fine.shape[-1], 0, n_qt * block_m // step - fine.shape[-2])
+    tiles = (*layout.shape[:2], n_qt, block_m // step, n_kt, block_n // step)
+    any_kept = torch.nn.functional.pad(fine, pad, value=False).view(tiles).any(5).any(3)
+    rows_past_end = torch.nn.functional.pad(fine, (0, 0, 0, pad[3]), value=True)   # never spoil a full tile
+    all_kept = torch.nn.functional.pad(rows_past_end, pad[:2], value=False).view(tiles).all(5).all(3)
+    key_start = torch.arange(n_kt, device=device) * block_n
+    all_kept &= key_start + block_n <= n_k
+    if causal:
+        query_start = torch.arange(n_qt, device=device) * block_m
+        p_first = query_start + (n_k - n_q)
+        p_last = torch.clamp(query_start + block_m, max=n_q) - 1 + (n_k - n_q)
+        any_kept &= key_start[None, :] <= p_last[:, None]
+        all_kept &= key_start[None, :] + block_n - 1 <= p_first[:, None]
+    lut, n_full, n_blocks = _compact(torch.arange(n_kt, device=device), all_kept, any_kept)
+    counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1).contiguous()
+    dummy = torch.zeros(1, dtype=torch.int8, device=device)
+    blocks_q, blocks_k = layout.shape[-2:]
+    return LutTables(lut, counts, dummy.int(), layout.to(torch.int8).contiguous(), dummy, dummy,
+                     (block, blocks_q, blocks_k, blocks_q, blocks_k))

@@ -234,7 +234,7 @@ def test_classification_recovers_planted_heads(causal):
                    for g in site.groups for h in g.heads)
         for head in site.heads:
             assert head.reason
-            assert len(head.candidates) == 8
+            assert len(head.candidates) == len(pattern_kinds())
             assert all(0.0 <= c["recall"] <= 1.0 and 0.0 <= c["density"] <= 1.0 for c in head.candidates)
             if head.pattern != "dense":
                 assert head.recall >= 0.95

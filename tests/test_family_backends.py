@@ -6,7 +6,8 @@ block, full blocks wholly kept), the CPU block-sparse runtime, the ONNX decompos
 family's ``index_keep`` emitted as ONNX ops, evaluated op by op by onnxruntime through
 onnxscript's eager mode), FlexAttention's mask_mod (``create_mask`` on the index grid) and
 the Triton kernels under ``TRITON_INTERPRET=1`` (one shape per family: they are slow).
-The dynamic ``vertical_slash`` is compared given the same estimated indices.
+The dynamic families (``vertical_slash``, ``dynamic_blocks``) are compared given the same
+estimate.
 
 A ninth family, ``dilated_window``, is defined only here and registered through the public
 registry: it runs through the same backends without any library file knowing it.
@@ -19,10 +20,10 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from sparsec.codegen.onnx import decompose
-from sparsec.patterns import Pattern, get_pattern, pattern_kinds, register, unregister
+from sparsec.patterns import Pattern, backend_piece, get_pattern, pattern_kinds, register, unregister
 from sparsec.patterns.base import offsets
 from sparsec.ir.plan import HeadGroup
-from sparsec.runtime import cpu_attention, sparse_tables
+from sparsec.runtime import cpu_attention, sparse_tables  # noqa: F401  (registers the Triton tables pieces)
 from sparsec.ir import reference
 from sparsec.testing.triton_interpreter import interpreter_worker
 
@@ -56,7 +57,8 @@ PARAMS = {
     "block_topk": {"block": 8, "grid": [5, 7], "blocks": [[1, 0], [3, 5], [4, 6], [0, 2]]},
     "dilated_window": {"window": [9, 0]},
 }
-VERTICAL_SLASH = {"vertical": [3, 0], "slash": [4, 0], "queries": 8}
+DYNAMIC = {"vertical_slash": {"vertical": [3, 0], "slash": [4, 0], "queries": 8},
+           "dynamic_blocks": {"block": 8, "samples": 3, "share": 0.8, "density": 0.5}}
 SHAPES = [(37, 53), (53, 37), (41, 41)]         # n_q != n_k both ways, and a length off the block
 
 
@@ -66,7 +68,7 @@ def static_kinds() -> list[str]:
 
 def test_every_registered_family_is_walked():
     """A family added to the library must be added here (its parameters), or this fails."""
-    assert set(pattern_kinds()) == set(PARAMS) | {"vertical_slash"}
+    assert set(pattern_kinds()) == set(PARAMS) | set(DYNAMIC)
 
 
 def _attention(q, k, v, keep, scale):
@@ -143,13 +145,13 @@ def test_onnx_decomposition_matches_reference_mask(kind, n_q, n_k):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("kind", [*PARAMS, "vertical_slash"])
+@pytest.mark.parametrize("kind", [*PARAMS, *DYNAMIC])
 def test_cpu_block_sparse_runtime_matches_reference(kind, causal):
     n_q, n_k = (41, 41) if causal else (37, 53)      # the op serves causal at equal lengths
     generator = torch.Generator().manual_seed(len(kind))
     q = torch.randn(2, 4, n_q, 16, generator=generator)
     k, v = (torch.randn(2, 2, n_k, 16, generator=generator) for _ in range(2))
-    params = VERTICAL_SLASH if kind == "vertical_slash" else PARAMS[kind]
+    params = DYNAMIC.get(kind) or PARAMS[kind]
     groups = [HeadGroup(kind, params, [0, 1, 3]), HeadGroup("window", {"window": [5, 0]}, [2])]
     out = cpu_attention.sparse_attention(q, k, v, None, 0.3, causal, groups, rows=8, workers=1)
     expected = reference.sparse_attention(q, k, v, None, 0.3, causal, groups)
@@ -163,36 +165,38 @@ def test_cpu_block_sparse_runtime_matches_reference(kind, causal):
         torch.testing.assert_close(out[:, heads].double(), direct, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", DYNAMIC)
 @pytest.mark.parametrize("causal", [True, False])
-def test_vertical_slash_backends_given_one_estimate(causal):
-    """The dynamic family: Flex mask_mod, Triton tables' blocks and the ONNX estimate, each
-    against ``dynamic_mask`` of the same estimated columns and diagonals."""
-    family = get_pattern("vertical_slash")
+def test_dynamic_backends_given_one_estimate(kind, causal):
+    """A dynamic family: Flex mask_mod, the Triton tables (every kept pair inside a listed
+    block or a gathered column, full blocks wholly kept) and the ONNX estimate, each against
+    ``dynamic_mask`` of the same estimate."""
+    family, params = get_pattern(kind), DYNAMIC[kind]
     n_q, n_k = (41, 41) if causal else (37, 53)
     generator = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 2, n_q, 8, generator=generator), torch.randn(1, 2, n_k, 8, generator=generator)
-    columns, diagonals = family.estimate_indices(VERTICAL_SLASH, q, k, 0.5, causal)
-    mask = family.dynamic_mask(columns, diagonals, n_q, n_k, causal)
+    estimate = family.estimate_indices(params, q, k, 0.5, causal)
+    mask = family.dynamic_mask(*estimate, n_q, n_k, causal)
+    assert 0 < mask.sum() < mask.numel() * (0.6 if causal else 1)
     # One chunk's rows (the reference's and the CPU path's query chunks) are the same rows.
     rows = torch.tensor([0, 5, 17, n_q - 1])
-    assert torch.equal(family.dynamic_mask(columns, diagonals, n_q, n_k, causal, rows=rows), mask[..., rows, :])
-    flex = create_mask(family.dynamic_mask_mod(columns, diagonals, n_q, n_k, causal), 1, 2, n_q, n_k,
-                       device="cpu")
+    assert torch.equal(family.dynamic_mask(*estimate, n_q, n_k, causal, rows=rows), mask[..., rows, :])
+    flex = create_mask(family.dynamic_mask_mod(*estimate, n_q, n_k, causal), 1, 2, n_q, n_k, device="cpu")
     assert torch.equal(flex, mask)
-    tables = sparse_tables.vertical_slash_tables(columns, diagonals, n_q, n_k, causal, 16, 8)
-    listed = torch.zeros(1, 2, -(-n_q // 16), -(-n_k // 8), dtype=torch.bool)
-    for b, h, qb in np.ndindex(*listed.shape[:3]):
-        blocks = tables.lut[b, h, qb, : tables.counts[b, h, qb, 1]].long()
-        listed[b, h, qb, blocks] = True
-        gathered = tables.columns[b, h, qb, : tables.counts[b, h, qb, 2]].long()
+    tables = backend_piece("triton_tables", kind)(*estimate, n_q, n_k, causal, 16, 8)
+    for b, h, qb in np.ndindex(1, 2, -(-n_q // 16)):
         rows = mask[b, h, qb * 16:(qb + 1) * 16]
-        covered = listed[b, h, qb].repeat_interleave(8)[:n_k].clone()
-        covered[gathered] = True
+        covered = torch.zeros(n_k, dtype=torch.bool)
+        for position, block in enumerate(tables.lut[b, h, qb, : tables.counts[b, h, qb, 1]].tolist()):
+            covered[block * 8:(block + 1) * 8] = True
+            if position < tables.counts[b, h, qb, 0]:
+                assert rows[:, block * 8:(block + 1) * 8].all(), "a full block with a pair not kept"
+        if tables.counts[b, h, qb, 2]:                          # gathered columns (vertical_slash)
+            covered[tables.columns[b, h, qb, : tables.counts[b, h, qb, 2]].long()] = True
         assert not (rows & ~covered).any(), "a kept pair outside every listed block and column"
     pos = decompose._Positions(q.numpy(), k.numpy())
-    onnx_keep = decompose._vertical_slash_keep(VERTICAL_SLASH, q.numpy(), k.numpy(), 0.5, causal, pos)
+    onnx_keep = backend_piece("onnx", kind)(params, q.numpy(), k.numpy(), 0.5, causal, pos)
     np.testing.assert_array_equal(np.asarray(onnx_keep.value), mask.numpy())
-
 
 # -- Triton, interpreted (a spawned worker: TRITON_INTERPRET must be set before Triton loads) --
 
@@ -212,14 +216,14 @@ def _interpreted(case):
     return out, reference.sparse_attention(*case)
 
 
-@pytest.mark.parametrize("kind", [*(kind for kind in PARAMS if kind not in ("dense", "skip")), "vertical_slash"])
+@pytest.mark.parametrize("kind", [*(kind for kind in PARAMS if kind not in ("dense", "skip")), *DYNAMIC])
 def test_triton_interpreted_matches_reference(interpreter, kind):
-    causal = kind in ("window", "block_topk", "dilated_window")
+    causal = kind in ("window", "block_topk", "dilated_window", "dynamic_blocks")
     n_q, n_k = (45, 45) if causal else (37, 53)
     generator = torch.Generator().manual_seed(11)
     q = torch.randn(1, 4, n_q, 16, generator=generator)
     k, v = (torch.randn(1, 2, n_k, 16, generator=generator) for _ in range(2))
-    params = VERTICAL_SLASH if kind == "vertical_slash" else PARAMS[kind]
+    params = DYNAMIC.get(kind) or PARAMS[kind]
     groups = [HeadGroup(kind, params, [0, 2, 3]), HeadGroup("dense", {}, [1])]
     out, expected = interpreter.apply(_interpreted, ((q, k, v, None, 0.25, causal, groups),))
     assert not out.isnan().any()

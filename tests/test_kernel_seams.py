@@ -71,19 +71,21 @@ def test_dense_groups_take_every_mask_shape(monkeypatch, shape, dtype, split):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind,params", [("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "queries": 5}),
+                                         ("dynamic_blocks", {"block": 4, "samples": 2, "share": 0.7, "density": 0.5})])
 @pytest.mark.parametrize("shape", [(HEADS, N_Q, N_K), (N_Q, N_K), (1, HEADS, N_Q, N_K)])
-def test_dynamic_estimate_takes_every_mask_shape(shape):
+def test_dynamic_estimate_takes_every_mask_shape(shape, kind, params):
     """The kernels' estimate (the estimating queries and their mask rows only) equals the reference's."""
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(1, HEADS, N_K, HEAD_DIM, generator=generator)
     k = torch.randn(1, KV_HEADS, N_K, HEAD_DIM, generator=generator)
     mask = random_mask(shape[:-2] + (N_K, N_K), torch.bool, generator)
-    group = HeadGroup("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "queries": 5}, [5, 0, 3])
+    group = HeadGroup(kind, params, [5, 0, 3])
     heads = torch.tensor(group.heads)
-    expected = get_pattern("vertical_slash").estimate_indices(
+    expected = get_pattern(kind).estimate_indices(
         group.params, q[:, heads], k[:, heads // 2], 0.25, True, mask.expand(1, HEADS, N_K, N_K)[:, heads])
     for got, want in zip(kernels.estimate_dynamic(q, k, group, 0.25, True, mask), expected):
-        assert torch.equal(got, want)
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
 
 
 # -- a target's kernel configs reach the run-time choice --------------------------------------

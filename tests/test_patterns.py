@@ -274,3 +274,50 @@ def test_without_leading_keys_is_the_mask_without_its_first_columns(kind, params
         return
     expected = family.mask(params, n_q, n_k, causal)[:, dropped:]
     assert torch.equal(get_pattern(shifted[0]).mask(shifted[1], n_q, n_k - dropped, causal), expected)
+
+
+def _scattered_block_head(n: int, block: int, seed: int) -> torch.Tensor:
+    """Probabilities ``[n, n]`` of a causal head whose query blocks each attend to two earlier
+    key blocks of their own (content, not position) and their diagonal block."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = -(-n // block)
+    layout = torch.eye(blocks, dtype=torch.bool)
+    for row in range(2, blocks):
+        layout[row, torch.randperm(row, generator=generator)[:2]] = True
+    mask = layout.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :n] & torch.ones(n, n).tril().bool()
+    mask = mask.double()
+    return mask / mask.sum(-1, keepdim=True)
+
+
+def test_dynamic_blocks_fit_keeps_a_scattered_layout_where_columns_and_diagonals_cannot():
+    """Content-placed blocks: no column + diagonal budget holds them at 0.95, a per-query-block
+    layout at share 0.8 does, at a third of the causal pairs; and the layout the estimate
+    finds on inputs whose attention is that head's is the planted one."""
+    n, block = 320, 16
+    probs = _scattered_block_head(n, block, seed=4)
+    profile = profile_from_probabilities(probs[None], True, block).head(0)
+    fitted, recall = get_pattern("dynamic_blocks").fit([profile], 0.95)
+    assert recall >= 0.95 and fitted["share"] == 0.8 and fitted["block"] == block
+    assert fitted["density"] < 0.35
+    slash_params, slash_recall = get_pattern("vertical_slash").fit([profile], 0.95)
+    assert slash_recall < 0.95 or get_pattern("vertical_slash").density(slash_params, n, True) > 0.5
+
+
+def test_dynamic_blocks_estimate_keeps_the_heavy_blocks_and_the_forced_ones():
+    """Keys planted to draw a query block's rows: the estimate keeps their block, the sink
+    block and the diagonal ones, and no block without mass."""
+    from sparsec.patterns.dynamic_blocks import keep_by_share
+
+    mass = torch.tensor([[0.0, 0.5, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.6, 0.3]])
+    forced = torch.tensor([[True, False, False, False, False], [False, False, False, False, True]])
+    kept = keep_by_share(mass, forced, 0.75)
+    assert kept.tolist() == [[True, True, True, False, False], [False, False, False, True, True]]
+    n, d, block = 96, 16, 16
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, n, d, generator=generator), torch.randn(1, 1, n, d, generator=generator)
+    k[..., 36, :] = q[..., 70:80, :].mean(-2) * 6             # the rows of query block 4 look at key 36
+    params = {"block": block, "samples": 4, "share": 0.5, "density": 0.3}
+    layout, got_block = get_pattern("dynamic_blocks").estimate_indices(params, q, k, d ** -0.5, causal=True)
+    assert got_block == block and layout.shape == (1, 1, 6, 6)
+    assert layout[0, 0, 4, 2] and layout[0, 0, :, 0].all() and layout[0, 0].diagonal().all()
+    assert not layout[0, 0].triu(1).any()                     # causal: no block after the diagonal

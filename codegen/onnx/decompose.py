@@ -7,7 +7,8 @@ graph by index arithmetic on the run-time lengths — offsets ``d = i + (Nk - Nq
 ``round``), comparisons — so one file serves any length. With ``materialize`` (export at
 a fixed length) static masks are instead computed once by ``sparsec.patterns`` and stored
 as boolean initializers. ``vertical_slash`` estimates its columns and diagonals per input
-with MatMul / Softmax / ScatterElements(add) / TopK, as ``VerticalSlash.estimate_indices``.
+with MatMul / Softmax / ScatterElements(add) / TopK, as ``VerticalSlash.estimate_indices``;
+``dynamic_blocks`` its block layout with Pad / ReduceSum / TopK / CumSum.
 The numbers match ``sparsec.ir.reference`` (only the speed of sparsity is lost).
 """
 from __future__ import annotations
@@ -151,14 +152,10 @@ def _scatter_flags(length_shape, indices):
     return op.Cast(op.ScatterElements(zeros, indices, ones, axis=-1), to=TensorProto.BOOL)
 
 
-@register_piece("onnx", "vertical_slash")
-def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions, bias=None):
-    """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX;
-    ``bias`` (the group's additive mask, or None) enters the estimate as it does there."""
-    # VerticalSlash.estimating_rows: count queries spread evenly, the last one included.
-    count = op.Max(const_i64([1]), op.Min(const_i64([int(params.get("queries", 64))]), pos.n_q))
-    ordinals = op.Range(const_i64(1), op.Squeeze(op.Add(count, const_i64([1]))), const_i64(1))
-    rows = op.Sub(op.Div(op.Mul(ordinals, pos.n_q), count), const_i64([1]))
+def _estimating_probs(q, k, scale: float, causal: bool, pos: _Positions, bias, rows):
+    """``(probs, allowed, d_rows)``: ``sparsec.patterns.shared.estimating_probs`` of the
+    estimating queries at ``rows``, in ONNX; ``bias`` (the group's additive mask, or None)
+    enters as it does there. ``allowed`` is None without a bias."""
     d_rows = pos.offsets(rows)                                         # [L, Nk]
     q_rows = op.Gather(q, rows, axis=2)
     scores = op.Mul(op.MatMul(q_rows, op.Transpose(k, perm=[0, 1, 3, 2])), _const(scale, np.float32))
@@ -178,6 +175,18 @@ def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _P
         scores = op.Where(op.Less(d_rows, const_i64(0)), _const(-_INF, np.float32), scores)
     probs = op.Softmax(scores, axis=-1)                                # [B, H, L, Nk]
     probs = op.Where(op.IsNaN(probs), _const(0.0, np.float32), probs)  # a fully masked row: no mass
+    return probs, allowed, d_rows
+
+
+@register_piece("onnx", "vertical_slash")
+def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions, bias=None):
+    """``[B, H, Nq, Nk]``: ``VerticalSlash.estimate_indices`` then ``dynamic_mask``, in ONNX;
+    ``bias`` (the group's additive mask, or None) enters the estimate as it does there."""
+    # VerticalSlash.estimating_rows: count queries spread evenly, the last one included.
+    count = op.Max(const_i64([1]), op.Min(const_i64([int(params.get("queries", 64))]), pos.n_q))
+    ordinals = op.Range(const_i64(1), op.Squeeze(op.Add(count, const_i64([1]))), const_i64(1))
+    rows = op.Sub(op.Div(op.Mul(ordinals, pos.n_q), count), const_i64([1]))
+    probs, allowed, d_rows = _estimating_probs(q, k, scale, causal, pos, bias, rows)
     column_score = op.ReduceSum(probs, const_i64([2]), keepdims=0)     # [B, H, Nk]
     # Slash scores: attention summed along each offset, offset d stored at d + shift with
     # shift = max(Nq, Nk) - 1 (every offset of the score matrix, [1 - Nq, Nk - 1]).
@@ -214,6 +223,45 @@ def _vertical_slash_keep(params: dict, q, k, scale: float, causal: bool, pos: _P
     keep = op.Or(op.Unsqueeze(column_mask, const_i64([2])), slash)
     return op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
 
+
+
+@register_piece("onnx", "dynamic_blocks")
+def _dynamic_blocks_keep(params: dict, q, k, scale: float, causal: bool, pos: _Positions, bias=None):
+    """``[B, H, Nq, Nk]``: ``DynamicBlocks.estimate_indices`` then ``dynamic_mask``, in ONNX."""
+    block, samples = int(params["block"]), int(params["samples"])
+    one, size = const_i64([1]), const_i64([block])
+    blocks_q = op.Div(op.Add(pos.n_q, const_i64([block - 1])), size)
+    blocks_k = op.Div(op.Add(pos.n_k, const_i64([block - 1])), size)
+    # DynamicBlocks.estimating_rows: samples rows of every query block, clamped to Nq - 1.
+    within = np.round(np.linspace(0, block - 1, samples)).astype(np.int64)
+    starts = op.Mul(op.Range(const_i64(0), op.Squeeze(blocks_q), const_i64(1)), size)
+    rows = op.Min(op.Add(op.Unsqueeze(starts, one), const_i64(within[None, :])), op.Sub(pos.n_q, one))
+    probs, _, _ = _estimating_probs(q, k, scale, causal, pos, bias, op.Reshape(rows, const_i64([-1])))
+    pads = op.Concat(const_i64([0] * 7), op.Sub(op.Mul(blocks_k, size), pos.n_k), axis=0)
+    batch_heads = op.Shape(probs, start=0, end=2)
+    tiles = op.Reshape(op.Pad(probs, pads), op.Concat(batch_heads, blocks_q, const_i64([samples]), blocks_k,
+                                                      size, axis=0))
+    mass = op.ReduceMean(op.ReduceSum(tiles, const_i64([5]), keepdims=0), const_i64([3]), keepdims=0)
+    # Forced: key block 0 and the key blocks a query block's rows reach the diagonal in.
+    first = op.Add(starts, op.Sub(pos.n_k, pos.n_q))
+    last = op.Sub(op.Add(op.Min(op.Add(starts, size), pos.n_q), op.Sub(pos.n_k, pos.n_q)), one)
+    key_block = op.Unsqueeze(op.Range(const_i64(0), op.Squeeze(blocks_k), const_i64(1)), const_i64([0]))
+    forced = op.And(op.GreaterOrEqual(key_block, op.Unsqueeze(_floor_div(first, size), one)),
+                    op.LessOrEqual(key_block, op.Unsqueeze(_floor_div(last, size), one)))
+    forced = op.Or(forced, op.Equal(key_block, const_i64(0)))
+    # keep_by_share: the heaviest other blocks until the kept ones hold share of the row.
+    zero = _const(0.0, np.float32)
+    rest = op.Where(forced, zero, mass)
+    ordered, order = op.TopK(rest, blocks_k, axis=-1)
+    axis = const_i64([-1])
+    needed = op.Sub(op.Mul(_const(float(params["share"]), np.float32), op.ReduceSum(mass, axis, keepdims=1)),
+                    op.ReduceSum(op.Sub(mass, rest), axis, keepdims=1))
+    before = op.Sub(op.CumSum(ordered, const_i64(-1)), ordered)
+    taken = op.Cast(op.And(op.Less(before, needed), op.Greater(ordered, zero)), to=TensorProto.FLOAT)
+    kept = op.Cast(op.ScatterElements(op.Mul(rest, zero), order, taken, axis=-1), to=TensorProto.BOOL)
+    layout = op.Or(forced, kept)                                       # [B, H, Nq / block, Nk / block]
+    keep = op.Gather(op.Gather(layout, _floor_div(pos.rows, size), axis=2), _floor_div(pos.cols, size), axis=3)
+    return op.And(keep, op.GreaterOrEqual(pos.d, const_i64(0))) if causal else keep
 
 def attend(q, k, v, bias, keep, scale: float):
     """Masked softmax attention of fp32 inputs; rows with no kept key give zeros.

@@ -2,7 +2,8 @@
 blocks. Serves ``block_topk`` and any static family without a template of its own (one
 static table per length, shared by every head) and
 the block part of the dynamic ``vertical_slash`` (one table per batch and head, built per
-input), plus ``vertical_slash``'s column part.
+input), plus ``vertical_slash``'s column part, and the dynamic ``dynamic_blocks`` (its
+estimated layout as a kept-cell grid per batch and head).
 
 Tables, built on the host (sparsec/runtime/sparse_tables.py), indexed by
 (batch, group slot, query block):
@@ -15,7 +16,8 @@ Tables, built on the host (sparsec/runtime/sparse_tables.py), indexed by
 
 ``KEEP_KIND`` picks the elementwise mask of partial blocks: 1 for a kept-cell grid
 stretched to this length, plus the diagonal's block (``block_topk``'s calibration layout;
-any other static family's own token mask, ``Pattern.keep_grid``), 2 for ``vertical_slash``
+any other static family's own token mask, ``Pattern.keep_grid``; ``dynamic_blocks``'
+estimated layout, one grid per batch and head), 2 for ``vertical_slash``
 (estimated column and offset maps).
 """
 import triton
@@ -68,7 +70,7 @@ def _sparse_attention_fwd(
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         stride_mb, stride_mh, stride_mm, stride_mn,
         stride_lb, stride_lh, stride_lq, stride_cb, stride_ch, stride_cq,
-        stride_colb, stride_colh, stride_colq, stride_cmb, stride_cmh, stride_omb, stride_omh,
+        stride_colb, stride_colh, stride_colq, stride_cmb, stride_cmh, stride_omb, stride_omh, stride_gb, stride_gh,
         num_group_heads, per_kv, n_q, n_k, qk_scale,
         block, grid_q, grid_k, blocks_q, blocks_k,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -82,6 +84,7 @@ def _sparse_attention_fwd(
     Counts += batch * stride_cb + slot * stride_ch + qb * stride_cq
     Colmap += batch.to(tl.int64) * stride_cmb + slot.to(tl.int64) * stride_cmh
     Offmap += batch.to(tl.int64) * stride_omb + slot.to(tl.int64) * stride_omh
+    Layout += batch.to(tl.int64) * stride_gb + slot.to(tl.int64) * stride_gh
     n_full = tl.load(Counts)
     n_blocks = tl.load(Counts + 1)
     q, rows, row_ok = _load_query_tile(Q, stride_qn, qb, n_q, BLOCK_M, HEAD_DIM, D_PAD)

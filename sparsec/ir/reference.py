@@ -52,12 +52,12 @@ def _pattern_group(q, k, v, mask, scale, causal, group: HeadGroup) -> torch.Tens
     n_q, n_k = q.shape[-2], k.shape[-2]
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=torch.float32, device=q.device)
     if pattern.dynamic:
-        columns, diagonals = pattern.estimate_indices(group.params, q, k, scale, causal, mask)
+        estimate = pattern.estimate_indices(group.params, q, k, scale, causal, mask)
     additive = _as_additive(mask, torch.float32)
     for start in range(0, n_q, QUERY_CHUNK):
         rows = torch.arange(start, min(start + QUERY_CHUNK, n_q), device=q.device)
         if pattern.dynamic:
-            keep = pattern.dynamic_mask(columns, diagonals, n_q, n_k, causal, rows=rows)
+            keep = pattern.dynamic_mask(*estimate, n_q, n_k, causal, rows=rows)
         else:
             keep = pattern.mask(group.params, n_q, n_k, causal, rows=rows)
         scores = (q[..., rows, :].float() @ k.float().transpose(-1, -2)) * scale

@@ -13,6 +13,7 @@ Conventions (every kernel and the reference follow them):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -505,3 +506,33 @@ def register_piece(backend: str, kind: str):
 def backend_piece(backend: str, kind: str, default: Any = None) -> Any:
     """The piece registered for ``(backend, kind)``, or ``default``."""
     return _PIECES.get((backend, kind), default)
+
+
+# -- what dynamic estimates kept (a dynamic family's pair count is a calibration figure) --------
+
+_KEPT_LOGS: list[dict] = []
+
+
+@contextlib.contextmanager
+def kept_pairs_log():
+    """Within the block, every estimate of a dynamic family that counts its pairs
+    (:func:`log_kept_pairs`) adds them under its kind: the dict yielded maps kind to
+    ``[kept pairs, all pairs]`` of the heads estimated (the causal cut in both), so a
+    benchmark reports what the estimates kept beside the plan's figure."""
+    log: dict = {}
+    _KEPT_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _KEPT_LOGS.remove(log)
+
+
+def logging_kept_pairs() -> bool:
+    return bool(_KEPT_LOGS)
+
+
+def log_kept_pairs(kind: str, kept: int, total: int) -> None:
+    for log in _KEPT_LOGS:
+        entry = log.setdefault(kind, [0, 0])
+        entry[0] += kept
+        entry[1] += total

@@ -21,6 +21,7 @@ import torch
 
 from sparsec.patterns import fitting
 from sparsec.patterns.base import N, Pattern, full_pairs, register
+from sparsec.patterns.shared import diagonal_blocks, tile_pairs
 
 
 MIN_GRID = 4
@@ -96,13 +97,7 @@ class BlockTopk(Pattern):
         """Boolean ``[ceil(n_q/block), ceil(n_k/block)]``: the ``block`` x ``block`` tiles
         holding kept pairs at ``(n_q, n_k)`` (before the causal cut)."""
         block = int(params["block"])
-        stretched = self.stretched_layout(params, n_q, n_k)
-        first = torch.arange(stretched.shape[0]) * block
-        last = torch.clamp(first + block, max=n_q) - 1
-        # Rows of a query block reach the diagonal in key blocks lo..hi (consecutive rows).
-        lo, hi = (first + n_k - n_q) // block, (last + n_k - n_q) // block
-        key_block = torch.arange(stretched.shape[1])
-        return stretched | ((key_block[None, :] >= lo[:, None]) & (key_block[None, :] <= hi[:, None]))
+        return self.stretched_layout(params, n_q, n_k) | diagonal_blocks(n_q, n_k, block)
 
     def reads_tables(self, params, block_m, block_n):
         """A layout cell per pair, unless its cells are whole tiles (then with the diagonal
@@ -130,16 +125,7 @@ class BlockTopk(Pattern):
         block = int(params["block"])
         kept = self.stretched_layout(params, n, n)
         kept |= torch.eye(*kept.shape, dtype=torch.bool)
-        edges = torch.clamp(torch.arange(kept.shape[0] + 1) * block, max=n)
-        if causal:
-            # lower[r, c]: pairs (i, j) with i < r, j < c, j <= i.
-            r, c = edges[:, None], edges[None, :]
-            lower = torch.where(r <= c, r * (r + 1) // 2, c * (c + 1) // 2 + (r - c) * c)
-            tiles = lower[1:, 1:] - lower[:-1, 1:] - lower[1:, :-1] + lower[:-1, :-1]
-        else:
-            sizes = edges[1:] - edges[:-1]
-            tiles = sizes[:, None] * sizes[None, :]
-        return int(tiles[kept].sum())
+        return int(tile_pairs(n, block, causal)[kept].sum())
 
     def pairs_expr(self, params, causal):
         """Approximate: the diagonal blocks grow linearly with ``N``, the stretched layout

@@ -21,7 +21,8 @@ import sympy
 import torch
 
 from sparsec.patterns import fitting
-from sparsec.patterns.base import MASKED_ADDITIVE, N, Elastic, Pattern, full_pairs, mask_4d, offsets, register
+from sparsec.patterns.base import N, Elastic, Pattern, full_pairs, mask_4d, offsets, register
+from sparsec.patterns.shared import estimating_probs
 
 # Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
 # bound the pattern holds half of the causal score matrix), and at most MAX_LINES.
@@ -87,21 +88,8 @@ class VerticalSlash(Pattern):
         """:meth:`estimate_indices` from the estimating queries alone: ``q_rows`` at positions
         ``rows`` (:meth:`estimating_rows`) of ``n_q``, and their mask rows."""
         n_k = k.shape[-2]
-        cols = torch.arange(n_k, device=q_rows.device)
-        d = offsets(rows, cols, n_q, n_k)
-        scores = (q_rows.float() @ k.float().transpose(-1, -2)) * scale
-        if causal:
-            scores = scores.masked_fill(d < 0, float("-inf"))
-        allowed = None
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                allowed = mask
-            else:
-                scores = scores + mask.float()
-                allowed = mask > MASKED_ADDITIVE
-            allowed = (allowed & (d >= 0) if causal else allowed).expand_as(scores)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)        # a fully masked row: no mass
+        d = offsets(rows, torch.arange(n_k, device=q_rows.device), n_q, n_k)
+        probs, allowed = estimating_probs(q_rows, rows, n_q, k, scale, causal, mask)
         column_score = probs.sum(dim=-2)                               # [B, H, n_k]
         # Slash scores: attention summed along each offset d in [-shift, n_k-1], every offset
         # of the score matrix.

@@ -1,5 +1,5 @@
 """An independent float64 oracle of ``sparse_attention``: each head's mask built from its
-family's own ``Pattern.mask`` (a dynamic family such as vertical_slash: ``estimate_indices``
+family's own ``Pattern.mask`` (a dynamic family: ``estimate_indices``
 + ``dynamic_mask``), masked softmax attention in float64, one head at a time. What the fuzz
 test holds the reference to and the interpreted kernels to."""
 from __future__ import annotations
@@ -23,9 +23,9 @@ def float64_attention(q, k, v, mask, scale, causal, groups) -> torch.Tensor:
             index = torch.tensor(group.heads)
             group_mask = None if mask is None or mask.dim() < 3 or mask.shape[-3] == 1 else mask[..., index, :, :]
             group_mask = mask if group_mask is None else group_mask
-            columns, diagonals = pattern.estimate_indices(group.params, q[:, index], k[:, index // per_kv],
-                                                          scale, causal, group_mask)
-            keep_group = pattern.dynamic_mask(columns, diagonals, n_q, n_k, causal)
+            estimate = pattern.estimate_indices(group.params, q[:, index], k[:, index // per_kv],
+                                                 scale, causal, group_mask)
+            keep_group = pattern.dynamic_mask(*estimate, n_q, n_k, causal)
         for position, h in enumerate(group.heads):
             qh, kh, vh = q[:, h].double(), k[:, h // per_kv].double(), v[:, h // per_kv].double()
             scores = qh @ kh.transpose(-1, -2) * scale

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from sparsec.patterns.base import kept_pairs_log
+
 PASSKEY_DEPTHS = (0.1, 0.5, 0.9)
 # The passkey task's wording from Mohtashami & Jaggi (2023), used by later long-context
 # evaluations (LongLoRA, InfLLM, MInference).
@@ -121,16 +123,27 @@ def next_token_metrics(dense_logits: torch.Tensor, sparse_logits: torch.Tensor, 
     return totals
 
 
-def attention_flops(plan, n: int) -> dict:
+def attention_flops(plan, n: int, kept: dict | None = None) -> dict:
     """Attention FLOPs of one forward at ``n_q = n_k = n`` (batch 1) summed over every
-    head of the plan, and the same heads dense, from the patterns' ``cost_expr``."""
+    head of the plan, and the same heads dense, from the patterns' ``cost_expr``; a dynamic
+    family in ``kept`` (``{kind: [kept pairs, all pairs]}`` its estimates logged on the
+    inputs, :func:`~sparsec.patterns.base.kept_pairs_log`) at the share of pairs it kept."""
     from sparsec.analysis.cost_model import head_flops
+    from sparsec.patterns import get_pattern
+    from sparsec.patterns.base import N, full_pairs
 
+    kept = kept or {}
     planned = dense = 0.0
     for site in plan.attention:
         causal = site.effective_causal()
         for group in site.groups or site.instance_groups():
-            planned += len(group.heads) * head_flops(group.pattern, group.params, n, causal, site.head_dim)
+            if group.pattern in kept:
+                share = kept[group.pattern][0] / max(kept[group.pattern][1], 1)
+                overhead = float(get_pattern(group.pattern).overhead_expr(group.params, site.head_dim).subs(N, n))
+                flops = 4 * site.head_dim * share * full_pairs(n, causal) + overhead
+            else:
+                flops = head_flops(group.pattern, group.params, n, causal, site.head_dim)
+            planned += len(group.heads) * flops
         dense += site.num_heads * head_flops("dense", {}, n, causal, site.head_dim)
     return {"plan": planned, "dense": dense, "cut": 1.0 - planned / dense if dense else 0.0}
 
@@ -253,9 +266,16 @@ def evaluate_length(model, compiled, tokenizer, length: int, batches: int, devic
         row.update(embedding_cosine=min(cosines), hidden_rel_l2=max(errors))
         return row
     totals = Counter()
-    for ids in windows:
-        ids = ids.to(device)
-        totals.update(next_token_metrics(_output_tensor(model(ids)), _output_tensor(compiled(ids)), ids))
+    with kept_pairs_log() as kept:
+        for ids in windows:
+            ids = ids.to(device)
+            totals.update(next_token_metrics(_output_tensor(model(ids)), _output_tensor(compiled(ids)), ids))
+    if kept:
+        # The plan's pair count of a dynamic family is its calibration figure; this is what
+        # its estimates kept on these windows.
+        row["attention_flops"] = {**attention_flops(compiled.plan, length, kept),
+                                  "planned_cut": row["attention_flops"]["cut"],
+                                  "kept": {kind: pairs[0] / max(pairs[1], 1) for kind, pairs in kept.items()}}
     positions = totals["positions"]
     row.update(ppl_dense=math.exp(totals["nll_dense"] / positions),
                ppl_compiled=math.exp(totals["nll_compiled"] / positions),
@@ -376,6 +396,12 @@ def format_table(data: dict) -> str:
                          f"{row['ppl_compiled']:>11.3f} {row['top1_agreement']:>11.4f} {row['kl_nats']:>9.2e} {cut:>13} "
                          f"{_passkey_cell(row.get('passkey'), 'dense'):>13} "
                          f"{_passkey_cell(row.get('passkey'), 'compiled'):>15}")
+    for row in data["lengths"]:
+        flops = row["attention_flops"]
+        if "kept" in flops:
+            kept = ", ".join(f"{kind} {share:.1%}" for kind, share in flops["kept"].items())
+            lines.append(f"at {row['length']}: dynamic estimates kept {kept} of their heads' pairs; the cut counts "
+                         f"that (the plan's calibration figures: {flops['planned_cut']:.1%})")
     if not encoder and any(row.get("passkey") for row in data["lengths"]):
         lines.append("passkey: retrieved (Y) or not (n) at depths " + ", ".join(f"{d:.0%}" for d in PASSKEY_DEPTHS))
     for name, message in data["failures"].items():

@@ -1,0 +1,182 @@
+"""Dynamic block layout: per input, each query block keeps the key blocks that hold a share of
+its estimated attention mass (FlexPrefill's query-aware heads, XAttention; MInference's
+block-sparse head with a mass threshold in place of a fixed count).
+
+params: ``block`` (token side of the square blocks), ``share`` (the share of each query
+block's estimated mass its kept key blocks must hold), ``samples`` (estimating query rows per
+query block) and ``density`` (the fraction of the causal score matrix the layout kept on the
+calibration profiles: the cost model's figure, as the layout is chosen per input).
+
+Per input, batch and head, ``samples`` rows of every query block, spread over the block,
+attend to all keys; their probabilities summed per key block and averaged over the rows are
+the block's estimated mass. Each query block keeps its heaviest key blocks until they hold
+``share`` of its mass, plus the key blocks its own rows' diagonal crosses and key block 0
+(the sink), always. For heads whose mass is spread (SmolLM2's early layers at 8k, where no
+column + diagonal budget holds it) rows sampled per block find the layout: recall 0.97-0.98
+at a third of the causal pairs (docs/benchmarks.md, "What a 50 % cut at 8k would take").
+Sampled rows estimate about as well as XAttention's antidiagonal sums at the same cost
+(stride 8 against 8 rows a block: top-1 0.957 against 0.956 on SmolLM2 at 8k, every head at
+share 0.98) and need no reshaped copy of q and k.
+
+Costs and recalls are estimates: the pair count is ``density`` of the score matrix, the
+cost adds the estimate's ``samples x N / block x N`` scores, and the fit's recall is what
+the calibration profile's own layout at ``share`` keeps.
+"""
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from sparsec.patterns import fitting
+from sparsec.patterns.base import N, Pattern, full_pairs, log_kept_pairs, logging_kept_pairs, mask_4d, register
+from sparsec.patterns.shared import diagonal_blocks, estimating_probs, tile_pairs
+
+# Shares a fit tries, least first; the first whose recall reaches the target is taken.
+SHARES = (0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
+# Estimating rows per query block of 64. SmolLM2 at 8k, every head at share 0.98 (held-out
+# top-1 / KL against dense): 4 rows 0.943 / 2.7e-2, 8 rows 0.956 / 1.5e-2, 16 rows 0.968 /
+# 5.9e-3, every row 0.979 / 2.4e-3; the estimate costs samples / 64 of a head's q.k scores
+# (docs/benchmarks.md, "dynamic_blocks").
+SAMPLES = 8
+# A grid of fewer blocks a side is not fitted (recall 0): the forced blocks cover nearly
+# everything there, so the fit would say nothing about longer inputs (as block_topk).
+MIN_GRID = 4
+
+
+@register
+class DynamicBlocks(Pattern):
+    kind = "dynamic_blocks"
+    dynamic = True
+    # Lookup-table template, KEEP_KIND 1 with the estimated layout as a per-head grid.
+    triton_template = "lut"
+    triton_flags = {"KEEP_KIND": 1, "HAS_COLUMNS": False}
+
+    def merge(self, first, second):
+        """The larger share holds the smaller one's blocks (same estimate: block and samples)."""
+        if (first["block"], first["samples"]) != (second["block"], second["samples"]):
+            return None
+        return {**first, "share": max(first["share"], second["share"]),
+                "density": max(first["density"], second["density"])}
+
+    def index_keep(self, params, i, j, d, ops):
+        raise TypeError("dynamic_blocks is dynamic: use estimate_indices() and dynamic_mask()")
+
+    def block_classes(self, params, n_q, n_k, causal, block_m, block_n, device="cpu", keys_in_range_only=False):
+        raise TypeError("dynamic_blocks has no static block layout; it is estimated per input")
+
+    def estimating_queries(self, params: dict, n_q: int) -> int:
+        """How many queries the estimate reads: ``samples`` per query block."""
+        return int(params["samples"]) * math.ceil(n_q / int(params["block"]))
+
+    def estimating_rows(self, params: dict, n_q: int, device=None) -> torch.Tensor:
+        """``samples`` rows of each query block, spread over it (its first and last row
+        included; the last block's clamped to ``n_q - 1``), block by block."""
+        block, samples = int(params["block"]), int(params["samples"])
+        within = torch.linspace(0, block - 1, samples, device=device).round().long()
+        starts = torch.arange(math.ceil(n_q / block), device=device) * block
+        return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
+
+    def estimate_indices(self, params: dict, q: torch.Tensor, k: torch.Tensor, scale: float,
+                         causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """``(layout, block)``: the kept blocks, boolean ``[B, H, ceil(n_q/block),
+        ceil(n_k/block)]``. ``q`` is ``[B, H, n_q, D]``, ``k`` ``[B, H, n_k, D]`` (K heads
+        matched to query heads), ``mask`` the site's user mask as for ``vertical_slash``: keys
+        it removes get no mass."""
+        rows = self.estimating_rows(params, q.shape[-2], q.device)
+        if mask is not None:
+            mask = mask_4d(mask)
+            mask = mask if mask.shape[-2] == 1 else mask.index_select(-2, rows)
+        return self.estimate_from_rows(params, q.index_select(-2, rows), rows, q.shape[-2], k, scale, causal, mask)
+
+    def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
+                           k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, int]:
+        """:meth:`estimate_indices` from the estimating queries alone."""
+        block, samples = int(params["block"]), int(params["samples"])
+        n_k = k.shape[-2]
+        probs = estimating_probs(q_rows, rows, n_q, k, scale, causal, mask)[0]   # [B, H, L, n_k]
+        blocks_q, blocks_k = math.ceil(n_q / block), math.ceil(n_k / block)
+        probs = torch.nn.functional.pad(probs, (0, blocks_k * block - n_k))
+        mass = probs.view(*probs.shape[:-2], blocks_q, samples, blocks_k, block).sum(-1).mean(-2)
+        forced = diagonal_blocks(n_q, n_k, block, mass.device)
+        forced[:, 0] = True
+        layout = keep_by_share(mass, forced, float(params["share"]))
+        if logging_kept_pairs() and n_q == n_k:
+            kept = int((tile_pairs(n_k, block, causal).to(layout.device) * layout).sum())
+            log_kept_pairs(self.kind, kept, layout.shape[0] * layout.shape[1] * int(full_pairs(n_k, causal)))
+        return layout, block
+
+    def dynamic_mask(self, layout: torch.Tensor, block: int, n_q: int, n_k: int, causal: bool,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean ``[B, H, n_q, n_k]`` mask of an estimated layout (``[B, H, len(rows),
+        n_k]``: the query rows ``rows`` alone)."""
+        device = layout.device
+        rows = torch.arange(n_q, device=device) if rows is None else rows.to(device)
+        cols = torch.arange(n_k, device=device)
+        mask = layout.index_select(-2, rows // block).index_select(-1, cols // block)
+        if causal:
+            mask = mask & (rows[:, None] + (n_k - n_q) >= cols[None, :])
+        return mask
+
+    def dynamic_mask_mod(self, layout: torch.Tensor, block: int, n_q: int, n_k: int, causal: bool):
+        """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` of an estimated layout."""
+        def mask_mod(b, h, q_idx, kv_idx):
+            kept = layout[b, h, q_idx // block, kv_idx // block]
+            return kept & (q_idx + (n_k - n_q) >= kv_idx) if causal else kept
+        return mask_mod
+
+    def pairs(self, params, n, causal):
+        return float(params["density"]) * full_pairs(n, causal)
+
+    def pairs_expr(self, params, causal):
+        return sympy.Rational(repr(float(params["density"]))) * full_pairs(N, causal)
+
+    def overhead_expr(self, params, head_dim):
+        """The estimate's scores: ``samples`` queries a block against every key."""
+        return 2 * head_dim * int(params["samples"]) * N / int(params["block"]) * N
+
+    def describe(self, params):
+        return (f"share={params['share']}, block={params['block']}, {params['samples']} rows a block, "
+                f"calibration density {params['density']}")
+
+    def _profile_layout(self, profile, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mass, kept)`` of the profile's own layout at ``share`` on the ``block`` grid."""
+        block = int(params["block"])
+        mass = profile.pooled(block, block)
+        forced = diagonal_blocks(profile.n_q, profile.n_k, block)
+        forced[:, 0] = True
+        return mass, keep_by_share(mass, forced, float(params["share"]))
+
+    def recall(self, profile, params):
+        mass, kept = self._profile_layout(profile, params)
+        return float(mass[kept].sum())
+
+    def fit(self, profiles, recall):
+        """The least share in :data:`SHARES` whose profile layouts reach ``recall`` at every
+        calibration length (or the greatest); ``density`` from the longest one."""
+        longest = profiles[-1]
+        params = {"block": longest.block, "samples": SAMPLES, "share": SHARES[-1], "density": 1.0}
+        if min(math.ceil(longest.n_q / longest.block), math.ceil(longest.n_k / longest.block)) < MIN_GRID:
+            return params, 0.0
+        for share in SHARES:
+            params["share"] = share
+            if fitting.worst_recall(self, profiles, params) >= recall - 1e-12:
+                break
+        _, kept = self._profile_layout(longest, params)
+        pairs = tile_pairs(longest.n_k, longest.block, longest.causal)[kept].sum()
+        params["density"] = round(float(pairs) / full_pairs(longest.n_k, longest.causal), 4)
+        return params, fitting.worst_recall(self, profiles, params)
+
+
+def keep_by_share(mass: torch.Tensor, forced: torch.Tensor, share: float) -> torch.Tensor:
+    """Boolean like ``mass`` (``[..., rows, blocks]``): per row the ``forced`` blocks, then the
+    heaviest others until the kept ones hold ``share`` of the row's mass. A block without mass
+    is never added."""
+    rest = mass.masked_fill(forced, 0.0)
+    ordered, order = rest.sort(dim=-1, descending=True)
+    needed = share * mass.sum(-1, keepdim=True) - (mass - rest).sum(-1, keepdim=True)
+    before = ordered.cumsum(-1) - ordered                 # mass of the heavier blocks
+    taken = (before < needed) & (ordered > 0)
+    return forced.expand_as(mass) | torch.zeros_like(taken).scatter(-1, order, taken)
