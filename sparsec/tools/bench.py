@@ -8,8 +8,9 @@ Two FLOP counts: *blocks*, ``4 * D`` per (query, key) pair of every 128 x 128 bl
 FlexAttention ``BlockMask`` computes ("TFLOP/s on computed blocks"; for dense
 causal attention, the ``N(N+1)/2`` pairs of the causal triangle), and *kept*, per pair
 the pattern keeps. ``sparsec/flex`` is FlexAttention's time over sparsec's (> 1: sparsec
-is faster). The dynamic ``vertical_slash`` row times sparsec's whole op (estimation, index
-build, kernel) against FlexAttention's call alone, with its mask built beforehand.
+is faster). The dynamic rows (``vertical_slash``, ``dynamic_blocks``) time sparsec's whole op
+(estimation, index build, kernel) against FlexAttention's call alone, with its mask built
+beforehand.
 
 Where FlashAttention-4 is installed, sparsec is timed three ways: as a model compiled for
 ``--target`` runs it (each group on the backend that target's cost model picks, the kernel
@@ -63,11 +64,13 @@ def _case_params(case: str, n: int) -> tuple[str, dict]:
         return "block_topk", {"block": 128, "grid": [32, 32], "blocks": blocks}
     if case == "vertical_slash":
         return "vertical_slash", {"vertical": [256, 0.01], "slash": [256, 0.02], "queries": 64}
+    if case == "dynamic_blocks":
+        return "dynamic_blocks", {"block": 64, "samples": 8, "share": 0.9, "density": 0.3}
     raise ValueError(f"unknown benchmark case {case!r}; choose from {CASES}")
 
 
 CASES = ["window-512", "window-N/4", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk",
-         "vertical_slash", "mixed"]
+         "vertical_slash", "dynamic_blocks", "mixed"]
 
 
 # -- FlexAttention mask_mods of the same patterns ------------------------------------------
