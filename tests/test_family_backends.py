@@ -58,7 +58,7 @@ PARAMS = {
     "dilated_window": {"window": [9, 0]},
 }
 DYNAMIC = {"vertical_slash": {"vertical": [3, 0], "slash": [4, 0], "queries": 8},
-           "dynamic_blocks": {"block": 8, "samples": 3, "share": 0.8, "density": 0.5}}
+           "dynamic_blocks": {"block": 8, "samples": 3, "share": 0.8, "density": [0.5, 64, 0.5]}}
 SHAPES = [(37, 53), (53, 37), (41, 41)]         # n_q != n_k both ways, and a length off the block
 
 

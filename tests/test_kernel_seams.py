@@ -72,7 +72,7 @@ def test_dense_groups_take_every_mask_shape(monkeypatch, shape, dtype, split):
 
 
 @pytest.mark.parametrize("kind,params", [("vertical_slash", {"vertical": [3, 0], "slash": [2, 0], "queries": 5}),
-                                         ("dynamic_blocks", {"block": 4, "samples": 2, "share": 0.7, "density": 0.5})])
+                                         ("dynamic_blocks", {"block": 4, "samples": 2, "share": 0.7, "density": [0.5, 16, 0]})])
 @pytest.mark.parametrize("shape", [(HEADS, N_Q, N_K), (N_Q, N_K), (1, HEADS, N_Q, N_K)])
 def test_dynamic_estimate_takes_every_mask_shape(shape, kind, params):
     """The kernels' estimate (the estimating queries and their mask rows only) equals the reference's."""

@@ -298,7 +298,12 @@ def test_dynamic_blocks_fit_keeps_a_scattered_layout_where_columns_and_diagonals
     profile = profile_from_probabilities(probs[None], True, block).head(0)
     fitted, recall = get_pattern("dynamic_blocks").fit([profile], 0.95)
     assert recall >= 0.95 and fitted["share"] == 0.8 and fitted["block"] == block
-    assert fitted["density"] < 0.35
+    assert fitted["density"][:2] == [pytest.approx(fitted["density"][0]), n] and fitted["density"][0] < 0.35
+    # Two earlier blocks a row at every length: the kept share falls as 1 / N (decay 1, capped).
+    assert fitted["density"][2] > 0.5
+    family = get_pattern("dynamic_blocks")
+    assert family.pairs(fitted, 2 * n, True) < 0.7 * 4 * family.pairs(fitted, n, True)
+    assert float(family.pairs_expr(fitted, True).subs(N, 2 * n)) == pytest.approx(family.pairs(fitted, 2 * n, True))
     slash_params, slash_recall = get_pattern("vertical_slash").fit([profile], 0.95)
     assert slash_recall < 0.95 or get_pattern("vertical_slash").density(slash_params, n, True) > 0.5
 
@@ -316,7 +321,7 @@ def test_dynamic_blocks_estimate_keeps_the_heavy_blocks_and_the_forced_ones():
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, n, d, generator=generator), torch.randn(1, 1, n, d, generator=generator)
     k[..., 36, :] = q[..., 70:80, :].mean(-2) * 6             # the rows of query block 4 look at key 36
-    params = {"block": block, "samples": 4, "share": 0.5, "density": 0.3}
+    params = {"block": block, "samples": 4, "share": 0.5, "density": [0.3, n, 0]}
     layout, got_block = get_pattern("dynamic_blocks").estimate_indices(params, q, k, d ** -0.5, causal=True)
     assert got_block == block and layout.shape == (1, 1, 6, 6)
     assert layout[0, 0, 4, 2] and layout[0, 0, :, 0].all() and layout[0, 0].diagonal().all()

@@ -4,8 +4,9 @@ block-sparse head with a mass threshold in place of a fixed count).
 
 params: ``block`` (token side of the square blocks), ``share`` (the share of each query
 block's estimated mass its kept key blocks must hold), ``samples`` (estimating query rows per
-query block) and ``density`` (the fraction of the causal score matrix the layout kept on the
-calibration profiles: the cost model's figure, as the layout is chosen per input).
+query block) and ``density`` (``[d, length, decay]``: the fraction of the causal score matrix
+the calibration profiles' own layout keeps, ``d`` at ``length`` and ``d * (N / length) **
+-decay`` at ``N``: the cost model's figure, as the layout is chosen per input).
 
 Per input, batch and head, ``samples`` rows of every query block, spread over the block,
 attend to all keys; their probabilities summed per key block and averaged over the rows are
@@ -18,7 +19,11 @@ Sampled rows estimate about as well as XAttention's antidiagonal sums at the sam
 (stride 8 against 8 rows a block: top-1 0.957 against 0.956 on SmolLM2 at 8k, every head at
 share 0.98) and need no reshaped copy of q and k.
 
-Costs and recalls are estimates: the pair count is ``density`` of the score matrix, the
+Costs and recalls are estimates: the pair count is ``density`` of the score matrix (its
+decay measured between the calibration length and its first half: for a causal head the
+first half of the rows attend the first half of the keys alone, so that part of the profile
+is the head at half the length; SmolLM2's spread layers keep 0.5-0.6 of the pairs at 2k
+and 0.3-0.4 at 8k), the
 cost adds the estimate's ``samples x N / block x N`` scores, and the fit's recall is what
 the calibration profile's own layout at ``share`` keeps.
 """
@@ -57,8 +62,10 @@ class DynamicBlocks(Pattern):
         """The larger share holds the smaller one's blocks (same estimate: block and samples)."""
         if (first["block"], first["samples"]) != (second["block"], second["samples"]):
             return None
+        length = max(first["density"][1], second["density"][1])
         return {**first, "share": max(first["share"], second["share"]),
-                "density": max(first["density"], second["density"])}
+                "density": [max(_density_at(first, length), _density_at(second, length)), length,
+                            min(first["density"][2], second["density"][2])]}
 
     def index_keep(self, params, i, j, d, ops):
         raise TypeError("dynamic_blocks is dynamic: use estimate_indices() and dynamic_mask()")
@@ -128,10 +135,11 @@ class DynamicBlocks(Pattern):
         return mask_mod
 
     def pairs(self, params, n, causal):
-        return float(params["density"]) * full_pairs(n, causal)
+        return _density_at(params, n) * full_pairs(n, causal)
 
     def pairs_expr(self, params, causal):
-        return sympy.Rational(repr(float(params["density"]))) * full_pairs(N, causal)
+        density, length, decay = (sympy.Rational(repr(float(x))) for x in params["density"])
+        return sympy.Min(1, density * (N / length) ** -decay) * full_pairs(N, causal)
 
     def overhead_expr(self, params, head_dim):
         """The estimate's scores: ``samples`` queries a block against every key."""
@@ -139,15 +147,26 @@ class DynamicBlocks(Pattern):
 
     def describe(self, params):
         return (f"share={params['share']}, block={params['block']}, {params['samples']} rows a block, "
-                f"calibration density {params['density']}")
+                f"density {params['density'][0]} at {params['density'][1]}, decay {params['density'][2]}")
 
-    def _profile_layout(self, profile, params) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mass, kept)`` of the profile's own layout at ``share`` on the ``block`` grid."""
+    def _profile_layout(self, profile, params, blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mass, kept)`` of the profile's own layout at ``share`` on the ``block`` grid (its
+        first ``blocks`` query and key blocks: a causal head at that length)."""
         block = int(params["block"])
         mass = profile.pooled(block, block)
-        forced = diagonal_blocks(profile.n_q, profile.n_k, block)
+        n_q, n_k = profile.n_q, profile.n_k
+        if blocks is not None:
+            mass, n_q, n_k = mass[:blocks, :blocks], blocks * block, blocks * block
+        forced = diagonal_blocks(n_q, n_k, block)
         forced[:, 0] = True
         return mass, keep_by_share(mass, forced, float(params["share"]))
+
+    def _profile_density(self, profile, params, blocks: int) -> float:
+        """Fraction of the causal pairs of the first ``blocks`` blocks the profile's layout keeps."""
+        block = int(params["block"])
+        _, kept = self._profile_layout(profile, params, blocks)
+        n = min(blocks * block, profile.n_k)
+        return float(tile_pairs(n, block, profile.causal)[kept].sum()) / full_pairs(n, profile.causal)
 
     def recall(self, profile, params):
         mass, kept = self._profile_layout(profile, params)
@@ -157,16 +176,20 @@ class DynamicBlocks(Pattern):
         """The least share in :data:`SHARES` whose profile layouts reach ``recall`` at every
         calibration length (or the greatest); ``density`` from the longest one."""
         longest = profiles[-1]
-        params = {"block": longest.block, "samples": SAMPLES, "share": SHARES[-1], "density": 1.0}
+        params = {"block": longest.block, "samples": SAMPLES, "share": SHARES[-1], "density": [1.0, longest.n_k, 0.0]}
         if min(math.ceil(longest.n_q / longest.block), math.ceil(longest.n_k / longest.block)) < MIN_GRID:
             return params, 0.0
         for share in SHARES:
             params["share"] = share
             if fitting.worst_recall(self, profiles, params) >= recall - 1e-12:
                 break
-        _, kept = self._profile_layout(longest, params)
-        pairs = tile_pairs(longest.n_k, longest.block, longest.causal)[kept].sum()
-        params["density"] = round(float(pairs) / full_pairs(longest.n_k, longest.causal), 4)
+        blocks = math.ceil(longest.n_k / longest.block)
+        density = self._profile_density(longest, params, blocks)
+        decay = 0.0
+        if longest.causal and longest.n_q == longest.n_k:
+            half = self._profile_density(longest, params, blocks // 2)
+            decay = min(max(math.log2(half / density), 0.0), 1.0) if density > 0 else 0.0
+        params["density"] = [round(density, 4), longest.n_k, round(decay, 4)]
         return params, fitting.worst_recall(self, profiles, params)
 
 
@@ -180,3 +203,9 @@ def keep_by_share(mass: torch.Tensor, forced: torch.Tensor, share: float) -> tor
     before = ordered.cumsum(-1) - ordered                 # mass of the heavier blocks
     taken = (before < needed) & (ordered > 0)
     return forced.expand_as(mass) | torch.zeros_like(taken).scatter(-1, order, taken)
+
+
+def _density_at(params: dict, n: int) -> float:
+    """``params["density"]`` at length ``n``."""
+    density, length, decay = params["density"]
+    return min(1.0, float(density) * (n / float(length)) ** -float(decay))

@@ -65,7 +65,7 @@ def _case_params(case: str, n: int) -> tuple[str, dict]:
     if case == "vertical_slash":
         return "vertical_slash", {"vertical": [256, 0.01], "slash": [256, 0.02], "queries": 64}
     if case == "dynamic_blocks":
-        return "dynamic_blocks", {"block": 64, "samples": 8, "share": 0.9, "density": 0.3}
+        return "dynamic_blocks", {"block": 64, "samples": 8, "share": 0.9, "density": [0.3, n, 0]}
     raise ValueError(f"unknown benchmark case {case!r}; choose from {CASES}")
 
 
