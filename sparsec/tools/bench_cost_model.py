@@ -24,8 +24,8 @@ What it measures (bf16, head_dim 128, batch 1, 32 heads, median of ``do_bench``)
 5. host: the host time of one call of sparsec's ops (a dense site, a sparse site of one,
    two and one dynamic group, one on FA4) back to back at N = 128, where the host is the
    limit: what a site costs an eager model whose launches outpace the GPU;
-6. dynamic: a ``vertical_slash`` group's per-call estimate and tables (GPU time) at
-   N = 1024 .. 16384.
+6. dynamic: a ``vertical_slash`` and a ``dynamic_blocks`` group's per-call estimate and tables
+   (GPU time) at N = 1024 .. 16384.
 
 ``--add-series host,dynamic --refit h200`` measures only the named series here and fits them
 with the rest of the saved run.
@@ -225,22 +225,28 @@ DYNAMIC_LENGTHS = [1024, 4096, 16384]
 
 
 def measure_dynamic() -> list[dict]:
-    """GPU time of one ``vertical_slash`` group's per-call estimate and tables (series 6)."""
+    """GPU time of one dynamic group's per-call estimate and tables (series 6): a
+    ``vertical_slash`` group (64 estimating queries: its fixed cost) and a ``dynamic_blocks``
+    group (8 rows a 64-row block: an eighth of the score matrix, its per-element cost)."""
     from sparsec.ir.plan import HeadGroup
-    from sparsec.runtime import kernels, sparse_tables
+    from sparsec.patterns import backend_piece, get_pattern
+    from sparsec.runtime import kernels
 
+    families = {"vertical_slash": {"queries": 64, "vertical": [256, 0], "slash": [256, 0]},
+                "dynamic_blocks": {"block": 64, "samples": 8, "share": 0.9, "density": [0.3, 4096, 0]}}
     rows = []
-    for n in DYNAMIC_LENGTHS:
-        q, k, _ = _qkv(n)
-        group = HeadGroup("vertical_slash", {"queries": 64, "vertical": [256, 0], "slash": [256, 0]},
-                          list(range(HEADS)))
+    for kind, params in families.items():
+        for n in DYNAMIC_LENGTHS:
+            q, k, _ = _qkv(n)
+            group = HeadGroup(kind, params, list(range(HEADS)))
 
-        def estimate():
-            columns, diagonals = kernels.estimate_dynamic(q, k, group, HEAD_DIM ** -0.5, True)
-            sparse_tables.vertical_slash_tables(columns, diagonals, n, n, True, 128, 64)
+            def estimate():
+                backend_piece("triton_tables", kind)(*kernels.estimate_dynamic(q, k, group, HEAD_DIM ** -0.5, True),
+                                                     n, n, True, 128, 64)
 
-        rows.append({"n": n, "elements": HEADS * 64 * n, "ms": _median_ms(estimate)})
-        print(f"dynamic estimate n={n}: {rows[-1]['ms']:.3f} ms", flush=True)
+            elements = HEADS * get_pattern(kind).estimating_queries(params, n) * n
+            rows.append({"pattern": kind, "n": n, "elements": elements, "ms": _median_ms(estimate)})
+            print(f"dynamic estimate {kind} n={n}: {rows[-1]['ms']:.3f} ms", flush=True)
     return rows
 
 
