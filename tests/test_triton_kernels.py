@@ -27,7 +27,8 @@ from sparsec.ir import reference
 from sparsec.testing.oracle import float64_attention
 from sparsec.testing.triton_interpreter import interpreter_worker
 
-FAMILIES = ["window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk", "vertical_slash"]
+FAMILIES = ["window", "sink_window", "vertical_stripe", "multi_diagonal", "block_topk", "vertical_slash",
+            "dynamic_blocks"]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,6 +66,10 @@ def random_params(family: str, rng: random.Random, n: int) -> dict:
     if family == "vertical_slash":
         return {"vertical": _elastic(rng, 1, 10, n), "slash": _elastic(rng, 1, 10, n),
                 "queries": rng.randint(4, 40)}
+    if family == "dynamic_blocks":
+        block = rng.choice([8, 16, 32])
+        return {"block": block, "samples": rng.randint(1, 6), "share": rng.choice([0.5, 0.8, 0.95]),
+                "density": [0.5, n, 0]}
     raise ValueError(family)
 
 
@@ -145,7 +150,7 @@ def _interpreted_twice(case):
     return first, _interpreted((torch.randn_like(q), torch.randn_like(k), torch.randn_like(v), *rest))
 
 
-@pytest.mark.parametrize("family", ["block_topk", "vertical_slash"])
+@pytest.mark.parametrize("family", ["block_topk", "vertical_slash", "dynamic_blocks"])
 def test_repeated_calls_read_their_own_inputs_interpreted(interpreter, family):
     case = random_case(family, 77, "cpu", lengths=(40, 90), head_dims=[32], num_kv_heads=[2], ratios=[2],
                        batches=[2])
@@ -157,7 +162,7 @@ def test_mixed_groups_one_call_interpreted(interpreter):
     """Every family in one call, on interleaved head lists, with GQA."""
     rng = random.Random(7)
     generator = torch.Generator().manual_seed(7)
-    batch, kv_heads, ratio, n, head_dim = 2, 4, 2, 53, 32
+    batch, kv_heads, ratio, n, head_dim = 2, 3, 3, 53, 32          # a head per family, dense and skip
     q = torch.randn(batch, kv_heads * ratio, n, head_dim, generator=generator, dtype=torch.bfloat16)
     k = torch.randn(batch, kv_heads, n, head_dim, generator=generator, dtype=torch.bfloat16)
     v = torch.randn(batch, kv_heads, n, head_dim, generator=generator, dtype=torch.bfloat16)
@@ -266,22 +271,22 @@ def test_bench_flex_masks_are_the_pattern_masks(case):
     groups = bench_groups(case, n, num_heads)
     q, k = torch.randn(1, num_heads, n, 32), torch.randn(1, num_heads // 2, n, 32)
     estimates = {i: kernels.estimate_dynamic(q, k, g, scale, True)
-                 for i, g in enumerate(groups) if g.pattern == "vertical_slash"}
+                 for i, g in enumerate(groups) if get_pattern(g.pattern).dynamic}
     mask_mod = _flex_mask_mod(groups, n, num_heads, "cpu", estimates)
     positions = torch.arange(n)
     for i, group in enumerate(groups):
         pattern = get_pattern(group.pattern)
         for slot, head in enumerate(group.heads[:2]):
             if pattern.dynamic:
-                columns, diagonals = estimates[i]
-                expected = pattern.dynamic_mask(columns, diagonals, n, n, True)[0, slot]
+                expected = pattern.dynamic_mask(*estimates[i], n, n, True)[0, slot]
             else:
                 expected = pattern.mask(group.params, n, n, True)
             got = mask_mod(0, torch.tensor(head), positions[:, None], positions[None, :])
             assert torch.equal(got, expected), (case, group.pattern, head)
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case != "vertical_slash"])
+@pytest.mark.parametrize("case", [case for case in CASES
+                                  if not any(get_pattern(g.pattern).dynamic for g in bench_groups(case, 300, 8))])
 def test_bench_flex_block_masks_keep_exactly_the_pattern(case):
     """The BlockMask built from the block tables computes every kept pair (partial blocks
     through the mask_mod, full blocks unmasked) and nothing else."""
@@ -339,7 +344,7 @@ def _per_head_mask_case(mask_dtype: torch.dtype, dense_heads: list[int]):
     mask (boolean ``[H, n, n]`` or additive ``[H, 1, n]``); dense heads gathered or sliced."""
     rng = random.Random(11)
     generator = torch.Generator().manual_seed(11)
-    batch, kv_heads, ratio, n, head_dim = 2, 4, 2, 45, 16
+    batch, kv_heads, ratio, n, head_dim = 2, 5, 2, 45, 16
     q = torch.randn(batch, kv_heads * ratio, n, head_dim, generator=generator)
     k, v = (torch.randn(batch, kv_heads, n, head_dim, generator=generator) for _ in range(2))
     if mask_dtype == torch.bool:
@@ -349,12 +354,13 @@ def _per_head_mask_case(mask_dtype: torch.dtype, dense_heads: list[int]):
         mask = torch.randn(kv_heads * ratio, 1, n, generator=generator) * 2
     groups = [HeadGroup(p, random_params(p, rng, n), [h]) for h, p in enumerate(FAMILIES)]
     groups.append(HeadGroup("dense", {}, dense_heads))
-    if len(FAMILIES) + len(dense_heads) < kv_heads * ratio:
-        groups.append(HeadGroup("skip", {}, [kv_heads * ratio - 1]))
+    rest = [h for h in range(len(FAMILIES), kv_heads * ratio) if h not in dense_heads]
+    if rest:
+        groups.append(HeadGroup("skip", {}, rest))
     return q, k, v, mask, head_dim ** -0.5, False, groups      # SDPA refuses a mask with is_causal
 
 
-@pytest.mark.parametrize("mask_dtype,dense_heads", [(torch.bool, [6]), (torch.float32, [6, 7])])
+@pytest.mark.parametrize("mask_dtype,dense_heads", [(torch.bool, [7]), (torch.float32, [7, 8])])
 def test_per_head_3d_masks_reach_every_group_interpreted(interpreter, mask_dtype, dense_heads):
     assert_matches(*interpreter[0].apply(_interpreted, (_per_head_mask_case(mask_dtype, dense_heads),)))
 
@@ -386,7 +392,7 @@ def test_running_targets_kernel_config_is_the_one_launched_interpreted(interpret
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("mask_dtype,dense_heads", [(torch.bool, [6]), (torch.float32, [6, 7])])
+@pytest.mark.parametrize("mask_dtype,dense_heads", [(torch.bool, [7]), (torch.float32, [7, 8])])
 def test_per_head_3d_masks_reach_every_group_gpu(mask_dtype, dense_heads):
     q, k, v, mask, scale, causal, groups = _per_head_mask_case(mask_dtype, dense_heads)
     case = (*(t.cuda() for t in (q, k, v, mask)), scale, causal, groups)
