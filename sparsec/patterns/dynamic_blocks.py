@@ -23,9 +23,8 @@ Costs and recalls are estimates: the pair count is ``density`` of the score matr
 decay measured between the calibration length and its first half: for a causal head the
 first half of the rows attend the first half of the keys alone, so that part of the profile
 is the head at half the length; SmolLM2's spread layers keep 0.5-0.6 of the pairs at 2k
-and 0.3-0.4 at 8k), the
-cost adds the estimate's ``samples x N / block x N`` scores, and the fit's recall is what
-the calibration profile's own layout at ``share`` keeps.
+and 0.3-0.4 at 8k), the cost adds the estimate's ``samples x N / block x N`` scores, and the
+fit's recall is what the calibration profile's own layout at ``share`` keeps.
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ SHARES = (0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
 # Estimating rows per query block of 64. SmolLM2 at 8k, every head at share 0.98 (held-out
 # top-1 / KL against dense): 4 rows 0.943 / 2.7e-2, 8 rows 0.956 / 1.5e-2, 16 rows 0.968 /
 # 5.9e-3, every row 0.979 / 2.4e-3; the estimate costs samples / 64 of a head's q.k scores
-# (docs/benchmarks.md, "dynamic_blocks").
+# (docs/benchmarks.md, "A per-query-block layout estimated per input").
 SAMPLES = 8
 # A grid of fewer blocks a side is not fitted (recall 0): the forced blocks cover nearly
 # everything there, so the fit would say nothing about longer inputs (as block_topk).
