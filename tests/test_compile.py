@@ -67,6 +67,26 @@ def test_compiled_equals_reference_sparse_computation(batch, length):
     assert cm.plan.attention[0].extra["lowered"].startswith("sparse_attention")
 
 
+def test_a_dynamic_block_layout_compiles_saves_and_serves_other_lengths(tmp_path):
+    """dynamic_blocks planted beside a static head: the compiled model, and the same artifact
+    loaded, equal the reference's sparse computation (the layout estimated per call) at
+    lengths other than the example's."""
+    torch.manual_seed(5)
+    model = TinyAttention().eval()
+    patterns = {0: ("dynamic_blocks", {"block": 8, "samples": 3, "share": 0.8, "density": [0.4, 64, 0.3]}),
+                2: ("sink_window", {"sink": [2, 0], "window": [4, 0]})}
+    cm = compile_tiny(model, torch.randn(2, 20, 32), patterns)
+    cm.save(tmp_path / "artifact")
+    loaded = sparsec.load(tmp_path / "artifact")
+    for batch, length in [(1, 45), (3, 70)]:
+        x = torch.randn(batch, length, 32)
+        with torch.no_grad():
+            expected = expected_sparse(model, x, patterns)
+            torch.testing.assert_close(cm(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+            assert (expected - model(x)).abs().max() > 1e-3          # the layout dropped some blocks
+
+
 def test_compiled_graph_composes_with_torch_compile():
     """Inductor compiles the rest of sparsec's graph around the opaque sparse_attention op."""
     torch.manual_seed(1)

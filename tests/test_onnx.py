@@ -40,6 +40,7 @@ PATTERNS = [
     ("multi_diagonal", {"period": [9, 0], "width": [2, 0], "count": 3}),
     BLOCK_TOPK,
     ("vertical_slash", {"vertical": [3, 0.05], "slash": [3, 0], "queries": 8}),
+    ("dynamic_blocks", {"block": 8, "samples": 3, "share": 0.8, "density": [0.5, 64, 0.3]}),
     ("dense", {}),
     ("skip", {}),
 ]
