@@ -8,9 +8,8 @@ CPU the block-sparse path the compiled model runs there, equal to it up to round
 L2 otherwise). While it is over tolerance, heads are made denser one step each and the
 model is measured again. A head's first step refits it to miss an eighth of the attention
 mass it misses (classification's rule at that recall, within its own family or a dynamic
-one, never a layout taken from the calibration text; where no fit of that pays, a quarter,
-then half; where none reaches that recall, the one that keeps the most while it still pays),
-its second makes it dense; a refit is counted
+one, never a layout taken from the calibration text; where no fit reaches that recall, the
+one that keeps the most while it still pays), its second makes it dense; a refit is counted
 as removing half of the head's *measured* local error (``||sparse - dense||²`` of the
 head's attention output at its site, relative to the site's mean head), a dense step all of
 it. A round takes the steps that remove the most local error per attention FLOP they give
@@ -299,12 +298,12 @@ class _NextSteps:
 def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: CostModel,
                may_refit: bool = True) -> _Step:
     """``head`` refitted to miss an eighth of the attention mass it misses now (its own family,
-    or a dynamic one), or where no fit of that pays a quarter, then half, when ``may_refit``
-    and that is another pattern still sparse enough to pay (classification's rule); where no
-    such fit reaches that recall, the fit that keeps
+    or a dynamic one), when ``may_refit`` and that is another pattern still sparse enough to
+    pay (classification's rule); where no such fit reaches that recall, the fit that keeps
     the most mass above the head's own recall while it pays; else the site's baseline."""
     plan, stats = _head(site, head), ctx.attention_stats.get(site.name)
     if may_refit and stats is not None and stats.profiles and plan.recall is not None and plan.recall < 1:
+        recall = 1 - (1 - plan.recall) / 8
         # Its own family or one estimated per input, never a layout taken from the calibration
         # text: refitted to keep more of it, a block_topk head held rel. L2 1.5e-2 at the
         # calibration length and gave 0.46 at 1.5x it (examples/compile_llama.py).
@@ -312,17 +311,11 @@ def _next_step(site: AttentionSite, head: int, ctx: CompileContext, cost_model: 
         sparse = [kind for kind in families if not get_pattern(kind).computes_all
                   and (kind == plan.pattern or get_pattern(kind).dynamic)
                   and not get_pattern(kind).layout_from_calibration]
-        dense = [kind for kind in families if get_pattern(kind).computes_all]
-        # An eighth of the mass it misses; where no fit of that pays, a quarter, then half
-        # (a dynamic_blocks layout keeping 0.975 of a spread head pays where 0.994 does not).
-        for share in (8, 4, 2):
-            recall = 1 - (1 - plan.recall) / share
-            refit = HeadPlan(head)
-            if sparse:
-                classify_head(refit, stats.head(head), stats.causal, site.head_dim, recall, float(ctx.min_saving),
-                              cost_model, (*dense, *sparse), ctx.seq_len)
-            if not refit.is_dense:
-                break
+        refit = HeadPlan(head)
+        if sparse:
+            dense = [kind for kind in families if get_pattern(kind).computes_all]
+            classify_head(refit, stats.head(head), stats.causal, site.head_dim, recall, float(ctx.min_saving),
+                          cost_model, (*dense, *sparse), ctx.seq_len)
         if not refit.is_dense and (refit.pattern, refit.params) != (plan.pattern, plan.params):
             return _Step(refit.pattern, refit.params, refit.recall, refit.density, True,
                          f"verify: refitted at recall {recall:.4g}")
