@@ -41,7 +41,7 @@ from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
                                               padded_head_dim, write_atomic, write_if_different)
 from sparsec.patterns import get_pattern
-from sparsec.patterns.base import backend_piece, mask_4d
+from sparsec.patterns.base import backend_piece, mask_4d, mask_rows
 from sparsec.ir.plan import HeadGroup, decoded_groups, encode_groups
 from sparsec.runtime import fa4, sparse_tables
 from sparsec.ir import reference
@@ -175,9 +175,7 @@ def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: 
     q_rows = q.index_select(2, rows).index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
     if mask is not None:
-        mask = mask_4d(mask)
-        mask = mask if mask.shape[2] == 1 else mask.index_select(2, rows)
-        mask = _mask_heads(mask, heads)
+        mask = _mask_heads(mask_rows(mask, rows), heads)
     return family.estimate_from_rows(group.params, q_rows, rows, q.shape[2], k_group, scale, causal, mask)
 
 

@@ -95,6 +95,15 @@ def mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask[(None,) * (4 - mask.dim())]
 
 
+def mask_rows(mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """The query rows ``rows`` of the op's mask as a 4-D view (:func:`mask_4d`); a mask
+    broadcast over the rows stays as it is."""
+    if mask is None:
+        return None
+    mask = mask_4d(mask)
+    return mask if mask.shape[-2] == 1 else mask.index_select(-2, rows)
+
+
 def baseline_pattern(site) -> tuple[str, dict]:
     """The least sparse pattern a head of ``site`` (an :class:`~sparsec.ir.plan.AttentionSite`)
     may take: ``("dense", {})``, or ``("window", {"window": [w, 0]})`` where the site's
@@ -220,6 +229,27 @@ class Pattern:
         key index ``j`` and offset ``d = i + (n_k - n_q) - j`` (broadcastable backend values)
         with :class:`MaskOps` ``ops``. The one spelling of the family's mask."""
         raise NotImplementedError(f"{self.kind} has no index mask")
+
+    def estimate_indices(self, params: dict, q: torch.Tensor, k: torch.Tensor, scale: float,
+                         causal: bool, mask: torch.Tensor | None = None) -> tuple:
+        """A dynamic family's estimate for ``q`` ``[B, H, n_q, D]`` and ``k`` ``[B, H, n_k, D]``
+        (K heads matched to query heads) under the site's user ``mask`` (boolean or additive,
+        broadcastable to ``[B, H, n_q, n_k]``): :meth:`estimate_from_rows` of the queries at
+        :meth:`estimating_rows` and their mask rows. The tuple is the family's own; it goes
+        back to its ``dynamic_mask(*estimate, ...)`` and backend pieces."""
+        rows = self.estimating_rows(params, q.shape[-2], q.device)
+        return self.estimate_from_rows(params, q.index_select(-2, rows), rows, q.shape[-2], k, scale, causal,
+                                       mask_rows(mask, rows))
+
+    def estimating_rows(self, params: dict, n_q: int, device=None) -> torch.Tensor:
+        """The positions of a dynamic family's estimating queries."""
+        raise NotImplementedError(f"{self.kind} is not estimated per input")
+
+    def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
+                           k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None) -> tuple:
+        """:meth:`estimate_indices` from the estimating queries alone: ``q_rows`` at positions
+        ``rows`` of ``n_q``, and their mask rows."""
+        raise NotImplementedError(f"{self.kind} is not estimated per input")
 
     def mask(self, params: dict, n_q: int, n_k: int, causal: bool,
              rows: torch.Tensor | None = None, device: "torch.device | str" = "cpu") -> torch.Tensor:

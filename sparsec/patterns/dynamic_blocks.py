@@ -34,7 +34,7 @@ import sympy
 import torch
 
 from sparsec.patterns import fitting
-from sparsec.patterns.base import N, Pattern, full_pairs, log_kept_pairs, logging_kept_pairs, mask_4d, register
+from sparsec.patterns.base import N, Pattern, full_pairs, log_kept_pairs, logging_kept_pairs, register
 from sparsec.patterns.shared import diagonal_blocks, estimating_probs, tile_pairs
 
 # Shares a fit tries, least first; the first whose recall reaches the target is taken.
@@ -84,22 +84,11 @@ class DynamicBlocks(Pattern):
         starts = torch.arange(math.ceil(n_q / block), device=device) * block
         return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
 
-    def estimate_indices(self, params: dict, q: torch.Tensor, k: torch.Tensor, scale: float,
-                         causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """``(layout, block)``: the kept blocks, boolean ``[B, H, ceil(n_q/block),
-        ceil(n_k/block)]``. ``q`` is ``[B, H, n_q, D]``, ``k`` ``[B, H, n_k, D]`` (K heads
-        matched to query heads), ``mask`` the site's user mask as for ``vertical_slash``: keys
-        it removes get no mass."""
-        rows = self.estimating_rows(params, q.shape[-2], q.device)
-        if mask is not None:
-            mask = mask_4d(mask)
-            mask = mask if mask.shape[-2] == 1 else mask.index_select(-2, rows)
-        return self.estimate_from_rows(params, q.index_select(-2, rows), rows, q.shape[-2], k, scale, causal, mask)
-
     def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
                            k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, int]:
-        """:meth:`estimate_indices` from the estimating queries alone."""
+        """``(layout, block)``: the kept blocks, boolean ``[B, H, ceil(n_q/block),
+        ceil(n_k/block)]``, from the estimating rows (keys the user mask removes get no mass)."""
         block, samples = int(params["block"]), int(params["samples"])
         n_k = k.shape[-2]
         probs = estimating_probs(q_rows, rows, n_q, k, scale, causal, mask)[0]   # [B, H, L, n_k]

@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from sparsec.patterns import fitting
-from sparsec.patterns.base import N, Elastic, Pattern, full_pairs, mask_4d, offsets, register
+from sparsec.patterns.base import N, Elastic, Pattern, full_pairs, offsets, register
 from sparsec.patterns.shared import estimating_probs
 
 # Most columns / diagonals a fit considers: an eighth of n_k each (with both at that
@@ -64,29 +64,15 @@ class VerticalSlash(Pattern):
         drifts along a long input."""
         return _spread_rows(self.estimating_queries(params, n_q), n_q, torch.device(device or "cpu"))
 
-    def estimate_indices(self, params: dict, q: torch.Tensor, k: torch.Tensor, scale: float,
-                         causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key columns ``[B, H, V]`` and diagonal offsets ``[B, H, S]`` to keep, sorted.
-
-        ``q`` is ``[B, H, n_q, D]``, ``k`` is ``[B, H, n_k, D]`` (K heads already matched to
-        query heads). ``mask`` is the site's user mask (boolean, True = attend, or additive),
-        broadcastable to ``[B, H, n_q, n_k]``: the estimate scores what attention will
-        compute, so keys the mask removes get no mass, and columns / diagonals the mask
-        removes for every estimating query rank last (picked only when fewer unmasked ones
-        exist than asked for). Column 0 and offset 0 are always among them unless the mask
-        removes them there.
-        """
-        rows = self.estimating_rows(params, q.shape[-2], q.device)
-        if mask is not None:
-            mask = mask_4d(mask)
-            mask = mask if mask.shape[-2] == 1 else mask.index_select(-2, rows)
-        return self.estimate_from_rows(params, q.index_select(-2, rows), rows, q.shape[-2], k, scale, causal, mask)
-
     def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
                            k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`estimate_indices` from the estimating queries alone: ``q_rows`` at positions
-        ``rows`` (:meth:`estimating_rows`) of ``n_q``, and their mask rows."""
+        """Key columns ``[B, H, V]`` and diagonal offsets ``[B, H, S]`` to keep, sorted, from
+        the estimating queries ``q_rows`` at ``rows`` and their rows of the user mask: the
+        estimate scores what attention will compute, so keys the mask removes get no mass,
+        and columns / diagonals the mask removes for every estimating query rank last (picked
+        only when fewer unmasked ones exist than asked for). Column 0 and offset 0 are always
+        among them unless the mask removes them there."""
         n_k = k.shape[-2]
         d = offsets(rows, torch.arange(n_k, device=q_rows.device), n_q, n_k)
         probs, allowed = estimating_probs(q_rows, rows, n_q, k, scale, causal, mask)
