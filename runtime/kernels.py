@@ -37,6 +37,7 @@ import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsec.ir import config
+from sparsec.codegen.triton import block_mass  # noqa: F401  (registers the fused dynamic estimates)
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, file_lock, generate, has_kernel,
                                               padded_head_dim, write_atomic, write_if_different)
@@ -168,10 +169,16 @@ def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: 
     its layout and block): the reference's own estimate
     (``estimate_indices`` of the family, same ops on the same values, the site's user mask
     included). Only the estimating queries are read, so only they (and their mask rows) are
-    gathered."""
+    gathered. A family's ``"triton_estimate"`` piece (one kernel reading q and k in place)
+    serves a site without a user mask where it can (it returns None where not)."""
     family = get_pattern(group.pattern)
     heads = _head_index(tuple(group.heads), q.device, torch.long)
     rows = family.estimating_rows(group.params, q.shape[2], q.device)
+    fused = backend_piece("triton_estimate", group.pattern)
+    if fused is not None and mask is None and (q.is_cuda or config.triton_interpret()):
+        estimate = fused(group.params, q, k, heads, rows, scale, causal)
+        if estimate is not None:
+            return estimate
     q_rows = q.index_select(2, rows).index_select(1, heads)
     k_group = k.index_select(1, heads // (q.shape[1] // k.shape[1]))
     if mask is not None:

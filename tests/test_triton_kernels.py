@@ -18,9 +18,11 @@ import torch
 
 import sparsec  # noqa: F401  (registers the ops and the CUDA kernel)
 from sparsec.tools.bench import CASES, _flex_mask_mod, bench_groups, flex_block_mask
+from sparsec.codegen.triton.block_mass import dynamic_blocks_estimate, row_block_mass
 from sparsec.codegen.triton.configs import KernelConfig, candidate_configs
 from sparsec.codegen.triton.generator import KernelSpec, generate, site_kernels, write_if_different, write_kernels
 from sparsec.patterns import get_pattern
+from sparsec.patterns.shared import estimating_probs
 from sparsec.ir.plan import AttentionSite, HeadGroup, encode_groups
 from sparsec.runtime import cpu_attention, kernels
 from sparsec.ir import reference
@@ -156,6 +158,46 @@ def test_repeated_calls_read_their_own_inputs_interpreted(interpreter, family):
                        batches=[2])
     for out, expected in interpreter[0].apply(_interpreted_twice, (case,)):
         assert_matches(out, expected)
+
+
+def _fused_and_torch_estimates(case):
+    """In the interpreter worker: the row masses of the kernel and of torch's softmax, and
+    the layouts of the fused and the reference estimate."""
+    q, k, params, heads, causal = case
+    family = get_pattern("dynamic_blocks")
+    rows = family.estimating_rows(params, q.shape[2])
+    kv = heads // (q.shape[1] // k.shape[1])
+    probs = estimating_probs(q[:, heads][:, :, rows], rows, q.shape[2], k[:, kv], 0.3, causal)[0]
+    blocks = -(-k.shape[2] // params["block"])
+    torch_mass = torch.nn.functional.pad(probs, (0, blocks * params["block"] - k.shape[2]))
+    torch_mass = torch_mass.view(*probs.shape[:-1], blocks, params["block"]).sum(-1)
+    return (row_block_mass(q, k, heads, rows, 0.3, causal, params["block"]), torch_mass,
+            dynamic_blocks_estimate(params, q, k, heads, rows, 0.3, causal)[0],
+            family.estimate_indices(params, q[:, heads], k[:, kv], 0.3, causal)[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fused_block_mass_estimate_matches_the_torch_estimate_interpreted(interpreter, seed):
+    """``dynamic_blocks``' one-kernel estimate: every estimating row's mass per key block
+    against the softmax in torch, and the layout against the reference's, at random lengths
+    (off the block, n_q below and above n_k: causal rows with no key), GQA, head dims 16-40,
+    dtypes, blocks 4-64 and a head subset out of order."""
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    n_k = rng.randint(20, 150)
+    n_q = rng.choice([n_k, rng.randint(5, n_k), n_k + rng.randint(1, 30)])
+    kv_heads, ratio, head_dim = rng.choice([1, 2]), rng.choice([1, 2, 3]), rng.choice([16, 32, 40])
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    q = torch.randn(2, kv_heads * ratio, n_q, head_dim, generator=generator).to(dtype)
+    k = torch.randn(2, kv_heads, n_k, head_dim, generator=generator).to(dtype)
+    params = {"block": rng.choice([4, 8, 16, 64]), "samples": rng.randint(1, 6), "share": rng.choice([0.5, 0.9]),
+              "density": [0.5, n_k, 0]}
+    heads = torch.tensor(rng.sample(range(kv_heads * ratio), rng.randint(1, kv_heads * ratio)))
+    causal = seed % 3 != 2
+    fused, torch_mass, fused_layout, layout = interpreter[0].apply(
+        _fused_and_torch_estimates, ((q, k, params, heads, causal),))
+    torch.testing.assert_close(fused, torch_mass, atol=1e-5, rtol=1e-4)
+    assert torch.equal(fused_layout, layout)
 
 
 def test_mixed_groups_one_call_interpreted(interpreter):

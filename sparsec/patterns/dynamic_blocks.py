@@ -89,12 +89,20 @@ class DynamicBlocks(Pattern):
                            ) -> tuple[torch.Tensor, int]:
         """``(layout, block)``: the kept blocks, boolean ``[B, H, ceil(n_q/block),
         ceil(n_k/block)]``, from the estimating rows (keys the user mask removes get no mass)."""
-        block, samples = int(params["block"]), int(params["samples"])
-        n_k = k.shape[-2]
         probs = estimating_probs(q_rows, rows, n_q, k, scale, causal, mask)[0]   # [B, H, L, n_k]
-        blocks_q, blocks_k = math.ceil(n_q / block), math.ceil(n_k / block)
-        probs = torch.nn.functional.pad(probs, (0, blocks_k * block - n_k))
-        mass = probs.view(*probs.shape[:-2], blocks_q, samples, blocks_k, block).sum(-1).mean(-2)
+        block = int(params["block"])
+        blocks_k = math.ceil(k.shape[-2] / block)
+        probs = torch.nn.functional.pad(probs, (0, blocks_k * block - k.shape[-2]))
+        row_mass = probs.view(*probs.shape[:-1], blocks_k, block).sum(-1)
+        return self.layout_from_row_mass(params, row_mass, n_q, k.shape[-2], causal)
+
+    def layout_from_row_mass(self, params: dict, row_mass: torch.Tensor, n_q: int, n_k: int,
+                             causal: bool) -> tuple[torch.Tensor, int]:
+        """``(layout, block)`` from the mass each estimating row gives each key block
+        (``[B, H, samples x ceil(n_q/block), ceil(n_k/block)]``, rows block by block): a query
+        block's estimated mass is its rows' mean."""
+        block, samples = int(params["block"]), int(params["samples"])
+        mass = row_mass.view(*row_mass.shape[:-2], -1, samples, row_mass.shape[-1]).mean(-2)
         forced = diagonal_blocks(n_q, n_k, block, mass.device)
         forced[:, 0] = True
         layout = keep_by_share(mass, forced, float(params["share"]))
