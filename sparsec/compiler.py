@@ -309,8 +309,8 @@ class CompiledModel:
 
 def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterable | None = None,
             target: "str | Target" = "cpu", budget: Any = None, weights: Any = None, recall: float = 0.95,
-            tolerance: Any = "auto", verification: Iterable | None = None, seq_len: int | None = None,
-            dump_dir: "str | Path | None" = None, plan: Plan | None = None,
+            patterns: Iterable[str] | None = None, tolerance: Any = "auto", verification: Iterable | None = None,
+            seq_len: int | None = None, dump_dir: "str | Path | None" = None, plan: Plan | None = None,
             passes: list | None = None, disable_passes: Iterable[str] = (),
             instruments: Iterable = ()) -> CompiledModel:
     """Compile ``model`` into a sparse model.
@@ -331,6 +331,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
             ``sparsity`` (OWL allocation); with an error or speedup budget the search
             chooses them in one knapsack with the attention levels.
         recall: the fraction of attention mass a head's pattern must keep on calibration data.
+        patterns: the pattern families a head may take (e.g. ``["sink_window",
+            "dynamic_blocks"]``; dense is always one); default every family, except at causal
+            sites those whose layout is taken from the calibration text (``block_topk``).
         tolerance: how far the compiled model may drift from the dense one on the
             verification inputs before compile makes the worst heads dense again
             (:mod:`sparsec.ir.tolerance`): ``"auto"`` (KL <= 0.02 and top-1 agreement >= 0.98
@@ -352,10 +355,11 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         instruments: :class:`~sparsec.passes.infra.pass_manager.PassInstrument` objects the
             pass manager calls around every pass (e.g. a ``PassTimer`` for per-pass seconds).
     """
-    from sparsec.ir.inputs import check_finite, check_recall
+    from sparsec.ir.inputs import check_finite, check_patterns, check_recall
     from sparsec.passes.helpers.capture import capture, capture_mode
 
     recall = check_recall(recall)
+    patterns = check_patterns(patterns)
     target = get_target(target)
     example = as_call(example_inputs)
     check_finite([example], "example_inputs")
@@ -374,7 +378,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
         raise ValueError("WeightSparsity(levels=...) fixes every linear's level, and a budget searches "
                          "them: pass one of the two")
     ctx = CompileContext(plan=new_plan, target=target, example_args=example[0], example_kwargs=example[1],
-                         calibration=calls, recall=recall, budget=budget, weights=weights,
+                         calibration=calls, recall=recall, patterns=patterns, budget=budget, weights=weights,
                          weight_levels=None if weights is None or weights.levels is None else dict(weights.levels))
     dump_path = dump_dir or config.dump_dir()
     if passes is None:

@@ -1,5 +1,6 @@
 """calibrate and classify_heads: statistics against brute force, and planted-pattern recovery."""
 import functools
+import warnings
 import math
 
 import pytest
@@ -353,3 +354,21 @@ def test_causal_statistics_match_brute_force_when_queries_and_keys_differ(n_q, n
     assert torch.equal(profile.rows, expected.rows * 2)
     for field in ("block_mass", "column_mass", "diagonal_mass", "column_offset_mass"):
         torch.testing.assert_close(getattr(profile, field), getattr(expected, field), rtol=1e-5, atol=1e-7)
+
+
+def test_compile_takes_the_families_it_is_given():
+    """``compile(patterns=...)``: heads take only the named families (or dense), where the
+    default plan of the same model takes others."""
+    import sparsec
+    torch.manual_seed(3)
+    model = PlantedAttention(PLANTED_LAYERS, causal=True).eval()
+    example, calibration = (torch.randn(1, 64, 32),), [(torch.randn(1, 512, 32),)]
+    found = {}
+    for patterns in (None, ["window"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = sparsec.compile(model, example, calibration=calibration, target="h100", patterns=patterns,
+                                       seq_len=8192)
+        found[patterns is None] = {h.pattern for site in compiled.plan.attention for h in site.heads}
+    assert found[False] <= {"window", "dense"} and "window" in found[False]
+    assert found[True] - {"window", "dense"}

@@ -55,3 +55,9 @@ def test_non_finite_calibration_names_batch_and_keyword_input():
     calibration = [{"x": _x(), "bias": torch.randn(2, 1, 16, 16)}, broken]
     with pytest.raises(InvalidArgumentError, match=r"calibration batch 1: keyword input \['bias'\] holds NaN"):
         sparsec.compile(model, example, calibration=calibration)
+
+
+@pytest.mark.parametrize("patterns", [["windw"], ["window", "stripes"], []])
+def test_unknown_pattern_families_name_the_known_ones(patterns):
+    with pytest.raises(InvalidArgumentError, match=r"patterns=.*sink_window.*dynamic_blocks"):
+        sparsec.compile(SdpaBlock().eval(), (_x(),), patterns=patterns)

@@ -10,7 +10,8 @@ from typing import Callable
 
 from sparsec.analysis.cost_model import CostModel
 from sparsec.passes.infra.pass_manager import CompileContext
-from sparsec.patterns import get_pattern, instance_key, pattern_kinds
+from sparsec.passes.classify_heads import candidate_families
+from sparsec.patterns import get_pattern, instance_key
 from sparsec.ir.plan import AttentionSite, HeadGroup, RunsPattern
 
 
@@ -51,7 +52,7 @@ def fit_ladder(site: AttentionSite, ctx: CompileContext, levels: tuple, cost: Co
         return [[None] * len(levels) for _ in site.heads]
     dense_seconds = dense_rung(site, cost, n).seconds
     causal = site.effective_causal()
-    kinds = [kind for kind in pattern_kinds()
+    kinds = [kind for kind in candidate_families(ctx, causal)
              if not (get_pattern(kind).computes_all or get_pattern(kind).computes_none)]
     ladder = []
     for head in range(site.num_heads):

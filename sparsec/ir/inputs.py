@@ -77,6 +77,22 @@ def check_recall(recall: Any) -> float:
     return float(recall)
 
 
+def check_patterns(patterns: Any) -> tuple[str, ...] | None:
+    """``patterns`` as a tuple of registered family names (None: every family), or
+    :class:`InvalidArgumentError` naming the known ones."""
+    if patterns is None:
+        return None
+    from sparsec.patterns import pattern_kinds
+
+    names = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    unknown = [name for name in names if name not in pattern_kinds()]
+    if unknown or not names:
+        what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "no family named"
+        raise InvalidArgumentError(f"patterns={list(names)!r}: {what}; name families among "
+                                   f"{', '.join(pattern_kinds())}, or leave it None for every one")
+    return names
+
+
 def check_finite(calls: list[tuple[tuple, dict]], what: str = "calibration batch") -> None:
     """Raise :class:`InvalidArgumentError` naming the batch and input of the first
     floating-point tensor that holds NaN or infinity (the statistics and the reference

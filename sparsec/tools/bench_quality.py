@@ -220,7 +220,8 @@ def compile_model(model, tokenizer, args, device, encoder: bool):
                                                                    args.verify_batches, encoder, offset)]
     start, start_cpu = time.perf_counter(), time.process_time()
     compiled = sparsec.compile(model, (windows[0],), calibration=[(ids,) for ids in windows],
-                               target=args.target, recall=args.recall, seq_len=max(serving, args.calibration_length),
+                               target=args.target, recall=args.recall, patterns=args.patterns,
+                               seq_len=max(serving, args.calibration_length),
                                verification=verification)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -418,6 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-batches", type=int, default=2)
     parser.add_argument("--target", default="h100", help="sparsec target (cost model the plan is made for)")
     parser.add_argument("--recall", type=float, default=0.95)
+    parser.add_argument("--patterns", type=lambda text: text.split(","),
+                        help="comma-separated families heads may take (compile's patterns=; default all)")
     parser.add_argument("--verify-length", type=int,
                         help="length compile verifies (and costs) the plan at; default the longest of --lengths "
                              "(0: the calibration length only)")
