@@ -372,3 +372,26 @@ def test_compile_takes_the_families_it_is_given():
         found[patterns is None] = {h.pattern for site in compiled.plan.attention for h in site.heads}
     assert found[False] <= {"window", "dense"} and "window" in found[False]
     assert found[True] - {"window", "dense"}
+
+
+def test_a_static_pattern_that_pays_goes_before_a_cheaper_dynamic_one():
+    """Priced at 8k, vertical_slash is a little cheaper than the planted stripe heads' own
+    vertical_stripe fit: they take the static pattern (a dynamic family's recall is an
+    estimate that keeps less at the serving length), and no head whose static candidates
+    reach the recall and pay takes a dynamic one."""
+    torch.manual_seed(3)
+    model = PlantedAttention(PLANTED_LAYERS, causal=True)
+    ctx = run_passes(model, (torch.randn(2, 64, 32),), [(torch.randn(1, 512, 32),)], [Calibrate(), ClassifyHeads()],
+                     target="h100", seq_len=8192)
+    cheaper_dynamic = 0
+    for site in ctx.plan.attention:
+        for head in site.heads:
+            dense = next(c for c in head.candidates if c["pattern"] == "dense")["seconds"]
+            meeting = [c for c in head.candidates if c["recall"] >= 0.95 and c["pattern"] != "dense"]
+            static = [c for c in meeting if not get_pattern(c["pattern"]).dynamic and c["seconds"] <= 0.8 * dense]
+            if static:
+                assert not get_pattern(head.pattern).dynamic, (site.name, head.head, head.pattern)
+                cheaper_dynamic += min(c["seconds"] for c in meeting) < min(c["seconds"] for c in static)
+    assert cheaper_dynamic >= 2
+    stripes = [site.heads[2].pattern for site in ctx.plan.attention]
+    assert stripes == ["vertical_stripe", "vertical_stripe"]
