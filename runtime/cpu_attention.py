@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsec.patterns import get_pattern
-from sparsec.patterns.base import mask_4d, positions
+from sparsec.patterns.base import TorchOps, mask_4d, positions
 from sparsec.ir import reference
 
 # Query rows per chunk of the CPU path: the cost model's ROW_BLOCK, at which the ``cpu``
@@ -74,7 +74,9 @@ def gathered_chunk(start: int, end: int, keep: torch.Tensor) -> Chunk:
 def static_plan(kind: str, params_json: str, n_q: int, n_k: int, causal: bool, rows: int) -> GatherPlan:
     """The cached plan of a static pattern at one length."""
     pattern, params = get_pattern(kind), json.loads(params_json)
-    return GatherPlan([gathered_chunk(start, end, pattern.mask(params, n_q, n_k, causal, rows=positions(start, end)))
+    ops = TorchOps(n_q, n_k)           # one set of lookup tables for every chunk (a stripe table: 7 ms each)
+    return GatherPlan([gathered_chunk(start, end, pattern.mask(params, n_q, n_k, causal, rows=positions(start, end),
+                                                               ops=ops))
                        for start, end in _chunk_bounds(n_q, rows)], n_k)
 
 

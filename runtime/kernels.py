@@ -399,9 +399,7 @@ def _kernel_unsupported(q, k, v, group: HeadGroup) -> str:
         return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
     if not (q.dtype == k.dtype == v.dtype):
         return "q, k and v dtypes differ"
-    if get_pattern(group.pattern).dynamic and q.shape[-2] > k.shape[-2]:
-        # The kernel's offset map spans d in [-(n_k - 1), n_k - 1]; more queries than keys
-        # (cross-attention) reach further below.
+    if q.shape[-2] > k.shape[-2] and not get_pattern(group.pattern).triton_more_queries_than_keys:
         return f"{group.pattern} with more queries than keys"
     return ""
 

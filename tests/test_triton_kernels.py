@@ -371,12 +371,27 @@ def test_compiled_flex_attention_with_the_bench_masks_equals_the_reference(case)
 
 
 def test_vertical_slash_with_more_queries_than_keys_falls_back_to_the_reference():
+    """Only vertical_slash's kernel (its offset map) needs a key for every query offset."""
     from sparsec.runtime.kernels import _kernel_unsupported
 
     q, k = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 5, 16)
     group = HeadGroup("vertical_slash", {"vertical": [2, 0], "slash": [2, 0], "queries": 4}, [0, 1])
     assert _kernel_unsupported(q, k, k, group) == "vertical_slash with more queries than keys"
     assert _kernel_unsupported(k, q, q, group) == ""
+    blocks = HeadGroup("dynamic_blocks", {"block": 4, "samples": 2, "share": 0.8, "density": [0.5, 5, 0]}, [0, 1])
+    assert _kernel_unsupported(q, k, k, blocks) == ""
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dynamic_blocks_with_more_queries_than_keys_interpreted(interpreter, causal):
+    """Through the kernel (causal: the first rows keep no key), against the reference."""
+    generator = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 53, 16, generator=generator)
+    k, v = (torch.randn(2, 2, 30, 16, generator=generator) for _ in range(2))
+    groups = [HeadGroup("dynamic_blocks", {"block": 8, "samples": 3, "share": 0.7, "density": [0.5, 30, 0]}, [3, 0]),
+              HeadGroup("dense", {}, [1, 2])]
+    out, expected = interpreter[0].apply(_interpreted, ((q, k, v, None, 0.25, causal, groups),))
+    assert_matches(out, expected)
 
 
 # -- masks of every shape, and the running target's kernel configs ---------------------------

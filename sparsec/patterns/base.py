@@ -14,7 +14,6 @@ Conventions (every kernel and the reference follow them):
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -177,6 +176,7 @@ class TorchOps(MaskOps):
 
     def __init__(self, n_q: int, n_k: int, device: "torch.device | str" = "cpu"):
         self.n_q, self.n_k, self.device = n_q, n_k, torch.device(device)
+        self._tables: dict = {}        # list lookup tables as tensors, made once (see Pattern.mask_mod)
 
     def size(self, value, minimum=1):
         return Elastic.from_json(value, minimum).at(self.n_k)
@@ -189,17 +189,13 @@ class TorchOps(MaskOps):
     def lookup(self, table, index):
         if isinstance(table, torch.Tensor):
             return table.to(self.device)[index]
-        return _table_tensor(tuple(table), self.device)[index]
+        key = tuple(table)
+        if key not in self._tables:
+            self._tables[key] = torch.as_tensor(table, device=self.device)
+        return self._tables[key][index]
 
     def full(self, like, value):
         return torch.full_like(like, value, dtype=torch.bool)
-
-
-@functools.lru_cache(maxsize=256)
-def _table_tensor(table: tuple, device: torch.device) -> torch.Tensor:
-    """A list lookup table as a tensor, made once: a chunked mask evaluates one table per
-    chunk (``torch.as_tensor`` of a stripe table took 7 of a CPU compile's 90 s)."""
-    return torch.as_tensor(table, device=device)
 
 
 class Pattern:
@@ -227,6 +223,9 @@ class Pattern:
     # mask as the kept-cell grid (see keep_grid), which serves any static family.
     triton_template: "str | None" = "lut"
     triton_flags: dict = {"KEEP_KIND": 1, "HAS_COLUMNS": False}
+    # Whether its Triton kernel serves more queries than keys (cross-attention); where not,
+    # those calls run the reference, with one warning.
+    triton_more_queries_than_keys: bool = True
 
     def index_keep(self, params: dict, i, j, d, ops: MaskOps):
         """The kept pairs *before* the causal cut, as index arithmetic on query index ``i``,
@@ -256,13 +255,16 @@ class Pattern:
         raise NotImplementedError(f"{self.kind} is not estimated per input")
 
     def mask(self, params: dict, n_q: int, n_k: int, causal: bool,
-             rows: torch.Tensor | None = None, device: "torch.device | str" = "cpu") -> torch.Tensor:
-        """Boolean ``[len(rows), n_k]`` mask of the pairs this pattern computes (the reference)."""
+             rows: torch.Tensor | None = None, device: "torch.device | str" = "cpu",
+             ops: TorchOps | None = None) -> torch.Tensor:
+        """Boolean ``[len(rows), n_k]`` mask of the pairs this pattern computes (the reference).
+        ``ops`` (at ``n_q, n_k`` on ``rows``' device) is shared by callers that ask for many
+        row sets: its lookup tables are made once."""
         if rows is None:
             rows = positions(0, n_q, device)
         cols = positions(0, n_k, rows.device).to(rows.dtype)
         d = offsets(rows, cols, n_q, n_k)
-        kept = self.index_keep(params, rows[:, None], cols[None, :], d, TorchOps(n_q, n_k, rows.device))
+        kept = self.index_keep(params, rows[:, None], cols[None, :], d, ops or TorchOps(n_q, n_k, rows.device))
         kept = kept.expand(d.shape)
         return kept & (d >= 0) if causal else kept
 

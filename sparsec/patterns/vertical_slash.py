@@ -37,6 +37,8 @@ class VerticalSlash(Pattern):
     # Lookup-table template, KEEP_KIND 2: estimated column and offset maps, gathered columns.
     triton_template = "lut"
     triton_flags = {"KEEP_KIND": 2, "HAS_COLUMNS": True}
+    # The kernel's offset map spans d in [-(n_k - 1), n_k - 1]: more queries than keys reach below.
+    triton_more_queries_than_keys = False
 
     def merge(self, first, second):
         """More columns and diagonals from the same estimate (same ``queries``): the top
