@@ -52,10 +52,13 @@ class _ProfileSums:
     def __init__(self, heads: int, n_q: int, n_k: int, block: int):
         self.n_q, self.n_k, self.block = n_q, n_k, block
         self.batches = 0
-        self.rows = torch.zeros(heads, dtype=torch.float64)
         self.buckets = offset_buckets(n_q, n_k)
         self.blocks = (math.ceil(n_q / block), math.ceil(n_k / block))
-        self.block_mass = torch.zeros(heads, self.blocks[0] * self.blocks[1], dtype=torch.float64)
+        self.heads = heads
+        # Block mass and valid rows per input (sequence): a family estimated per input
+        # (dynamic_blocks) is modelled on each input's own layout, not on their mean.
+        self.input_block_mass: list[torch.Tensor] = []        # [H, blocks] each
+        self.input_rows: list[torch.Tensor] = []              # [H] each
         self.column_mass = torch.zeros(heads, n_k, dtype=torch.float64)
         self.diagonal_mass = torch.zeros(heads, n_q + n_k - 1, dtype=torch.float64)
         self.column_offset_mass = torch.zeros(heads, n_k * self.buckets, dtype=torch.float64)
@@ -68,25 +71,48 @@ class _ProfileSums:
             "column_offset_mass": (cols[None, :] * self.buckets + offset_bucket(d.abs())).flatten(),
         }
 
+    def start_batch(self, size: int) -> None:
+        """A calibration call of ``size`` inputs: the next :meth:`add` calls are theirs."""
+        self.batches += 1
+        for _ in range(size):
+            self.input_block_mass.append(torch.zeros(self.heads, self.blocks[0] * self.blocks[1], dtype=torch.float64))
+            self.input_rows.append(torch.zeros(self.heads, dtype=torch.float64))
+
     def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict,
             columns: slice = slice(None)) -> None:
-        """Add probabilities ``[B, h, rows, n_k]`` of ``heads`` and query rows ``index`` is for;
-        ``index`` covers only the key ``columns`` (outside them every probability is 0)."""
+        """Add probabilities ``[B, h, rows, n_k]`` of ``heads`` and query rows ``index`` is for
+        (of the last :meth:`start_batch`'s ``B`` inputs); ``index`` covers only the key
+        ``columns`` (outside them every probability is 0)."""
+        batch = probs.shape[0]
+        for position, rows in enumerate(valid.sum(2).double().cpu()):
+            self.input_rows[position - batch][heads] += rows
+        for position, positions_probs in enumerate(probs[..., columns].flatten(2)):
+            self.input_block_mass[position - batch][heads] += self._scatter(positions_probs, index["block_mass"],
+                                                                            self.input_block_mass[0].shape[1])
         probs = probs.sum(0)                                  # over the batch: [h, rows, n_k]
-        self.rows[heads] += valid.sum((0, 2)).double().cpu()
         self.column_mass[heads] += probs.sum(1).double().cpu()
         flat = probs[..., columns].flatten(1)
         for name, positions in index.items():
-            total = getattr(self, name)
-            part = torch.zeros(flat.shape[0], total.shape[1], dtype=flat.dtype, device=flat.device)
-            total[heads] += part.index_add_(1, positions, flat).double().cpu()
+            if name != "block_mass":
+                total = getattr(self, name)
+                total[heads] += self._scatter(flat, positions, total.shape[1])
+
+    @staticmethod
+    def _scatter(flat: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+        """``flat`` ``[h, pairs]`` summed into ``width`` slots at ``positions``, float64 on the CPU."""
+        part = torch.zeros(flat.shape[0], width, dtype=flat.dtype, device=flat.device)
+        return part.index_add_(1, positions, flat).double().cpu()
 
     def profile(self, causal: bool) -> AttentionProfile:
-        rows = self.rows.clamp(min=1)[:, None]
+        total_rows = torch.stack(self.input_rows).sum(0)
+        rows = total_rows.clamp(min=1)[:, None]
+        inputs = torch.stack(self.input_block_mass)                               # [I, H, blocks]
+        per_input = inputs / torch.stack(self.input_rows).clamp(min=1)[..., None]
         return AttentionProfile(
             n_q=self.n_q, n_k=self.n_k, causal=causal, block=self.block, batches=self.batches,
-            rows=self.rows.clone(),
-            block_mass=(self.block_mass / rows).view(-1, *self.blocks),
+            rows=total_rows,
+            block_mass=(inputs.sum(0) / rows).view(-1, *self.blocks),
+            input_block_mass=per_input.transpose(0, 1).reshape(self.heads, len(inputs), *self.blocks),
             column_mass=self.column_mass / rows,
             diagonal_mass=self.diagonal_mass / rows,
             column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets))
@@ -124,7 +150,7 @@ class _Recorder:
         n_k = k.shape[-2]
         site_sums = self.sums[node_name]
         sums = site_sums.setdefault((n_q, n_k), _ProfileSums(heads, n_q, n_k, self.block))
-        sums.batches += 1
+        sums.start_batch(batch)
         mask = mask_4d(mask)
         k = k.repeat_interleave(heads // k.shape[1], dim=1)     # GQA: key head of each query head
         # As many heads as fit with at least 64 query rows, then as many rows as fit.
@@ -213,8 +239,8 @@ def profile_from_probabilities(probs: torch.Tensor, causal: bool, block: int) ->
     sums = _ProfileSums(heads, n_q, n_k, block)
     rows, cols = torch.arange(n_q), torch.arange(n_k)
     valid = probs.sum(-1) > 0.5
+    sums.start_batch(1)
     sums.add(slice(None), probs[None].float(), valid[None], sums.indices(rows, cols, offsets(rows, cols, n_q, n_k)))
-    sums.batches = 1
     return sums.profile(causal)
 
 

@@ -108,6 +108,10 @@ def test_statistics_match_brute_force(batch, n, causal, mask_kind):
     blocks = math.ceil(n / block)
     padded = torch.nn.functional.pad(total, (0, blocks * block - n, 0, blocks * block - n))
     close(profile.block_mass, padded.view(4, blocks, block, blocks, block).sum((2, 4)))
+    own_rows = probs.sum(-1).gt(0.5).sum(2).double().clamp(min=1)    # [B, H]: each input's valid rows
+    own = torch.nn.functional.pad(probs, (0, blocks * block - n, 0, blocks * block - n))
+    own = own.view(batch, 4, blocks, block, blocks, block).sum((3, 5)) / own_rows[..., None, None]
+    close(profile.input_block_mass, own.transpose(0, 1))
     bucket = offset_bucket(d.abs())
     by_bucket = torch.stack([(total * (bucket == b)).sum(1) for b in range(profile.column_offset_mass.shape[-1])], -1)
     close(profile.column_offset_mass, by_bucket)
@@ -327,7 +331,10 @@ def test_column_trimming_and_index_cache_keep_statistics_bitwise(monkeypatch, ca
     full = statistics()
     assert not full.index_cache
     for node in ("a", "b"):
-        for field in ("rows", "block_mass", "column_mass", "diagonal_mass", "column_offset_mass"):
+        for field in ("input_rows", "input_block_mass"):
+            for got, want in zip(getattr(trimmed.sums[node][n, n], field), getattr(full.sums[node][n, n], field)):
+                assert torch.equal(got, want)
+        for field in ("column_mass", "diagonal_mass", "column_offset_mass"):
             assert torch.equal(getattr(trimmed.sums[node][n, n], field), getattr(full.sums[node][n, n], field))
 
 

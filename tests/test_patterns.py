@@ -308,6 +308,36 @@ def test_dynamic_blocks_fit_keeps_a_scattered_layout_where_columns_and_diagonals
     assert slash_recall < 0.95 or get_pattern("vertical_slash").density(slash_params, n, True) > 0.5
 
 
+def test_dynamic_blocks_is_modelled_on_each_calibration_inputs_own_layout():
+    """Two inputs whose heads attend to different key blocks: the family keeps each input's
+    own blocks (recall at least the share, density as one input's), where the layout of
+    their mean mass would keep both inputs' blocks."""
+    from sparsec.passes.calibrate import _ProfileSums
+    from sparsec.patterns.base import offsets
+    from sparsec.patterns.dynamic_blocks import keep_by_share
+    from sparsec.patterns.shared import diagonal_blocks, tile_pairs
+    n, block = 320, 16
+    sums = _ProfileSums(1, n, n, block)
+    rows = cols = torch.arange(n)
+    index = sums.indices(rows, cols, offsets(rows, cols, n, n))
+    for seed in (4, 5):
+        probs = _scattered_block_head(n, block, seed)
+        sums.start_batch(1)
+        sums.add(slice(None), probs[None, None].float(), torch.ones(1, 1, n, dtype=torch.bool), index)
+    profile = sums.profile(True).head(0)
+    family = get_pattern("dynamic_blocks")
+    params = {"block": block, "samples": 8, "share": 0.8, "density": [1.0, n, 0.0]}
+    assert family.recall(profile, params) >= 0.8
+    one_input = profile_from_probabilities(_scattered_block_head(n, block, 4)[None], True, block).head(0)
+    assert family._profile_density(profile, params, n // block) == pytest.approx(
+        family._profile_density(one_input, params, n // block), rel=0.1)
+    forced = diagonal_blocks(n, n, block)
+    forced[:, 0] = True
+    of_mean = keep_by_share(profile.block_mass, forced, 0.8)
+    mean_density = float((tile_pairs(n, block, True) * of_mean).sum()) / (n * (n + 1) / 2)
+    assert mean_density > 1.3 * family._profile_density(profile, params, n // block)
+
+
 def test_dynamic_blocks_estimate_keeps_the_heavy_blocks_and_the_forced_ones():
     """Keys planted to draw a query block's rows: the estimate keeps their block, the sink
     block and the diagonal ones, and no block without mass."""
