@@ -75,7 +75,7 @@ class _ProfileSums:
         """A calibration call of ``size`` inputs: the next :meth:`add` calls are theirs."""
         self.batches += 1
         for _ in range(size):
-            self.input_block_mass.append(torch.zeros(self.heads, self.blocks[0] * self.blocks[1], dtype=torch.float64))
+            self.input_block_mass.append(torch.zeros(self.heads, math.prod(self.blocks), dtype=torch.float64))
             self.input_rows.append(torch.zeros(self.heads, dtype=torch.float64))
 
     def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict,
@@ -86,9 +86,9 @@ class _ProfileSums:
         batch = probs.shape[0]
         for position, rows in enumerate(valid.sum(2).double().cpu()):
             self.input_rows[position - batch][heads] += rows
-        for position, positions_probs in enumerate(probs[..., columns].flatten(2)):
-            self.input_block_mass[position - batch][heads] += self._scatter(positions_probs, index["block_mass"],
-                                                                            self.input_block_mass[0].shape[1])
+        blocks = math.prod(self.blocks)
+        for position, input_probs in enumerate(probs[..., columns].flatten(2)):
+            self.input_block_mass[position - batch][heads] += self._scatter(input_probs, index["block_mass"], blocks)
         probs = probs.sum(0)                                  # over the batch: [h, rows, n_k]
         self.column_mass[heads] += probs.sum(1).double().cpu()
         flat = probs[..., columns].flatten(1)
