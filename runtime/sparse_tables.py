@@ -168,28 +168,52 @@ def dynamic_blocks_tables(layout: torch.Tensor, block: int, n_q: int, n_k: int, 
     causal, it starts at or before its last row's position); it is full when every cell it
     overlaps is kept, every key is in range and, causal, it ends at or before its first row's
     position."""
-    device = layout.device
+    tiling = _layout_tiling(block, n_q, n_k, causal, block_m, block_n, layout.device)
+    fine = layout.index_select(-2, tiling.fine_q).index_select(-1, tiling.fine_k)
+    shape = (*layout.shape[:2], *tiling.tiles)
+    any_kept = torch.nn.functional.pad(fine, tiling.pad, value=False).view(shape).any(5).any(3) & tiling.listable
+    rows_past_end = torch.nn.functional.pad(fine, (0, 0, 0, tiling.pad[3]), value=True)   # never spoil a full tile
+    all_kept = torch.nn.functional.pad(rows_past_end, tiling.pad[:2], value=False).view(shape).all(5).all(3)
+    lut, n_full, n_blocks = _compact(tiling.key_tiles, all_kept & tiling.fillable, any_kept)
+    counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1)
+    blocks_q, blocks_k = layout.shape[-2:]
+    return LutTables(lut, counts, tiling.dummy_int, layout.to(torch.int8).contiguous(), tiling.dummy, tiling.dummy,
+                     (block, blocks_q, blocks_k, blocks_q, blocks_k))
+
+
+@dataclass(frozen=True)
+class _LayoutTiling:
+    """What a layout's tables need of its shape alone (made once per shape: a dynamic group
+    builds its tables every call, and host time is most of it, ~10-20 us an op on the H200's
+    host)."""
+    fine_q: torch.Tensor        # the layout row of each ``step`` rows
+    fine_k: torch.Tensor        # the layout column of each ``step`` keys
+    pad: tuple                  # padding of the fine grid to whole kernel tiles
+    tiles: tuple                # (n_qt, block_m / step, n_kt, block_n / step)
+    listable: torch.Tensor      # [n_qt, n_kt]: tiles the causal cut leaves any pair of
+    fillable: torch.Tensor      # [n_qt, n_kt]: tiles that may be full (keys in range, before the cut)
+    key_tiles: torch.Tensor     # arange(n_kt)
+    dummy: torch.Tensor
+    dummy_int: torch.Tensor
+
+
+@lru_cache(maxsize=64)
+def _layout_tiling(block: int, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
+                   device: torch.device) -> _LayoutTiling:
     step = math.gcd(block, block_m, block_n)              # a grid that tiles cells and kernel tiles
     n_qt, n_kt = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
     fine_q = torch.arange(math.ceil(n_q / step), device=device) * step // block
     fine_k = torch.arange(math.ceil(n_k / step), device=device) * step // block
-    fine = layout.index_select(-2, fine_q).index_select(-1, fine_k)
-    pad = (0, n_kt * block_n // step - fine.shape[-1], 0, n_qt * block_m // step - fine.shape[-2])
-    tiles = (*layout.shape[:2], n_qt, block_m // step, n_kt, block_n // step)
-    any_kept = torch.nn.functional.pad(fine, pad, value=False).view(tiles).any(5).any(3)
-    rows_past_end = torch.nn.functional.pad(fine, (0, 0, 0, pad[3]), value=True)   # never spoil a full tile
-    all_kept = torch.nn.functional.pad(rows_past_end, pad[:2], value=False).view(tiles).all(5).all(3)
+    pad = (0, n_kt * block_n // step - len(fine_k), 0, n_qt * block_m // step - len(fine_q))
     key_start = torch.arange(n_kt, device=device) * block_n
-    all_kept &= key_start + block_n <= n_k
+    listable = torch.ones(n_qt, n_kt, dtype=torch.bool, device=device)
+    fillable = (key_start + block_n <= n_k)[None, :].expand(n_qt, -1)
     if causal:
         query_start = torch.arange(n_qt, device=device) * block_m
         p_first = query_start + (n_k - n_q)
         p_last = torch.clamp(query_start + block_m, max=n_q) - 1 + (n_k - n_q)
-        any_kept &= key_start[None, :] <= p_last[:, None]
-        all_kept &= key_start[None, :] + block_n - 1 <= p_first[:, None]
-    lut, n_full, n_blocks = _compact(torch.arange(n_kt, device=device), all_kept, any_kept)
-    counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1).contiguous()
+        listable = key_start[None, :] <= p_last[:, None]
+        fillable = fillable & (key_start[None, :] + block_n - 1 <= p_first[:, None])
     dummy = torch.zeros(1, dtype=torch.int8, device=device)
-    blocks_q, blocks_k = layout.shape[-2:]
-    return LutTables(lut, counts, dummy.int(), layout.to(torch.int8).contiguous(), dummy, dummy,
-                     (block, blocks_q, blocks_k, blocks_q, blocks_k))
+    return _LayoutTiling(fine_q, fine_k, pad, (n_qt, block_m // step, n_kt, block_n // step), listable,
+                         fillable, torch.arange(n_kt, device=device), dummy, dummy.int())

@@ -31,6 +31,7 @@ more blocks: SmolLM2 at 2k, two inputs, layer 3: 0.57 of the pairs where each in
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import sympy
@@ -82,10 +83,8 @@ class DynamicBlocks(Pattern):
     def estimating_rows(self, params: dict, n_q: int, device=None) -> torch.Tensor:
         """``samples`` rows of each query block, spread over it (its first and last row
         included; the last block's clamped to ``n_q - 1``), block by block."""
-        block, samples = int(params["block"]), int(params["samples"])
-        within = torch.linspace(0, block - 1, samples, device=device).round().long()
-        starts = torch.arange(math.ceil(n_q / block), device=device) * block
-        return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
+        return _estimating_rows(int(params["block"]), int(params["samples"]), n_q,
+                                None if device is None else torch.device(device))
 
     def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
                            k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
@@ -106,9 +105,7 @@ class DynamicBlocks(Pattern):
         block's estimated mass is its rows' mean."""
         block, samples = int(params["block"]), int(params["samples"])
         mass = row_mass.view(*row_mass.shape[:-2], -1, samples, row_mass.shape[-1]).mean(-2)
-        forced = diagonal_blocks(n_q, n_k, block, mass.device)
-        forced[:, 0] = True
-        layout = keep_by_share(mass, forced, float(params["share"]))
+        layout = keep_by_share(mass, forced_blocks(n_q, n_k, block, mass.device), float(params["share"]))
         if logging_kept_pairs() and n_q == n_k:
             kept = int((tile_pairs(n_k, block, causal).to(layout.device) * layout).sum())
             log_kept_pairs(self.kind, kept, layout.shape[0] * layout.shape[1] * int(full_pairs(n_k, causal)))
@@ -159,9 +156,7 @@ class DynamicBlocks(Pattern):
         n_q, n_k = profile.n_q, profile.n_k
         if blocks is not None:
             mass, n_q, n_k = mass[:, :blocks, :blocks], blocks * block, blocks * block
-        forced = diagonal_blocks(n_q, n_k, block)
-        forced[:, 0] = True
-        return mass, keep_by_share(mass, forced, float(params["share"]))
+        return mass, keep_by_share(mass, forced_blocks(n_q, n_k, block, mass.device), float(params["share"]))
 
     def _profile_density(self, profile, params, blocks: int) -> float:
         """Mean fraction of the causal pairs of the first ``blocks`` blocks the inputs'
@@ -196,6 +191,22 @@ class DynamicBlocks(Pattern):
             decay = min(max(math.log2(half / density), 0.0), 1.0) if density > 0 else 0.0
         params["density"] = [round(density, 4), longest.n_k, round(decay, 4)]
         return params, fitting.worst_recall(self, profiles, params)
+
+
+@functools.lru_cache(maxsize=64)
+def forced_blocks(n_q: int, n_k: int, block: int, device: torch.device) -> torch.Tensor:
+    """The blocks every query block keeps: those its rows' diagonal crosses, and key block 0
+    (made once per shape, read-only)."""
+    forced = diagonal_blocks(n_q, n_k, block, device)
+    forced[:, 0] = True
+    return forced
+
+
+@functools.lru_cache(maxsize=64)
+def _estimating_rows(block: int, samples: int, n_q: int, device: torch.device | None) -> torch.Tensor:
+    within = torch.linspace(0, block - 1, samples, device=device).round().long()
+    starts = torch.arange(math.ceil(n_q / block), device=device) * block
+    return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
 
 
 def keep_by_share(mass: torch.Tensor, forced: torch.Tensor, share: float) -> torch.Tensor:
