@@ -133,6 +133,39 @@ def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: i
     prefix = torch.zeros(batch, heads, 2 * n_k, dtype=torch.int32, device=device)
     prefix[..., 1:] = offmap.cumsum(-1)
 
+    tiling = _slash_tiling(n_q, n_k, causal, block_m, block_n, device)
+    index_hi, index_lo = (index.reshape(1, 1, -1).expand(batch, heads, -1) for index in tiling.prefix_index)
+    kept = (prefix.gather(-1, index_hi) - prefix.gather(-1, index_lo)).view(batch, heads, *tiling.offsets.shape)
+    any_kept = (kept > 0) & tiling.in_range
+    all_kept = (kept == tiling.offsets) & tiling.fillable
+    lut, n_full, n_blocks = _compact(tiling.key_tiles, all_kept, any_kept)
+
+    n_qb = tiling.offsets.shape[0]
+    listed = any_kept.gather(-1, (columns // block_n)[:, :, None, :].expand(-1, -1, n_qb, -1))
+    gather = ~listed
+    if causal:
+        gather &= columns[:, :, None, :] <= tiling.p_last[None, None, :, None]
+    column_table, _, n_columns = _compact(columns[:, :, None, :], gather, torch.zeros_like(gather))
+    counts = torch.stack([n_full, n_blocks, n_columns], dim=-1)
+    return LutTables(lut, counts, column_table, tiling.dummy, colmap, offmap)
+
+
+@dataclass(frozen=True)
+class _SlashTiling:
+    """What ``vertical_slash``'s tables need of the shape alone, made once per shape (see
+    :class:`_LayoutTiling`)."""
+    prefix_index: tuple         # (hi + 1, lo) of each tile's offset range, as positions of the prefix sums
+    offsets: torch.Tensor       # [n_qb, n_kb]: how many offsets a tile spans
+    in_range: torch.Tensor      # its offset range meets [-(n_k - 1), n_k - 1]
+    fillable: torch.Tensor      # its keys are all in range
+    p_last: torch.Tensor        # [n_qb]: each query block's last key position
+    key_tiles: torch.Tensor     # arange(n_kb)
+    dummy: torch.Tensor
+
+
+@lru_cache(maxsize=64)
+def _slash_tiling(n_q: int, n_k: int, causal: bool, block_m: int, block_n: int, device: torch.device) -> _SlashTiling:
+    shift = n_k - 1
     n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
     query_start = torch.arange(n_qb, device=device) * block_m
     p_first = query_start + (n_k - n_q)
@@ -141,22 +174,10 @@ def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: i
     key_last = torch.clamp(key_start + block_n, max=n_k) - 1
     lo = p_first[:, None] - key_last[None, :]              # offsets d = p - j a tile spans
     hi = p_last[:, None] - key_start[None, :]
-    lo_in, hi_in = lo.clamp(-shift, shift), hi.clamp(-shift, shift)
-    index_hi = (hi_in + shift + 1).reshape(1, 1, -1).expand(batch, heads, -1)
-    index_lo = (lo_in + shift).reshape(1, 1, -1).expand(batch, heads, -1)
-    kept = (prefix.gather(-1, index_hi) - prefix.gather(-1, index_lo)).view(batch, heads, n_qb, n_kb)
-    any_kept = (kept > 0) & (hi >= -shift) & (lo <= shift)
-    all_kept = (kept == hi - lo + 1) & (key_start + block_n <= n_k)
-    lut, n_full, n_blocks = _compact(torch.arange(n_kb, device=device), all_kept, any_kept)
-
-    listed = any_kept.gather(-1, (columns // block_n)[:, :, None, :].expand(-1, -1, n_qb, -1))
-    gather = ~listed
-    if causal:
-        gather &= columns[:, :, None, :] <= p_last[None, None, :, None]
-    column_table, _, n_columns = _compact(columns[:, :, None, :], gather, torch.zeros_like(gather))
-    counts = torch.stack([n_full, n_blocks, n_columns], dim=-1).contiguous()
-    return LutTables(lut, counts, column_table, torch.zeros(1, dtype=torch.int8, device=device),
-                     colmap, offmap)
+    prefix_index = ((hi.clamp(-shift, shift) + shift + 1).flatten(), (lo.clamp(-shift, shift) + shift).flatten())
+    return _SlashTiling(prefix_index, hi - lo + 1, (hi >= -shift) & (lo <= shift),
+                        (key_start + block_n <= n_k)[None, :].expand(n_qb, -1), p_last,
+                        torch.arange(n_kb, device=device), torch.zeros(1, dtype=torch.int8, device=device))
 
 
 @register_piece("triton_tables", "dynamic_blocks")
