@@ -103,8 +103,8 @@ def grid_tables(pattern: str, params_json: str, n_q: int, n_k: int, causal: bool
     lut, n_full, n_blocks = _compact(key_blocks, all_kept, any_kept)
     counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1).contiguous()
     grid, block = family.keep_grid(params, n_q, n_k)
-    dummy = torch.zeros(1, dtype=torch.int8, device=device)
-    return LutTables(lut, counts, dummy.int(), grid.to(device=device, dtype=torch.int8).contiguous(), dummy, dummy,
+    dummy, grid = _placeholder(device, torch.int8), grid.to(device=device, dtype=torch.int8).contiguous()
+    return LutTables(lut, counts, _placeholder(device, torch.int32), grid, dummy, dummy,
                      (block, *grid.shape, math.ceil(n_q / block), math.ceil(n_k / block)))
 
 
@@ -147,7 +147,7 @@ def vertical_slash_tables(columns: torch.Tensor, diagonals: torch.Tensor, n_q: i
         gather &= columns[:, :, None, :] <= tiling.p_last[None, None, :, None]
     column_table, _, n_columns = _compact(columns[:, :, None, :], gather, torch.zeros_like(gather))
     counts = torch.stack([n_full, n_blocks, n_columns], dim=-1)
-    return LutTables(lut, counts, column_table, tiling.dummy, colmap, offmap)
+    return LutTables(lut, counts, column_table, _placeholder(device, torch.int8), colmap, offmap)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,6 @@ class _SlashTiling:
     fillable: torch.Tensor      # its keys are all in range
     p_last: torch.Tensor        # [n_qb]: each query block's last key position
     key_tiles: torch.Tensor     # arange(n_kb)
-    dummy: torch.Tensor
 
 
 @lru_cache(maxsize=64)
@@ -177,7 +176,7 @@ def _slash_tiling(n_q: int, n_k: int, causal: bool, block_m: int, block_n: int, 
     prefix_index = ((hi.clamp(-shift, shift) + shift + 1).flatten(), (lo.clamp(-shift, shift) + shift).flatten())
     return _SlashTiling(prefix_index, hi - lo + 1, (hi >= -shift) & (lo <= shift),
                         (key_start + block_n <= n_k)[None, :].expand(n_qb, -1), p_last,
-                        torch.arange(n_kb, device=device), torch.zeros(1, dtype=torch.int8, device=device))
+                        torch.arange(n_kb, device=device))
 
 
 @register_piece("triton_tables", "dynamic_blocks")
@@ -198,7 +197,9 @@ def dynamic_blocks_tables(layout: torch.Tensor, block: int, n_q: int, n_k: int, 
     lut, n_full, n_blocks = _compact(tiling.key_tiles, all_kept & tiling.fillable, any_kept)
     counts = torch.stack([n_full, n_blocks, torch.zeros_like(n_full)], dim=-1)
     blocks_q, blocks_k = layout.shape[-2:]
-    return LutTables(lut, counts, tiling.dummy_int, layout.to(torch.int8).contiguous(), tiling.dummy, tiling.dummy,
+    dummy = _placeholder(layout.device, torch.int8)
+    return LutTables(lut, counts, _placeholder(layout.device, torch.int32), layout.to(torch.int8).contiguous(),
+                     dummy, dummy,
                      (block, blocks_q, blocks_k, blocks_q, blocks_k))
 
 
@@ -214,8 +215,6 @@ class _LayoutTiling:
     listable: torch.Tensor      # [n_qt, n_kt]: tiles the causal cut leaves any pair of
     fillable: torch.Tensor      # [n_qt, n_kt]: tiles that may be full (keys in range, before the cut)
     key_tiles: torch.Tensor     # arange(n_kt)
-    dummy: torch.Tensor
-    dummy_int: torch.Tensor
 
 
 @lru_cache(maxsize=64)
@@ -235,6 +234,11 @@ def _layout_tiling(block: int, n_q: int, n_k: int, causal: bool, block_m: int, b
         p_last = torch.clamp(query_start + block_m, max=n_q) - 1 + (n_k - n_q)
         listable = key_start[None, :] <= p_last[:, None]
         fillable = fillable & (key_start[None, :] + block_n - 1 <= p_first[:, None])
-    dummy = torch.zeros(1, dtype=torch.int8, device=device)
     return _LayoutTiling(fine_q, fine_k, pad, (n_qt, block_m // step, n_kt, block_n // step), listable,
-                         fillable, torch.arange(n_kt, device=device), dummy, dummy.int())
+                         fillable, torch.arange(n_kt, device=device))
+
+
+@lru_cache(maxsize=16)
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The one-element table a kernel argument takes where its family has none (read-only)."""
+    return torch.zeros(1, dtype=dtype, device=device)
