@@ -24,8 +24,8 @@ chunk of heads and query rows at a time, at most ``chunk_elements`` scores (defa
 16 MiB in fp32; the chunk's scores, probabilities and index tensors take a few times
 that), K repeated to the query heads (GQA; the size of q), plus the statistics
 themselves (float64): per site and length,
-``H * (n_k * (buckets + 1) + n_q + n_k + ceil(n_q/block) * ceil(n_k/block))`` floats,
-with ``buckets = log2(max(n_q, n_k)) + 2``.
+``H * (n_k * (buckets + 1) + n_q + n_k + (1 + 2 * inputs) * ceil(n_q/block) * ceil(n_k/block))``
+floats, with ``buckets = log2(max(n_q, n_k)) + 2``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ import torch
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MASKED_ADDITIVE, mask_4d, offsets
-from sparsec.patterns.fitting import AttentionProfile, AttentionStats, offset_bucket, offset_buckets
+from sparsec.patterns.fitting import (SAMPLED_ROWS, AttentionProfile, AttentionStats, offset_bucket, offset_buckets,
+                                      spread_rows)
 
 from sparsec.passes.helpers.attention_sites import ATTENTION
 
@@ -56,17 +57,24 @@ class _ProfileSums:
         self.blocks = (math.ceil(n_q / block), math.ceil(n_k / block))
         self.heads = heads
         # Block mass and valid rows per input (sequence): a family estimated per input
-        # (dynamic_blocks) is modelled on each input's own layout, not on their mean.
+        # (dynamic_blocks) is modelled on each input's own layout, not on their mean; and the
+        # block mass of the rows its estimate reads, which choose that layout.
         self.input_block_mass: list[torch.Tensor] = []        # [H, blocks] each
+        self.input_sampled_mass: list[torch.Tensor] = []      # [H, blocks] each
         self.input_rows: list[torch.Tensor] = []              # [H] each
         self.column_mass = torch.zeros(heads, n_k, dtype=torch.float64)
         self.diagonal_mass = torch.zeros(heads, n_q + n_k - 1, dtype=torch.float64)
         self.column_offset_mass = torch.zeros(heads, n_k * self.buckets, dtype=torch.float64)
 
     def indices(self, rows, cols, d) -> dict[str, torch.Tensor]:
-        """Flat position of every (row, key) pair in each statistic."""
+        """Flat position of every (row, key) pair in each statistic; ``sampled_rows``: which
+        of ``rows`` the sampled block mass reads, ``sampled_block_mass`` their pairs' positions."""
+        block_mass = (rows // self.block)[:, None] * self.blocks[1] + (cols // self.block)[None, :]
+        sampled = torch.isin(rows, spread_rows(self.block, SAMPLED_ROWS, self.n_q, rows.device)).nonzero().flatten()
         return {
-            "block_mass": ((rows // self.block)[:, None] * self.blocks[1] + (cols // self.block)[None, :]).flatten(),
+            "block_mass": block_mass.flatten(),
+            "sampled_rows": sampled,
+            "sampled_block_mass": block_mass[sampled].flatten(),
             "diagonal_mass": (d + self.n_q - 1).flatten(),
             "column_offset_mass": (cols[None, :] * self.buckets + offset_bucket(d.abs())).flatten(),
         }
@@ -76,6 +84,7 @@ class _ProfileSums:
         self.batches += 1
         for _ in range(size):
             self.input_block_mass.append(torch.zeros(self.heads, math.prod(self.blocks), dtype=torch.float64))
+            self.input_sampled_mass.append(torch.zeros(self.heads, math.prod(self.blocks), dtype=torch.float64))
             self.input_rows.append(torch.zeros(self.heads, dtype=torch.float64))
 
     def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict,
@@ -87,15 +96,17 @@ class _ProfileSums:
         for position, rows in enumerate(valid.sum(2).double().cpu()):
             self.input_rows[position - batch][heads] += rows
         blocks = math.prod(self.blocks)
-        for position, input_probs in enumerate(probs[..., columns].flatten(2)):
-            self.input_block_mass[position - batch][heads] += self._scatter(input_probs, index["block_mass"], blocks)
+        for position, input_probs in enumerate(probs[..., columns]):
+            self.input_block_mass[position - batch][heads] += self._scatter(
+                input_probs.flatten(1), index["block_mass"], blocks)
+            self.input_sampled_mass[position - batch][heads] += self._scatter(
+                input_probs[:, index["sampled_rows"]].flatten(1), index["sampled_block_mass"], blocks)
         probs = probs.sum(0)                                  # over the batch: [h, rows, n_k]
         self.column_mass[heads] += probs.sum(1).double().cpu()
         flat = probs[..., columns].flatten(1)
-        for name, positions in index.items():
-            if name != "block_mass":
-                total = getattr(self, name)
-                total[heads] += self._scatter(flat, positions, total.shape[1])
+        for name in ("diagonal_mass", "column_offset_mass"):
+            total = getattr(self, name)
+            total[heads] += self._scatter(flat, index[name], total.shape[1])
 
     @staticmethod
     def _scatter(flat: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -113,6 +124,8 @@ class _ProfileSums:
             rows=total_rows,
             block_mass=(inputs.sum(0) / rows).view(-1, *self.blocks),
             input_block_mass=per_input.transpose(0, 1).reshape(self.heads, len(inputs), *self.blocks),
+            input_sampled_mass=torch.stack(self.input_sampled_mass).transpose(0, 1).reshape(
+                self.heads, len(inputs), *self.blocks),
             column_mass=self.column_mass / rows,
             diagonal_mass=self.diagonal_mass / rows,
             column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets))

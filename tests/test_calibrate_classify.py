@@ -12,7 +12,7 @@ from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.helpers.capture import capture
 from sparsec.passes.classify_heads import ClassifyHeads
 from sparsec.patterns import get_pattern, instance_key, pattern_kinds
-from sparsec.patterns.fitting import offset_bucket
+from sparsec.patterns.fitting import SAMPLED_ROWS, offset_bucket, spread_rows
 from sparsec.ir.plan import Plan
 from sparsec.ir.targets import get_target
 from sparsec.testing import PlantedAttention, planted_attention_probs, planted_llama, planted_llama_inputs
@@ -112,6 +112,12 @@ def test_statistics_match_brute_force(batch, n, causal, mask_kind):
     own = torch.nn.functional.pad(probs, (0, blocks * block - n, 0, blocks * block - n))
     own = own.view(batch, 4, blocks, block, blocks, block).sum((3, 5)) / own_rows[..., None, None]
     close(profile.input_block_mass, own.transpose(0, 1))
+    # The sampled rows alone (the rows a per-input estimate reads), unscaled.
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[spread_rows(block, SAMPLED_ROWS, n)] = True
+    assert 0 < int(sampled.sum()) < n
+    picked = torch.nn.functional.pad(probs * sampled[:, None], (0, blocks * block - n, 0, blocks * block - n))
+    close(profile.input_sampled_mass, picked.view(batch, 4, blocks, block, blocks, block).sum((3, 5)).transpose(0, 1))
     bucket = offset_bucket(d.abs())
     by_bucket = torch.stack([(total * (bucket == b)).sum(1) for b in range(profile.column_offset_mass.shape[-1])], -1)
     close(profile.column_offset_mass, by_bucket)

@@ -338,6 +338,29 @@ def test_dynamic_blocks_is_modelled_on_each_calibration_inputs_own_layout():
     assert mean_density > 1.3 * family._profile_density(profile, params, n // block)
 
 
+def test_dynamic_blocks_recall_counts_what_its_estimate_misses():
+    """From query block 3 on, the rows the estimate samples attend key block 1 and every other
+    row key block 2: the layout the estimate chooses keeps block 1 alone, and the fit's recall
+    says so (every row's mass would keep both blocks: recall 1)."""
+    from sparsec.patterns.fitting import SAMPLED_ROWS, spread_rows
+    n, block = 512, 64
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[spread_rows(block, SAMPLED_ROWS, n)] = True
+    probs = torch.zeros(n, n)
+    rows = torch.arange(n)
+    early = rows < 3 * block
+    probs[rows[early], rows[early]] = 1.0                      # the diagonal: a forced block
+    late = ~early
+    probs[rows[late & sampled], block] = 1.0                   # key block 1
+    probs[rows[late & ~sampled], 2 * block] = 1.0              # key block 2
+    profile = profile_from_probabilities(probs[None], True, block).head(0)
+    family = get_pattern("dynamic_blocks")
+    params = {"block": block, "samples": SAMPLED_ROWS, "share": 0.9, "density": [1.0, n, 0.0]}
+    missed = int((late & ~sampled).sum())
+    assert family.recall(profile, params) == pytest.approx(1 - missed / n)
+    assert family.recall(profile, params) < 0.6
+
+
 def test_dynamic_blocks_estimate_keeps_the_heavy_blocks_and_the_forced_ones():
     """Keys planted to draw a query block's rows: the estimate keeps their block, the sink
     block and the diagonal ones, and no block without mass."""

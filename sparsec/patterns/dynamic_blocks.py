@@ -24,10 +24,11 @@ decay measured between the calibration length and its first half: for a causal h
 first half of the rows attend the first half of the keys alone, so that part of the profile
 is the head at half the length; SmolLM2's spread layers keep 0.5-0.6 of the pairs at 2k
 and 0.3-0.4 at 8k), the cost adds the estimate's ``samples x N / block x N`` scores, and the
-fit's recall is the mean share each calibration input's own layout at ``share`` keeps of
-that input's mass (the family chooses a layout per input; the layout of their mean keeps
-more blocks: SmolLM2 at 2k, two inputs, layer 3: 0.57 of the pairs where each input's keeps
-0.40, 0.26 at 8k).
+fit's recall is the mean share of each calibration input's mass kept by the layout its
+estimate chooses at ``share``: from the mass of the rows calibration samples as the estimate
+does (``fitting.SAMPLED_ROWS``), so the recall counts what the estimate misses; per input, as
+the family chooses a layout per input (the layout of their mean keeps more blocks: SmolLM2
+at 2k, two inputs, layer 3: 0.57 of the pairs where each input's keeps 0.40, 0.26 at 8k).
 """
 from __future__ import annotations
 
@@ -43,11 +44,9 @@ from sparsec.patterns.shared import diagonal_blocks, estimating_probs, tile_pair
 
 # Shares a fit tries, least first; the first whose recall reaches the target is taken.
 SHARES = (0.8, 0.85, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.99)
-# Estimating rows per query block of 64. SmolLM2 at 8k, every head at share 0.98 (held-out
-# top-1 / KL against dense): 4 rows 0.943 / 2.7e-2, 8 rows 0.956 / 1.5e-2, 16 rows 0.968 /
-# 5.9e-3, every row 0.979 / 2.4e-3; the estimate costs samples / 64 of a head's q.k scores
-# (docs/benchmarks.md, "A per-query-block layout estimated per input").
-SAMPLES = 8
+# Estimating rows per query block: those whose mass calibration keeps (fitting.SAMPLED_ROWS
+# says why 16); the estimate costs samples / block of a head's q.k scores.
+SAMPLES = fitting.SAMPLED_ROWS
 # A grid of fewer blocks a side is not fitted (recall 0): the forced blocks cover nearly
 # everything there, so the fit would say nothing about longer inputs (as block_topk).
 MIN_GRID = 4
@@ -83,8 +82,8 @@ class DynamicBlocks(Pattern):
     def estimating_rows(self, params: dict, n_q: int, device=None) -> torch.Tensor:
         """``samples`` rows of each query block, spread over it (its first and last row
         included; the last block's clamped to ``n_q - 1``), block by block."""
-        return _estimating_rows(int(params["block"]), int(params["samples"]), n_q,
-                                None if device is None else torch.device(device))
+        return fitting.spread_rows(int(params["block"]), int(params["samples"]), n_q,
+                                   None if device is None else torch.device(device))
 
     def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
                            k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
@@ -146,17 +145,23 @@ class DynamicBlocks(Pattern):
                 f"density {params['density'][0]} at {params['density'][1]}, decay {params['density'][2]}")
 
     def _input_layouts(self, profile, params, blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mass, kept)``, ``[inputs, blocks_q, blocks_k]``: each calibration input's own
-        layout at ``share`` on the ``block`` grid (its first ``blocks`` query and key blocks: a
-        causal head at that length). Per input, as the family chooses it: the layout of two
-        inputs' mean mass keeps the blocks either needs (SmolLM2 at 2k: a density of 0.57
-        where each input's own keeps 0.40)."""
+        """``(mass, kept)``, ``[inputs, blocks_q, blocks_k]``: each calibration input's block
+        mass and the layout its estimate chooses at ``share`` (from the mass of the
+        calibration's sampled rows, as the estimate reads its ``samples`` rows; from every
+        row's, a fit counted mass the estimate misses), on the first ``blocks`` query and key
+        blocks (a causal head at that length; ``samples`` other than the sampled rows' are
+        modelled as if they read those). Per input, as the family chooses it: the
+        layout of two inputs' mean mass keeps the blocks either needs (SmolLM2 at 2k: a
+        density of 0.57 where each input's own keeps 0.40)."""
         block = int(params["block"])
-        mass = profile.pooled(block, block, per_input=True)
+        if block != profile.block:
+            raise ValueError(f"dynamic_blocks is fitted on the profile's own block ({profile.block}), not {block}")
+        mass, estimated = profile.input_block_mass, profile.input_sampled_mass
         n_q, n_k = profile.n_q, profile.n_k
         if blocks is not None:
-            mass, n_q, n_k = mass[:, :blocks, :blocks], blocks * block, blocks * block
-        return mass, keep_by_share(mass, forced_blocks(n_q, n_k, block, mass.device), float(params["share"]))
+            mass, estimated = mass[:, :blocks, :blocks], estimated[:, :blocks, :blocks]
+            n_q = n_k = blocks * block
+        return mass, keep_by_share(estimated, forced_blocks(n_q, n_k, block, mass.device), float(params["share"]))
 
     def _profile_density(self, profile, params, blocks: int) -> float:
         """Mean fraction of the causal pairs of the first ``blocks`` blocks the inputs'
@@ -200,13 +205,6 @@ def forced_blocks(n_q: int, n_k: int, block: int, device: torch.device) -> torch
     forced = diagonal_blocks(n_q, n_k, block, device)
     forced[:, 0] = True
     return forced
-
-
-@functools.lru_cache(maxsize=64)
-def _estimating_rows(block: int, samples: int, n_q: int, device: torch.device | None) -> torch.Tensor:
-    within = torch.linspace(0, block - 1, samples, device=device).round().long()
-    starts = torch.arange(math.ceil(n_q / block), device=device) * block
-    return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
 
 
 def keep_by_share(mass: torch.Tensor, forced: torch.Tensor, share: float) -> torch.Tensor:
