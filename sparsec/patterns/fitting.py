@@ -36,7 +36,7 @@ SINK_COLUMNS = 8
 # left dense made ``dynamic_blocks`` (held-out top-1 / attention-FLOP cut of the model): 8
 # rows at share 0.98 0.960 / 69.5 %, 16 rows 0.971 / 64.1 %, 16 rows at 0.99 0.976 / 62.1 %,
 # 32 rows at 0.99 0.978 / 51.3 % (the estimate's cost), every row 0.977 / 31.8 %
-# (docs/benchmarks.md, "What a sampled estimate keeps").
+# (docs/benchmarks.md, "What a sampled estimate keeps (session 13)").
 SAMPLED_ROWS = 16
 
 
