@@ -146,13 +146,12 @@ class DynamicBlocks(Pattern):
 
     def _input_layouts(self, profile, params, blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mass, kept)``, ``[inputs, blocks_q, blocks_k]``: each calibration input's block
-        mass and the layout its estimate chooses at ``share`` (from the mass of the
-        calibration's sampled rows, as the estimate reads its ``samples`` rows; from every
-        row's, a fit counted mass the estimate misses), on the first ``blocks`` query and key
-        blocks (a causal head at that length; ``samples`` other than the sampled rows' are
-        modelled as if they read those). Per input, as the family chooses it: the
-        layout of two inputs' mean mass keeps the blocks either needs (SmolLM2 at 2k: a
-        density of 0.57 where each input's own keeps 0.40)."""
+        mass, and the layout its estimate chooses at ``share`` from the block mass of the
+        rows calibration sampled as the estimate does (``samples`` other than those are
+        modelled as if they read them), on the first ``blocks`` query and key blocks (a causal
+        head at that length). Per input, as the family chooses it: the layout of two inputs'
+        mean mass keeps the blocks either needs (SmolLM2 at 2k: a density of 0.57 where each
+        input's own keeps 0.40)."""
         block = int(params["block"])
         if block != profile.block:
             raise ValueError(f"dynamic_blocks is fitted on the profile's own block ({profile.block}), not {block}")

@@ -94,13 +94,13 @@ class AttentionProfile:
         """``[..., SINK_COLUMNS]``: mass on the first ``s`` keys, for ``s = 1, 2, ...``."""
         return self.column_mass[..., :SINK_COLUMNS].cumsum(-1)
 
-    def pooled(self, block_q: int, block_k: int, per_input: bool = False) -> torch.Tensor:
-        """``block_mass`` (``per_input``: ``input_block_mass``) summed into ``block_q x
-        block_k`` tiles (multiples of ``block``), e.g. the target's ``(block_m, block_n)``."""
+    def pooled(self, block_q: int, block_k: int) -> torch.Tensor:
+        """``block_mass`` summed into ``block_q x block_k`` tiles (multiples of ``block``),
+        e.g. the target's ``(block_m, block_n)``."""
         if block_q % self.block or block_k % self.block:
             raise ValueError(f"tiles {block_q}x{block_k} are not multiples of the profile block {self.block}")
         fq, fk = block_q // self.block, block_k // self.block
-        mass = self.input_block_mass if per_input else self.block_mass
+        mass = self.block_mass
         pad_q, pad_k = -mass.shape[-2] % fq, -mass.shape[-1] % fk
         mass = torch.nn.functional.pad(mass, (0, pad_k, 0, pad_q))
         *lead, nq, nk = mass.shape
