@@ -361,6 +361,18 @@ def test_dynamic_blocks_recall_counts_what_its_estimate_misses():
     assert family.recall(profile, params) < 0.6
 
 
+def test_dynamic_blocks_estimate_is_priced_by_the_keys_its_kernel_reads():
+    """Two passes of ``samples`` rows a block over the keys: every key without a causal cut,
+    half of them on average under it (the kernel stops at each program's last diagonal)."""
+    from sparsec.patterns.base import N
+    family = get_pattern("dynamic_blocks")
+    params = {"block": 64, "samples": 16, "share": 0.95, "density": [0.3, 4096, 0.0]}
+    n, head_dim = 4096, 64
+    rows = 16 * n // 64
+    assert float(family.overhead_expr(params, head_dim, False).subs(N, n)) == 2 * 2 * head_dim * rows * n
+    assert float(family.overhead_expr(params, head_dim, True).subs(N, n)) == 2 * 2 * head_dim * rows * n / 2
+
+
 def test_dynamic_blocks_estimate_keeps_the_heavy_blocks_and_the_forced_ones():
     """Keys planted to draw a query block's rows: the estimate keeps their block, the sink
     block and the diagonal ones, and no block without mass."""

@@ -400,7 +400,7 @@ class Pattern:
         Elastic sizes enter unrounded (``a + b*N``)."""
         raise NotImplementedError(f"{self.kind} has no symbolic pair count")
 
-    def overhead_expr(self, params: dict, head_dim: int) -> sympy.Expr:
+    def overhead_expr(self, params: dict, head_dim: int, causal: bool) -> sympy.Expr:
         """FLOPs a pattern spends besides its pairs (e.g. estimating a dynamic pattern)."""
         return sympy.Integer(0)
 
@@ -408,12 +408,12 @@ class Pattern:
         """FLOPs of one head at length ``N``: ``4*head_dim`` per computed (query, key) pair
         (``2*head_dim`` for q.k, ``2*head_dim`` for p.v) plus :meth:`overhead_expr`;
         softmax and memory traffic are left to the target cost model."""
-        return 4 * head_dim * self.pairs_expr(params, causal) + self.overhead_expr(params, head_dim)
+        return 4 * head_dim * self.pairs_expr(params, causal) + self.overhead_expr(params, head_dim, causal)
 
     def cost(self, params: dict, n: int, causal: bool, head_dim: int) -> float:
         """:meth:`cost_expr` at ``N = n``, with the exact pair count (sizes rounded)."""
         return 4 * head_dim * float(self.pairs(params, n, causal)) + float(
-            self.overhead_expr(params, head_dim).subs(N, n))
+            self.overhead_expr(params, head_dim, causal).subs(N, n))
 
     def recall(self, profile: "AttentionProfile", params: dict) -> float:
         """Fraction of one head's calibration attention mass inside the pattern, from its

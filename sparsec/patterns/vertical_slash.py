@@ -147,8 +147,9 @@ class VerticalSlash(Pattern):
         lines = Elastic.from_json(params["vertical"]).expr() + Elastic.from_json(params["slash"]).expr()
         return sympy.Min(lines * N, full_pairs(N, causal))
 
-    def overhead_expr(self, params, head_dim):
-        """The estimate's scores: the estimating queries against every key."""
+    def overhead_expr(self, params, head_dim, causal):
+        """The estimate's scores: the estimating queries against every key (all of them,
+        causal or not: the estimate computes each row whole)."""
         return 2 * head_dim * int(params.get("queries", 64)) * N
 
     def _recall_table(self, profile, vertical: int, slash: int) -> torch.Tensor:

@@ -139,7 +139,7 @@ def attention_flops(plan, n: int, kept: dict | None = None) -> dict:
         for group in site.groups or site.instance_groups():
             if group.pattern in kept:
                 share = kept[group.pattern][0] / max(kept[group.pattern][1], 1)
-                overhead = float(get_pattern(group.pattern).overhead_expr(group.params, site.head_dim).subs(N, n))
+                overhead = float(get_pattern(group.pattern).overhead_expr(group.params, site.head_dim, causal).subs(N, n))
                 flops = 4 * site.head_dim * share * full_pairs(n, causal) + overhead
             else:
                 flops = head_flops(group.pattern, group.params, n, causal, site.head_dim)
