@@ -470,7 +470,15 @@ def site_call(q, k, v, scale: float, causal: bool, groups: list[HeadGroup]) -> C
                                       out=out.transpose(1, 2))
         return launch_window
 
-    tables = build_tables(groups, num_heads, n_q, n_k, causal, key_block(q.shape[-1], q.device), q.device)
+    return tables_call(build_tables(groups, num_heads, n_q, n_k, causal, key_block(q.shape[-1], q.device),
+                                    q.device), scale)
+
+
+def tables_call(tables: SiteTables, scale: float) -> Callable[..., None]:
+    """``launch(q, k, v, out)``: one FA4 call of a site's ``tables`` (their block-sparse
+    tensors, and the mask_mod of their form reading their aux tensors)."""
+    fa4 = _interface()
+    interface = fa4["interface"]
     sparse = fa4["BlockSparseTensorsTorch"](
         mask_block_cnt=tables.partial_count, mask_block_idx=tables.partial_index,
         full_block_cnt=tables.full_count, full_block_idx=tables.full_index, block_size=(BLOCK_M, tables.block_n))

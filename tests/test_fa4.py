@@ -2,6 +2,7 @@
 against each family's reference mask; the kernel itself against the reference on a GPU."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -486,3 +487,60 @@ def test_the_op_follows_the_running_targets_cost_model(monkeypatch):
         assert not fa4.serves(q, k, v, torch.ones(1, 1, 1, 16384, dtype=torch.bool), True, large)
     with running_for("h100"):                                      # no FA4 measurements: Triton
         assert not fa4.serves(q, k, v, None, True, large)
+
+
+# -- compiled for sm90 without a GPU ---------------------------------------------------------
+
+@pytest.fixture
+def sm90_without_a_gpu(monkeypatch):
+    """FA4's CPU-only compilation (flash_attn/cute/interface.py ``_get_device_arch``): kernel
+    path and compilation target sm90, and a CPU process that reports compute capability 9.0
+    (sparsec's key block reads it); skipped where FA4 is not installed."""
+    if fa4._interface() is None:
+        pytest.skip("FlashAttention-4 is not installed (scripts/setup.sh installs it, --no-deps)")
+    for name, value in (("FLASH_ATTENTION_ARCH", "sm_90"), ("CUTE_DSL_ARCH", "sm_90a"),
+                        ("FLASH_ATTENTION_NUM_SMS", "132")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    # The CuTe DSL reads CUTE_DSL_ARCH when it is imported (here, maybe by an earlier test).
+    from cutlass.cutlass_dsl import CuTeDSL
+    monkeypatch.setattr(CuTeDSL._get_dsl().envar, "_arch", "sm_90a")
+    device_arch = fa4.interface()._get_device_arch
+    device_arch.cache_clear()
+    yield
+    device_arch.cache_clear()
+
+
+def _compile_on_fake_cuda(groups: list[HeadGroup], num_heads: int, n_q: int, n_k: int, causal: bool,
+                          head_dim: int) -> None:
+    """Build the site's tables on the CPU and compile its FA4 call on fake CUDA tensors of
+    the same shapes (FA4 compiles from shapes, dtypes and strides; nothing runs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cpu = torch.device("cpu")
+    tables = fa4.build_tables(groups, num_heads, n_q, n_k, causal, fa4.key_block(head_dim, cpu), cpu)
+    with FakeTensorMode():
+        def on_cuda(tensor):
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device="cuda")
+        fake = dataclasses.replace(tables, **{field.name: on_cuda(getattr(tables, field.name))
+                                             for field in dataclasses.fields(tables)
+                                             if isinstance(getattr(tables, field.name), torch.Tensor)})
+        q = torch.empty(1, num_heads, n_q, head_dim, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(1, num_heads // 2, n_k, head_dim, dtype=torch.bfloat16, device="cuda")
+        fa4.tables_call(fake, head_dim ** -0.5)(q, k, k, torch.empty_like(q))
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if fa4.family_terms(_kind(case)) is not None])
+def test_every_family_compiles_for_sm90_without_a_gpu(sm90_without_a_gpu, case):
+    """The mask_mod sparsec generates for the family and its block tables go through FA4's
+    sm90 compiler (GQA 2:1, a length off the blocks, two of four heads served)."""
+    _compile_on_fake_cuda([HeadGroup(_kind(case), CASES[case], [0, 3])], 4, 1000, 1000, True, 128)
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_a_mixed_site_compiles_for_sm90_without_a_gpu(sm90_without_a_gpu, head_dim):
+    """Every family in one site (one call, per-head tables), n_q != n_k, at head dims 64 and
+    256 (whose key block is FA4's 80-wide tile)."""
+    cases = [case for case in CASES if fa4.family_terms(_kind(case)) is not None and case != "skip"]
+    groups = [HeadGroup(_kind(case), CASES[case], [head]) for head, case in enumerate(cases)]
+    _compile_on_fake_cuda(groups, 2 * math.ceil(len(groups) / 2), 700, 900, False, head_dim)
