@@ -412,8 +412,12 @@ class Pattern:
 
     def cost(self, params: dict, n: int, causal: bool, head_dim: int) -> float:
         """:meth:`cost_expr` at ``N = n``, with the exact pair count (sizes rounded)."""
-        return 4 * head_dim * float(self.pairs(params, n, causal)) + float(
-            self.overhead_expr(params, head_dim, causal).subs(N, n))
+        return self.cost_of_pairs(float(self.pairs(params, n, causal)), params, n, causal, head_dim)
+
+    def cost_of_pairs(self, pairs: float, params: dict, n: int, causal: bool, head_dim: int) -> float:
+        """FLOPs of one head at ``N = n`` that computes ``pairs`` pairs (e.g. what a dynamic
+        family's estimates kept on real inputs), its :meth:`overhead_expr` included."""
+        return 4 * head_dim * pairs + float(self.overhead_expr(params, head_dim, causal).subs(N, n))
 
     def recall(self, profile: "AttentionProfile", params: dict) -> float:
         """Fraction of one head's calibration attention mass inside the pattern, from its

@@ -130,7 +130,7 @@ def attention_flops(plan, n: int, kept: dict | None = None) -> dict:
     inputs, :func:`~sparsec.patterns.base.kept_pairs_log`) at the share of pairs it kept."""
     from sparsec.analysis.cost_model import head_flops
     from sparsec.patterns import get_pattern
-    from sparsec.patterns.base import N, full_pairs
+    from sparsec.patterns.base import full_pairs
 
     kept = kept or {}
     planned = dense = 0.0
@@ -139,8 +139,8 @@ def attention_flops(plan, n: int, kept: dict | None = None) -> dict:
         for group in site.groups or site.instance_groups():
             if group.pattern in kept:
                 share = kept[group.pattern][0] / max(kept[group.pattern][1], 1)
-                overhead = float(get_pattern(group.pattern).overhead_expr(group.params, site.head_dim, causal).subs(N, n))
-                flops = 4 * site.head_dim * share * full_pairs(n, causal) + overhead
+                flops = get_pattern(group.pattern).cost_of_pairs(share * full_pairs(n, causal), group.params, n,
+                                                                 causal, site.head_dim)
             else:
                 flops = head_flops(group.pattern, group.params, n, causal, site.head_dim)
             planned += len(group.heads) * flops
