@@ -187,6 +187,13 @@ class MaskForm:
     layout: bool = False
     fixed: tuple[tuple[int, int], ...] = ()
 
+    @property
+    def reads_tables(self) -> bool:
+        """Whether the mask reads the aux tables at all (else FA4 is called without them)."""
+        used = {OFFSET} | ({WINDOW, SINK} if self.band else set()) | \
+            ({PERIOD, BAND, LAST_DIAGONAL} if self.diagonals else set())
+        return self.stripes or self.layout or not used <= {column for column, _ in self.fixed}
+
 
 def site_keeps(head, q, k, aux_tensors, form: MaskForm, element, const):
     """Whether query ``q`` keeps key ``k`` in ``head``: the union of the head's terms that
@@ -197,8 +204,9 @@ def site_keeps(head, q, k, aux_tensors, form: MaskForm, element, const):
     The kernel's mask_mod and :func:`torch_mask` are both this function. ``element`` turns
     an index value into a subscript (``x[0]`` of a one-element CuTe ``TensorSSA``, a torch
     index tensor as it is); ``const`` lifts a Python int or a table read to the values' kind.
+    ``aux_tensors`` may be None where the form reads no table (:attr:`MaskForm.reads_tables`).
     """
-    table, columns, layouts = aux_tensors[0], aux_tensors[1], aux_tensors[2]
+    table, columns, layouts = aux_tensors[:3] if form.reads_tables else (None, None, None)
     fixed = dict(form.fixed)
 
     def field(column):
@@ -483,7 +491,7 @@ def tables_call(tables: SiteTables, scale: float) -> Callable[..., None]:
         mask_block_cnt=tables.partial_count, mask_block_idx=tables.partial_index,
         full_block_cnt=tables.full_count, full_block_idx=tables.full_index, block_size=(BLOCK_M, tables.block_n))
     mask_mod = _mask_mod(tables.form)
-    aux = tables.aux_tensors
+    aux = tables.aux_tensors if tables.form.reads_tables else None
 
     def launch(q, k, v, out) -> None:
         interface._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,

@@ -139,6 +139,22 @@ def test_values_every_served_head_shares_at_every_length_are_compiled_in(n_q, n_
     assert fa4.WINDOW not in two and fa4.SINK not in two
 
 
+def test_a_mask_of_literals_alone_is_computed_without_aux_tensors():
+    """Where every value a site's mask uses is compiled in, FA4 is called without aux tensors
+    (passing them cost sink_window 4 % on the H200, GQA 32:8: 0.457 / 1.851 ms at 16k / 64k
+    with them, 0.438 / 1.775 without) and the mask made without them is the family's."""
+    n = 300
+    heads = [0, 1, 2]
+    literal = fa4.build_tables([HeadGroup("sink_window", CASES["sink_window"], heads)], 3, n, n, True, 128,
+                               torch.device("cpu"))
+    elastic = fa4.build_tables([HeadGroup("sink_window", {**CASES["sink_window"], "window": [50, 0.05]}, heads)],
+                               3, n, n, True, 128, torch.device("cpu"))
+    assert not literal.form.reads_tables and elastic.form.reads_tables
+    kept = fa4.site_keeps(1, torch.arange(n)[:, None], torch.arange(n)[None, :], None, literal.form,
+                          element=lambda index: index, const=lambda value: value)
+    assert torch.equal(kept, get_pattern("sink_window").mask(CASES["sink_window"], n, n, True))
+
+
 def _mixed_site(n_q, n_k, causal, block_n):
     """Every lookup kind in one site (GQA 8:2, interleaved): heads with stripes, with a layout,
     with neither (they still read both lookups), and a head in no group."""
@@ -236,28 +252,28 @@ def test_a_site_fa4_cannot_build_falls_back_with_one_warning(monkeypatch):
 
 def test_a_short_host_bound_site_stays_on_triton_as_a_whole(monkeypatch):
     """FA4's call costs more host time than a Triton site's (82 us more on the H200): where the
-    host bounds the site (SmolLM2's shape at 1k) the site runs Triton for every group, priced
-    so, and the op follows; at 32k the GPU time decides and FA4 serves it."""
+    host bounds the site (SmolLM2's heads at 1k, head dim 128) the site runs Triton for every
+    group, priced so, and the op follows; at 32k the GPU time decides and FA4 serves it."""
     from sparsec.analysis.cost_model import CostModel
     from sparsec.ir.targets import running_for
 
     monkeypatch.setenv("SPARSEC_FA4", "1")
     cost = CostModel("h200")
     groups = [("sink_window", {"sink": [1, 0], "window": [256, 0]}, 6), ("dense", {}, 3)]
-    assert cost.backend("sink_window", groups[0][1], 1024, True, 64) == "fa4"      # per group, GPU time
-    assert not cost.fa4_pays(groups, 1024, True, 64) and cost.fa4_pays(groups, 32768, True, 64)
-    triton_only = cost._sparse_site_seconds(groups, 1024, True, 64, 1, fa4=False)[0]
-    assert cost.site_seconds(groups, 1024, True, 64) == triton_only < cost._sparse_site_seconds(
-        groups, 1024, True, 64, 1, fa4=True)[0]
+    assert cost.backend("sink_window", groups[0][1], 1024, True, 128) == "fa4"      # per group, GPU time
+    assert not cost.fa4_pays(groups, 1024, True, 128) and cost.fa4_pays(groups, 32768, True, 128)
+    triton_only = cost._sparse_site_seconds(groups, 1024, True, 128, 1, fa4=False)[0]
+    assert cost.site_seconds(groups, 1024, True, 128) == triton_only < cost._sparse_site_seconds(
+        groups, 1024, True, 128, 1, fa4=True)[0]
     monkeypatch.setattr(fa4, "available", lambda device: True)
     monkeypatch.setattr(fa4, "_arch", lambda device: "sm90")
     monkeypatch.setattr(fa4, "site_call", lambda *args: lambda q, k, v, out: None)
     heads = [HeadGroup("sink_window", groups[0][1], [0, 1, 3, 4, 6, 7]), HeadGroup("dense", {}, [2, 5, 8])]
     for n, served in ((1024, False), (32768, True)):
-        q = torch.randn(1, 9, n, 64, dtype=torch.bfloat16)
-        k = v = torch.randn(1, 3, n, 64, dtype=torch.bfloat16)
+        q = torch.randn(1, 9, n, 128, dtype=torch.bfloat16)
+        k = v = torch.randn(1, 3, n, 128, dtype=torch.bfloat16)
         with running_for("h200"):
-            launches, rest = fa4.site_launches(q, k, v, None, 0.125, True, heads)
+            launches, rest = fa4.site_launches(q, k, v, None, 128 ** -0.5, True, heads)
         assert (len(launches) == 1) is served and (rest == heads) is not served
 
 
@@ -271,12 +287,13 @@ def test_backend_rule():
     assert attention_backend("sm90", "window", 96) == "triton"
 
 
-def test_groups_whose_fa4_mask_reads_a_table_per_score_run_triton():
-    """FA4's rates are measured on arithmetic masks; a mask that reads a table per score
+def test_groups_whose_fa4_mask_is_costly_per_score_run_triton():
+    """FA4's rates are measured on index-compare masks; a mask that reads a table per score
     (stripe columns, a layout whose cells split FA4's 128 x 128 blocks, or its 128 x 80 blocks
-    at head dim 256) ran slower there than on Triton (a mixed 16k site: 1.07 ms against
-    0.62), so the h200 cost model keeps those groups on Triton; a layout of whole blocks is
-    carried by the block tables alone and may take FA4."""
+    at head dim 256) or divides (multi_diagonal) ran slower there than on Triton (a mixed 16k
+    site: 1.07 ms against 0.62; multi_diagonal 5.36 against 1.26), so the h200 cost model
+    keeps those groups on Triton; a layout of whole blocks is carried by the block tables
+    alone and may take FA4."""
     from sparsec.analysis.cost_model import CostModel
     model = CostModel("h200")
     whole = {"block": 256, "grid": [4, 4], "blocks": [[1, 0], [3, 1], [2, 2], [0, 3]]}
@@ -285,7 +302,21 @@ def test_groups_whose_fa4_mask_reads_a_table_per_score_run_triton():
     assert model.backend("block_topk", whole, 16384, True, 256) == "triton"      # 256 % 80 != 0
     assert model.backend("block_topk", split, 16384, True, 128) == "triton"
     assert model.backend("vertical_stripe", CASES["vertical_stripe"], 16384, True, 128) == "triton"
+    assert model.backend("multi_diagonal", CASES["multi_diagonal"], 16384, True, 128) == "triton"
     assert model.backend("sink_window", {"sink": [4, 0], "window": [512, 0]}, 16384, True, 128) == "fa4"
+
+
+@pytest.mark.parametrize("head_dim,n,backend", [(64, 4096, "triton"), (64, 16384, "triton"), (128, 4096, "fa4"),
+                                                (128, 16384, "fa4"), (256, 16384, "fa4")])
+def test_the_h200_backend_choice_per_head_dim_follows_its_measurements(head_dim, n, backend):
+    """sink_window (sink 128, window 512), GQA 32:8, on the H200 (ms, FA4 / Triton): 0.174 /
+    0.077 at head dim 64 and 4k, 0.348 / 0.293 at 64 and 16k, 0.115 / 0.124 at 128 and 4k,
+    0.438 / 0.483 at 128 and 16k, 0.772 / 1.033 at 256 and 16k. FA4's per-row cost (its
+    mask_mod on a row's partial blocks) does not shrink with the head dim; when it was priced
+    as if it did, every one of these picked FA4."""
+    from sparsec.analysis.cost_model import CostModel
+    params = {"sink": [128, 0], "window": [512, 0]}
+    assert CostModel("h200").backend("sink_window", params, n, True, head_dim) == backend
 
 
 # -- GPU: the kernel against the reference ----------------------------------------------------

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -71,6 +71,11 @@ class KernelRates:
     row_block_us: float      # per (sequence, head, 128-row query block), at head_dim 128
     launch_us: float         # fixed cost of one launch
     chunk_us: float = 0.0    # per group and 128-row query chunk (the CPU path: one SDPA call a chunk)
+    # Whether row_block_us grows with the head dim (loading Q, storing O). FA4's does not: it is
+    # its mask_mod's per-score calls on a row's partial blocks (sink_window at 16k on the H200:
+    # 0.348 / 0.438 / 0.772 ms at head dims 64 / 128 / 256, predicted 0.32 / 0.45 / 0.71 so,
+    # 0.23 / 0.45 / 0.89 scaled with the head dim).
+    row_scales_with_head_dim: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def _calibrated(target: str) -> CostProfile:
     fit = run["fit"]
     return CostProfile(target, dense=KernelRates(**fit["dense"]), sparse=KernelRates(**fit["sparse"]),
                        calibrated=True, dynamic_layout_ns=fit.get("dynamic_layout_ns", 0.0),
-                       fa4=KernelRates(**fit["fa4"]) if "fa4" in fit else None,
+                       fa4=KernelRates(**fit["fa4"], row_scales_with_head_dim=False) if "fa4" in fit else None,
                        host=HostCosts(**fit["host"]) if "host" in fit else None,
                        dynamic_estimate_ps=fit.get("dynamic_estimate_ps", 0.0),
                        split_row_block_us=fit.get("split_row_block_us", 0.0),
@@ -146,9 +151,9 @@ def cost_profile(target: "str | Target") -> CostProfile:
     base = CALIBRATED["h100"]
 
     def scaled(rates: KernelRates) -> KernelRates:
-        return KernelRates(rates.tflops * target.peak_tflops / _REFERENCE.peak_tflops,
-                           rates.row_block_us * _REFERENCE.bandwidth_gbs / target.bandwidth_gbs,
-                           rates.launch_us * target.launch_overhead_us / _REFERENCE.launch_overhead_us)
+        return replace(rates, tflops=rates.tflops * target.peak_tflops / _REFERENCE.peak_tflops,
+                       row_block_us=rates.row_block_us * _REFERENCE.bandwidth_gbs / target.bandwidth_gbs,
+                       launch_us=rates.launch_us * target.launch_overhead_us / _REFERENCE.launch_overhead_us)
 
     return CostProfile(target.name, scaled(base.dense), scaled(base.sparse), calibrated=False,
                        fa4=None if base.fa4 is None else scaled(base.fa4))
@@ -187,17 +192,20 @@ class CostModel:
         before its mask_mod was trimmed it paid 0.26 us a row and lost on short rows; a plain
         window that is its site's only group (``whole_site``) runs FA4's native window, which
         pays no more per row than dense), else ``"triton"`` (also for ``SPARSEC_FA4=0`` and
-        targets without FA4 measurements, and for groups whose mask reads a table per pair:
-        :meth:`~sparsec.patterns.Pattern.reads_tables`); ``"cpu"`` (the CPU path) elsewhere.
+        targets without FA4 measurements, and for groups whose mask costs more than index
+        compares per pair: :meth:`~sparsec.patterns.Pattern.costly_pair_mask`); ``"cpu"`` (the
+        CPU path) elsewhere.
         Whether a site uses FA4 at all is decided for the site as a whole, host time included
         (:meth:`fa4_pays`)."""
         if self.target.device_type != "cuda":
             return "cpu"
         if (not config.fa4_backend() or self.profile.fa4 is None
                 or attention_backend(self.target.arch, kind, head_dim) != "fa4"
-                or get_pattern(kind).reads_tables(params, FA4_BLOCK_M, fa4_key_block(self.target.arch, head_dim))):
-            # FA4's rates are measured on arithmetic masks: a table read per score (a mixed
-            # 16k site of stripes and layouts ran 1.07 ms on FA4 against 0.62 on Triton).
+                or get_pattern(kind).costly_pair_mask(params, FA4_BLOCK_M,
+                                                      fa4_key_block(self.target.arch, head_dim))):
+            # FA4's rates are measured on index-compare masks, and its mask_mod runs per score:
+            # a table read per score (a mixed 16k site of stripes and layouts ran 1.07 ms on FA4
+            # against 0.62 on Triton) or divisions (multi_diagonal, 5.36 against 1.26).
             return "triton"
         fa4 = self._fa4_rates(kind, params, n, whole_site)
         return "fa4" if self._head_seconds(fa4, kind, params, n, causal, head_dim) < \
@@ -229,7 +237,8 @@ class CostModel:
 
     def _head_seconds(self, rates: KernelRates, kind: str, params: dict, n: int, causal: bool,
                       head_dim: int) -> float:
-        rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * head_dim / REFERENCE_HEAD_DIM
+        rows = math.ceil(n / ROW_BLOCK) * rates.row_block_us * 1e-6 * (
+            head_dim / REFERENCE_HEAD_DIM if rates.row_scales_with_head_dim else 1.0)
         family = get_pattern(kind)
         layout = (n * n * self.profile.dynamic_layout_ns * 1e-9
                   + family.estimating_queries(params, n) * n * self.profile.dynamic_estimate_ps * 1e-12

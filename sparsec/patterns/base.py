@@ -335,11 +335,11 @@ class Pattern:
         native window (FlashAttention's ``window_size``); None otherwise (the default)."""
         return None
 
-    def reads_tables(self, params: dict, block_m: int, block_n: int) -> bool:
-        """Whether a kernel that evaluates the mask per pair in ``block_m x block_n`` tiles reads
-        a table per pair (stripe columns, a layout cell) rather than index arithmetic alone; a
-        mask that keeps each tile whole or not at all reads none (block tables carry it).
-        The default: no table."""
+    def costly_pair_mask(self, params: dict, block_m: int, block_n: int) -> bool:
+        """Whether a kernel that evaluates the mask per pair in ``block_m x block_n`` tiles does
+        more per pair than a few index compares: a table read (stripe columns, a layout cell)
+        or integer division (multi_diagonal's nearest diagonal); a mask that keeps each tile
+        whole or not at all evaluates nothing (block tables carry it). The default: no."""
         return False
 
     def reads_bounded_keys(self, params: dict) -> bool:

@@ -99,7 +99,7 @@ class BlockTopk(Pattern):
         block = int(params["block"])
         return self.stretched_layout(params, n_q, n_k) | diagonal_blocks(n_q, n_k, block)
 
-    def reads_tables(self, params, block_m, block_n):
+    def costly_pair_mask(self, params, block_m, block_n):
         """A layout cell per pair, unless its cells are whole tiles (then with the diagonal
         cells too, at an offset ``n_k - n_q`` on the cell grid, as in prefill)."""
         block = int(params["block"])

@@ -95,7 +95,7 @@ class VerticalStripe(Pattern):
         return window_pairs(N, w, causal, lo=sympy.Min) + sum(
             column_pairs(N, c, w, causal, **SYMBOLIC) for c in set(params["columns"]))
 
-    def reads_tables(self, params, block_m, block_n):
+    def costly_pair_mask(self, params, block_m, block_n):
         """The stripe columns are a per-key table."""
         return bool(params["columns"])
 
