@@ -89,21 +89,21 @@ class _ProfileSums:
 
     def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict,
             columns: slice = slice(None)) -> None:
-        """Add probabilities ``[B, h, rows, n_k]`` of ``heads`` and query rows ``index`` is for
-        (of the last :meth:`start_batch`'s ``B`` inputs); ``index`` covers only the key
-        ``columns`` (outside them every probability is 0)."""
+        """Add probabilities ``[B, h, rows, keys]`` of ``heads`` and query rows ``index`` is for
+        (of the last :meth:`start_batch`'s ``B`` inputs), on the key ``columns`` alone (every
+        other probability of these rows is 0); ``index`` covers those columns."""
         batch = probs.shape[0]
         for position, rows in enumerate(valid.sum(2).double().cpu()):
             self.input_rows[position - batch][heads] += rows
         blocks = math.prod(self.blocks)
-        for position, input_probs in enumerate(probs[..., columns]):
+        for position, input_probs in enumerate(probs):
             self.input_block_mass[position - batch][heads] += self._scatter(
                 input_probs.flatten(1), index["block_mass"], blocks)
             self.input_sampled_mass[position - batch][heads] += self._scatter(
                 input_probs[:, index["sampled_rows"]].flatten(1), index["sampled_block_mass"], blocks)
-        probs = probs.sum(0)                                  # over the batch: [h, rows, n_k]
-        self.column_mass[heads] += probs.sum(1).double().cpu()
-        flat = probs[..., columns].flatten(1)
+        probs = probs[0] if batch == 1 else probs.sum(0)     # over the batch: [h, rows, keys]
+        self.column_mass[heads, columns] += probs.sum(1).double().cpu()
+        flat = probs.flatten(1)
         for name in ("diagonal_mass", "column_offset_mass"):
             total = getattr(self, name)
             total[heads] += self._scatter(flat, index[name], total.shape[1])
@@ -136,6 +136,11 @@ def _select(mask: torch.Tensor | None, heads: slice, rows: slice) -> torch.Tenso
     if mask is None:
         return None
     return mask[:, heads if mask.shape[1] > 1 else slice(None), rows if mask.shape[2] > 1 else slice(None)]
+
+
+def _keys(mask: torch.Tensor | None, last_key: int) -> torch.Tensor | None:
+    """A 4-d broadcastable mask's first ``last_key`` key columns."""
+    return mask if mask is None or mask.shape[-1] == 1 else mask[..., :last_key]
 
 
 def _is_causal_mask(mask: torch.Tensor, d: torch.Tensor) -> bool:
@@ -176,16 +181,18 @@ class _Recorder:
             d = offsets(rows, cols, n_q, n_k)
             if pure_causal:
                 pure_causal = _is_causal_mask(_select(mask, slice(None), slice(start, start + len(rows))), d)
+            # Only the key columns holding any mass are computed and scattered (about half of
+            # them under a causal mask): the probabilities are the same, as are the sums. Causal
+            # rows (by flag, or a mask found causal so far) end at the last row's diagonal.
+            last_key = max(0, min(n_k, start + len(rows) + n_k - n_q)) if causal or pure_causal else n_k
             for h0 in range(0, heads, head_chunk):
                 h = slice(h0, min(h0 + head_chunk, heads))
-                probs, valid = _probabilities(q[:, h, start:start + len(rows)], k[:, h],
-                                              _select(mask, h, slice(start, start + len(rows))), d, scale, causal)
-                # Scatter only the key columns holding any mass (about half of them under a
-                # causal mask): adding exact zeros changes no sum, so the statistics are the same.
-                # Causal rows (by flag, or a mask found causal so far) end at the last row's
-                # diagonal, without a pass over the probabilities.
-                span = (0, max(0, min(n_k, start + len(rows) + n_k - n_q))) if causal or pure_causal else \
-                    _nonzero_columns(probs)
+                probs, valid = _probabilities(q[:, h, start:start + len(rows)], k[:, h, :last_key],
+                                              _keys(_select(mask, h, slice(start, start + len(rows))), last_key),
+                                              d[:, :last_key], scale, causal)
+                span = (0, last_key) if causal or pure_causal else _nonzero_columns(probs)
+                if span[1] - span[0] < probs.shape[-1]:
+                    probs = probs[..., span[0]:span[1]]
                 index = self._indices(sums, rows, cols[span[0]:span[1]], d[:, span[0]:span[1]])
                 sums.add(h, probs, valid, index, slice(*span))
         if mask is not None:
