@@ -362,15 +362,15 @@ def test_dynamic_blocks_recall_counts_what_its_estimate_misses():
 
 
 def test_dynamic_blocks_estimate_is_priced_by_the_keys_its_kernel_reads():
-    """Two passes of ``samples`` rows a block over the keys: every key without a causal cut,
+    """One pass of ``samples`` rows a block over the keys: every key without a causal cut,
     half of them on average under it (the kernel stops at each program's last diagonal)."""
     from sparsec.patterns.base import N
     family = get_pattern("dynamic_blocks")
     params = {"block": 64, "samples": 16, "share": 0.95, "density": [0.3, 4096, 0.0]}
     n, head_dim = 4096, 64
     rows = 16 * n // 64
-    assert float(family.overhead_expr(params, head_dim, False).subs(N, n)) == 2 * 2 * head_dim * rows * n
-    assert float(family.overhead_expr(params, head_dim, True).subs(N, n)) == 2 * 2 * head_dim * rows * n / 2
+    assert float(family.overhead_expr(params, head_dim, False).subs(N, n)) == 2 * head_dim * rows * n
+    assert float(family.overhead_expr(params, head_dim, True).subs(N, n)) == 2 * head_dim * rows * n / 2
 
 
 def test_dynamic_blocks_estimate_keeps_the_heavy_blocks_and_the_forced_ones():

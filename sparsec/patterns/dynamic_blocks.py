@@ -23,8 +23,8 @@ Costs and recalls are estimates: the pair count is ``density`` of the score matr
 decay measured between the calibration length and its first half: for a causal head the
 first half of the rows attend the first half of the keys alone, so that part of the profile
 is the head at half the length; SmolLM2's spread layers keep 0.5-0.6 of the pairs at 2k
-and 0.3-0.4 at 8k), the cost adds the estimate's ``samples x N / block`` rows of scores,
-twice (its kernel's two passes), and the fit's recall is the mean share of each calibration
+and 0.3-0.4 at 8k), the cost adds the estimate's ``samples x N / block`` rows of scores
+(its kernel's one pass over the keys), and the fit's recall is the mean share of each calibration
 input's mass kept by the layout its estimate chooses at ``share``: from the mass of the rows
 calibration samples as the estimate does (``fitting.SAMPLED_ROWS``), so the recall counts
 what the estimate misses; per input, as the family chooses a layout per input (the layout of
@@ -138,11 +138,11 @@ class DynamicBlocks(Pattern):
         return sympy.Min(1, density * (N / length) ** -decay) * full_pairs(N, causal)
 
     def overhead_expr(self, params, head_dim, causal):
-        """The estimate's scores: ``samples`` queries a block against the keys, twice (its
-        kernel's two passes: row maxima and normalisers, then the masses); under the causal
-        cut half the keys on average."""
+        """The estimate's scores: ``samples`` queries a block against the keys, once (its
+        kernel's one pass: each key block's log-sum-exp, the rows' from those); under the
+        causal cut half the keys on average."""
         keys = N / 2 if causal else N
-        return 2 * 2 * head_dim * int(params["samples"]) * N / int(params["block"]) * keys
+        return 2 * head_dim * int(params["samples"]) * N / int(params["block"]) * keys
 
     def describe(self, params):
         return (f"share={params['share']}, block={params['block']}, {params['samples']} rows a block, "
