@@ -32,7 +32,8 @@ measured it (:class:`HostCosts`), a site is priced ``max(GPU time, host time)``:
 issues more than a dense one (its group table, one launch per group, a dynamic group's
 estimate of some 60 small kernels), so on short inputs it loses to dense even where its GPU
 time is lower. A dynamic group's estimate also costs GPU time per (head, estimating query,
-key) element (``dynamic_estimate_ps``).
+key) element beyond its FLOPs (``dynamic_estimate_ps``: its kernel's block reductions and
+the layout choice, measured).
 
 Other GPU targets are scaled from the h100 calibration until measured: rates by the datasheet
 peak TFLOP/s, row costs by memory bandwidth, launch constants by the profile's launch
@@ -104,7 +105,8 @@ class CostProfile:
     dynamic_layout_ns: float = 0.0
     fa4: KernelRates | None = None     # block-sparse FlashAttention-4, where measured (sm90+)
     host: HostCosts | None = None      # where measured (GPUs)
-    # Per head and (estimating query, key) element: a dynamic group's estimate on a GPU.
+    # Per head and (estimating query, key) element: a dynamic group's estimate on a GPU, beyond
+    # its FLOPs (which are priced at the sparse rate).
     dynamic_estimate_ps: float = 0.0
     # Per (sequence, dense head, 128-row block) of a site that also runs sparse groups: the CPU
     # path gathers those heads apart from their key/value group and scatters them back.
