@@ -102,38 +102,40 @@ class VerticalStripe(Pattern):
     def describe(self, params):
         return f"columns={params['columns']}, window={Elastic.from_json(params['window'])}"
 
-    def _recall_at(self, profile, columns: torch.Tensor, widths: torch.Tensor,
-                   overlaps: torch.Tensor | None = None) -> torch.Tensor:
-        """Recall of the stripes ``columns`` with each window width; the stripes' overlap
-        with the window is :func:`~fitting.column_window_mass`'s estimate (its rows for
-        ``columns``, ``overlaps``, when the caller has them)."""
-        window = fitting.window_mass(profile)
-        stripes = profile.column_mass[columns].sum()
-        if overlaps is None:
-            overlaps = fitting.column_window_mass(profile, columns, widths)
-        return fitting.union_recall(stripes, window[widths.clamp(max=len(window) - 1)], overlaps.sum(0),
-                                    profile.total)
-
     def recall(self, profile, params):
+        """The stripes' mass and the window's, their overlap :func:`~fitting.column_window_mass`'s
+        estimate."""
         columns = torch.tensor(sorted({c for c in params["columns"] if c < profile.n_k}), dtype=torch.long)
-        return float(self._recall_at(profile, columns, torch.tensor([size_at(params, "window", profile.n_k)]))[0])
+        window = fitting.window_mass(profile)
+        width = torch.tensor([size_at(params, "window", profile.n_k)])
+        overlap = fitting.column_window_mass(profile, columns, width).sum(0)
+        return float(fitting.union_recall(profile.column_mass[columns].sum(), window[width.clamp(max=len(window) - 1)],
+                                          overlap, profile.total)[0])
 
-    def _stripe_widths(self, profiles, columns: list[int], recall: float,
-                       tables: list[tuple]) -> tuple[float, list[tuple[int, int]]]:
-        """The smallest window meeting ``recall`` at each length with these columns, and the
-        lowest recall reached (the recall of the widest window where none meets it).
-        ``tables[i]``: profile ``i``'s ``(row of each key column, column_window_mass at every
-        width)`` for the columns the fit's rules use."""
-        sizes, worst = [], 1.0
-        for p, table in zip(profiles, tables):
-            kept = torch.tensor([c for c in columns if c < p.n_k], dtype=torch.long)
-            widths = torch.arange(len(fitting.window_mass(p)))
-            row_of, overlaps = table
-            reached = self._recall_at(p, kept, widths, overlaps[row_of[kept]]).cummax(0).values
-            w = fitting.smallest_meeting(reached, recall)
-            sizes.append((p.n_k, w))
-            worst = min(worst, float(reached[w]))
-        return worst, sizes
+    def _rule_widths(self, profiles, rules: list[list[int]], recall: float) -> list[tuple[float, list]]:
+        """For each rule's columns: the lowest recall reached over the lengths, and the
+        smallest window meeting ``recall`` at each length (the widest where none does), all
+        rules of one length at once. The stripes' overlap with the window is each column's
+        :func:`~fitting.column_window_mass` row, computed once for every column some rule
+        keeps: the table, not the rules, is what costs."""
+        used = sorted(set().union(*rules))
+        worst, sizes = [1.0] * len(rules), [[] for _ in rules]
+        for p in profiles:
+            columns = torch.tensor([c for c in used if c < p.n_k], dtype=torch.long)
+            member = torch.zeros(len(rules), len(columns), dtype=torch.float64)      # rule x column
+            position = {int(c): i for i, c in enumerate(columns)}
+            for r, rule in enumerate(rules):
+                member[r, [position[c] for c in rule if c < p.n_k]] = 1.0
+            window = fitting.window_mass(p)
+            widths = torch.arange(len(window))
+            overlaps = member @ fitting.column_window_mass(p, columns, widths)          # [rules, widths]
+            stripes = member @ p.column_mass[columns].double()
+            reached = fitting.union_recall(stripes[:, None], window[None, :], overlaps, p.total).cummax(1).values
+            for r in range(len(rules)):
+                w = fitting.smallest_meeting(reached[r], recall)
+                sizes[r].append((p.n_k, w))
+                worst[r] = min(worst[r], float(reached[r, w]))
+        return list(zip(worst, sizes))
 
     def fit(self, profiles, recall):
         """The cheapest positional rule (see the class docstring) meeting ``recall`` at every
@@ -147,19 +149,8 @@ class VerticalStripe(Pattern):
                  # fewer than 3 periods at the shortest length: no evidence of a period
                  if periodic is None or periodic[1] + 2 * periodic[0] < shortest.n_k
                  for sink in range(fitting.SINK_COLUMNS + 1)]
-        # Each profile's column_window_mass rows for every column some rule keeps, computed
-        # once: the table, not the rules, is what costs.
-        used = torch.tensor(sorted(set().union(*rules)), dtype=torch.long)
-        tables = []
-        for p in profiles:
-            rows = used[used < p.n_k]
-            row_of = torch.full((p.n_k,), -1, dtype=torch.long)
-            row_of[rows] = torch.arange(len(rows))
-            widths = torch.arange(len(fitting.window_mass(p)))
-            tables.append((row_of, fitting.column_window_mass(p, rows, widths)))
         candidates = []
-        for columns in rules:
-            reached, sizes = self._stripe_widths(profiles, columns, recall, tables)
+        for columns, (reached, sizes) in zip(rules, self._rule_widths(profiles, rules, recall)):
             w = sizes[-1][1]
             cost = window_pairs(longest.n_k, w, longest.causal) + sum(
                 column_pairs(longest.n_k, c, w, longest.causal) for c in columns if c < longest.n_k)
