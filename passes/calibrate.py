@@ -36,8 +36,8 @@ import torch
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
 from sparsec.patterns.base import MASKED_ADDITIVE, mask_4d, offsets
-from sparsec.patterns.fitting import (SAMPLED_ROWS, AttentionProfile, AttentionStats, offset_bucket, offset_buckets,
-                                      spread_rows)
+from sparsec.patterns.fitting import (ESTIMATING_QUERIES, SAMPLED_ROWS, AttentionProfile, AttentionStats,
+                                      offset_bucket, offset_buckets, spread_queries, spread_rows)
 
 from sparsec.passes.helpers.attention_sites import ATTENTION
 
@@ -45,6 +45,10 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 # Statistics positions kept across sites (they depend on the shape only): 2k tokens need
 # about 60 MiB; at longer lengths the first row chunks are kept, the rest recomputed.
 INDEX_CACHE_BYTES = 256 << 20
+# Per-input line statistics (AttentionProfile's input_<name>): whether each is per key column
+# (else per diagonal offset), and whether it is over every row (else the estimating queries).
+_LINE_STATISTICS = {"column_mass": (True, True), "diagonal_mass": (False, True),
+                    "estimated_columns": (True, False), "estimated_diagonals": (False, False)}
 
 
 class _ProfileSums:
@@ -62,6 +66,9 @@ class _ProfileSums:
         self.input_block_mass: list[torch.Tensor] = []        # [H, blocks] each
         self.input_sampled_mass: list[torch.Tensor] = []      # [H, blocks] each
         self.input_rows: list[torch.Tensor] = []              # [H] each
+        # Column and diagonal mass per input, and those of the queries vertical_slash's
+        # estimate reads, which choose an input's lines.
+        self.input_lines: dict[str, list[torch.Tensor]] = {name: [] for name in _LINE_STATISTICS}
         self.column_mass = torch.zeros(heads, n_k, dtype=torch.float64)
         self.diagonal_mass = torch.zeros(heads, n_q + n_k - 1, dtype=torch.float64)
         self.column_offset_mass = torch.zeros(heads, n_k * self.buckets, dtype=torch.float64)
@@ -71,10 +78,14 @@ class _ProfileSums:
         of ``rows`` the sampled block mass reads, ``sampled_block_mass`` their pairs' positions."""
         block_mass = (rows // self.block)[:, None] * self.blocks[1] + (cols // self.block)[None, :]
         sampled = torch.isin(rows, spread_rows(self.block, SAMPLED_ROWS, self.n_q, rows.device)).nonzero().flatten()
+        estimating = torch.isin(rows, spread_queries(min(ESTIMATING_QUERIES, self.n_q), self.n_q, rows.device))
+        estimating = estimating.nonzero().flatten()
         return {
             "block_mass": block_mass.flatten(),
             "sampled_rows": sampled,
             "sampled_block_mass": block_mass[sampled].flatten(),
+            "estimating_rows": estimating,
+            "estimated_diagonals": (d[estimating] + self.n_q - 1).flatten(),
             "diagonal_mass": (d + self.n_q - 1).flatten(),
             "column_offset_mass": (cols[None, :] * self.buckets + offset_bucket(d.abs())).flatten(),
         }
@@ -86,6 +97,10 @@ class _ProfileSums:
             self.input_block_mass.append(torch.zeros(self.heads, math.prod(self.blocks), dtype=torch.float64))
             self.input_sampled_mass.append(torch.zeros(self.heads, math.prod(self.blocks), dtype=torch.float64))
             self.input_rows.append(torch.zeros(self.heads, dtype=torch.float64))
+            for name, sums in self.input_lines.items():
+                per_column = _LINE_STATISTICS[name][0]
+                sums.append(torch.zeros(self.heads, self.n_k if per_column else self.n_q + self.n_k - 1,
+                                        dtype=torch.float64))
 
     def add(self, heads: slice, probs: torch.Tensor, valid: torch.Tensor, index: dict,
             columns: slice = slice(None)) -> None:
@@ -95,18 +110,29 @@ class _ProfileSums:
         batch = probs.shape[0]
         for position, rows in enumerate(valid.sum(2).double().cpu()):
             self.input_rows[position - batch][heads] += rows
-        blocks = math.prod(self.blocks)
+        blocks, diagonals = math.prod(self.blocks), self.diagonal_mass.shape[1]
         for position, input_probs in enumerate(probs):
             self.input_block_mass[position - batch][heads] += self._scatter(
                 input_probs.flatten(1), index["block_mass"], blocks)
             self.input_sampled_mass[position - batch][heads] += self._scatter(
                 input_probs[:, index["sampled_rows"]].flatten(1), index["sampled_block_mass"], blocks)
-        probs = probs[0] if batch == 1 else probs.sum(0)     # over the batch: [h, rows, keys]
-        self.column_mass[heads, columns] += probs.sum(1).double().cpu()
-        flat = probs.flatten(1)
-        for name in ("diagonal_mass", "column_offset_mass"):
-            total = getattr(self, name)
-            total[heads] += self._scatter(flat, index[name], total.shape[1])
+            estimating = input_probs[:, index["estimating_rows"]]
+            lines = {"column_mass": input_probs.sum(1).double().cpu(),
+                     "diagonal_mass": self._scatter(input_probs.flatten(1), index["diagonal_mass"], diagonals),
+                     "estimated_columns": estimating.sum(1).double().cpu(),
+                     "estimated_diagonals": self._scatter(estimating.flatten(1), index["estimated_diagonals"], diagonals)}
+            for name, sums in self.input_lines.items():
+                sums[position - batch][heads, columns if _LINE_STATISTICS[name][0] else slice(None)] += lines[name]
+        if batch == 1:               # the batch's sums are its one input's
+            self.column_mass[heads, columns] += lines["column_mass"]
+            self.diagonal_mass[heads] += lines["diagonal_mass"]
+            flat = probs[0].flatten(1)
+        else:
+            probs = probs.sum(0)                              # over the batch: [h, rows, keys]
+            self.column_mass[heads, columns] += probs.sum(1).double().cpu()
+            flat = probs.flatten(1)
+            self.diagonal_mass[heads] += self._scatter(flat, index["diagonal_mass"], diagonals)
+        self.column_offset_mass[heads] += self._scatter(flat, index["column_offset_mass"], self.column_offset_mass.shape[1])
 
     @staticmethod
     def _scatter(flat: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -128,7 +154,17 @@ class _ProfileSums:
                 self.heads, len(inputs), *self.blocks),
             column_mass=self.column_mass / rows,
             diagonal_mass=self.diagonal_mass / rows,
-            column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets))
+            column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets),
+            **{f"input_{name}": self._per_input(sums, scaled=_LINE_STATISTICS[name][1])
+               for name, sums in self.input_lines.items()})
+
+    def _per_input(self, sums: list[torch.Tensor], scaled: bool) -> torch.Tensor:
+        """``[H, inputs, ...]`` of per-input ``[H, ...]`` sums, divided by each input's rows
+        where ``scaled``."""
+        stacked = torch.stack(sums)
+        if scaled:
+            stacked = stacked / torch.stack(self.input_rows).clamp(min=1)[..., None]
+        return stacked.transpose(0, 1)
 
 
 def _select(mask: torch.Tensor | None, heads: slice, rows: slice) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from sparsec.passes.canonicalize import Canonicalize
 from sparsec.passes.helpers.capture import capture
 from sparsec.passes.classify_heads import ClassifyHeads
 from sparsec.patterns import get_pattern, instance_key, pattern_kinds
-from sparsec.patterns.fitting import SAMPLED_ROWS, offset_bucket, spread_rows
+from sparsec.patterns.fitting import SAMPLED_ROWS, offset_bucket, spread_queries, spread_rows
 from sparsec.ir.plan import Plan
 from sparsec.ir.targets import get_target
 from sparsec.testing import PlantedAttention, planted_attention_probs, planted_llama, planted_llama_inputs
@@ -86,7 +86,9 @@ def padding_mask(batch, n, additive):
 
 @pytest.mark.parametrize("batch,n,causal,mask_kind", [
     (1, 37, True, None), (3, 29, False, "bool"), (2, 45, True, "additive"), (2, 64, False, None)])
-def test_statistics_match_brute_force(batch, n, causal, mask_kind):
+def test_statistics_match_brute_force(batch, n, causal, mask_kind, monkeypatch):
+    from sparsec.passes import calibrate
+    monkeypatch.setattr(calibrate, "ESTIMATING_QUERIES", 8)        # fewer than n: some rows, not all
     torch.manual_seed(n)
     model = MaskedAttention(causal=causal).eval()
     x = torch.randn(batch, n, 24)
@@ -121,6 +123,18 @@ def test_statistics_match_brute_force(batch, n, causal, mask_kind):
     bucket = offset_bucket(d.abs())
     by_bucket = torch.stack([(total * (bucket == b)).sum(1) for b in range(profile.column_offset_mass.shape[-1])], -1)
     close(profile.column_offset_mass, by_bucket)
+
+    def diagonals(p):
+        return torch.stack([p[..., d == offset].sum(-1) for offset in range(1 - n, n)], -1)
+
+    # Each input's own line masses, and those of the queries vertical_slash's estimate reads.
+    close(profile.input_column_mass, (probs.sum(2) / own_rows[..., None]).transpose(0, 1))
+    close(profile.input_diagonal_mass, (diagonals(probs) / own_rows[..., None]).transpose(0, 1))
+    estimating = torch.zeros(n, dtype=torch.bool)
+    estimating[spread_queries(8, n)] = True
+    chosen = probs * estimating[:, None]
+    close(profile.input_estimated_columns, chosen.sum(2).transpose(0, 1))
+    close(profile.input_estimated_diagonals, diagonals(chosen).transpose(0, 1))
     close(profile.column_mass.sum(-1), torch.ones(4, dtype=torch.float64))
 
 
@@ -413,3 +427,27 @@ def test_a_static_pattern_that_pays_goes_before_a_cheaper_dynamic_one(monkeypatc
     assert cheaper_dynamic >= 2
     stripes = [site.heads[2].pattern for site in ctx.plan.attention]
     assert stripes == ["vertical_stripe", "vertical_stripe"]
+
+
+def test_vertical_slash_recall_counts_what_its_estimating_queries_miss():
+    """The estimating queries (the odd rows of 128) attend key 10, the other rows key 20, more
+    heavily: each input's estimate keeps key 10, so the recall of the sink, one more column
+    and the diagonal is what those hold over every row, below what key 20 would (where the
+    fit ranked columns by every row's mass, it counted key 20: 0.67 for 0.62)."""
+    from sparsec.passes import calibrate
+    n = 128
+    probs = torch.zeros(1, n, n, dtype=torch.float64)
+    for row in range(n):
+        column, weight = (row, 0.0) if row < 21 else (10, 0.8) if row % 2 else (20, 0.9)
+        probs[0, row, column] += weight
+        probs[0, row, row] += 1 - weight
+    profile = calibrate.profile_from_probabilities(probs, True, 16).head(0)
+
+    def kept_by(column):
+        kept = torch.eye(n, dtype=torch.bool)
+        kept[:, [0, column]] = True
+        return float((probs[0] * kept).sum() / n)
+
+    recall = get_pattern("vertical_slash").recall(profile, {"vertical": [2, 0], "slash": [1, 0], "queries": 64})
+    assert recall == pytest.approx(kept_by(10), abs=1e-6)
+    assert recall < kept_by(20) - 0.03

@@ -13,7 +13,11 @@ attention mass inside its mask — is a sum over the profile:
 - ``block_mass[qb, kb]``: mass per square ``block`` x ``block`` tile (``block_topk``);
   ``input_block_mass`` the same per calibration input, and ``input_sampled_mass`` that of
   :data:`SAMPLED_ROWS` rows a query block alone (what a per-input estimate reads:
-  ``dynamic_blocks``).
+  ``dynamic_blocks``);
+- ``input_column_mass`` and ``input_diagonal_mass``: each calibration input's own column and
+  diagonal mass, and ``input_estimated_columns`` / ``input_estimated_diagonals`` those of its
+  :data:`ESTIMATING_QUERIES` spread queries alone (what ``vertical_slash``'s estimate reads
+  to choose an input's lines).
 
 ``fit`` functions read one head's profiles (:meth:`AttentionStats.head`) and make sizes
 elastic in the sequence length with :func:`fit_elastic`.
@@ -38,6 +42,10 @@ SINK_COLUMNS = 8
 # 32 rows at 0.99 0.978 / 51.3 % (the estimate's cost), every row 0.977 / 31.8 %
 # (docs/benchmarks.md, "What a sampled estimate keeps (session 13)").
 SAMPLED_ROWS = 16
+# Queries, spread over the sequence, from which vertical_slash's estimate picks an input's
+# columns and diagonals (its ``queries``); calibration keeps their column and diagonal mass
+# per input, so its fit counts what those queries miss.
+ESTIMATING_QUERIES = 64
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,6 +55,12 @@ def spread_rows(block: int, samples: int, n_q: int, device: torch.device | None 
     within = torch.linspace(0, block - 1, samples, device=device).round().long()
     starts = torch.arange(math.ceil(n_q / block), device=device) * block
     return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
+
+
+@functools.lru_cache(maxsize=64)
+def spread_queries(count: int, n_q: int, device: torch.device | None = None) -> torch.Tensor:
+    """``count`` positions of ``n_q`` spread evenly, the last included (read-only)."""
+    return torch.arange(1, count + 1, device=device) * n_q // count - 1
 
 
 @dataclass
@@ -73,6 +87,12 @@ class AttentionProfile:
     column_mass: torch.Tensor           # [H, n_k]
     diagonal_mass: torch.Tensor         # [H, n_q + n_k - 1], index d + n_q - 1
     column_offset_mass: torch.Tensor    # [H, n_k, offset_buckets(n_q, n_k)]
+    # Each calibration input's own column and diagonal mass, over its own rows: [H, inputs, ...]
+    input_column_mass: torch.Tensor
+    input_diagonal_mass: torch.Tensor
+    # The same of its ESTIMATING_QUERIES spread queries alone, summed (unscaled)
+    input_estimated_columns: torch.Tensor
+    input_estimated_diagonals: torch.Tensor
 
     def head(self, h: int) -> "AttentionProfile":
         """The profile of head ``h`` alone (tensors without the head dimension)."""

@@ -10,12 +10,13 @@ the main diagonal are always kept, as MInference forces its first columns and la
 
 Costs and recalls are estimates, as the pattern is chosen per input: the pair count is an
 upper bound (each column and diagonal holds at most ``N`` pairs), the cost adds the
-estimation's ``queries x N`` scores, and the fit's recall takes the calibration-average
-top columns and diagonals in place of each input's own.
+estimation's ``queries x N`` scores, and the fit's recall is the mean over calibration
+inputs of the mass each input's own lines keep, those lines ranked as its estimate ranks
+them (by the mass of its ``fitting.ESTIMATING_QUERIES`` spread queries, which calibration
+keeps per input). Ranked by every row's mass instead, the fit counted mass the estimate
+misses.
 """
 from __future__ import annotations
-
-import functools
 
 import sympy
 import torch
@@ -43,7 +44,7 @@ class VerticalSlash(Pattern):
     def merge(self, first, second):
         """More columns and diagonals from the same estimate (same ``queries``): the top
         ``k + 1`` hold the top ``k``."""
-        if first.get("queries", 64) != second.get("queries", 64):
+        if first.get("queries", fitting.ESTIMATING_QUERIES) != second.get("queries", fitting.ESTIMATING_QUERIES):
             return None
         return {**first, "vertical": Elastic.widest(first["vertical"], second["vertical"]),
                 "slash": Elastic.widest(first["slash"], second["slash"])}
@@ -56,7 +57,7 @@ class VerticalSlash(Pattern):
 
     def estimating_queries(self, params: dict, n_q: int) -> int:
         """How many queries the estimate reads."""
-        return max(1, min(int(params.get("queries", 64)), n_q))
+        return max(1, min(int(params.get("queries", fitting.ESTIMATING_QUERIES)), n_q))
 
     def estimating_rows(self, params: dict, n_q: int, device=None) -> torch.Tensor:
         """The positions of the estimating queries: spread evenly over the sequence, the last
@@ -64,7 +65,7 @@ class VerticalSlash(Pattern):
         keep 0.57-0.98 of a middle layer's attention mass where 64 spread queries keep
         0.69-0.98 (docs/benchmarks.md, "Spread estimating queries"): which keys matter
         drifts along a long input."""
-        return _spread_rows(self.estimating_queries(params, n_q), n_q, torch.device(device or "cpu"))
+        return fitting.spread_queries(self.estimating_queries(params, n_q), n_q, torch.device(device or "cpu"))
 
     def estimate_from_rows(self, params: dict, q_rows: torch.Tensor, rows: torch.Tensor, n_q: int,
                            k: torch.Tensor, scale: float, causal: bool, mask: torch.Tensor | None = None
@@ -150,19 +151,27 @@ class VerticalSlash(Pattern):
     def overhead_expr(self, params, head_dim, causal):
         """The estimate's scores: the estimating queries against every key (all of them,
         causal or not: the estimate computes each row whole)."""
-        return 2 * head_dim * int(params.get("queries", 64)) * N
+        return 2 * head_dim * int(params.get("queries", fitting.ESTIMATING_QUERIES)) * N
 
     def _recall_table(self, profile, vertical: int, slash: int) -> torch.Tensor:
         """``[vertical, slash]``: estimated recall of the top ``v + 1`` columns and ``s + 1``
-        diagonals (column 0 and offset 0 first, then by calibration mass) at ``[v, s]``.
+        diagonals (column 0 and offset 0 first, then as the estimate ranks them) at ``[v, s]``:
+        the mean over calibration inputs of the mass each input's own lines keep.
 
         A column and a diagonal share one pair, whose mass is estimated as the column's
         mass in that offset's ``|d|`` bucket spread evenly over the bucket's offsets."""
-        columns = _ranked(profile.column_mass, first=0)[:vertical]
-        diagonal_mass = profile.diagonal_mass
+        tables = [self._input_recall_table(profile, i, vertical, slash)
+                  for i in range(profile.input_column_mass.shape[0])
+                  if profile.input_column_mass[i].sum() > 0]                # an input whose rows were all masked: none
+        return torch.stack(tables).mean(0) if tables else torch.zeros(vertical, slash, dtype=torch.float64)
+
+    def _input_recall_table(self, profile, i: int, vertical: int, slash: int) -> torch.Tensor:
+        """:meth:`_recall_table` of calibration input ``i`` alone."""
+        estimated_diagonals = profile.input_estimated_diagonals[i]
         if profile.causal:
-            diagonal_mass = torch.where(profile.offsets >= 0, diagonal_mass, -1.0)
-        diagonals = _ranked(diagonal_mass, first=profile.n_q - 1)[:slash] - (profile.n_q - 1)
+            estimated_diagonals = torch.where(profile.offsets >= 0, estimated_diagonals, -1.0)
+        columns = _ranked(profile.input_estimated_columns[i], first=0)[:vertical]
+        diagonals = _ranked(estimated_diagonals, first=profile.n_q - 1)[:slash] - (profile.n_q - 1)
         bucket = fitting.offset_bucket(diagonals.abs())
         lo, hi = fitting.bucket_bounds(profile.column_offset_mass.shape[-1])
         c = columns[:, None]
@@ -170,10 +179,13 @@ class VerticalSlash(Pattern):
             profile, c, lo[bucket][None, :])
         low, high = fitting.column_offset_range(profile, c)
         has_pair = (diagonals[None, :] >= low) & (diagonals[None, :] <= high)
-        shared = profile.column_offset_mass[c, bucket[None, :]] / inside.clamp(min=1) * has_pair
-        table = fitting.union_recall(profile.column_mass[columns].cumsum(0)[:, None],
-                                     profile.diagonal_mass[diagonals + profile.n_q - 1].cumsum(0)[None, :],
-                                     shared.cumsum(0).cumsum(1), profile.total)
+        column_mass = profile.input_column_mass[i]
+        # The column's share of the input's mass in each |d| bucket: the calibration-mean split.
+        split = profile.column_offset_mass[c, bucket[None, :]] / profile.column_mass[c].clamp(min=1e-30)
+        shared = column_mass[c] * split / inside.clamp(min=1) * has_pair
+        table = fitting.union_recall(column_mass[columns].cumsum(0)[:, None],
+                                     profile.input_diagonal_mass[i][diagonals + profile.n_q - 1].cumsum(0)[None, :],
+                                     shared.cumsum(0).cumsum(1), float(column_mass.sum()))
         return table.cummax(0).values.cummax(1).values
 
     def recall(self, profile, params):
@@ -198,14 +210,8 @@ class VerticalSlash(Pattern):
             vertical.append((p.n_k, v + 1))
             slash.append((p.n_k, s + 1))
         params = {"vertical": fitting.fit_elastic(vertical).to_json(),
-                  "slash": fitting.fit_elastic(slash).to_json(), "queries": 64}
+                  "slash": fitting.fit_elastic(slash).to_json(), "queries": fitting.ESTIMATING_QUERIES}
         return params, fitting.worst_recall(self, profiles, params)
-
-
-@functools.lru_cache(maxsize=64)
-def _spread_rows(count: int, n_q: int, device: torch.device) -> torch.Tensor:
-    """``count`` positions of ``n_q`` spread evenly, the last included (cached: made per call)."""
-    return torch.arange(1, count + 1, device=device) * n_q // count - 1
 
 
 def _ranked(mass: torch.Tensor, first: int) -> torch.Tensor:
