@@ -120,7 +120,8 @@ class _ProfileSums:
             lines = {"column_mass": input_probs.sum(1).double().cpu(),
                      "diagonal_mass": self._scatter(input_probs.flatten(1), index["diagonal_mass"], diagonals),
                      "estimated_columns": estimating.sum(1).double().cpu(),
-                     "estimated_diagonals": self._scatter(estimating.flatten(1), index["estimated_diagonals"], diagonals)}
+                     "estimated_diagonals": self._scatter(estimating.flatten(1), index["estimated_diagonals"],
+                                                          diagonals)}
             for name, sums in self.input_lines.items():
                 sums[position - batch][heads, columns if _LINE_STATISTICS[name][0] else slice(None)] += lines[name]
         if batch == 1:               # the batch's sums are its one input's
@@ -132,7 +133,8 @@ class _ProfileSums:
             self.column_mass[heads, columns] += probs.sum(1).double().cpu()
             flat = probs.flatten(1)
             self.diagonal_mass[heads] += self._scatter(flat, index["diagonal_mass"], diagonals)
-        self.column_offset_mass[heads] += self._scatter(flat, index["column_offset_mass"], self.column_offset_mass.shape[1])
+        width = self.column_offset_mass.shape[1]
+        self.column_offset_mass[heads] += self._scatter(flat, index["column_offset_mass"], width)
 
     @staticmethod
     def _scatter(flat: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
