@@ -24,8 +24,9 @@ chunk of heads and query rows at a time, at most ``chunk_elements`` scores (defa
 16 MiB in fp32; the chunk's scores, probabilities and index tensors take a few times
 that), K repeated to the query heads (GQA; the size of q), plus the statistics
 themselves (float64): per site and length,
-``H * (n_k * (buckets + 1) + n_q + n_k + (1 + 2 * inputs) * ceil(n_q/block) * ceil(n_k/block))``
-floats, with ``buckets = log2(max(n_q, n_k)) + 2``.
+``H * (n_k * (buckets + 1) + n_q + n_k + 2 * inputs * (n_q + 2 * n_k)
++ (1 + 2 * inputs) * ceil(n_q/block) * ceil(n_k/block))`` floats, with
+``buckets = log2(max(n_q, n_k)) + 2``.
 """
 from __future__ import annotations
 
