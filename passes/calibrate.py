@@ -36,9 +36,10 @@ import torch
 
 from sparsec.analysis.graph_runner import GraphRunner
 from sparsec.passes.infra.pass_manager import CompileContext, PassResult
+from sparsec.patterns import get_pattern
 from sparsec.patterns.base import MASKED_ADDITIVE, mask_4d, offsets
 from sparsec.patterns.fitting import (ESTIMATING_QUERIES, SAMPLED_ROWS, AttentionProfile, AttentionStats,
-                                      offset_bucket, offset_buckets, spread_queries, spread_rows)
+                                      offset_bucket, offset_buckets, spread_rows)
 
 from sparsec.passes.helpers.attention_sites import ATTENTION
 
@@ -79,8 +80,8 @@ class _ProfileSums:
         of ``rows`` the sampled block mass reads, ``sampled_block_mass`` their pairs' positions."""
         block_mass = (rows // self.block)[:, None] * self.blocks[1] + (cols // self.block)[None, :]
         sampled = torch.isin(rows, spread_rows(self.block, SAMPLED_ROWS, self.n_q, rows.device)).nonzero().flatten()
-        estimating = torch.isin(rows, spread_queries(min(ESTIMATING_QUERIES, self.n_q), self.n_q, rows.device))
-        estimating = estimating.nonzero().flatten()
+        queries = get_pattern("vertical_slash").estimating_rows({"queries": ESTIMATING_QUERIES}, self.n_q, rows.device)
+        estimating = torch.isin(rows, queries).nonzero().flatten()
         return {
             "block_mass": block_mass.flatten(),
             "sampled_rows": sampled,
@@ -146,15 +147,13 @@ class _ProfileSums:
     def profile(self, causal: bool) -> AttentionProfile:
         total_rows = torch.stack(self.input_rows).sum(0)
         rows = total_rows.clamp(min=1)[:, None]
-        inputs = torch.stack(self.input_block_mass)                               # [I, H, blocks]
-        per_input = inputs / torch.stack(self.input_rows).clamp(min=1)[..., None]
+        grid = (self.heads, len(self.input_rows), *self.blocks)
         return AttentionProfile(
             n_q=self.n_q, n_k=self.n_k, causal=causal, block=self.block, batches=self.batches,
             rows=total_rows,
-            block_mass=(inputs.sum(0) / rows).view(-1, *self.blocks),
-            input_block_mass=per_input.transpose(0, 1).reshape(self.heads, len(inputs), *self.blocks),
-            input_sampled_mass=torch.stack(self.input_sampled_mass).transpose(0, 1).reshape(
-                self.heads, len(inputs), *self.blocks),
+            block_mass=(torch.stack(self.input_block_mass).sum(0) / rows).view(-1, *self.blocks),
+            input_block_mass=self._per_input(self.input_block_mass, scaled=True).reshape(grid),
+            input_sampled_mass=self._per_input(self.input_sampled_mass, scaled=False).reshape(grid),
             column_mass=self.column_mass / rows,
             diagonal_mass=self.diagonal_mass / rows,
             column_offset_mass=(self.column_offset_mass / rows).view(-1, self.n_k, self.buckets),
