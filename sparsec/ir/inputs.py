@@ -125,16 +125,25 @@ def relative_l2(reference: Any, candidate: Any) -> float:
     """‖candidate − reference‖ / ‖reference‖ over every floating-point tensor of two outputs."""
     ref_leaves = [t for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     out_leaves = [t for t in pytree.tree_leaves(candidate) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    num = sum(_squared_distance(r, o) for r, o in zip(ref_leaves, out_leaves))
-    den = sum(float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2 for r in ref_leaves)
+    num = sum(_squared_norm(r, o) for r, o in zip(ref_leaves, out_leaves))
+    den = sum(_squared_norm(r) for r in ref_leaves)
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def _squared_distance(a: torch.Tensor, b: torch.Tensor, step: int = 1 << 22) -> float:
-    """``||b - a||²`` accumulated in float64, a slice of ``step`` values at a time: no float64
-    copies and no difference tensor of the whole (SmolLM2's 2k x 49k logits: the difference
-    alone took 1.9 s of a CPU compile)."""
-    a, b = torch.broadcast_tensors(a, b)
-    a, b = a.reshape(-1), b.reshape(-1)
-    return sum(float(torch.linalg.vector_norm(b[i:i + step] - a[i:i + step], dtype=torch.float64)) ** 2
-               for i in range(0, a.numel(), step))
+def _squared_norm(a: torch.Tensor, b: torch.Tensor | None = None, step: int = 1 << 16) -> float:
+    """``||a||²``, or ``||b - a||²``: fp32 (float64 for float64) dot products of ``step``-value slices (relative
+    error ~3e-8 on SmolLM2-sized logits) summed in float64. No float64 copy and no whole
+    difference tensor: on SmolLM2's 2k x 49k logits those took 1.9 s of a CPU compile, a
+    float64 norm of each slice 1.1 s, this 0.06 s."""
+    if b is not None:
+        a, b = torch.broadcast_tensors(a, b)
+        b = b.reshape(-1)
+    a = a.reshape(-1)
+    dtype = torch.promote_types(a.dtype, torch.float32)      # float64 stays float64
+    total = 0.0
+    for i in range(0, a.numel(), step):
+        part = a[i:i + step].to(dtype)
+        if b is not None:
+            part = b[i:i + step].to(dtype) - part
+        total += float(torch.dot(part, part))
+    return total

@@ -474,6 +474,8 @@ def _canonical_value(value, family: Pattern | None = None, key: str = ""):
         a = round(size.a) if size.b == 0 else size.a       # as Elastic.at rounds: same mask
         return [_number(a), _number(size.b)]
     if family is not None and key in family.index_list_params and isinstance(value, list):
+        if all(type(v) is int for v in value):      # plain token indices, the common case, at once
+            return sorted(set(value))
         # Distinct items (numbers, or lists of numbers as block coordinates), sorted.
         items = {_frozen(_canonical_value(v)) for v in value}
         return [_thawed(v) for v in sorted(items, key=lambda v: v if isinstance(v, tuple) else (v,))]
