@@ -44,7 +44,7 @@ from sparsec.codegen.triton.generator import (GENERATOR_VERSION, KernelSpec, fil
 from sparsec.patterns import get_pattern
 from sparsec.patterns.base import backend_piece, mask_4d, mask_rows
 from sparsec.ir.plan import HeadGroup, decoded_groups, encode_groups
-from sparsec.runtime import fa4, sparse_tables
+from sparsec.runtime import estimate_graphs, fa4, sparse_tables
 from sparsec.ir import reference
 from sparsec.ir.targets import running_target
 
@@ -164,15 +164,17 @@ def _lead_strides(table: torch.Tensor, leading: int, trailing: int) -> tuple[int
 
 
 def estimate_dynamic(q: torch.Tensor, k: torch.Tensor, group: HeadGroup, scale: float,
-                     causal: bool, mask: torch.Tensor | None = None) -> tuple:
+                     causal: bool, mask: torch.Tensor | None = None, heads: torch.Tensor | None = None) -> tuple:
     """A dynamic group's estimate (``vertical_slash``: columns and diagonals; ``dynamic_blocks``:
     its layout and block): the reference's own estimate
     (``estimate_indices`` of the family, same ops on the same values, the site's user mask
     included). Only the estimating queries are read, so only they (and their mask rows) are
     gathered. A family's ``"triton_estimate"`` piece (one kernel reading q and k in place)
-    serves a site without a user mask where it can (it returns None where not)."""
+    serves a site without a user mask where it can (it returns None where not). ``heads``: the
+    group's heads as a long device tensor, made here when not given."""
     family = get_pattern(group.pattern)
-    heads = _head_index(tuple(group.heads), q.device, torch.long)
+    if heads is None:
+        heads = _head_index(tuple(group.heads), q.device, torch.long)
     rows = family.estimating_rows(group.params, q.shape[2], q.device)
     fused = backend_piece("triton_estimate", group.pattern)
     if fused is not None and mask is None and (q.is_cuda or config.triton_interpret()):
@@ -252,6 +254,12 @@ class _Group:
             before, after = (index.colmap, index.columns), (*common, *sizes, *index.scalars())
         elif dynamic:
             meta["UNIFORM_TILES"] = False
+            # Estimated per input, replayed as a CUDA graph where it can be (its heads are held
+            # here, so no cache eviction frees what the graph reads).
+            estimate_heads = _head_index(tuple(group.heads), q.device, torch.long)
+            dynamic_tables = estimate_graphs.EstimateGraph(
+                lambda q, k, mask: backend_piece("triton_tables", group.pattern)(
+                    *estimate_dynamic(q, k, group, scale, causal, mask, estimate_heads), n_q, n_k, causal, bm, bn))
         else:
             tables = sparse_tables.grid_tables(spec.pattern, spec.params, n_q, n_k, causal, bm, bn, q.device)
             before = tables_args(tables)
@@ -263,8 +271,7 @@ class _Group:
         def launch(q, k, v, out, mask) -> None:
             nonlocal before, after
             if dynamic:                                     # estimated per input
-                tables = backend_piece("triton_tables", group.pattern)(
-                    *estimate_dynamic(q, k, group, scale, causal, mask), n_q, n_k, causal, bm, bn)
+                tables = dynamic_tables(q, k, mask)
                 before = tables_args(tables)
                 after = (*common, *tables_strides(tables), *sizes, *tables.layout_shape)
             descriptors = _kv_descriptors(k, v, bn) if kernel_config.tma else None

@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import torch
 
+from sparsec.ir.shape_cache import shape_cache
 from sparsec.patterns import Elastic, get_pattern, register_piece
 
 @dataclass
@@ -162,7 +163,7 @@ class _SlashTiling:
     key_tiles: torch.Tensor     # arange(n_kb)
 
 
-@lru_cache(maxsize=64)
+@shape_cache(maxsize=64)
 def _slash_tiling(n_q: int, n_k: int, causal: bool, block_m: int, block_n: int, device: torch.device) -> _SlashTiling:
     shift = n_k - 1
     n_qb, n_kb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
@@ -217,7 +218,7 @@ class _LayoutTiling:
     key_tiles: torch.Tensor     # arange(n_kt)
 
 
-@lru_cache(maxsize=64)
+@shape_cache(maxsize=64)
 def _layout_tiling(block: int, n_q: int, n_k: int, causal: bool, block_m: int, block_n: int,
                    device: torch.device) -> _LayoutTiling:
     step = math.gcd(block, block_m, block_n)              # a grid that tiles cells and kernel tiles
@@ -238,7 +239,7 @@ def _layout_tiling(block: int, n_q: int, n_k: int, causal: bool, block_m: int, b
                          fillable, torch.arange(n_kt, device=device))
 
 
-@lru_cache(maxsize=16)
+@shape_cache(maxsize=16)
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The one-element table a kernel argument takes where its family has none (read-only)."""
     return torch.zeros(1, dtype=dtype, device=device)

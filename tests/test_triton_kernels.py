@@ -306,6 +306,35 @@ def test_op_uses_kernels_on_cuda_and_reference_on_cpu():
     torch.testing.assert_close(on_cpu, expected, atol=TOLERANCE[torch.bfloat16], rtol=TOLERANCE[torch.bfloat16])
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", ["vertical_slash", "dynamic_blocks"])
+@pytest.mark.parametrize("seed", range(2))
+def test_dynamic_estimates_replayed_as_cuda_graphs_read_each_call_inputs_gpu(family, seed, monkeypatch):
+    """A dynamic group's estimate and tables run eagerly on the first call of a signature and
+    as a CUDA graph after: every call, fresh values each, equals the reference and, bitwise,
+    the eager path."""
+    from sparsec.runtime import estimate_graphs
+
+    rng = random.Random(9000 + seed)
+    batch, n, head_dim, dtype = seed + 1, rng.randint(700, 2500), [64, 128][seed], [torch.bfloat16, torch.float32][seed]
+    q = torch.randn(batch, 6, n, head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, 2, n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    scale, causal = head_dim ** -0.5, seed == 0
+    groups = [HeadGroup(family, random_params(family, rng, n), [0, 2, 3, 5]), HeadGroup("dense", {}, [1, 4])]
+    replays, replay = [], torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(graph), replay(graph))[1])
+    for call in range(3):
+        if call:
+            q, k, v = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
+        out = _run_poisoned(q, k, v, None, scale, causal, groups)
+        assert_matches(out, reference.sparse_attention(q, k, v, None, scale, causal, groups))
+        monkeypatch.setattr(estimate_graphs, "ENABLED", False)
+        torch.testing.assert_close(out, _run_poisoned(q, k, v, None, scale, causal, groups), atol=0, rtol=0)
+        monkeypatch.setattr(estimate_graphs, "ENABLED", True)
+    assert len(replays) == 2, "calls after the first of a signature replay its graph"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bench_flex_masks_are_the_pattern_masks(case):
     """The benchmark's FlexAttention mask_mods compute exactly sparsec's pattern masks."""

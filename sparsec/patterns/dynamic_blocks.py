@@ -33,12 +33,12 @@ each input's keeps 0.40, 0.26 at 8k).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import sympy
 import torch
 
+from sparsec.ir.shape_cache import shape_cache
 from sparsec.patterns import fitting
 from sparsec.patterns.base import N, Pattern, full_pairs, log_kept_pairs, logging_kept_pairs, register
 from sparsec.patterns.shared import diagonal_blocks, estimating_probs, tile_pairs
@@ -201,7 +201,7 @@ class DynamicBlocks(Pattern):
         return params, fitting.worst_recall(self, profiles, params)
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(maxsize=64)
 def forced_blocks(n_q: int, n_k: int, block: int, device: torch.device) -> torch.Tensor:
     """The blocks every query block keeps: those its rows' diagonal crosses, and key block 0
     (made once per shape, read-only)."""

@@ -24,12 +24,12 @@ elastic in the sequence length with :func:`fit_elastic`.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
+from sparsec.ir.shape_cache import shape_cache
 from sparsec.patterns.base import Elastic, Pattern
 
 # How many leading key columns sink fits consider (StreamingLLM keeps 4).
@@ -48,7 +48,7 @@ SAMPLED_ROWS = 16
 ESTIMATING_QUERIES = 64
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(maxsize=64)
 def spread_rows(block: int, samples: int, n_q: int, device: torch.device | None = None) -> torch.Tensor:
     """``samples`` rows of each ``block``-row query block, spread over it (its first and last
     row included; the last block's clamped to ``n_q - 1``), block by block (read-only)."""
@@ -57,7 +57,7 @@ def spread_rows(block: int, samples: int, n_q: int, device: torch.device | None 
     return (starts[:, None] + within[None, :]).clamp(max=n_q - 1).flatten()
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(maxsize=64)
 def spread_queries(count: int, n_q: int, device: torch.device | None = None) -> torch.Tensor:
     """``count`` positions of ``n_q`` spread evenly, the last included (read-only)."""
     return torch.arange(1, count + 1, device=device) * n_q // count - 1

@@ -1,0 +1,88 @@
+"""A dynamic group's estimate and tables, replayed as one CUDA graph.
+
+A dynamic group (``vertical_slash``, ``dynamic_blocks``) chooses its keys per input: an
+estimate kernel, then some 60 small torch ops that turn its masses into a layout and the
+layout into the attention kernel's tables. Issued from Python those took 1.65 ms of host
+time a call on the H200's host (``bench cost-model`` series 5), where a static group takes
+0.1 ms: an eager model with dynamic heads was host-bound wherever the GPU time of a site is
+below that (SmolLM2 at 8k: ~0.2 ms a site), so the cost model, rightly, never chose them
+there. Captured once per input signature, a call is two copies (q and k into the graph's
+inputs) and one replay.
+
+Graphs are used on CUDA without a user mask (its rows would be a third input to copy).
+Every graph shares one memory pool: a graph's intermediates are dead once its replay ends,
+and graphs replay one at a time on one stream, so the pool holds the largest one's
+intermediates, and every graph's tables (which each keeps). ``q`` and ``k`` are copied into
+buffers shared by the graphs of their shape (their replays never overlap either), held by
+those graphs alone: a signature dropped from the call plans frees its graph and, with the
+last graph of a shape, the buffers. A signature whose capture fails runs eagerly from then
+on, with one warning.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+
+# Off: every estimate runs eagerly (tests compare both paths).
+ENABLED = True
+_MISSING = object()
+# (role, device, dtype, shape, strides) -> the input buffer, while a graph holds it
+_INPUTS: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+_POOL: list = []                             # the graphs' shared memory pool, made on first use
+
+
+class EstimateGraph:
+    """``tables(q, k, mask)`` of ``build`` (the group's estimate and tables), through a CUDA
+    graph per input signature where :data:`ENABLED` and the module docstring allow."""
+
+    def __init__(self, build: Callable):
+        self.build = build
+        self._graphs: dict[tuple, object] = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None):
+        if not (ENABLED and q.is_cuda and mask is None) or torch.cuda.is_current_stream_capturing():
+            return self.build(q, k, mask)
+        signature = (q.device, q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride())
+        entry = self._graphs.get(signature, _MISSING)
+        if entry is _MISSING:
+            # The first call runs eagerly: kernels compiled, shape caches made before capture.
+            tables = self.build(q, k, None)
+            self._graphs[signature] = self._capture(q, k)
+            return tables
+        if entry is None:
+            return self.build(q, k, None)
+        graph, q_in, k_in, tables = entry
+        q_in.copy_(q)
+        k_in.copy_(k)
+        graph.replay()
+        return tables
+
+    def _capture(self, q: torch.Tensor, k: torch.Tensor):
+        q_in, k_in = _input_like(q, "q"), _input_like(k, "k")
+        q_in.copy_(q)
+        k_in.copy_(k)
+        if not _POOL:
+            _POOL.append(torch.cuda.graph_pool_handle())
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=_POOL[0]):
+                tables = self.build(q_in, k_in, None)
+        except RuntimeError as error:
+            warnings.warn(f"sparsec: a dynamic group's estimate could not be captured as a CUDA graph "
+                          f"({type(error).__name__}: {str(error)[:200]}); it runs eagerly, at more host "
+                          "time a call", stacklevel=3)
+            return None
+        return graph, q_in, k_in, tables
+
+
+def _input_like(tensor: torch.Tensor, role: str) -> torch.Tensor:
+    """The graphs' input buffer for ``role`` at ``tensor``'s shape, strides and dtype."""
+    key = (role, tensor.device, tensor.dtype, tuple(tensor.shape), tensor.stride())
+    buffer = _INPUTS.get(key)
+    if buffer is None:
+        buffer = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+        _INPUTS[key] = buffer
+    return buffer
