@@ -146,3 +146,23 @@ def test_a_prepared_site_call_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_shape_caches_are_bypassed_while_a_cuda_graph_is_captured(monkeypatch):
+    """A graph must not read a cached table the cache may later free: while a stream is
+    captured the function runs again (its tensors then belong to the graph)."""
+    from sparsec.ir.shape_cache import shape_cache
+
+    calls = []
+
+    @shape_cache(maxsize=4)
+    def table(n):
+        calls.append(n)
+        return torch.arange(n)
+
+    cached = table(3)
+    assert table(3) is cached and calls == [3]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = table(3)
+    assert captured is not cached and calls == [3, 3] and torch.equal(captured, cached)
