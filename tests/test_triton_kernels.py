@@ -163,7 +163,7 @@ def test_repeated_calls_read_their_own_inputs_interpreted(interpreter, family):
 def _fused_and_torch_estimates(case):
     """In the interpreter worker: the row masses of the kernel and of torch's softmax, and
     the layouts of the fused and the reference estimate."""
-    q, k, params, heads, causal = case
+    q, k, params, heads, causal, chunk_tiles = case
     family = get_pattern("dynamic_blocks")
     rows = family.estimating_rows(params, q.shape[2])
     kv = heads // (q.shape[1] // k.shape[1])
@@ -171,7 +171,7 @@ def _fused_and_torch_estimates(case):
     blocks = -(-k.shape[2] // params["block"])
     torch_mass = torch.nn.functional.pad(probs, (0, blocks * params["block"] - k.shape[2]))
     torch_mass = torch_mass.view(*probs.shape[:-1], blocks, params["block"]).sum(-1)
-    return (row_block_mass(q, k, heads, rows, 0.3, causal, params["block"]), torch_mass,
+    return (row_block_mass(q, k, heads, rows, 0.3, causal, params["block"], chunk_tiles), torch_mass,
             dynamic_blocks_estimate(params, q, k, heads, rows, 0.3, causal)[0],
             family.estimate_indices(params, q[:, heads], k[:, kv], 0.3, causal)[0])
 
@@ -181,7 +181,7 @@ def test_fused_block_mass_estimate_matches_the_torch_estimate_interpreted(interp
     """``dynamic_blocks``' one-kernel estimate: every estimating row's mass per key block
     against the softmax in torch, and the layout against the reference's, at random lengths
     (off the block, n_q below and above n_k: causal rows with no key), GQA, head dims 16-40,
-    dtypes, blocks 4-64 and a head subset out of order."""
+    dtypes, blocks 4-64, a head subset out of order, and the keys in 1 to 3 chunks."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     n_k = rng.randint(20, 150)
@@ -194,8 +194,9 @@ def test_fused_block_mass_estimate_matches_the_torch_estimate_interpreted(interp
               "density": [0.5, n_k, 0]}
     heads = torch.tensor(rng.sample(range(kv_heads * ratio), rng.randint(1, kv_heads * ratio)))
     causal = seed % 3 != 2
+    chunk_tiles = 1 if seed % 2 else 8           # odd seeds: 64-key chunks, 1-3 a row
     fused, torch_mass, fused_layout, layout = interpreter[0].apply(
-        _fused_and_torch_estimates, ((q, k, params, heads, causal),))
+        _fused_and_torch_estimates, ((q, k, params, heads, causal, chunk_tiles),))
     torch.testing.assert_close(fused, torch_mass, atol=1e-5, rtol=1e-4)
     assert torch.equal(fused_layout, layout)
 
