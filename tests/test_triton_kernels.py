@@ -315,8 +315,6 @@ def test_dynamic_estimates_replayed_as_cuda_graphs_read_each_call_inputs_gpu(fam
     """A dynamic group's estimate and tables run eagerly on the first call of a signature and
     as a CUDA graph after: every call, fresh values each, equals the reference and, bitwise,
     the eager path."""
-    from sparsec.runtime import estimate_graphs
-
     rng = random.Random(9000 + seed)
     batch, n, head_dim, dtype = seed + 1, rng.randint(700, 2500), [64, 128][seed], [torch.bfloat16, torch.float32][seed]
     q = torch.randn(batch, 6, n, head_dim, device="cuda", dtype=dtype)
@@ -328,11 +326,11 @@ def test_dynamic_estimates_replayed_as_cuda_graphs_read_each_call_inputs_gpu(fam
     for call in range(3):
         if call:
             q, k, v = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
+        monkeypatch.setenv("SPARSEC_ESTIMATE_GRAPHS", "1")
         out = _run_poisoned(q, k, v, None, scale, causal, groups)
         assert_matches(out, reference.sparse_attention(q, k, v, None, scale, causal, groups))
-        monkeypatch.setattr(estimate_graphs, "ENABLED", False)
+        monkeypatch.setenv("SPARSEC_ESTIMATE_GRAPHS", "0")
         torch.testing.assert_close(out, _run_poisoned(q, k, v, None, scale, causal, groups), atol=0, rtol=0)
-        monkeypatch.setattr(estimate_graphs, "ENABLED", True)
     assert len(replays) == 2, "calls after the first of a signature replay its graph"
 
 

@@ -13,6 +13,8 @@
 - ``SPARSEC_SPARSE_LINEAR=auto|sparse|dense``  kernel of ``sparse_linear`` on CUDA: the
                             measured cost table decides (auto), or force the sparse kernel
                             wherever the structure has one, or cuBLAS on the dense weight.
+- ``SPARSEC_ESTIMATE_GRAPHS=0|1``  replay a dynamic group's estimate as a CUDA graph
+                            (runtime/estimate_graphs.py; off by default: one failure seen).
 - ``SPARSEC_ORT_BLOCK=64``  block size of the onnxruntime ``SparseAttention`` kernel.
 - ``SPARSEC_ORT_OP_THREADS=n``  worker threads of that kernel (default: the CPU count).
                             Each runs torch with one thread: an OpenMP team would spin
@@ -65,6 +67,13 @@ def fa4_backend() -> bool:
     if raw not in ("0", "1"):
         raise ValueError(f"SPARSEC_FA4={raw!r}; set it to 1 (FlashAttention-4 where installed, the default) "
                          "or 0 (Triton only)")
+    return raw == "1"
+
+
+def estimate_graphs() -> bool:
+    raw = os.environ.get("SPARSEC_ESTIMATE_GRAPHS", "0") or "0"
+    if raw not in ("0", "1"):
+        raise ValueError(f"SPARSEC_ESTIMATE_GRAPHS={raw!r}; set it to 1 (CUDA graphs) or 0 (eager, the default)")
     return raw == "1"
 
 
