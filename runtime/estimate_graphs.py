@@ -7,12 +7,9 @@ time a call on the H200's host (``bench cost-model`` series 5), where a static g
 0.1 ms: an eager model with dynamic heads was host-bound wherever the GPU time of a site is
 below that (SmolLM2 at 8k: ~0.2 ms a site), so the cost model, rightly, never chose them
 there. Captured once per input signature, a call is two copies (q and k into the graph's
-inputs) and one replay.
-
-Off by default (``SPARSEC_ESTIMATE_GRAPHS=1`` turns it on): captured inside the autotune's
-timing loop (``bench cost-model`` series 5) a capture failed, and the failed capture left
-torch's CUDA generator in capture mode (the next ``torch.randn`` raised); the cause is not
-known yet. Outside it (the GPU tests, ``SPARSEC_ESTIMATE_GRAPHS=1``) every capture held.
+inputs) and one replay: 0.15 ms for dynamic_blocks and 0.25 for vertical_slash at N = 128
+(eager 1.29 and 1.93; docs/benchmarks.md, session 15). ``SPARSEC_ESTIMATE_GRAPHS=0`` issues
+the ops eagerly.
 
 Graphs are used on CUDA without a user mask (its rows would be a third input to copy).
 Every graph shares one memory pool: a graph's intermediates are dead once its replay ends,
@@ -25,6 +22,7 @@ on, with one warning.
 """
 from __future__ import annotations
 
+import gc
 import warnings
 import weakref
 from typing import Callable
@@ -36,7 +34,7 @@ from sparsec.ir import config
 _MISSING = object()
 # (role, device, dtype, shape, strides) -> the input buffer, while a graph holds it
 _INPUTS: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
-_POOL: list = []                             # the graphs' shared memory pool, made on first use
+_ANCHORS: dict = {}                          # device -> the graph holding the shared pool
 
 
 class EstimateGraph:
@@ -69,18 +67,38 @@ class EstimateGraph:
         q_in, k_in = _input_like(q, "q"), _input_like(k, "k")
         q_in.copy_(q)
         k_in.copy_(k)
-        if not _POOL:
-            _POOL.append(torch.cuda.graph_pool_handle())
         graph = torch.cuda.CUDAGraph()
+        # No garbage collection while capturing: a collected launch of an earlier signature or
+        # autotune candidate would destroy its graph and free its memory, CUDA calls a capture
+        # forbids; its own thread's calls alone may end it (a user's other threads run on).
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=_POOL[0]):
+            with torch.cuda.device(q.device), torch.cuda.graph(graph, pool=_shared_pool(q.device),
+                                                               capture_error_mode="thread_local"):
                 tables = self.build(q_in, k_in, None)
         except RuntimeError as error:
             warnings.warn(f"sparsec: a dynamic group's estimate could not be captured as a CUDA graph "
                           f"({type(error).__name__}: {str(error)[:200]}); it runs eagerly, at more host "
                           "time a call", stacklevel=3)
             return None
+        finally:
+            if collecting:
+                gc.enable()
         return graph, q_in, k_in, tables
+
+
+def _shared_pool(device: torch.device):
+    """The memory pool every graph on ``device`` shares, held by an anchor graph that lives as
+    long as the process: a pool whose graphs all died (the autotune's candidates) was released
+    under the next capture into it (torch's allocator asserted its use count)."""
+    if device not in _ANCHORS:
+        anchor = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(anchor, capture_error_mode="thread_local"):
+            torch.zeros(1, device=device)
+        _ANCHORS[device] = anchor
+    return _ANCHORS[device].pool()
 
 
 def _input_like(tensor: torch.Tensor, role: str) -> torch.Tensor:

@@ -26,10 +26,9 @@ def test_packaged_attention_measurements_refit_to_the_h100_profile():
 
 def test_h200_host_and_dynamic_series_refit_to_its_profile():
     """The H200 run's host series (per-call host time of sparsec's ops) and dynamic series
-    (a vertical_slash and a dynamic_blocks group's per-call estimate) are what the cost model
-    prices sites with. Since dynamic_blocks' estimate is one kernel, every point of the series
-    is host time (1.6-1.8 ms at 1k-16k): the per-element term is small, the host term prices
-    a dynamic group."""
+    (dynamic_blocks' estimate where the GPU bounds it) are what the cost model prices sites
+    with. A dynamic group's estimate and tables replay as a CUDA graph: its host term is a few
+    static groups' worth (eager, its ~60 ops took 1.65 ms a call)."""
     data = attention_measurements("h200")
     fitted, profile = fit(data), cost_profile("h200")
     host = data["host"]
@@ -38,7 +37,8 @@ def test_h200_host_and_dynamic_series_refit_to_its_profile():
     assert fitted["host"]["dynamic_group_us"] == pytest.approx(host["dynamic_site_us"] - host["one_group_site_us"])
     assert vars(profile.host) == fitted["host"]
     assert profile.dynamic_estimate_ps == pytest.approx(fitted["dynamic_estimate_ps"], rel=1e-9)
-    assert 0.0 <= profile.dynamic_estimate_ps < 1.0 and profile.host.dynamic_group_us > 1000
+    assert 0.0 <= profile.dynamic_estimate_ps < 1.0
+    assert profile.host.group_us < profile.host.dynamic_group_us < 10 * profile.host.group_us
     assert cost_profile("h100").host is None                 # not measured there: GPU time alone
 
 

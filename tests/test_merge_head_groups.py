@@ -42,7 +42,8 @@ def test_a_site_costs_the_larger_of_its_gpu_and_host_times_where_the_host_was_me
     """SmolLM2's shape (9 heads, head dim 64): on short inputs a sparse site's host time (its
     group table, one launch per group) exceeds its GPU time and the dense site's cost, so it
     goes dense; on long inputs the GPU time is the price. A dynamic group pays its per-call
-    estimate (some 60 small kernels) on the host. (The Triton kernels' host times: FA4 off.)"""
+    estimate on the host (some 60 small kernels, replayed as one CUDA graph). (The Triton
+    kernels' host times: FA4 off.)"""
     import dataclasses
 
     monkeypatch.setenv("SPARSEC_FA4", "0")
@@ -61,7 +62,7 @@ def test_a_site_costs_the_larger_of_its_gpu_and_host_times_where_the_host_was_me
     assert cost.site_seconds(wide, 32768, True, 64) < cost.site_seconds([("dense", {}, 9)], 32768, True, 64)
     dynamic = _nine_heads("vertical_slash", {"queries": 64, "vertical": [64, 0], "slash": [64, 0]})
     assert cost.site_seconds(dynamic, 8192, True, 64) >= host.sparse_seconds(1, 1, False) \
-        > host.sparse_seconds(1, 0, False) + 1e-3                # the H200's host: ~1.6 ms an estimate
+        > host.sparse_seconds(1, 0, False) + 1e-4                # the H200's host: ~0.18 ms an estimate
     site = _site([("sink_window", {"sink": [1, 0], "window": [128, 0]})] * 9)
     record = merge_site(site, cost, 1024, None)
     assert record.seconds_after == record.dense_seconds and all(h.pattern == "dense" for h in site.heads)

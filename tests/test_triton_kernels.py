@@ -334,6 +334,31 @@ def test_dynamic_estimates_replayed_as_cuda_graphs_read_each_call_inputs_gpu(fam
     assert len(replays) == 2, "calls after the first of a signature replay its graph"
 
 
+@pytest.mark.gpu
+@gpu
+def test_dynamic_estimate_graphs_outlive_the_autotune_gpu(monkeypatch, tmp_path):
+    """The autotune times every candidate config, each with its own graph, and drops them:
+    later captures into the shared pool still hold (torch's allocator asserted when the pool's
+    graphs had all died), and torch's CUDA generator is left usable."""
+    import warnings
+
+    monkeypatch.setenv("SPARSEC_ESTIMATE_GRAPHS", "1")
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(tmp_path))         # nothing tuned yet
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    n, scale = 1500, 64 ** -0.5
+    groups = [HeadGroup("dynamic_blocks", {"block": 64, "samples": 16, "share": 0.9, "density": [0.5, n, 0]},
+                        list(range(8)))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            q = torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, 2, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            out = kernels.sparse_attention(q, k, v, None, scale, True, groups, autotune=True)
+            assert_matches(out, reference.sparse_attention(q, k, v, None, scale, True, groups))
+    assert not [w for w in caught if "could not be captured" in str(w.message)]
+    assert torch.randn(4, device="cuda").isfinite().all()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bench_flex_masks_are_the_pattern_masks(case):
     """The benchmark's FlexAttention mask_mods compute exactly sparsec's pattern masks."""

@@ -13,8 +13,8 @@
 - ``SPARSEC_SPARSE_LINEAR=auto|sparse|dense``  kernel of ``sparse_linear`` on CUDA: the
                             measured cost table decides (auto), or force the sparse kernel
                             wherever the structure has one, or cuBLAS on the dense weight.
-- ``SPARSEC_ESTIMATE_GRAPHS=0|1``  replay a dynamic group's estimate as a CUDA graph
-                            (runtime/estimate_graphs.py; off by default: one failure seen).
+- ``SPARSEC_ESTIMATE_GRAPHS=1|0``  replay a dynamic group's estimate as a CUDA graph
+                            (runtime/estimate_graphs.py; the default), or issue its ops eagerly.
 - ``SPARSEC_ORT_BLOCK=64``  block size of the onnxruntime ``SparseAttention`` kernel.
 - ``SPARSEC_ORT_OP_THREADS=n``  worker threads of that kernel (default: the CPU count).
                             Each runs torch with one thread: an OpenMP team would spin
@@ -71,9 +71,9 @@ def fa4_backend() -> bool:
 
 
 def estimate_graphs() -> bool:
-    raw = os.environ.get("SPARSEC_ESTIMATE_GRAPHS", "0") or "0"
+    raw = os.environ.get("SPARSEC_ESTIMATE_GRAPHS", "1") or "1"
     if raw not in ("0", "1"):
-        raise ValueError(f"SPARSEC_ESTIMATE_GRAPHS={raw!r}; set it to 1 (CUDA graphs) or 0 (eager, the default)")
+        raise ValueError(f"SPARSEC_ESTIMATE_GRAPHS={raw!r}; set it to 1 (CUDA graphs, the default) or 0 (eager)")
     return raw == "1"
 
 
