@@ -13,8 +13,9 @@ the ops eagerly.
 
 Graphs are used on CUDA without a user mask (its rows would be a third input to copy).
 Every graph shares one memory pool: a graph's intermediates are dead once its replay ends,
-and graphs replay one at a time on one stream, so the pool holds the largest one's
-intermediates, and every graph's tables (which each keeps). ``q`` and ``k`` are copied into
+and graphs replay one at a time on one stream (a model is run by one thread at a time), so
+the pool holds the largest one's intermediates, and every graph's tables (which each keeps).
+Inside a caller's own capture (a whole model as one graph) the ops are issued as they are. ``q`` and ``k`` are copied into
 buffers shared by the graphs of their shape (their replays never overlap either), held by
 those graphs alone: a signature dropped from the call plans frees its graph and, with the
 last graph of a shape, the buffers. A signature whose capture fails runs eagerly from then
