@@ -14,6 +14,7 @@ from sparsec.ir import config
 from sparsec.passes.infra.dump import DumpWriter
 from sparsec.ir.errors import InvalidArgumentError, UnservableInputError, UnsupportedDtypeError
 from sparsec.ir.inputs import as_call, calibration_calls, leaf_signature, relative_l2
+from sparsec.ir.tolerance import Tolerance, logits_of, resolve_tolerance, top1_agreement
 from sparsec.passes.infra.pass_manager import CompileContext, PassManager
 from sparsec.ir.plan import CostRecord, Plan
 from sparsec.ir.targets import Target, get_target, running_for
@@ -66,16 +67,42 @@ def plan_passes(plan: Plan, verify=None) -> list:
     return [Canonicalize(), ApplyPlan(plan), *([verify] if verify else []), FuseHeads(), SparsifyWeights(), Lower()]
 
 
-def _pipeline(plan: Plan | None, budget: Any, tolerance: Any, dense_output: Any) -> list:
-    """The passes for a given plan, a budget, or classification by recall; all verified."""
+def _pipeline(plan: Plan | None, budget: Any, limit: Tolerance, enforce: bool) -> list:
+    """The passes for a given plan, a budget, or classification by recall; all verified
+    against ``limit`` (densifying to fit it where ``enforce``)."""
     from sparsec.passes.verify import Verify
-    from sparsec.ir.tolerance import resolve_tolerance
 
-    limit, enforce = resolve_tolerance(tolerance, dense_output, budget)
     verify = Verify(limit, enforce=enforce and plan is None)
     if plan is not None:
         return plan_passes(plan, verify)
     return budget_passes(budget, verify) if budget is not None else recall_passes(verify)
+
+
+def _check_against_original(plan: Plan, limit: Tolerance, original: Any, compiled: Any) -> None:
+    """The compiled model's error on the example input against the original model's output,
+    under the verified tolerance (above the noise floor verification measured), recorded in
+    ``plan.error``; a warning where it fails although verification held (or never ran): what
+    verification measured is the canonical graph before head fusion and lowering, so this is
+    the one check of the model as it is returned."""
+    record = plan.verification
+    error = limit.against(original)(compiled)
+    top1 = top1_agreement(original, compiled) if logits_of(original) is not None else None
+    plan.error[f"{limit.metric_name}_vs_dense_on_example"] = error
+    if top1 is not None:
+        plan.error["top1_vs_dense_on_example"] = top1
+    floor, floor_top1 = (record.noise_floor, record.noise_floor_top1) if record else (None, None)
+    above_floor = max(0.0, error - (floor or 0.0)), None if top1 is None else min(1.0, top1 + 1.0 - (floor_top1 or 1.0))
+    if limit.holds(*above_floor) or (record is not None and not record.within_tolerance):
+        return                                  # within, or verification has already said so
+    agreement = "" if top1 is None else f", top-1 agreement {top1:.3f}"
+    why = ("no verification ran (a pass list without sparsec.passes.verify.Verify): add it, or make heads "
+           "denser" if record is None else
+           f"verification measured {record.measured:.3g} on the canonical graph, so a pass after it (head "
+           "fusion, lowering) or the compiled kernels changed the model: find the pass with `sparsec "
+           "bisect`, or compile with disable_passes=[...]")
+    warnings.warn(f"sparsec: the compiled model's {limit.metric_name} against the original model on the "
+                  f"example input is {error:.3g}{agreement}, over the tolerance {limit.describe()}; {why}",
+                  stacklevel=3)
 
 
 def _cost_record(plan: Plan, target: Target, seq_len: int | None) -> CostRecord | None:
@@ -381,8 +408,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
                          calibration=calls, recall=recall, patterns=patterns, budget=budget, weights=weights,
                          weight_levels=None if weights is None or weights.levels is None else dict(weights.levels))
     dump_path = dump_dir or config.dump_dir()
+    limit, enforce = resolve_tolerance(tolerance, dense_reference, budget)
     if passes is None:
-        passes = _pipeline(plan, budget, tolerance, dense_reference)
+        passes = _pipeline(plan, budget, limit, enforce)
     if verification is not None:
         ctx.verification = calibration_calls(verification, example)
     ctx.seq_len = seq_len or getattr(budget, "seq_len", None)
@@ -390,7 +418,9 @@ def compile(model: torch.nn.Module, example_inputs: Any, *, calibration: Iterabl
                           instruments=tuple(instruments))
     gm = manager.run(gm, ctx)
     with torch.no_grad(), running_for(target):       # the compiled model's own kernels and configs
-        new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, gm(*example[0], **example[1]))
+        compiled_output = gm(*example[0], **example[1])
+    new_plan.error["rel_l2_vs_dense_on_example"] = relative_l2(dense_reference, compiled_output)
+    _check_against_original(new_plan, limit, dense_reference, compiled_output)
     new_plan.cost = _cost_record(new_plan, target, ctx.seq_len)
     compiled = CompiledModel(gm, new_plan, example[0], example[1], ctx.attention_stats)
     if manager.dump:

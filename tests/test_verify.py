@@ -116,6 +116,51 @@ def test_language_models_are_verified_by_kl_and_top1():
     record = compiled.plan.verification
     assert record.metric == "kl" and record.min_top1 == 0.98
     assert record.within_tolerance and record.top1_agreement >= 0.98 and record.measured <= 0.02
+    # The model as returned, against the original model on the example: the same tolerance.
+    assert compiled.plan.error["kl_vs_dense_on_example"] <= 0.02
+    assert compiled.plan.error["top1_vs_dense_on_example"] >= 0.98
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    return LlamaForCausalLM(config).eval(), torch.randint(0, 256, (2, 96))
+
+
+def test_a_model_changed_after_verification_is_reported(monkeypatch):
+    """Verification measures the canonical graph before head fusion and lowering; the model
+    as returned is checked against the original too, and a change after verification that
+    breaks the tolerance is said (here: fuse_heads made to scale the LM head's weight)."""
+    from sparsec.passes.fuse_heads import FuseHeads
+
+    model, ids = _tiny_llama()
+    fuse = FuseHeads.run
+
+    def breaking(self, gm, ctx):
+        result = fuse(self, gm, ctx)
+        dict(result.graph_module.named_parameters())["lm_head.weight"].data.mul_(3.0)
+        return result
+
+    monkeypatch.setattr(FuseHeads, "run", breaking)
+    with pytest.warns(UserWarning, match=r"kl against the original model on the example input is [0-9.e-]+, "
+                                         r"top-1 agreement [0-9.]+, over the tolerance .*verification measured"):
+        compiled = sparsec.compile(model, {"input_ids": ids}, target="h100", recall=0.2)
+    assert compiled.plan.verification.within_tolerance
+    assert compiled.plan.error["kl_vs_dense_on_example"] > 0.02
+
+
+def test_a_compile_without_verification_is_checked_against_the_original():
+    """A pass list without Verify: the returned model's error over the tolerance is said."""
+    from sparsec.passes.canonicalize import Canonicalize
+    from sparsec.passes.lower import Lower
+    from sparsec.testing.plant_patterns import PlantPatterns
+
+    model, ids = _planted(length=128, batch=1)
+    with pytest.warns(UserWarning, match=r"rel_l2 against the original model .* no verification ran"):
+        compiled = sparsec.compile(model, (ids,), passes=[Canonicalize(), PlantPatterns([], ("window", {"window": 4})),
+                                                          Lower()])
+    assert compiled.plan.verification is None and compiled.plan.error["rel_l2_vs_dense_on_example"] > 0.05
 
 
 def test_given_plan_is_measured_not_changed():
