@@ -202,10 +202,13 @@ def _supports_period(profile, period: int, phase: int) -> bool:
     """Whether most keys ``phase + k * period`` of one profile stand out from the keys
     between them: a period that merely passes through a few content stripes (any two
     columns share many periods) is not a positional rule."""
-    mass = profile.column_mass
-    stripes = total = 0
-    for column in range(phase, profile.n_k - 1, period):
-        between = mass[column + 1:min(column + period, profile.n_k)]
-        total += 1
-        stripes += bool(mass[column] > STRIPE_CONTRAST * between.median())
-    return total > 0 and stripes >= STRIPE_SUPPORT * total
+    mass = profile.column_mass.double()
+    count = len(range(phase, profile.n_k - 1, period))
+    if count == 0:
+        return False
+    # Row k: periodic key k, then the keys up to the next one (NaN past the last key).
+    rows = torch.full((count * period,), float("nan"), dtype=torch.float64)
+    rows[:profile.n_k - phase] = mass[phase:phase + count * period]
+    rows = rows.view(count, period)
+    stripes = rows[:, 0] > STRIPE_CONTRAST * rows[:, 1:].nanmedian(1).values
+    return int(stripes.sum()) >= STRIPE_SUPPORT * count
