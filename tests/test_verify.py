@@ -106,12 +106,15 @@ def test_verification_inputs_at_another_length_are_used():
         assert relative_l2(model(longer), compiled(longer)) <= 0.05
 
 
-def test_language_models_are_verified_by_kl_and_top1():
+def _tiny_llama():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 256, (2, 96))
+    return LlamaForCausalLM(config).eval(), torch.randint(0, 256, (2, 96))
+
+
+def test_language_models_are_verified_by_kl_and_top1():
+    model, ids = _tiny_llama()
     compiled = sparsec.compile(model, {"input_ids": ids}, target="h100", seq_len=16384, recall=0.2)
     record = compiled.plan.verification
     assert record.metric == "kl" and record.min_top1 == 0.98
@@ -119,13 +122,6 @@ def test_language_models_are_verified_by_kl_and_top1():
     # The model as returned, against the original model on the example: the same tolerance.
     assert compiled.plan.error["kl_vs_dense_on_example"] <= 0.02
     assert compiled.plan.error["top1_vs_dense_on_example"] >= 0.98
-
-
-def _tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    return LlamaForCausalLM(config).eval(), torch.randint(0, 256, (2, 96))
 
 
 def test_a_model_changed_after_verification_is_reported(monkeypatch):
