@@ -40,25 +40,24 @@ _ANCHORS: dict = {}                          # device -> the graph holding the s
 
 class EstimateGraph:
     """``tables(q, k, mask)`` of ``build`` (the group's estimate and tables), through a CUDA
-    graph per input signature where ``SPARSEC_ESTIMATE_GRAPHS`` and the module docstring allow."""
+    graph where ``SPARSEC_ESTIMATE_GRAPHS`` and the module docstring allow. One serves one
+    prepared launch, so one input signature (shapes, strides, dtype, device): one graph."""
 
     def __init__(self, build: Callable):
         self.build = build
-        self._graphs: dict[tuple, object] = {}
+        self._graph = _MISSING          # not captured yet; None: its capture failed
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None):
         if not (q.is_cuda and mask is None and config.estimate_graphs()) or torch.cuda.is_current_stream_capturing():
             return self.build(q, k, mask)
-        signature = (q.device, q.dtype, tuple(q.shape), q.stride(), tuple(k.shape), k.stride())
-        entry = self._graphs.get(signature, _MISSING)
-        if entry is _MISSING:
+        if self._graph is _MISSING:
             # The first call runs eagerly: kernels compiled, shape caches made before capture.
             tables = self.build(q, k, None)
-            self._graphs[signature] = self._capture(q, k)
+            self._graph = self._capture(q, k)
             return tables
-        if entry is None:
+        if self._graph is None:
             return self.build(q, k, None)
-        graph, q_in, k_in, tables = entry
+        graph, q_in, k_in, tables = self._graph
         q_in.copy_(q)
         k_in.copy_(k)
         graph.replay()
